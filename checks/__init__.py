@@ -1,0 +1,1 @@
+"""Doctor checks, one module each; registered in CHECKS."""

@@ -1,0 +1,3 @@
+"""itk: the InfiniteTalk toolkit."""
+
+__version__ = "0.1.0"

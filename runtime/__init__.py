@@ -1,0 +1,1 @@
+"""Our InfiniteTalk generator, run as a child process by `itk run`."""
