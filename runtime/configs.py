@@ -1,0 +1,146 @@
+"""Model configurations: the official InfiniteTalk / Wan2.1-I2V-14B sizes, and overrides for tiny test models.
+
+Every size a module needs comes from here. The official code hard-codes a few of them (CLIP width 1280,
+12 audio layers x 768 channels, 257 image tokens); we keep them as fields so tiny models can shrink them.
+
+A folder may carry `itk_model_config.json` ({"dit": {...}, "vae": {...}, "t5": {...}, "clip": {...},
+"audio": {...}, "buckets": {...}}) whose entries override the official values; without it the official
+sizes apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIG_FILE = "itk_model_config.json"
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Wan2.1 I2V DiT plus InfiniteTalk's audio adapter (runtime-spec §3.1)."""
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 36
+    out_dim: int = 16
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    eps: float = 1e-6
+    clip_dim: int = 1280
+    image_tokens: int = 257
+    audio_window: int = 5
+    audio_blocks: int = 12
+    audio_channels: int = 768
+    audio_intermediate_dim: int = 512
+    audio_output_dim: int = 768
+    audio_context_tokens: int = 32
+    vae_scale: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Wan2.1 causal 3D VAE (runtime-spec §4.3)."""
+
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """umT5-XXL encoder (runtime-spec §4.1)."""
+
+    vocab_size: int = 256384
+    dim: int = 4096
+    dim_attn: int = 4096
+    dim_ffn: int = 10240
+    num_heads: int = 64
+    num_layers: int = 24
+    num_buckets: int = 32
+    shared_pos: bool = False
+    text_len: int = 512
+
+
+@dataclass(frozen=True)
+class CLIPConfig:
+    """The visual tower of open-clip XLM-RoBERTa-large ViT-H/14 (runtime-spec §4.2)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1280
+    mlp_ratio: int = 4
+    heads: int = 16
+    layers: int = 32
+    eps: float = 1e-5
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """wav2vec2 feature extraction settings (runtime-spec §4.4)."""
+
+    sample_rate: int = 16000
+    fps: int = 25
+    target_lufs: float = -23.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    t5: T5Config = field(default_factory=T5Config)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    # Extra size buckets, name -> {ratio: [h, w]}; tiny test models add a small one.
+    buckets: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+
+def _override(cfg: Any, values: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {type(cfg).__name__} field(s): {', '.join(unknown)}")
+    typed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return dataclasses.replace(cfg, **typed)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Official sizes with the given per-component overrides applied."""
+    base = ModelConfig()
+    parts = {
+        name: _override(getattr(base, name), data.get(name, {}))
+        for name in ("dit", "vae", "t5", "clip", "audio")
+    }
+    return ModelConfig(**parts, buckets=data.get("buckets", {}))
+
+
+def load_model_config(folder: str | Path | None = None, file: str | Path | None = None) -> ModelConfig:
+    """The config for a weights folder: `file` if given, else `folder/itk_model_config.json`, else official."""
+    path = Path(file) if file else (Path(folder) / MODEL_CONFIG_FILE if folder else None)
+    if path is None or not path.is_file():
+        return ModelConfig()
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
