@@ -25,7 +25,7 @@ setup: $(STAMP)
 	$(VENV)/bin/itk selftest
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check itk checks runtime tests bench
