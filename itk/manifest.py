@@ -84,3 +84,13 @@ def load_manifest(path: Path = MANIFEST) -> Manifest:
         )
         components[name] = Component(name=name, about=comp["about"], files=files)
     return Manifest(repos=repos, components=components)
+
+
+def missing_bytes(files: list[WeightFile], weights_dir: Path) -> int:
+    """Bytes still to download for `files`: a partly present file counts only its missing part."""
+    total = 0
+    for f in files:
+        path = f.local_path(weights_dir)
+        present = path.stat().st_size if path.is_file() else 0
+        total += max(0, f.size - present)
+    return total

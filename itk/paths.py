@@ -14,3 +14,18 @@ def weights_dir(option: str | Path | None = None) -> Path:
     if os.environ.get(WEIGHTS_ENV):
         return Path(os.environ[WEIGHTS_ENV]).expanduser()
     return Path("weights")
+
+
+def existing_parent(path: Path) -> Path:
+    """The nearest folder that exists: free space is measured there before the weights folder is made."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free disk space where `path` is (or would be). The one place that reads it."""
+    import shutil
+
+    return shutil.disk_usage(existing_parent(path)).free

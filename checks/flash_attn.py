@@ -1,0 +1,62 @@
+"""flash-attn: optional for our runtime (it falls back to torch SDPA), so absent is a warn, broken a fail.
+
+The classic break is `undefined symbol` after a torch upgrade: the wheel was built against another torch ABI.
+PyPI only has a source build that takes hours, so the fix names a prebuilt release wheel for this stack.
+"""
+
+from __future__ import annotations
+
+from itk.checks import gpu, probe
+from itk.checks.base import Context, Result, Status
+
+FA_RELEASE = "2.8.3"
+FA_MIN_CC = 8.0  # FlashAttention-2 supports Ampere, Ada and Hopper
+
+
+def wheel_command(facts: dict) -> str:
+    """pip command for the flash-attn release wheel matching this torch, CUDA major, Python and C++ ABI."""
+    t = facts.get("torch", {})
+    torch_mm = ".".join((t.get("version") or "2.8").split("+")[0].split(".")[:2])
+    cuda_major = (t.get("cuda_build") or "12").split(".")[0]
+    py = "cp" + "".join(facts.get("python", "3.11").split(".")[:2])
+    abi = "TRUE" if t.get("cxx11_abi", True) else "FALSE"
+    name = f"flash_attn-{FA_RELEASE}+cu{cuda_major}torch{torch_mm}cxx11abi{abi}-{py}-{py}-linux_x86_64.whl"
+    return (
+        f"pip install https://github.com/Dao-AILab/flash-attention/releases/download/v{FA_RELEASE}/{name} "
+        "(if that wheel does not exist for this torch, keep SDPA: it computes the same)"
+    )
+
+
+def judge(facts: dict, gpu_facts: gpu.GpuFacts) -> Result:
+    if "error" in facts:
+        return Result("flash_attn", Status.SKIP, "not checked: " + facts["error"])
+    fa = facts["flash-attn"]
+    best = gpu_facts.best
+    if not fa["version"]:
+        if best is None:
+            return Result("flash_attn", Status.SKIP, "not installed (no GPU here: not used)")
+        return Result(
+            "flash_attn", Status.WARN, "not installed: the runtime uses torch SDPA (same math, often slower)",
+            fix=wheel_command(facts), facts=fa,
+        )
+    if fa.get("import_error"):
+        abi = "undefined symbol" in fa["import_error"]
+        summary = (
+            f"flash-attn {fa['version']} was built for another torch (ABI break): {fa['import_error']}"
+            if abi else f"flash-attn {fa['version']} does not import: {fa['import_error']}"
+        )
+        return Result(
+            "flash_attn", Status.FAIL, summary,
+            fix="pip uninstall -y flash-attn, then " + wheel_command(facts), facts=fa,
+        )
+    if best is not None and best.compute_capability < FA_MIN_CC:
+        return Result(
+            "flash_attn", Status.WARN,
+            f"flash-attn {fa['version']} imports, but {best.name} (cc {best.compute_capability}) is not supported",
+            fix="nothing to do: the runtime falls back to torch SDPA on this GPU", facts=fa,
+        )
+    return Result("flash_attn", Status.OK, f"flash-attn {fa['version']} imports", facts=fa)
+
+
+def check(ctx: Context) -> Result:
+    return judge(probe.run_probe(), gpu.gather())
