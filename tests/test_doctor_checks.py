@@ -1,0 +1,196 @@
+"""The doctor's decisions, fed with recorded facts of real machines (pure functions, no mocks)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from itk.checks import disk, flash_attn, gpu, numpy_pin, packages, port, ram, torch_cuda
+from itk.checks.base import Status
+
+GiB = 2**30
+
+RTX4090 = gpu.GpuFacts(
+    driver_version="550.54.15",
+    cuda_driver_version="12.4",
+    gpus=(
+        gpu.Gpu(0, "NVIDIA GeForce RTX 4090", 24564, 9100, 8.9, (
+            gpu.GpuProcess(2211, "Xorg", 412),
+            gpu.GpuProcess(3342, "python3", 14800),
+        )),
+    ),
+)
+H100 = gpu.GpuFacts("570.124.06", "12.8", (gpu.Gpu(0, "NVIDIA H100 80GB HBM3", 81559, 81000, 9.0),))
+RTX3060 = gpu.GpuFacts("535.0", "12.2", (gpu.Gpu(0, "NVIDIA GeForce RTX 3060", 12288, 12000, 8.6),))
+NO_DRIVER = gpu.GpuFacts(error="NVMLError_LibraryNotFound: NVML Shared Library Not Found")
+
+
+def test_a_4090_with_two_other_processes_warns_and_names_them_with_kill_commands():
+    result = gpu.judge(RTX4090, min_vram_gb=20, own_pid=1)
+    assert result.status is Status.WARN
+    assert "other processes hold 15212 MiB" in result.summary
+    assert "kill 3342  # python3" in result.fix and "kill 2211  # Xorg" in result.fix
+    assert any("3342 python3 (14800 MiB)" in d for d in result.details)
+
+
+def test_an_idle_h100_is_ok_and_reports_name_vram_cuda_and_capability():
+    result = gpu.judge(H100, min_vram_gb=20, own_pid=1)
+    assert result.status is Status.OK
+    assert "H100" in result.summary and "CUDA 12.8" in result.summary and "cc 9.0" in result.summary
+
+
+def test_a_12_gb_card_fails_the_vram_requirement_and_warns_about_missing_fp8():
+    result = gpu.judge(RTX3060, min_vram_gb=20, own_pid=1)
+    assert result.status is Status.FAIL
+    assert "12.0 GiB, the preset needs 20 GiB" in result.summary
+    assert "no FP8 tensor cores" in result.summary
+
+
+def test_no_driver_fails_and_says_only_selftest_can_run():
+    result = gpu.judge(NO_DRIVER, min_vram_gb=20)
+    assert result.status is Status.FAIL
+    assert "only `itk selftest` can run here" in result.summary
+    assert "nvidia-smi" in result.fix
+
+
+def test_a_container_capped_at_16_gb_fails_and_names_the_limit_not_the_machine():
+    facts = ram.RamFacts(total=64 * GiB, available=60 * GiB, swap_total=0, cgroup_version=2,
+                         cgroup_limit=16 * GiB, cgroup_usage=1 * GiB, oom_kills=2)
+    result = ram.judge(facts, min_ram_gb=32, preset_name="rtx4090-24g")
+    assert result.status is Status.FAIL
+    assert "container limit is 16.0 GiB (the machine has 64.0)" in result.summary
+    assert "docker run --memory=32g" in result.fix
+    assert any("already killed 2" in d for d in result.details)
+
+
+def test_a_64_gb_box_is_ok_and_a_busy_one_warns():
+    ok = ram.judge(ram.RamFacts(64 * GiB, 58 * GiB, 8 * GiB), 32, "rtx4090-24g")
+    busy = ram.judge(ram.RamFacts(64 * GiB, 20 * GiB, 0), 32, "rtx4090-24g")
+    assert ok.status is Status.OK
+    assert busy.status is Status.WARN and "close memory-heavy programs" in busy.fix
+
+
+def test_a_machine_without_enough_ram_suggests_more_ram_or_swap():
+    result = ram.judge(ram.RamFacts(24 * GiB, 23 * GiB, 0), 32, "rtx4090-24g")
+    assert result.status is Status.FAIL and "exit 137" in result.summary and "swap" in result.fix
+
+
+def test_cgroup_v2_limit_and_oom_kills_are_read(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    (tmp_path / "memory.max").write_text(f"{16 * GiB}\n")
+    (tmp_path / "memory.current").write_text("1048576\n")
+    (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert ram.read_cgroup(tmp_path) == (2, 16 * GiB, 1048576, 1)
+
+
+def test_cgroup_v2_max_means_no_limit(tmp_path: Path):
+    (tmp_path / "cgroup.controllers").write_text("memory\n")
+    (tmp_path / "memory.max").write_text("max\n")
+    assert ram.read_cgroup(tmp_path)[1] is None
+
+
+def test_cgroup_v1_limit_is_read_and_its_huge_no_limit_value_ignored(tmp_path: Path):
+    mem = tmp_path / "memory"
+    mem.mkdir()
+    (mem / "memory.limit_in_bytes").write_text(f"{8 * GiB}\n")
+    (mem / "memory.usage_in_bytes").write_text("100\n")
+    (mem / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 4\n")
+    assert ram.read_cgroup(tmp_path) == (1, 8 * GiB, 100, 4)
+    (mem / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert ram.read_cgroup(tmp_path)[1] is None
+
+
+def _probe(torch_version="2.8.0+cu128", cuda_build="12.8", available=True, fa=None, fa_error=None,
+           numpy="1.26.4", numba_error=None):
+    return {
+        "python": "3.12.3",
+        "torch": {"version": torch_version, "import_error": None, "cuda_build": cuda_build,
+                  "cuda_available": available, "device_count": int(available), "cxx11_abi": True},
+        "flash-attn": {"version": fa, "import_error": fa_error},
+        "numpy": {"version": numpy, "import_error": None},
+        "numba": {"version": "0.60.0", "import_error": numba_error},
+        "librosa": {"version": "0.10.2", "import_error": None},
+    }
+
+
+def test_a_cpu_torch_on_a_gpu_machine_fails_with_the_cuda_install_command_for_this_driver():
+    result = torch_cuda.judge(_probe("2.8.0+cpu", None, False), RTX4090)
+    assert result.status is Status.FAIL and "CPU build" in result.summary
+    expected = "pip install --force-reinstall 'torch==2.8.0' --index-url https://download.pytorch.org/whl/cu124"
+    assert expected in result.fix
+
+
+def test_a_torch_built_for_a_newer_cuda_than_the_driver_fails():
+    result = torch_cuda.judge(_probe(), RTX4090)
+    assert result.status is Status.FAIL
+    assert "built for CUDA 12.8 but the driver supports only up to CUDA 12.4" in result.summary
+
+
+def test_a_matching_cuda_torch_is_ok_and_a_cpu_torch_without_gpu_is_ok():
+    assert torch_cuda.judge(_probe(), H100).status is Status.OK
+    assert torch_cuda.judge(_probe("2.13.0+cpu", None, False), NO_DRIVER).status is Status.OK
+
+
+def test_the_wheel_variant_is_the_newest_the_driver_can_run():
+    assert torch_cuda.wheel_for_driver("12.4") == "cu124"
+    assert torch_cuda.wheel_for_driver("12.5") == "cu124"
+    assert torch_cuda.wheel_for_driver("13.1") == "cu130"
+    assert torch_cuda.wheel_for_driver("11.4") is None
+
+
+def test_flash_attn_undefined_symbol_is_a_failure_named_as_an_abi_break():
+    err = "ImportError: flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
+    result = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err), H100)
+    assert result.status is Status.FAIL and "ABI break" in result.summary
+    assert "pip uninstall -y flash-attn" in result.fix
+    assert "flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp312-cp312-linux_x86_64.whl" in result.fix
+
+
+def test_flash_attn_absent_is_a_warning_on_a_gpu_and_skipped_without_one():
+    assert flash_attn.judge(_probe(), H100).status is Status.WARN
+    assert flash_attn.judge(_probe(), NO_DRIVER).status is Status.SKIP
+    assert flash_attn.judge(_probe(fa="2.8.3"), H100).status is Status.OK
+
+
+def test_numba_refusing_this_numpy_fails_and_explains_the_pin():
+    err = "ImportError: Numba needs NumPy 2.2 or less. Got NumPy 2.3."
+    result = numpy_pin.judge(_probe(numpy="2.3.1", numba_error=err))
+    assert result.status is Status.FAIL and "numba does not import with numpy 2.3.1" in result.summary
+    assert 'numpy>=1.24,<2.2' in result.fix
+    assert "librosa" in result.details[0]
+
+
+def test_numpy_outside_the_guide_pin_but_importing_cleanly_is_only_a_warning():
+    assert numpy_pin.judge(_probe(numpy="2.2.6")).status is Status.WARN
+    assert numpy_pin.judge(_probe(numpy="1.26.4")).status is Status.OK
+
+
+def test_a_probe_that_crashed_fails_the_torch_check_and_skips_the_others():
+    crashed = {"error": "the import probe exited with -11: Segmentation fault"}
+    assert torch_cuda.judge(crashed, H100).status is Status.FAIL
+    assert flash_attn.judge(crashed, H100).status is Status.SKIP
+    assert numpy_pin.judge(crashed).status is Status.SKIP
+
+
+def test_disk_fails_with_the_numbers_when_the_missing_bytes_do_not_fit():
+    result = disk.judge(free=20 * 10**9, missing=32 * 10**9, where="/data", preset_name="rtx4090-24g")
+    assert result.status is Status.FAIL
+    assert "20.0 GB free at /data, rtx4090-24g still needs 32.0 GB" in result.summary
+    assert "free 14.0 GB there" in result.fix
+    assert disk.judge(free=100 * 10**9, missing=32 * 10**9, where="/", preset_name="x").status is Status.OK
+
+
+def test_this_environment_has_every_declared_dependency_and_no_conflicts():
+    own, conflicts, seen = packages.find_problems()
+    assert own == [] and conflicts == []
+    assert seen > 10
+
+
+def test_a_busy_gradio_port_is_a_warning_that_names_the_port():
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        result = port.check(port=busy)
+    assert result.status is Status.WARN and f"port {busy} is in use" in result.summary
+    assert port.check(port=busy).status is Status.OK
