@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Status(str, Enum):
@@ -41,3 +46,17 @@ class Context:
     min_vram_gb: float
     weights_dir: Path
     deep: bool = False
+
+
+def gathered_once(fn: Callable[..., T]) -> Callable[..., T]:
+    """Cache a fact-gathering function for the process, safely across the doctor's check threads
+    (several checks ask for the GPU facts or the import probe at the same moment; one answer serves all)."""
+    cached = functools.cache(fn)
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> T:
+        with lock:
+            return cached(*args)
+
+    return wrapper

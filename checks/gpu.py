@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from functools import cache
 
-from itk.checks.base import Context, Result, Status
+from itk.checks.base import Context, Result, Status, gathered_once
 
 FP8_MIN_CC = 8.9  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 BF16_MIN_CC = 8.0
@@ -57,7 +56,7 @@ def _process_name(pid: int) -> str:
         return "?"
 
 
-@cache
+@gathered_once
 def gather() -> GpuFacts:
     import pynvml
 

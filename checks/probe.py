@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from functools import cache
 from importlib import metadata
 from typing import Any
+
+from itk.checks.base import gathered_once
 
 TIMEOUT_S = 120
 
@@ -52,7 +53,7 @@ def probe() -> dict[str, Any]:
     return facts
 
 
-@cache
+@gathered_once
 def run_probe() -> dict[str, Any]:
     """The probe's facts, or {"error": ...} when the child died (crash, timeout)."""
     try:

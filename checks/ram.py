@@ -7,10 +7,9 @@ shows 64 GB while the container may only use 16. Both cgroup v1 and v2 are read.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from functools import cache
 from pathlib import Path
 
-from itk.checks.base import Context, Result, Status
+from itk.checks.base import Context, Result, Status, gathered_once
 
 GiB = 2**30
 UNLIMITED = 2**60  # cgroup files spell "no limit" as "max" (v2) or a huge number (v1)
@@ -81,7 +80,7 @@ def read_cgroup(root: Path = CGROUP_ROOT) -> tuple[int | None, int | None, int |
     return None, None, None, None
 
 
-@cache
+@gathered_once
 def gather(root: Path = CGROUP_ROOT) -> RamFacts:
     import psutil
 
