@@ -30,22 +30,22 @@ def read_log(path: Path) -> str:
 
 def render(verdict: Verdict) -> None:
     colour = {"ok": "green", "unknown": "yellow"}.get(verdict.rule, "red")
-    console.print(f"[bold {colour}]{verdict.title}[/] [dim]({verdict.rule})[/]", highlight=False)
-    console.print(f"  {verdict.diagnosis}", highlight=False)
+    console.print(f"[bold {colour}]{verdict.title}[/] [dim]({verdict.rule})[/]", highlight=False, soft_wrap=True)
+    console.print(f"  {verdict.diagnosis}", highlight=False, soft_wrap=True)
     if verdict.evidence and verdict.rule != "unknown":
-        console.print(f"  [dim]seen: {verdict.evidence[:200]}[/]", highlight=False)
+        console.print(f"  [dim]seen: {verdict.evidence[:200]}[/]", highlight=False, soft_wrap=True)
     for line in verdict.details:
-        console.print(f"  [dim]•[/] {line}", highlight=False)
+        console.print(f"  [dim]•[/] {line}", highlight=False, soft_wrap=True)
     if verdict.fixes:
         console.print("[bold]what to do:[/]")
         for i, fix in enumerate(verdict.fixes, 1):
-            console.print(f"  {i}. {fix}", highlight=False)
+            console.print(f"  {i}. {fix}", highlight=False, soft_wrap=True)
     if verdict.check:
-        console.print(f"[bold]check:[/] itk doctor --only {verdict.check}", highlight=False)
+        console.print(f"[bold]check:[/] itk doctor --only {verdict.check}", highlight=False, soft_wrap=True)
     for hint in verdict.hints:
-        console.print(f"[yellow]also noticed ({hint['rule']}):[/] {hint['diagnosis']}", highlight=False)
+        console.print(f"[yellow]also noticed ({hint['rule']}):[/] {hint['diagnosis']}", highlight=False, soft_wrap=True)
     if verdict.log:
-        console.print(f"[dim]log: {verdict.log}[/]", highlight=False)
+        console.print(f"[dim]log: {verdict.log}[/]", highlight=False, soft_wrap=True)
 
 
 def write_verdict(verdict: Verdict, path: Path) -> None:

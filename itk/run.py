@@ -155,6 +155,12 @@ def video_seconds(path: Path) -> float | None:
         return None
 
 
+def took(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
 def run_job(plan: Plan, as_json: bool) -> int:
     from itk.advice import diagnose, machine_facts
     from itk.checks.ram import read_cgroup
@@ -168,15 +174,15 @@ def run_job(plan: Plan, as_json: bool) -> int:
     log_path.write_text(f"# itk run: {plan.command_line}\n", encoding="utf-8")
     show = err_console if as_json else console
     for line in describe(plan):
-        show.print(line, highlight=False)
-    show.print(f"log: {log_path}", highlight=False)
+        show.print(line, highlight=False, soft_wrap=True)
+    show.print(f"log: {log_path}", highlight=False, soft_wrap=True)
     kills_before = read_cgroup()[3]
     steps = int(plan.settings.get("sample_steps", 40))
     with ProgressView(show, plan.media.clips, steps) as view:
         outcome = Supervisor(plan.argv, log_path, env=child_env(), on_event=view.handle).run()
     if outcome.interrupted:
         show.print(f"[yellow]interrupted:[/] the generator and all its processes were stopped; log: {log_path}",
-                   highlight=False)
+                   highlight=False, soft_wrap=True)
         return EXIT_INTERRUPTED
     video = Path(str((outcome.done or {}).get("output") or plan.output))
     if outcome.returncode == 0 and video.is_file():
@@ -187,7 +193,8 @@ def run_job(plan: Plan, as_json: bool) -> int:
             print_json(result)
         else:
             length = f"{seconds:.1f} s" if seconds else "unknown length"
-            console.print(f"[green]done:[/] {video} ({length}) in {outcome.elapsed_s / 60:.1f} min", highlight=False)
+            console.print(f"[green]done:[/] {video} ({length} of video) in {took(outcome.elapsed_s)}",
+                          highlight=False, soft_wrap=True)
         return EXIT_OK
     kills_after = read_cgroup()[3]
     facts = {**machine_facts(), "preset": plan.preset_name, "phase": outcome.last_stage}
@@ -219,10 +226,10 @@ def run_command(image: str | None, video: str | None, audio: str | None, prompt:
                         "missing_weights": plan.missing, "warnings": plan.media.warnings})
             return EXIT_OK
         for line in describe(plan):
-            err_console.print(line, highlight=False)
+            err_console.print(line, highlight=False, soft_wrap=True)
         if plan.missing:
             err_console.print(f"[yellow]note:[/] {len(plan.missing)} weight file(s) missing; {plan.fetch_command}",
-                              highlight=False)
+                              highlight=False, soft_wrap=True)
         console.print(plan.command_line, highlight=False, soft_wrap=True)
         return EXIT_OK
     if plan.missing:

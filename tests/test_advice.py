@@ -20,7 +20,8 @@ BOX_4090 = {
     "total_ram_gb": 62.7, "usable_ram_gb": 16.0, "available_ram_gb": 14.2, "swap_gb": 0.0,
     "cgroup_limit_gb": 16.0, "oom_kills_during_run": 1, "wsl": False,
     "gpu_name": "NVIDIA GeForce RTX 4090", "vram_gb": 23.99, "gpu_free_gb": 8.9,
-    "gpu_processes": [{"pid": 2211, "name": "Xorg", "used_mib": 412}, {"pid": 3342, "name": "python3", "used_mib": 14800}],
+    "gpu_processes": [{"pid": 2211, "name": "Xorg", "used_mib": 412},
+                      {"pid": 3342, "name": "python3", "used_mib": 14800}],
 }
 
 
@@ -61,7 +62,8 @@ def test_an_unquantised_oom_suggests_the_fp8_preset_and_its_fetch_command():
 
 
 def test_a_kill_in_a_limited_container_names_the_limit_the_oom_counter_and_swap():
-    verdict = diagnose("Creating WanModel from weights/Wan2.1-I2V-14B-480P\n", -9, {**BOX_4090, "preset": "gpu80g-480p"})
+    log = "Creating WanModel from weights/Wan2.1-I2V-14B-480P\n"
+    verdict = diagnose(log, -9, {**BOX_4090, "preset": "gpu80g-480p"})
     assert verdict.rule == "host-oom" and "16.0 GB of RAM is usable" in verdict.diagnosis
     assert any("only 16.0 GB of the machine's 62.7 GB" in d for d in verdict.details)
     assert any("recorded 1 kill(s)" in d for d in verdict.details)

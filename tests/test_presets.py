@@ -66,6 +66,7 @@ def test_path_flags_name_the_manifest_folders_and_the_fp8_dit_file():
 def test_a_preset_path_outside_its_own_weights_is_refused():
     import dataclasses
 
-    broken = dataclasses.replace(get_preset("rtx4090-24g"), paths={"infinitetalk_dir": "infinitetalk:single/x.safetensors"})
+    outside = {"infinitetalk_dir": "infinitetalk:single/x.safetensors"}
+    broken = dataclasses.replace(get_preset("rtx4090-24g"), paths=outside)
     with pytest.raises(KeyError, match="not among its weight files"):
         broken.path_flags(Path("/w"))
