@@ -117,6 +117,7 @@ def derived(facts: dict[str, Any], log_text: str, log_facts: dict[str, re.Patter
         values.setdefault("quant", preset.generator.get("quant", "None"))
         values.setdefault("persistent", preset.generator.get("num_persistent_param_in_dit", "None"))
         values.setdefault("size", preset.generator.get("size"))
+        values["preset_min_ram_gb"] = f"{preset.min_ram_gb:.0f}"
     fp8 = get_preset(FALLBACK)
     values.update(fp8_preset=fp8.name, fp8_min_ram_gb=f"{fp8.min_ram_gb:.0f}",
                   fetch_fp8_command=f"itk fetch --preset {fp8.name}",
@@ -137,6 +138,8 @@ def derived(facts: dict[str, Any], log_text: str, log_facts: dict[str, re.Patter
         "size_720": "720" in str(values.get("size", "")),
         "phase_decode": "decode" in str(values.get("phase", "")).lower(),
         "has_phase": bool(values.get("phase")),
+        "ram_below_preset": "preset_min_ram_gb" in values and "usable_ram_gb" in values
+        and values["usable_ram_gb"] < float(values["preset_min_ram_gb"]),
     }
     return {"values": values, "conditions": conditions}
 

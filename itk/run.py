@@ -193,7 +193,8 @@ def run_job(plan: Plan, as_json: bool) -> int:
             print_json(result)
         else:
             length = f"{seconds:.1f} s" if seconds else "unknown length"
-            console.print(f"[green]done:[/] {video} ({length} of video) in {took(outcome.elapsed_s)}",
+            peak = f", GPU peak {result['gpu_peak_gb']:.1f} GB" if result["gpu_peak_gb"] else ""
+            console.print(f"[green]done:[/] {video} ({length} of video) in {took(outcome.elapsed_s)}{peak}",
                           highlight=False, soft_wrap=True)
         return EXIT_OK
     kills_after = read_cgroup()[3]

@@ -67,6 +67,7 @@ def test_a_kill_in_a_limited_container_names_the_limit_the_oom_counter_and_swap(
     assert verdict.rule == "host-oom" and "16.0 GB of RAM is usable" in verdict.diagnosis
     assert any("only 16.0 GB of the machine's 62.7 GB" in d for d in verdict.details)
     assert any("recorded 1 kill(s)" in d for d in verdict.details)
+    assert any("preset gpu80g-480p needs 64 GB of RAM; this machine has 16.0 GB usable" in d for d in verdict.details)
     assert "--preset rtx4090-24g" in verdict.fixes[0]  # unquantised preset: fp8 first
     assert any("memory limit" in f for f in verdict.fixes) and any("swapon" in f for f in verdict.fixes)
     assert not any("wslconfig" in f for f in verdict.fixes)
