@@ -95,6 +95,3 @@ def presets(as_json, debug) -> None:
 def main() -> None:
     cli()
 
-
-if __name__ == "__main__":
-    main()
