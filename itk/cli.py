@@ -43,6 +43,10 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
     run_friendly(lambda: run_doctor(only_ids, deep, preset, weights_dir, as_json, verbose), debug)
 
 
+def main() -> None:
+    cli()
+
+
 @cli.command(context_settings={"max_content_width": 110})
 @click.option("--image", type=click.Path(dir_okay=False), help="Portrait image (PNG/JPEG).")
 @click.option("--video", type=click.Path(dir_okay=False), help="Source video to dub instead of an image.")
@@ -90,8 +94,4 @@ def presets(as_json, debug) -> None:
     from itk.presets import run_presets
 
     run_friendly(lambda: run_presets(as_json), debug)
-
-
-def main() -> None:
-    cli()
 

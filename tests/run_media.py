@@ -52,7 +52,7 @@ def write_weights(folder: Path, preset: str = "rtx4090-24g") -> list[Path]:
 def itk(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "itk.cli", *args], capture_output=True, text=True, env=full_env,
+    return subprocess.run([sys.executable, "-m", "itk", *args], capture_output=True, text=True, env=full_env,
                           cwd=cwd, timeout=timeout)
 
 

@@ -129,7 +129,7 @@ def gone(pid: int) -> bool:
 def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tmp_path, ready, mode):
     pids_file = tmp_path / "pids.json"
     env = {**os.environ, **fake_env(mode, FAKE_PIDS=str(pids_file)), "ITK_STOP_GRACE_S": "1"}
-    itk_proc = subprocess.Popen([sys.executable, "-m", "itk.cli", "run", *ready], env=env,
+    itk_proc = subprocess.Popen([sys.executable, "-m", "itk", "run", *ready], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child, grandchild = wait_for(pids_file)
     pgid = os.getpgid(child)
