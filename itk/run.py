@@ -77,6 +77,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def setting_warnings(settings: dict[str, Any], vram_gb: float | None) -> list[str]:
+    """Settings known to fail on this GPU: without weight streaming the 14B DiT (about 19.5 GB even in FP8)
+    goes to the GPU whole and leaves no room for activations on a card under 40 GB."""
+    if vram_gb is not None and vram_gb < 40 and settings.get("num_persistent_param_in_dit") != 0:
+        return [f"this GPU has {vram_gb:.0f} GB: without num_persistent_param_in_dit=0 the whole DiT is put on it "
+                "and the run ends in CUDA out of memory; add --set num_persistent_param_in_dit=0"]
+    return []
+
+
 def output_path(output: str | None) -> Path:
     if output is None:
         return Path("outputs") / f"itk-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
@@ -124,6 +133,10 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
     else:
         job = job_from_options(image, video, audio, prompt)
     media = validate(job, settings)
+    if preset_name:  # an automatic choice already fits this GPU
+        from itk.doctor import machine_facts
+
+        media.warnings += setting_warnings(settings, machine_facts().vram_gb)
     wdir = resolve_weights_dir(weights_dir).absolute()
     missing = [f"{p.label} ({p.problem})" for p in weight_problems(preset.components, wdir)]
     fetch = f"itk fetch --preset {preset.name}" + (f" --weights-dir {shlex.quote(weights_dir)}" if weights_dir else "")
@@ -181,6 +194,8 @@ def run_job(plan: Plan, as_json: bool) -> int:
     with ProgressView(show, plan.media.clips, steps) as view:
         outcome = Supervisor(plan.argv, log_path, env=child_env(), on_event=view.handle).run()
     if outcome.interrupted:
+        if as_json:
+            print_json({"ok": False, "interrupted": True, "log": str(log_path)})
         show.print(f"[yellow]interrupted:[/] the generator and all its processes were stopped; log: {log_path}",
                    highlight=False, soft_wrap=True)
         return EXIT_INTERRUPTED

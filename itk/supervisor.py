@@ -141,14 +141,19 @@ class Supervisor:
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         interrupted = False
         previous = self._trap_sigterm()
+        leader_gone = 0.0
         try:
             while True:
                 try:
                     item = lines.get(timeout=0.2)
                 except queue.Empty:
                     if self.proc.poll() is not None:
-                        # The leader is gone: end whatever it left behind, which also closes the pipe.
+                        # The leader is gone: end whatever it left behind, which also closes the pipe. A process
+                        # that left the group (setsid) could hold the pipe forever: stop waiting after a while.
                         self.stop_group(signal.SIGTERM)
+                        leader_gone = leader_gone or time.monotonic()
+                        if time.monotonic() - leader_gone > 5:
+                            break
                     continue
                 if item is None:
                     break

@@ -15,6 +15,7 @@ from itk.console import UserError
 from itk.inputs import Job, clip_count, job_from_json, validate
 from itk.manifest import load_manifest
 from itk.presets import get_preset
+from itk.run import setting_warnings
 
 
 @pytest.fixture()
@@ -172,3 +173,21 @@ def test_long_audio_warns_about_the_frame_cap(tmp_path):
     assert facts.frames == 1000 and "--set max_frame_num=1125" in facts.warnings[0]
     with pytest.raises(UserError):
         validate(Job("p", image, {"person1": tmp_path / "nope.wav"}), {})
+
+
+def test_a_24_gb_card_without_weight_streaming_is_warned_before_it_runs_out():
+    assert "num_persistent_param_in_dit=0" in setting_warnings({"quant": "fp8"}, 24.0)[0]
+    assert setting_warnings({"num_persistent_param_in_dit": 0}, 24.0) == []
+    assert setting_warnings({}, 80.0) == [] and setting_warnings({}, None) == []
+
+
+def test_itk_presets_lists_every_preset_and_gives_this_gpu_less_machine_the_fallback():
+    proc = itk("presets", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert [p["name"] for p in listing["presets"]] == ["gpu80g-480p", "gpu80g-720p", "rtx4090-24g"]
+    assert listing["chosen"] == "rtx4090-24g" and "no NVIDIA GPU" in listing["reason"]
+    assert all(p["unmet"] == ["no NVIDIA GPU"] for p in listing["presets"])
+    text = itk("presets").stdout
+    assert "tested on RTX 4090 24 GB / 64 GB RAM" in text and "derived, not yet tested" in text
+    assert "this machine gets: rtx4090-24g (fallback)" in text
