@@ -3,8 +3,9 @@
 A bad input found after three minutes of model loading is the worst kind of failure, so every file is opened
 and decoded here first: the image with Pillow, a video and every audio track with PyAV (which bundles
 FFmpeg, so mp3/m4a/mp4 audio needs no system ffmpeg). Audio length is checked against the clip length the
-runtime needs: an embedding of `frame_num` frames or fewer is rejected by the official pipeline with an
-assertion that misleadingly says the audio file does not exist.
+runtime needs: audio of `frame_num` frames or fewer is refused by the official pipeline (with an assertion
+that misleadingly says the audio file does not exist), while itk's runtime makes one shorter clip of it:
+the run says so before it starts.
 """
 
 from __future__ import annotations
@@ -179,10 +180,10 @@ def probe_audio(path: Path) -> float:
 
 def clip_count(frames: int, settings: dict[str, Any]) -> int:
     """Clips the streaming loop runs for `frames` output frames: the first clip gives frame_num frames,
-    every later one frame_num - motion_frame new ones. The official loop always runs at least two in
-    streaming mode, so count the same."""
+    every later one frame_num - motion_frame new ones. Audio of one clip or less is one (shorter) clip;
+    beyond that the loop always runs at least two in streaming mode, as the official one does."""
     frame_num = int(settings.get("frame_num", 81))
-    if settings.get("mode", "clip") != "streaming":
+    if settings.get("mode", "clip") != "streaming" or frames <= frame_num:
         return 1
     limit = min(frames, int(settings.get("max_frame_num", 1000)))
     step = frame_num - int(settings.get("motion_frame", 9))
@@ -203,19 +204,22 @@ def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
         raise bad_input('two speakers need "audio_type": "para" (together) or "add" (taking turns)',
                         'add "audio_type": "add" to the job file')
     frame_num = int(settings.get("frame_num", 81))
-    need_s = (frame_num + 1) / FPS
     shortest_key = min(audio_s, key=audio_s.get)  # type: ignore[arg-type]
-    if audio_s[shortest_key] * FPS <= frame_num:
-        have = audio_s[shortest_key]
-        raise bad_input(
-            f"audio {job.cond_audio[shortest_key]} is {have:.2f} s; one clip of {frame_num} frames needs more than "
-            f"{frame_num / FPS:.2f} s ({frame_num + 1} frames at {FPS} fps)",
-            f"use at least {need_s:.2f} s of speech, or pad it with silence: "
-            f"ffmpeg -i {job.cond_audio[shortest_key].name} -af apad=whole_dur={math.ceil(need_s)} padded.wav",
+    shortest = audio_s[shortest_key]
+    if shortest * FPS < 1:
+        raise bad_input(f"audio {job.cond_audio[shortest_key]} is {shortest * 1000:.0f} ms, shorter than one video "
+                        f"frame ({1000 // FPS} ms)", "give a recording of the speech to lip-sync")
+    warnings = []
+    if shortest * FPS <= frame_num:
+        warnings.append(
+            f"audio {job.cond_audio[shortest_key].name} is {shortest:.2f} s, shorter than one clip of {frame_num} "
+            f"frames ({frame_num / FPS:.2f} s): itk's runtime makes one shorter clip as long as the audio "
+            f"(the official script refuses such audio; to run it there, pad with silence: "
+            f"ffmpeg -i {job.cond_audio[shortest_key].name} -af apad=whole_dur={math.ceil((frame_num + 1) / FPS)} "
+            "padded.wav)"
         )
     total_s = max(audio_s.values()) if job.audio_type != "add" else sum(audio_s.values())
     frames = int(total_s * FPS)
-    warnings = []
     cap = int(settings.get("max_frame_num", 1000))
     if settings.get("mode") == "streaming" and frames > cap:
         warnings.append(

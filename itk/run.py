@@ -199,7 +199,7 @@ def run_job(plan: Plan, as_json: bool) -> int:
         show.print(f"[yellow]interrupted:[/] the generator and all its processes were stopped; log: {log_path}",
                    highlight=False, soft_wrap=True)
         return EXIT_INTERRUPTED
-    video = Path(str((outcome.done or {}).get("output") or plan.output))
+    video = Path(outcome.output or plan.output)
     if outcome.returncode == 0 and video.is_file():
         seconds = video_seconds(video)
         result = {"ok": True, "output": str(video), "video_s": seconds, "elapsed_s": round(outcome.elapsed_s, 1),
@@ -213,7 +213,7 @@ def run_job(plan: Plan, as_json: bool) -> int:
                           highlight=False, soft_wrap=True)
         return EXIT_OK
     kills_after = read_cgroup()[3]
-    facts = {**machine_facts(), "preset": plan.preset_name, "phase": outcome.last_stage}
+    facts = {**machine_facts(), "preset": plan.preset_name, "phase": outcome.phase}
     if kills_before is not None and kills_after is not None:
         facts["oom_kills_during_run"] = kills_after - kills_before
     text = log_path.read_text(encoding="utf-8", errors="replace")

@@ -53,6 +53,23 @@ class Outcome:
         return next((e.get("stage") for e in reversed(self.events) if e.get("stage")), None)
 
     @property
+    def phase(self) -> str | None:
+        """Where the run was when it ended. The VAE decode of a clip has no event of its own: it runs right
+        after the clip's last step, so a last event that is a clip's final step means "decode"."""
+        last = self.events[-1] if self.events else {}
+        if last.get("event") == "step" and last.get("step") and last.get("step") == last.get("steps"):
+            return f"decode (after the last step of clip {last.get('clip', '?')})"
+        if last.get("event") == "step":
+            return f"{self.last_stage or 'generate'} (clip {last.get('clip', '?')}, step {last.get('step')})"
+        return self.last_stage
+
+    @property
+    def output(self) -> str | None:
+        """The video the done event names (`path`, as the runtime writes it; `output` also accepted)."""
+        done = self.done or {}
+        return done.get("path") or done.get("output")
+
+    @property
     def done(self) -> dict[str, Any] | None:
         return next((e for e in reversed(self.events) if e.get("event") == "done"), None)
 

@@ -70,13 +70,12 @@ def main() -> int:
     if mode in ("hang", "hang-hard"):
         hang(mode == "hang-hard")
     steps = min(args.sample_steps, 3)
+    event("stage", stage="generate", clips=2, frames=150)  # the runtime's shapes: runtime/pipeline.py
     for clip in (1, 2):
         event("clip", clip=clip, clips=2)
-        event("stage", stage="denoise")
         for step in range(1, steps + 1):
-            event("step", clip=clip, clips=2, step=step, steps=steps, elapsed_s=0.01 * step)
-        event("stage", stage="decode")
-        if mode == "decode-oom":
+            event("step", clip=clip, step=step, steps=steps, elapsed_s=0.01 * step)
+        if mode == "decode-oom":  # the decode runs right after a clip's last step
             sys.stderr.write(
                 "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.33 GiB. GPU 0 has a total capacity "
                 "of 23.55 GiB of which 912.00 MiB is free. Including non-PyTorch memory, this process has 22.61 GiB "
@@ -84,7 +83,7 @@ def main() -> int:
             return 1
     out = Path(args.save_file + ".mp4")
     write_mp4(out)
-    event("done", output=str(out), elapsed_s=0.5, gpu_peak_gb=12.5)
+    event("done", path=str(out), seconds=0.5, elapsed_s=0.5, gpu_peak_gb=12.5)
     return 0
 
 

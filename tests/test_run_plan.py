@@ -112,12 +112,20 @@ def test_a_bad_image_is_one_line_naming_the_file_and_exit_2(tmp_path, make, mess
     assert "Traceback" not in proc.stderr and "fix:" in proc.stderr
 
 
-def test_audio_shorter_than_one_clip_is_refused_with_the_padding_command(tmp_path, media):
+def test_audio_shorter_than_one_clip_is_one_short_clip_and_the_run_says_so(tmp_path, media):
     image, _ = media
     short = write_wav(tmp_path / "short.wav", 3.0)
-    proc = itk("run", "--image", str(image), "--audio", str(short), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "3.00 s" in proc.stderr and "3.24 s" in proc.stderr and "apad=whole_dur=4" in proc.stderr
+    plan = dry_run("--image", str(image), "--audio", str(short), cwd=tmp_path)
+    assert plan["clips"] == 1 and plan["video_s"] == 3.0
+    assert "3.00 s, shorter than one clip of 81 frames (3.24 s)" in plan["warnings"][0]
+    assert "apad=whole_dur=4" in plan["warnings"][0]
+
+
+def test_audio_shorter_than_one_frame_is_refused(tmp_path, media):
+    image, _ = media
+    blip = write_wav(tmp_path / "blip.wav", 0.02)
+    proc = itk("run", "--image", str(image), "--audio", str(blip), cwd=tmp_path)
+    assert proc.returncode == 2 and "20 ms, shorter than one video frame" in proc.stderr
 
 
 def test_a_text_file_given_as_audio_is_refused(tmp_path, media):
@@ -160,6 +168,7 @@ def test_bad_set_keys_and_values_are_usage_errors(tmp_path, media):
 def test_clip_counts_follow_the_streaming_loop():
     streaming = {"mode": "streaming"}
     assert clip_count(82, streaming) == 2  # the official loop always runs two clips in streaming mode
+    assert clip_count(60, streaming) == 1  # audio under one clip: one shorter clip
     assert clip_count(81 + 72 * 3, streaming) == 4
     assert clip_count(5000, streaming) == 1 + 13  # capped at max_frame_num 1000
     assert clip_count(5000, {"mode": "clip"}) == 1

@@ -46,8 +46,8 @@ def test_protocol_lines_parse_and_anything_else_is_a_log_line():
 def test_a_successful_child_is_followed_event_by_event_and_its_log_kept(tmp_path):
     outcome, seen = supervise(tmp_path, "ok")
     assert outcome.returncode == 0 and not outcome.interrupted
-    assert [e["event"] for e in seen][:4] == ["stage", "clip", "stage", "step"]
-    assert outcome.done["output"] == str(tmp_path / "out.mp4") and (tmp_path / "out.mp4").stat().st_size > 0
+    assert [e["event"] for e in seen][:4] == ["stage", "stage", "clip", "step"]
+    assert outcome.output == str(tmp_path / "out.mp4") and (tmp_path / "out.mp4").stat().st_size > 0
     log = (tmp_path / "gen.log").read_text()
     assert "Creating infinitetalk pipeline" in log and log.count("ITK-EVENT") == len(seen)
 
@@ -76,9 +76,10 @@ def test_a_child_exiting_with_each_known_message_is_recognised(tmp_path, name):
 
 def test_an_oom_while_decoding_is_told_apart_by_the_stage_event(tmp_path):
     outcome, _ = supervise(tmp_path, "decode-oom")
-    assert outcome.last_stage == "decode"
-    verdict = diagnose((tmp_path / "gen.log").read_text(), 1, {"phase": outcome.last_stage})
+    assert outcome.phase == "decode (after the last step of clip 1)"
+    verdict = diagnose((tmp_path / "gen.log").read_text(), 1, {"phase": outcome.phase})
     assert verdict.rule == "cuda-oom-decode"
+    assert "expandable_segments:True" in verdict.fixes[0]
 
 
 def test_itk_run_end_to_end_prints_the_video_its_length_and_the_time(tmp_path, ready):
@@ -104,9 +105,12 @@ def test_itk_run_explains_a_failed_child_and_keeps_the_verdict(tmp_path, ready):
 
 def test_itk_run_passes_the_generators_missing_weights_exit_code_through(tmp_path, ready):
     log = tmp_path / "m.log"
-    log.write_text("error: missing weights file /w/InfiniteTalk/quant_models/t5_fp8.safetensors\n")
+    log.write_text('ITK-EVENT {"event": "error", "message": "x", "exit_code": 3}\n'
+                   "error: /w/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth: missing weights file (run `itk fetch` or check "
+                   "--ckpt_dir/--wav2vec_dir)\n")
     proc = itk("run", *ready, env=fake_env("log", FAKE_LOG=str(log), FAKE_EXIT="3"))
     assert proc.returncode == 3 and "weights-missing" in proc.stdout and "itk fetch --preset rtx4090-24g" in proc.stdout
+    assert "missing: /w/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth." in proc.stdout
 
 
 def wait_for(path, seconds: float = 20) -> list[int]:
