@@ -26,6 +26,7 @@ class Preset:
     components: tuple[str, ...]
     generator: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)  # generator flag -> "repo" or "repo:file"
+    expected_step_s: float | None = None  # measured, where a preset has been run
 
     @property
     def requirements(self) -> str:
@@ -92,6 +93,7 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
             components=tuple(data["weights"]["components"]),
             generator=dict(data["generator"]),
             paths=dict(data.get("paths", {})),
+            expected_step_s=data.get("expected_step_s"),
         )
     return presets
 

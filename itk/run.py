@@ -108,6 +108,7 @@ class Plan:
     argv: list[str]
     missing: list[str]
     fetch_command: str
+    expected_step_s: float | None = None
 
     @property
     def command_line(self) -> str:
@@ -143,7 +144,8 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
     out = output_path(output).absolute()
     run_dir = out.parent / f"{out.stem}.run"
     argv = generator_argv(preset.path_flags(wdir), settings, run_dir / "job.json", out.with_suffix(""))
-    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, missing, fetch)
+    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, missing, fetch,
+                preset.expected_step_s)
 
 
 def describe(plan: Plan) -> list[str]:
@@ -191,7 +193,7 @@ def run_job(plan: Plan, as_json: bool) -> int:
     show.print(f"log: {log_path}", highlight=False, soft_wrap=True)
     kills_before = read_cgroup()[3]
     steps = int(plan.settings.get("sample_steps", 40))
-    with ProgressView(show, plan.media.clips, steps) as view:
+    with ProgressView(show, plan.media.clips, steps, plan.expected_step_s) as view:
         outcome = Supervisor(plan.argv, log_path, env=child_env(), on_event=view.handle).run()
     if outcome.interrupted:
         if as_json:

@@ -129,8 +129,10 @@ def gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("mode", ["hang", "hang-hard"])
-def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tmp_path, ready, mode):
+@pytest.mark.parametrize(("mode", "sig"), [("hang", signal.SIGINT), ("hang-hard", signal.SIGINT),
+                                           ("hang", signal.SIGTERM)])
+def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tmp_path, ready, mode, sig):
+    """hang: SIGTERM ends them; hang-hard: only SIGKILL does; a SIGTERM to itk itself is handled like Ctrl-C."""
     pids_file = tmp_path / "pids.json"
     env = {**os.environ, **fake_env(mode, FAKE_PIDS=str(pids_file)), "ITK_STOP_GRACE_S": "1"}
     itk_proc = subprocess.Popen([sys.executable, "-m", "itk", "run", *ready], env=env,
@@ -138,7 +140,7 @@ def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tm
     child, grandchild = wait_for(pids_file)
     pgid = os.getpgid(child)
     assert pgid != os.getpgid(itk_proc.pid) and os.getpgid(grandchild) == pgid  # its own group
-    itk_proc.send_signal(signal.SIGINT)
+    itk_proc.send_signal(sig)
     out, err = itk_proc.communicate(timeout=30)
     assert itk_proc.returncode == 130, out + err
     assert "interrupted" in out and "stopped" in out
@@ -161,3 +163,18 @@ def test_a_grandchild_left_behind_by_a_crashed_child_is_stopped_too(tmp_path):
     outcome = Supervisor([sys.executable, "-c", code], tmp_path / "gen.log", grace_s=1.0).run()
     assert outcome.returncode == 1
     assert gone(int((tmp_path / "g").read_text()))
+
+
+def test_steps_far_slower_than_the_preset_measured_are_called_out_once():
+    from rich.console import Console
+
+    from itk.progress import ProgressView, slow_step_note
+
+    assert slow_step_note([70.0, 72.0, 69.0], 70) is None and slow_step_note([900.0] * 2, 70) is None
+    console = Console(record=True, width=200)
+    with ProgressView(console, clips=2, steps=40, expected_step_s=70) as view:
+        view.handle({"event": "stage", "stage": "generate", "clips": 2})
+        for step in range(1, 7):
+            view.handle({"event": "step", "clip": 1, "step": step, "steps": 40, "elapsed_s": 300.0 + 1000 * step})
+    text = console.export_text()
+    assert text.count("warning: steps take 1000 s, 14x the 70 s measured") == 1 and "Sysmem Fallback" in text
