@@ -52,7 +52,7 @@ def main() -> None:
 @click.option("--video", type=click.Path(dir_okay=False), help="Source video to dub instead of an image.")
 @click.option("--audio", type=click.Path(dir_okay=False), help="Speech track (wav/mp3/m4a, or a video's audio).")
 @click.option("--prompt", default=None, help="Text prompt (default: a neutral talking-person prompt).")
-@click.option("--output", default=None, help="Output FILE.mp4 (default: outputs/itk-<time>.mp4).")
+@click.option("--output", default=None, metavar="FILE.mp4", help="Video to write (default: outputs/itk-<time>.mp4).")
 @PRESET
 @click.option("--input-json", default=None, type=click.Path(dir_okay=False),
               help='Official job file: {"prompt", "cond_video", "cond_audio": {"person1": ...}}.')

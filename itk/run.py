@@ -151,11 +151,13 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
 def describe(plan: Plan) -> list[str]:
     m = plan.media
     audio = ", ".join(f"{k} {v:.1f} s" for k, v in m.audio_s.items())
-    steps = plan.settings.get("sample_steps", 40)
+    steps = int(plan.settings.get("sample_steps", 40))
+    estimate = (f" (about {took(m.clips * steps * plan.expected_step_s)} at the {plan.expected_step_s:.0f} s per step "
+                "measured for this preset)") if plan.expected_step_s else ""
     return [
         f"preset {plan.preset_reason}",
         f"input: {m.kind} {m.width}x{m.height}, audio {audio} -> {m.video_s:.1f} s of video, "
-        f"{m.clips} clip(s) x {steps} steps",
+        f"{m.clips} clip(s) x {steps} steps{estimate}",
         *(f"[yellow]warning:[/] {w}" for w in m.warnings),
     ]
 
