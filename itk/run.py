@@ -218,6 +218,9 @@ def run_job(plan: Plan, as_json: bool) -> int:
         return EXIT_OK
     kills_after = read_cgroup()[3]
     facts = {**machine_facts(), "preset": plan.preset_name, "phase": outcome.phase}
+    errors = [e for e in outcome.events if e.get("event") == "error" and e.get("message")]
+    if errors:
+        facts["error_message"] = errors[-1]["message"]
     if kills_before is not None and kills_after is not None:
         facts["oom_kills_during_run"] = kills_after - kills_before
     text = log_path.read_text(encoding="utf-8", errors="replace")

@@ -37,7 +37,7 @@ def test_each_realistic_log_names_its_rule(name):
 
 
 def test_every_rule_in_the_table_is_hit_by_a_fixture_or_a_child_test():
-    covered = {case["rule"] for case in EXPECTED.values()} | {"interrupted", "cuda-oom-decode"}
+    covered = {case["rule"] for case in EXPECTED.values()} | {"interrupted", "cuda-oom-decode", "bad-input"}
     rules, _ = load_rules()
     assert {r.id for r in rules} - covered == {"xformers-mismatch"}  # a hint, checked below
 
@@ -149,3 +149,14 @@ def test_rules_stay_data_with_no_import_of_heavy_modules():
     import subprocess
 
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_an_argparse_refusal_of_an_official_script_is_bad_input():
+    text = "usage: generate_infinitetalk.py [-h] [--task {infinitetalk-14B}]\n" \
+           "generate_infinitetalk.py: error: unrecognized arguments: --preset rtx4090-24g\n"
+    verdict = diagnose(text, 2, {})
+    assert verdict.rule == "bad-input" and verdict.diagnosis.endswith("unrecognized arguments: --preset rtx4090-24g")
+
+
+def test_an_interrupted_run_is_named_as_such():
+    assert diagnose("", 130, {}).rule == diagnose("", -2, {}).rule == "interrupted"

@@ -178,3 +178,14 @@ def test_steps_far_slower_than_the_preset_measured_are_called_out_once():
             view.handle({"event": "step", "clip": 1, "step": step, "steps": 40, "elapsed_s": 300.0 + 1000 * step})
     text = console.export_text()
     assert text.count("warning: steps take 1000 s, 14x the 70 s measured") == 1 and "Sysmem Fallback" in text
+
+
+def test_a_bad_input_the_generator_reports_is_shown_in_its_own_words(tmp_path, ready):
+    log = tmp_path / "bad.log"
+    log.write_text('ITK-EVENT {"event": "error", "message": "--frame_num 80: must be 4n+1 (e.g. 81)", "exit_code": 2}\n'
+                   "error: --frame_num 80: must be 4n+1 (e.g. 81)\n")
+    proc = itk("run", *ready, "--json", env=fake_env("log", FAKE_LOG=str(log), FAKE_EXIT="2"))
+    assert proc.returncode == 2
+    verdict = json.loads(proc.stdout)["verdict"]
+    assert verdict["rule"] == "bad-input"
+    assert verdict["diagnosis"] == "The generator refused its input: --frame_num 80: must be 4n+1 (e.g. 81)"
