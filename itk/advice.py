@@ -104,7 +104,8 @@ def _number(value: Any) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def derived(facts: dict[str, Any], log_text: str, log_facts: dict[str, re.Pattern[str]]) -> dict[str, Any]:
+def derived(facts: dict[str, Any], log_text: str,
+            log_facts: dict[str, re.Pattern[str]]) -> tuple[dict[str, Any], dict[str, bool]]:
     """Placeholders and conditions from the raw facts (and the official scripts' printed arguments)."""
     from itk.presets import FALLBACK, get_preset
 
@@ -141,7 +142,7 @@ def derived(facts: dict[str, Any], log_text: str, log_facts: dict[str, re.Patter
         "ram_below_preset": "preset_min_ram_gb" in values and "usable_ram_gb" in values
         and values["usable_ram_gb"] < float(values["preset_min_ram_gb"]),
     }
-    return {"values": values, "conditions": conditions}
+    return values, conditions
 
 
 def fill(template: str, values: dict[str, Any]) -> str | None:
@@ -215,8 +216,7 @@ def diagnose(log_text: str, exit_code: int | None = None, facts: dict[str, Any] 
     rules, log_facts = load_rules()
     facts = dict(facts or {})
     facts.setdefault("log", log_path)
-    base = derived(facts, log_text, log_facts)
-    values, conditions = base["values"], base["conditions"]
+    values, conditions = derived(facts, log_text, log_facts)
     fired = []
     for order, rule in enumerate(rules):
         if (hit := _match(rule, log_text, exit_code, conditions)) is not None:
