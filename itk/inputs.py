@@ -191,7 +191,8 @@ def clip_count(frames: int, settings: dict[str, Any]) -> int:
 
 
 def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
-    """Open and decode every input; check the audio is long enough for one clip. Raises UserError (exit 2)."""
+    """Open and decode every input and work out the video it makes; what the runtime will do differently from
+    what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2)."""
     for what, path in [("cond_video", job.cond_video), *((f"audio {k}", p) for k, p in job.cond_audio.items())]:
         if str(path) == "None" and what.startswith("audio"):
             continue  # the official format's silent second speaker
@@ -203,22 +204,23 @@ def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
     if len(job.cond_audio) > 1 and job.audio_type not in ("para", "add"):
         raise bad_input('two speakers need "audio_type": "para" (together) or "add" (taking turns)',
                         'add "audio_type": "add" to the job file')
+    if not audio_s:
+        raise bad_input("the job has no speech track", '"cond_audio": {"person1": "speech.wav"}')
+    for key, seconds in audio_s.items():
+        if seconds * FPS < 1:
+            raise bad_input(f"audio {job.cond_audio[key]} is {seconds * 1000:.0f} ms, shorter than one video frame "
+                            f"({1000 // FPS} ms)", "give a recording of the speech to lip-sync")
     frame_num = int(settings.get("frame_num", 81))
-    shortest_key = min(audio_s, key=audio_s.get)  # type: ignore[arg-type]
-    shortest = audio_s[shortest_key]
-    if shortest * FPS < 1:
-        raise bad_input(f"audio {job.cond_audio[shortest_key]} is {shortest * 1000:.0f} ms, shorter than one video "
-                        f"frame ({1000 // FPS} ms)", "give a recording of the speech to lip-sync")
+    total_s = sum(audio_s.values()) if job.audio_type == "add" else max(audio_s.values())
     warnings = []
-    if shortest * FPS <= frame_num:
+    if total_s * FPS <= frame_num:
+        name = job.cond_audio["person1"].name
         warnings.append(
-            f"audio {job.cond_audio[shortest_key].name} is {shortest:.2f} s, shorter than one clip of {frame_num} "
-            f"frames ({frame_num / FPS:.2f} s): itk's runtime makes one shorter clip as long as the audio "
-            f"(the official script refuses such audio; to run it there, pad with silence: "
-            f"ffmpeg -i {job.cond_audio[shortest_key].name} -af apad=whole_dur={math.ceil((frame_num + 1) / FPS)} "
-            "padded.wav)"
+            f"audio {name} is {total_s:.2f} s, shorter than one clip of {frame_num} frames ({frame_num / FPS:.2f} s): "
+            "itk's runtime makes one shorter clip as long as the audio (the official script refuses such audio; "
+            f"to run it there, pad with silence: ffmpeg -i {name} -af apad=whole_dur="
+            f"{math.ceil((frame_num + 1) / FPS)} padded.wav)"
         )
-    total_s = max(audio_s.values()) if job.audio_type != "add" else sum(audio_s.values())
     frames = int(total_s * FPS)
     cap = int(settings.get("max_frame_num", 1000))
     if settings.get("mode") == "streaming" and frames > cap:
