@@ -120,6 +120,7 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
     from itk.doctor import resolve_preset
     from itk.inputs import job_from_json, job_from_options, validate
     from itk.paths import weights_dir as resolve_weights_dir
+    from itk.presets import load_presets
     from itk.weights_check import weight_problems
 
     preset, reason = resolve_preset(preset_name)
@@ -143,7 +144,12 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
     fetch = f"itk fetch --preset {preset.name}" + (f" --weights-dir {shlex.quote(weights_dir)}" if weights_dir else "")
     out = output_path(output).absolute()
     run_dir = out.parent / f"{out.stem}.run"
-    argv = generator_argv(preset.path_flags(wdir), settings, run_dir / "job.json", out.with_suffix(""))
+    path_flags = preset.path_flags(wdir)
+    if settings.get("quant") and "quant_dir" not in path_flags:
+        quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths]
+        raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
+                        f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
+    argv = generator_argv(path_flags, settings, run_dir / "job.json", out.with_suffix(""))
     return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, missing, fetch,
                 preset.expected_step_s)
 

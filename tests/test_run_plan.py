@@ -14,7 +14,7 @@ from run_media import fake_env, itk, write_image, write_wav, write_weights
 from itk.console import UserError
 from itk.inputs import Job, clip_count, job_from_json, validate
 from itk.manifest import load_manifest
-from itk.presets import get_preset
+from itk.presets import get_preset, load_presets
 from itk.run import setting_warnings
 
 
@@ -60,6 +60,24 @@ def test_set_overrides_the_preset_and_adds_flags_in_the_official_spelling(tmp_pa
     assert "--infinitetalk_dir" in argv and "--quant" not in argv
     assert argv[argv.index("--sample_steps") + 1] == "8" and argv[argv.index("--size") + 1] == "infinitetalk-720"
     assert "--use_teacache" in argv and "true" not in argv
+
+
+@pytest.mark.parametrize("name", sorted(load_presets()))
+def test_every_preset_turns_into_its_path_flags_and_settings_in_order(tmp_path, media, name):
+    image, audio = media
+    preset = get_preset(name)
+    argv = dry_run("--image", str(image), "--audio", str(audio), "--preset", name, "--weights-dir", "/m",
+                   cwd=tmp_path)["argv"][3:]
+    expected = [x for flag, path in preset.path_flags(Path("/m")).items() for x in (f"--{flag}", str(path))]
+    expected += [x for key, value in preset.generator.items() for x in (f"--{key}", str(value))]
+    assert argv[:-4] == expected and argv[-4::2] == ["--input_json", "--save_file"]
+
+
+def test_fp8_on_a_preset_without_quantised_weights_is_refused(tmp_path, media):
+    image, audio = media
+    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--preset", "gpu80g-480p",
+               "--set", "quant=fp8", cwd=tmp_path)
+    assert proc.returncode == 2 and "--preset gpu80g-720p or --preset rtx4090-24g" in proc.stderr
 
 
 def test_the_plain_output_of_dry_run_is_the_command_alone_on_stdout(tmp_path, media):
