@@ -119,6 +119,7 @@ def derived(facts: dict[str, Any], log_text: str,
         values.setdefault("persistent", preset.generator.get("num_persistent_param_in_dit", "None"))
         values.setdefault("size", preset.generator.get("size"))
         values["preset_min_ram_gb"] = f"{preset.min_ram_gb:.0f}"
+        values["preset_min_vram_gb"] = f"{preset.min_vram_gb:.0f}"
     fp8 = get_preset(FALLBACK)
     values.update(fp8_preset=fp8.name, fp8_min_ram_gb=f"{fp8.min_ram_gb:.0f}",
                   fetch_fp8_command=f"itk fetch --preset {fp8.name}",
@@ -141,6 +142,8 @@ def derived(facts: dict[str, Any], log_text: str,
         "has_phase": bool(values.get("phase")),
         "ram_below_preset": "preset_min_ram_gb" in values and "usable_ram_gb" in values
         and values["usable_ram_gb"] < float(values["preset_min_ram_gb"]),
+        "vram_below_preset": "preset_min_vram_gb" in values and "vram_gb" in values
+        and values["vram_gb"] < float(values["preset_min_vram_gb"]),
     }
     return values, conditions
 

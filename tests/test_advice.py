@@ -160,3 +160,10 @@ def test_an_argparse_refusal_of_an_official_script_is_bad_input():
 
 def test_an_interrupted_run_is_named_as_such():
     assert diagnose("", 130, {}).rule == diagnose("", -2, {}).rule == "interrupted"
+
+
+def test_an_oom_on_a_12_gb_card_says_the_card_is_below_what_the_preset_is_made_for():
+    facts = {"gpu_name": "NVIDIA GeForce RTX 3060", "vram_gb": 12.0, "preset": "rtx4090-24g"}
+    verdict = diagnose((LOGS / "guide_cuda_oom_644mib.log").read_text(), 1, facts)
+    assert "this NVIDIA GeForce RTX 3060 has 12.0 GB; preset rtx4090-24g is made for 20 GB or more" in verdict.details
+    assert not any("num_persistent_param_in_dit=0" in f for f in verdict.fixes)  # the preset already streams
