@@ -17,6 +17,7 @@ import fcntl
 import functools
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from itk.verify import Expected, VerdictStore, verify_file
 
 GB = 10**9
 MARGIN = 2 * GB  # room for the .incomplete files beside the final ones; the doctor's disk check uses the same
-BACKOFF_S = (1.0, 2.0, 4.0)  # waits between attempts after a connection error
+BACKOFF_S = (0.5, 1.0, 2.0)  # waits between attempts after a connection error
 OFFLINE_FIX = ("check the network and rerun later (finished files are kept); behind a firewall, point "
                "HF_ENDPOINT at a Hugging Face mirror")
 AUTH_FIX = ("log in with `hf auth login` (or set HF_TOKEN) using a token whose account has accepted the "
@@ -123,9 +124,8 @@ def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, siz
         return UserError(f"{what}: repository not found on {endpoint} (404)",
                          "check HF_ENDPOINT (a mirror may lack it) or whether the repo was renamed")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        free = free_bytes(weights_dir)
-        return UserError(f"disk full while writing {what}: it needs {size:,} bytes, {free:,} free at "
-                         f"{existing_parent(weights_dir)}",
+        return UserError(f"disk full while writing {what}: it needs {size:,} bytes at {existing_parent(weights_dir)}"
+                         " (the partial file was removed)",
                          "free space there (or use --weights-dir on a bigger disk) and rerun")
     if is_transient(exc):
         cause = exc.__cause__ or exc.__context__ or exc
@@ -313,6 +313,14 @@ class Downloader:
 
     def run(self, item: Item) -> str:
         """Bring one file to a verified state: 'kept' when it already was intact, else 'downloaded'."""
+        try:
+            return self.bring(item)
+        except OSError as exc:  # the disk can fill in our own writes (verdicts, metadata) as well
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise explain(exc, item.file.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
+
+    def bring(self, item: Item) -> str:
         f, path = item.file, item.file.local_path(self.plan.weights_dir)
         self.progress(f.label, "start", item.size)
         if item.state == "check" and self.verified(item):
@@ -341,6 +349,8 @@ def execute(plan: Plan, jobs: int, progress: Callable[[str, str, int], None],
             plan.results[i.file.label] = "kept"
     if not todo:
         return
+    # Our preflight already compared free space with what is missing; the client's own warning repeats it.
+    warnings.filterwarnings("ignore", message="Not enough free disk space")
     with fetch_lock(plan.weights_dir):
         remove_leftovers(plan)
         downloader = Downloader(plan, progress)

@@ -74,6 +74,7 @@ class Hub:
     throttle: dict[str, float] = field(default_factory=dict)  # path -> bytes per second
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> drop the connection after N bytes, once
     log: list[dict] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)  # path -> body bytes written so far
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, repo_id: str, branch: str, files: dict[str, bytes | Path]) -> None:
@@ -241,6 +242,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             pos += step
+            with hub.lock:
+                hub.sent[path] = hub.sent.get(path, 0) + step
             if cut is not None and pos >= cut:
                 self.close_connection = True
                 return
