@@ -27,7 +27,7 @@ from typing import Any
 from itk.console import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from itk.manifest import Manifest, Repo, WeightFile, load_manifest
 from itk.paths import existing_parent, free_bytes
-from itk.verify import Expected, VerdictStore, verify_file
+from itk.verify import Expected, FileStatus, VerdictStore, verify_file
 
 GB = 10**9
 MARGIN = 2 * GB  # room for the .incomplete files beside the final ones; the doctor's disk check uses the same
@@ -306,10 +306,10 @@ class Downloader:
         except Exception as exc:
             raise explain(exc, f.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
 
-    def verified(self, item: Item) -> bool:
+    def verify(self, item: Item) -> FileStatus:
         status, record = verify_file(item.file.local_path(self.plan.weights_dir), item.expected)
         self.store.put(item.file.label, record)
-        return status.state == "ok"
+        return status
 
     def run(self, item: Item) -> str:
         """Bring one file to a verified state: 'kept' when it already was intact, else 'downloaded'."""
@@ -323,16 +323,16 @@ class Downloader:
     def bring(self, item: Item) -> str:
         f, path = item.file, item.file.local_path(self.plan.weights_dir)
         self.progress(f.label, "start", item.size)
-        if item.state == "check" and self.verified(item):
+        if item.state == "check" and self.verify(item).state == "ok":
             self.progress(f.label, "done", item.size)
             return "kept"
         self.download(item, force=False)
-        if not self.verified(item):
+        if self.verify(item).state != "ok":
             self.download(item, force=True)  # one more try: the bytes may have been damaged on the way
-            if not self.verified(item):
+            if (status := self.verify(item)).state != "ok":
                 path.unlink(missing_ok=True)
-                raise UserError(f"{f.label} does not match the hub's {item.expected.algo} after two downloads "
-                                f"from {self.plan.endpoint}",
+                raise UserError(f"{f.label} is not intact after two downloads from {self.plan.endpoint}: "
+                                f"{status.detail}",
                                 "the server or mirror is sending damaged bytes: try again later or unset/"
                                 "change HF_ENDPOINT")
         self.progress(f.label, "done", item.size)

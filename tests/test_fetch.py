@@ -148,7 +148,8 @@ def test_bytes_corrupted_twice_stop_with_a_clear_error_and_no_file(hub, tmp_path
     hub.corrupt[T5] = 2
     proc = fetch(hub, tmp_path, "--component", "infinitetalk-single-fp8", "--weights-dir", str(weights))
     assert proc.returncode == 1
-    assert "t5_fp8.safetensors does not match the hub's sha256 after two downloads" in proc.stderr
+    assert "t5_fp8.safetensors is not intact after two downloads" in proc.stderr
+    assert "sha256" in proc.stderr and "but the hub says" in proc.stderr
     assert "fix:" in proc.stderr and "Traceback" not in proc.stderr
     assert not (weights / "InfiniteTalk" / T5).exists()
 
