@@ -81,7 +81,7 @@ def main() -> None:
             "MB_per_s": {k: round(size / v / 1e6, 1) for k, v in results.items()},
             "notes": "loopback, one connection, server uses sendfile; itk_fetch includes its plan (3 API calls) "
                      "and the sha256 of the downloaded file",
-            "load_avg_1m_before": os.getloadavg()[0],
+            "load_avg_1m_after": os.getloadavg()[0],
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "huggingface_hub": __import__("importlib.metadata").metadata.version("huggingface_hub"),

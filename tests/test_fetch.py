@@ -211,3 +211,28 @@ def test_a_disk_that_fills_mid_download_says_how_many_bytes_were_needed(hub, tmp
     finally:
         subprocess.run(["umount", str(small)], check=False)
         os.sync()
+
+
+def test_present_files_without_a_verdict_are_hashed_and_kept_and_only_a_wrong_one_is_fetched(hub, tmp_path, weights):
+    assert fetch(hub, tmp_path, "--preset", PRESET, "--weights-dir", str(weights)).returncode == 0
+    (weights / ".itk" / "verified.json").unlink()  # as if the files had been copied here by hand
+    with open(weights / "InfiniteTalk" / T5, "r+b") as f:
+        f.truncate(100)
+    hub.log.clear()
+    proc = fetch(hub, tmp_path, "--preset", PRESET, "--weights-dir", str(weights), "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    assert downloads(hub) == [T5]
+    assert results.pop("InfiniteTalk/" + T5) == "downloaded" and set(results.values()) == {"kept"}
+
+
+def test_a_connection_dropped_mid_file_resumes_with_a_range_request(tmp_path, weights):
+    hub = standard_hub(big_floats=6 << 20)  # 24 MiB: the client writes in 10 MiB chunks
+    hub.cut_after[BIG] = 15 << 20
+    with HubServer(hub) as server:
+        hub.endpoint = server.endpoint
+        proc = fetch(hub, tmp_path, "--component", "infinitetalk-single-fp8", "--weights-dir", str(weights))
+    assert proc.returncode == 0, proc.stderr
+    ranges = [e["range"] for e in hub.gets(BIG)]
+    assert ranges[0] is None and ranges[1] == f"bytes={10 << 20}-"  # the second GET got a 206
+    assert (weights / "InfiniteTalk" / BIG).read_bytes() == hub_bytes(hub, ITK, BIG)
