@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itk.checks.disk import MARGIN  # the doctor's disk check and fetch agree on the margin
 from itk.console import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from itk.manifest import Manifest, Repo, WeightFile, load_manifest
 from itk.paths import existing_parent, free_bytes
 from itk.verify import Expected, FileStatus, VerdictStore, verify_file
 
-GB = 10**9
-MARGIN = 2 * GB  # room for the .incomplete files beside the final ones; the doctor's disk check uses the same
 BACKOFF_S = (0.5, 1.0, 2.0)  # waits between attempts after a connection error
 OFFLINE_FIX = ("check the network and rerun later (finished files are kept); behind a firewall, point "
                "HF_ENDPOINT at a Hugging Face mirror")
