@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from golden import load_golden, rel_err, weights_of
-
 from itk.runtime.configs import T5Config
 from itk.runtime.loading import WeightsError
 from itk.runtime.models.keymap import remap

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from itk.runtime.configs import CLIPConfig
 from itk.runtime.loading import load_strict, read_state_dict
 from itk.runtime.models.keymap import Rule, remap
+from torch import nn
 
 _BLOCK = r"visual\.transformer\.(\d+)\."
 _LAYER = r"encoder.layers.\1."
@@ -108,7 +107,7 @@ class CLIPVision(nn.Module):
         self.model.encoder.layers = self.model.encoder.layers[: self.cfg.layers - 1]
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """[B, 3, T, H, W] in [-1, 1] -> [B*T, 3, size, size]: bicubic resize (aspect not kept), CLIP-normalised."""
+        """[B, 3, T, H, W] in [-1, 1] -> [B*T, 3, size, size]: bicubic resize, aspect not kept, normalised."""
         size = (self.cfg.image_size, self.cfg.image_size)
         images = frames.float().transpose(1, 2).flatten(0, 1)
         images = F.interpolate(images, size=size, mode="bicubic", align_corners=False)
@@ -124,7 +123,9 @@ class CLIPVision(nn.Module):
         return self.model(pixel_values=pixels).last_hidden_state
 
 
-def load_clip(path: str | Path, cfg: CLIPConfig, dtype: torch.dtype, device: torch.device | str) -> CLIPVision:
+def load_clip(
+    path: str | Path, cfg: CLIPConfig, dtype: torch.dtype, device: torch.device | str
+) -> CLIPVision:
     """The vision tower from the official full-CLIP file, built on meta and filled once in `dtype`."""
     with torch.device("meta"):
         clip = CLIPVision(cfg)

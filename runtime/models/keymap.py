@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from itk.runtime.loading import WeightsError
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,12 @@ def remap(
             while tensor.dim() > 1 and tensor.shape[0] == 1:
                 tensor = tensor[0]
         parts = tensor.chunk(len(names), dim=0)
-        for name, part in zip(names, parts):
+        if len(parts) != len(names):
+            parts = (tensor,) * len(names)  # too small to split: the shape check below names the key
+        for name, part in zip(names, parts, strict=True):
             if name not in shapes:
                 raise WeightsError(f"{source}: key map sends {key} to unknown {name} (a bug in the key map)")
-            if tuple(part.shape) != shapes[name] or len(parts) != len(names):
+            if tuple(part.shape) != shapes[name]:
                 raise WeightsError(
                     f"{source}: {key} has shape {tuple(state[key].shape)}, which does not fit the configured "
                     f"model ({hint})"

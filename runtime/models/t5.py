@@ -25,11 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from itk.runtime.configs import T5Config
 from itk.runtime.loading import WeightsError, load_strict, read_state_dict
 from itk.runtime.models.keymap import Rule, remap
+from torch import nn
 
 TOKENIZER_SUBFOLDER = Path("google") / "umt5-xxl"
 
@@ -120,7 +119,7 @@ class T5Encoder(nn.Module):
         """One [len_i, dim] tensor per prompt: its real tokens only (len_i = sum of its mask row)."""
         hidden = self.forward(ids, mask)
         lengths = mask.gt(0).sum(dim=1).tolist()
-        return [row[:n] for row, n in zip(hidden, lengths)]
+        return [row[:n] for row, n in zip(hidden, lengths, strict=True)]
 
 
 def load_t5(path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
@@ -168,11 +167,10 @@ def load_tokenizer(folder: str | Path, text_len: int) -> Tokenizer:
     folder = Path(folder)
     path = folder / TOKENIZER_SUBFOLDER if (folder / TOKENIZER_SUBFOLDER).is_dir() else folder
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise WeightsError(
-            f"{folder / TOKENIZER_SUBFOLDER}: no umt5-xxl tokenizer here; fetch the Wan2.1 folder with `itk fetch`"
-        )
+        where = folder / TOKENIZER_SUBFOLDER
+        raise WeightsError(f"{where}: no umt5-xxl tokenizer here; fetch the Wan2.1 folder with `itk fetch`")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: cannot load the tokenizer ({exc}); fetch it again with `itk fetch`") from exc
+        raise WeightsError(f"{path}: cannot load the tokenizer ({exc}); fetch it again: `itk fetch`") from exc
     return Tokenizer(tokenizer, text_len)
