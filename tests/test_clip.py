@@ -109,3 +109,13 @@ def test_the_key_map_fits_the_full_size_vit_h_14_checkpoint():
     assert len(keys) == 5 + 32 * 12 + 3
     assert set(mapped) == set(clip.model.state_dict())
     assert mapped["embeddings.position_embedding.weight"].shape == (257, 1280)
+
+
+def test_pipeline_A_reference_frame_gives_the_recorded_clip_context():
+    from golden import GOLDENS
+
+    _, tensors = load_golden("pipeline_A")
+    clip = load_clip(GOLDENS / "pipeline_A.clip.safetensors", CLIPConfig(width=24, heads=4, layers=3),
+                     torch.float32, "cpu")
+    features = clip.encode(tensors["intermediate.clip_input"][:, :, -1:])
+    assert rel_err(features, tensors["intermediate.clip_context"]) < TOL

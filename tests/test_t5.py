@@ -177,3 +177,19 @@ def test_a_prompt_encodes_the_same_alone_as_beside_a_longer_one(wan_folder, t5_f
     batched = encoder.encode(*tokenize(["a smile", CORPUS[2]]))
     assert alone.shape == batched[0].shape == (len(_pieces(wan_folder, "a smile")) + 1, 32)
     assert torch.allclose(alone, batched[0], atol=1e-6)
+
+
+def test_pipeline_A_prompt_and_negative_prompt_contexts_come_out_as_recorded():
+    from golden import GOLDENS
+
+    _, tensors = load_golden("pipeline_A")
+    cfg = T5Config(vocab_size=96, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=16)
+    encoder = load_t5(GOLDENS / "pipeline_A.t5.safetensors", cfg, torch.float32, "cpu")
+    ids = torch.zeros(2, cfg.text_len, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, name in enumerate(("input.t5_ids_prompt", "input.t5_ids_negative")):
+        ids[row, : tensors[name].numel()] = tensors[name]
+        mask[row, : tensors[name].numel()] = 1
+    prompt, negative = encoder.encode(ids, mask)
+    assert rel_err(prompt, tensors["intermediate.context"]) < TOL
+    assert rel_err(negative, tensors["intermediate.context_null"]) < TOL
