@@ -97,7 +97,10 @@ def _umt5_stack(cfg: T5Config) -> nn.Module:
         use_cache=False,
     )
     config._attn_implementation = "eager"
-    return UMT5Stack(config)
+    stack = UMT5Stack(config)
+    if stack.embed_tokens is None:  # transformers 4.x leaves the stack's embedding to its caller
+        stack.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+    return stack
 
 
 class T5Encoder(nn.Module):
