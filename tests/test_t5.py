@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -105,7 +106,9 @@ def test_a_checkpoint_of_other_sizes_is_refused_with_the_file_named(t5_file):
         load_t5(t5_file, wider, torch.float32, "cpu")
 
 
-# --- tokenizer: a real sentencepiece unigram model trained here, saved in the google/umt5-xxl layout ---
+# --- tokenizer: a real sentencepiece unigram model trained here, in the google/umt5-xxl layout ---
+# Like umt5-xxl: <pad> 0, </s> 1, <s> 2, <unk> 3, byte fallback, sentinel <extra_id_N> tokens after the
+# vocabulary, a tokenizer.json whose post-processor appends </s>, a tokenizer_config naming T5Tokenizer.
 
 CORPUS = [
     "a woman is talking to the camera in a bright room",
@@ -113,24 +116,41 @@ CORPUS = [
     "schön: bright tones, overexposed, static, blurred details, subtitles",
     "the quick brown fox jumps over the lazy dog",
 ]
+EXTRA_IDS = 3
 
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory) -> Path:
     import sentencepiece as spm
-    from transformers import T5Tokenizer
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=model, model_type="unigram", vocab_size=64,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+        sentence_iterator=iter(CORPUS * 20), model_writer=model, model_type="unigram", vocab_size=320,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, hard_vocab_limit=False, minloglevel=2,
     )
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=3, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    eos = processors.TemplateProcessing(single=["$A", "</s>"], special_tokens=[("</s>", 1)])
+    tokenizer.post_processor = eos
+    sentinels = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
+    specials = ["<pad>", "</s>", "<s>", "<unk>", *reversed(sentinels)]
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+
     folder = tmp_path_factory.mktemp("Wan2.1-I2V-14B-480P")
     target = folder / "google" / "umt5-xxl"
-    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(str(target))
+    target.mkdir(parents=True)
+    tokenizer.save(str(target / "tokenizer.json"))
     (target / "spiece.model").write_bytes(model.getvalue())
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    specials_map = {**names, "additional_special_tokens": sentinels}
+    (target / "special_tokens_map.json").write_text(json.dumps(specials_map))
+    config = {**specials_map, "extra_ids": EXTRA_IDS, "legacy": True, "tokenizer_class": "T5Tokenizer"}
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -165,18 +185,37 @@ def test_a_long_prompt_is_truncated_to_text_len_and_still_ends_with_eos(wan_fold
     assert mask.tolist() == [[1] * 8]
 
 
+def test_characters_outside_the_vocabulary_become_byte_pieces_as_in_sentencepiece(wan_folder):
+    tokenize = load_tokenizer(wan_folder, text_len=32)
+    ids, mask = tokenize(["a smile \U0001F600 über"])
+    expected = _pieces(wan_folder, "a smile \U0001F600 über") + [1]
+    assert 2 not in expected and 3 not in expected  # byte fallback: neither <s> nor <unk>
+    assert ids[0, : len(expected)].tolist() == expected
+
+
+def test_transformers_5_autotokenizer_would_turn_those_characters_into_bos(wan_folder):
+    """Why load_tokenizer does not call AutoTokenizer: this test fails once transformers stops rebuilding."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x AutoTokenizer loads tokenizer.json verbatim")
+    auto = AutoTokenizer.from_pretrained(str(wan_folder / "google" / "umt5-xxl"), local_files_only=True)
+    assert 2 in auto("a smile \U0001F600").input_ids
+
+
 def test_a_folder_without_the_tokenizer_is_a_one_line_error_naming_it(tmp_path):
-    with pytest.raises(WeightsError, match=r"google/umt5-xxl: no umt5-xxl tokenizer here"):
+    with pytest.raises(WeightsError, match=r"google/umt5-xxl: no umt5-xxl tokenizer.json here"):
         load_tokenizer(tmp_path, text_len=24)
 
 
-def test_a_prompt_encodes_the_same_alone_as_beside_a_longer_one(wan_folder, t5_file):
-    tokenize = load_tokenizer(wan_folder, text_len=24)
+def test_a_prompt_encodes_the_same_alone_as_beside_a_longer_one(golden, t5_file):
+    _, tensors = golden
     encoder = load_t5(t5_file, TINY, torch.float32, "cpu")
-    alone = encoder.encode(*tokenize(["a smile"]))[0]
-    batched = encoder.encode(*tokenize(["a smile", CORPUS[2]]))
-    assert alone.shape == batched[0].shape == (len(_pieces(wan_folder, "a smile")) + 1, 32)
-    assert torch.allclose(alone, batched[0], atol=1e-6)
+    alone = encoder.encode(tensors["input.ids"][1:], tensors["input.mask"][1:])[0]
+    batched = encoder.encode(tensors["input.ids"], tensors["input.mask"])[1]
+    assert alone.shape == batched.shape == (6, 32)
+    assert torch.allclose(alone, batched, rtol=0, atol=1e-6)
 
 
 def test_pipeline_A_prompt_and_negative_prompt_contexts_come_out_as_recorded():

@@ -13,9 +13,9 @@ Only the keys differ, so `T5_KEY_MAP` renames them; `UMT5Stack` is the encoder a
 no tied `shared` copy). Eager attention is used: it is the official arithmetic exactly (softmax of
 logits + bias), and T5 runs once per video, so a fused kernel would buy nothing.
 
-The tokenizer is the umt5-xxl folder shipped with Wan (`google/umt5-xxl`), through AutoTokenizer, with
-the official text cleaning; a prompt's encoding is cut to its real tokens (EOS included), as the DiT
-expects its context.
+The tokenizer is the umt5-xxl folder shipped with Wan (`google/umt5-xxl`), its tokenizer.json loaded
+verbatim (see `load_tokenizer` for why not AutoTokenizer), with the official text cleaning; a prompt's
+encoding is cut to its real tokens (EOS included), as the DiT expects its context.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ _BLOCK_KEYS = (
     "pos_embedding.embedding.weight",
 )
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 _HINT = "expected the umT5-XXL encoder file models_t5_umt5-xxl-enc-bf16.pth; fetch it again with `itk fetch`"
 
 
@@ -164,16 +163,25 @@ class Tokenizer:
 
 
 def load_tokenizer(folder: str | Path, text_len: int) -> Tokenizer:
-    """The umt5-xxl tokenizer of a Wan folder (its `google/umt5-xxl`), or of that subfolder itself."""
-    from transformers import AutoTokenizer
+    """The umt5-xxl tokenizer of a Wan folder (its `google/umt5-xxl`), or of that subfolder itself.
+
+    Its `tokenizer.json` is loaded verbatim with PreTrainedTokenizerFast, which is what the official
+    `AutoTokenizer` call resolved to (T5TokenizerFast) on the transformers 4.x it was written for.
+    transformers 5's AutoTokenizer instead rebuilds a T5 tokenizer from the vocabulary alone, with
+    unk id 2 and no byte fallback: umt5 keeps `<s>` at 2 and `<unk>` at 3, so characters outside the
+    vocabulary would turn into `<s>` instead of the official byte pieces (tests/test_t5.py shows it).
+    """
+    from transformers import PreTrainedTokenizerFast
 
     folder = Path(folder)
     path = folder / TOKENIZER_SUBFOLDER if (folder / TOKENIZER_SUBFOLDER).is_dir() else folder
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not (path / "tokenizer.json").is_file():
         where = folder / TOKENIZER_SUBFOLDER
-        raise WeightsError(f"{where}: no umt5-xxl tokenizer here; fetch the Wan2.1 folder with `itk fetch`")
+        raise WeightsError(f"{where}: no umt5-xxl tokenizer.json here; fetch the Wan2.1 folder: `itk fetch`")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{path}: cannot load the tokenizer ({exc}); fetch it again: `itk fetch`") from exc
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise WeightsError(f"{path}: the tokenizer names no pad or eos token; fetch it again: `itk fetch`")
     return Tokenizer(tokenizer, text_len)
