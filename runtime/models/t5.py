@@ -23,12 +23,16 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from itk.runtime.configs import T5Config
 from itk.runtime.loading import WeightsError, load_strict, read_state_dict
 from itk.runtime.models.keymap import Rule, remap
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_SUBFOLDER = Path("google") / "umt5-xxl"
 
@@ -145,7 +149,7 @@ def clean_prompt(text: str) -> str:
 class Tokenizer:
     """Cleaned prompts -> (ids, mask) [B, text_len] int64: EOS appended, truncated/padded to text_len."""
 
-    def __init__(self, tokenizer, text_len: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, text_len: int):
         self.tokenizer = tokenizer
         self.text_len = text_len
 
@@ -169,7 +173,7 @@ def load_tokenizer(folder: str | Path, text_len: int) -> Tokenizer:
     `AutoTokenizer` call resolved to (T5TokenizerFast) on the transformers 4.x it was written for.
     transformers 5's AutoTokenizer instead rebuilds a T5 tokenizer from the vocabulary alone, with
     unk id 2 and no byte fallback: umt5 keeps `<s>` at 2 and `<unk>` at 3, so characters outside the
-    vocabulary would turn into `<s>` instead of the official byte pieces (tests/test_t5.py shows it).
+    vocabulary would turn into `<s>` instead of the official pieces (tests/test_t5.py shows it).
     """
     from transformers import PreTrainedTokenizerFast
 
