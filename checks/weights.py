@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 
 from itk.checks.base import Context, Result, Status
-
 from itk.manifest import load_manifest
 from itk.verify import check_files
 
