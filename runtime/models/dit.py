@@ -33,10 +33,27 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the activation dtype."""
+    """LayerNorm computed in float32 (affine parameters upcast too) whatever the activation dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+def fp32(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a Linear, or a Sequential of Linears and activations, in float32 whatever the weights' dtype.
+
+    The official model runs the time embedding and the head under float32 autocast; bf16 weights are
+    upcast per call (FP8Linear dequantises to the input's dtype by itself).
+    """
+    for layer in layers if isinstance(layers, nn.Sequential) else (layers,):
+        if isinstance(layer, nn.Linear):
+            bias = layer.bias.float() if layer.bias is not None else None
+            x = F.linear(x.float(), layer.weight.float(), bias)
+        else:
+            x = layer(x.float())
+    return x
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -180,7 +197,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
-        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+        return fp32(self.head, self.norm(x).float() * (1 + scale) + shift)
 
 
 class AudioProjModel(nn.Module):
@@ -200,7 +217,7 @@ class AudioProjModel(nn.Module):
         self.proj1_vf = nn.Linear(later_vectors * per_vector, cfg.audio_intermediate_dim)
         self.proj2 = nn.Linear(cfg.audio_intermediate_dim, cfg.audio_intermediate_dim)
         self.proj3 = nn.Linear(cfg.audio_intermediate_dim, cfg.audio_context_tokens * cfg.audio_output_dim)
-        self.norm = nn.LayerNorm(cfg.audio_output_dim)
+        self.norm = LayerNorm(cfg.audio_output_dim)
 
     def forward(self, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
         # first [H, 1, window, blocks, C]; later [H, T-1, 8, blocks, C] -> [H, T, tokens, output_dim]
@@ -209,7 +226,7 @@ class AudioProjModel(nn.Module):
         b = F.relu(self.proj1_vf(later.flatten(2)))
         tokens = F.relu(self.proj2(torch.cat([a, b], dim=1)))
         tokens = self.proj3(tokens).view(h, -1, self.context_tokens, self.output_dim)
-        return self.norm(tokens.float()).type_as(tokens)
+        return self.norm(tokens)
 
 
 def gather_audio_windows(audio: torch.Tensor, vae_scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,8 +275,8 @@ class InfiniteTalkDiT(nn.Module):
         tokens = self.patch_embedding(torch.cat([x, y[0]], dim=0).unsqueeze(0).to(dtype))
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)  # [1, L, D]
-        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t).float().to(dtype)).float()
-        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).float()
+        e = fp32(self.time_embedding, sinusoidal_embedding(cfg.freq_dim, t.to(tokens.device)).float())
+        e0 = fp32(self.time_projection, e).unflatten(1, (6, cfg.dim))
         text = torch.cat([context, context.new_zeros(cfg.text_len - context.shape[0], context.shape[1])])
         image = self.img_emb.proj(clip_fea.to(dtype))
         ctx = torch.cat([image, self.text_embedding(text.unsqueeze(0).to(dtype))], dim=1)  # [1, 257 + text_len, D]
