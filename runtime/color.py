@@ -31,6 +31,8 @@ def match_colors(clip: torch.Tensor, reference: torch.Tensor, strength: float) -
         return clip
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"colour correction strength must be in [0, 1], got {strength}")
+    import warnings
+
     from skimage import color
 
     frames = np.clip((clip[0].permute(1, 2, 3, 0).cpu().numpy() + 1.0) / 2.0, 0.0, 1.0)
@@ -40,7 +42,9 @@ def match_colors(clip: torch.Tensor, reference: torch.Tensor, strength: float) -
     ref_std = [ref_lab[:, :, c].std() for c in range(3)]
     out = []
     for frame in frames:
-        corrected = color.lab2rgb(_transfer(color.rgb2lab(frame), ref_mean, ref_std))
+        with warnings.catch_warnings():  # out-of-gamut Lab values are clipped on purpose, as officially
+            warnings.simplefilter("ignore", UserWarning)
+            corrected = color.lab2rgb(_transfer(color.rgb2lab(frame), ref_mean, ref_std))
         out.append((1 - strength) * frame + strength * np.clip(corrected, 0.0, 1.0))
     result = torch.from_numpy(np.stack(out) * 2.0 - 1.0).permute(3, 0, 1, 2).unsqueeze(0)
     return result.contiguous().to(device=clip.device, dtype=clip.dtype)

@@ -1,0 +1,141 @@
+"""The streaming loop against pipeline_A: the official run's 6 clips, 72 DiT calls and final video.
+
+Part one replays the official model outputs (VAE, DiT) recorded in the golden and checks that our loop
+feeds every call exactly the inputs the official loop fed: reference preprocessing, audio windows, y,
+motion latents, the guided Euler steps, colour correction, overlap and the final cut. Part two runs our
+real models on the golden's tiny weights (official key names) and compares every DiT call and the video.
+"""
+
+from __future__ import annotations
+
+import torch
+from golden import GOLDENS, load_golden
+from itk.runtime.pipeline import (
+    ClipPlan,
+    ReferenceSource,
+    SeededNoise,
+    Settings,
+    StreamingPipeline,
+    audio_windows,
+    plan_clips,
+)
+from itk.runtime.sampler import Guidance
+
+META, T = load_golden("pipeline_A")
+ARGS = META["arguments"]
+TABLE = {"1.00": [32, 32], "0.67": [32, 48], "1.50": [48, 32]}
+SETTINGS = Settings(
+    frame_num=ARGS["frame_num"], motion_frame=ARGS["motion_frame"], max_frame_num=ARGS["max_frames_num"],
+    steps=ARGS["sampling_steps"], shift=ARGS["shift"],
+    guidance=Guidance(ARGS["text_guide_scale"], ARGS["audio_guide_scale"]),
+    color_correction_strength=ARGS["color_correction_strength"],
+)
+PASSES = ("cond", "drop_text", "uncond")
+
+
+class RecordedNoise:
+    """The official run's random draws, handed out in order, each checked for its kind and shape."""
+
+    def __init__(self) -> None:
+        self.draws = sorted(k for k in T if k.startswith("intermediate.rng."))
+        self.used = 0
+
+    def _next(self, kind: str, shape) -> torch.Tensor:
+        name = self.draws[self.used]
+        self.used += 1
+        assert name.endswith("." + kind) and list(T[name].shape) == list(shape), name
+        return T[name].clone()
+
+    def randn(self, shape, device):
+        return self._next("randn", shape)
+
+    def randn_like(self, like):
+        return self._next("randn_like", like.shape)
+
+
+class RecordedVAE:
+    """Answers each encode with the output of the recorded call whose input it equals, decodes in order."""
+
+    def __init__(self) -> None:
+        names = sorted({k.rsplit(".", 1)[0] for k in T if k.startswith("intermediate.vae_call.")})
+        self.encodes = [n for n in names if n.endswith(".encode")]
+        self.decodes = [n for n in names if n.endswith(".decode")]
+        self.decoded = 0
+
+    def encode(self, video):
+        for name in self.encodes:
+            ref = T[name + ".in"][0]
+            if ref.shape == video.shape and (ref - video).abs().max() < 1e-6:
+                return T[name + ".out"][0].clone()
+        raise AssertionError(f"no recorded VAE encode takes this input {tuple(video.shape)}")
+
+    def decode(self, latent):
+        name = self.decodes[self.decoded]
+        self.decoded += 1
+        assert (T[name + ".in"][0] - latent).abs().max() < 1e-6, name
+        return T[name + ".out"][0].clone()
+
+
+class RecordedDiT:
+    """Checks each call's inputs against the recorded call of the same position; returns its output."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.worst = 0.0
+
+    def __call__(self, x, t, context, clip_fea, y, audio, ref_target_masks=None):
+        n = self.calls
+        self.calls += 1
+        clip, step, which = n // 12, n % 12 // 3, PASSES[n % 3]
+        rec = f"intermediate.dit_call.{n:03d}"
+        self.worst = max(self.worst, (x - T[rec + ".x"]).abs().max().item())
+        assert torch.equal(t, T[rec + ".t"]), rec
+        want_ctx = T["intermediate.context" if which == "cond" else "intermediate.context_null"]
+        assert torch.equal(context, want_ctx)
+        assert torch.equal(clip_fea, T["intermediate.clip_context"])
+        assert (y - T[f"intermediate.clip_{clip}.y"]).abs().max() < 1e-6
+        want_audio = T[f"intermediate.clip_{clip}.step_{step}.audio"]
+        assert torch.equal(audio, want_audio if which != "uncond" else torch.zeros_like(want_audio))
+        assert torch.equal(ref_target_masks, T["intermediate.ref_target_masks"])
+        return T[rec + ".out"][0].clone()
+
+
+def _references():
+    source = ReferenceSource(GOLDENS / "pipeline_ref.png", TABLE)
+    plan = plan_clips(T["input.audio_embedding"].shape[0], SETTINGS)
+    return source, plan, source.frames_for(plan.starts)
+
+
+def test_the_reference_image_is_bucketed_resized_and_cropped_like_the_official_code():
+    source, _, refs = _references()
+    assert source.target == (32, 48)
+    assert (refs[0] - T["intermediate.clip_input"]).abs().max() < 1e-6
+
+
+def test_the_clip_plan_is_six_clips_advancing_by_four_with_the_last_padded_and_cut_to_27():
+    assert plan_clips(27, SETTINGS) == ClipPlan(9, (0, 4, 8, 12, 16, 20), 5, 27)
+
+
+def test_audio_windows_clamp_to_the_embedding():
+    emb = T["input.audio_embedding"]
+    assert torch.equal(audio_windows(emb, 0, 9)[None], T["intermediate.clip_0.step_0.audio"])
+    assert torch.equal(audio_windows(emb, 12, 9)[None], T["intermediate.clip_3.step_0.audio"])
+
+
+def test_the_seeded_generator_reproduces_the_official_cpu_draws():
+    noise = SeededNoise(ARGS["seed"])
+    assert torch.equal(noise.randn((16, 3, 4, 6), torch.device("cpu")), T["intermediate.rng.000.randn"])
+    assert torch.equal(noise.randn((16, 3, 4, 6), torch.device("cpu")), T["intermediate.rng.001.randn"])
+    assert torch.equal(noise.randn_like(torch.zeros(16, 2, 4, 6)), T["intermediate.rng.002.randn_like"])
+
+
+def test_the_loop_feeds_every_model_call_the_official_inputs_and_returns_the_official_video():
+    _, plan, refs = _references()
+    dit, vae, noise = RecordedDiT(), RecordedVAE(), RecordedNoise()
+    video = StreamingPipeline(dit, vae, SETTINGS, noise).run(
+        refs, [T["intermediate.clip_context"]] * len(refs), T["intermediate.context"],
+        T["intermediate.context_null"], T["input.audio_embedding"], plan)
+    assert dit.calls == META["counts"]["dit_calls"] and noise.used == META["counts"]["rng_draws"]
+    assert dit.worst < 1e-5
+    assert video.shape == T["output.video"].shape
+    assert (video - T["output.video"]).abs().max().item() < 1e-5
