@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    itk = [sys.executable, "-m", "itk.cli"]
+    itk = [sys.executable, "-m", "itk"]
     wd = ["--weights-dir", args.weights_dir] if args.weights_dir else []
     light = LIGHT + (",weights" if args.weights_dir else "")
     gpu = machine_name()

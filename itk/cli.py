@@ -46,6 +46,3 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 def main() -> None:
     cli()
 
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ import sys
 
 
 def itk(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "itk.cli", *args]
+    cmd = [sys.executable, "-m", "itk", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
 
