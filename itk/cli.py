@@ -46,3 +46,14 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 def main() -> None:
     cli()
 
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the tiny weights and the video (default: a new temp folder).")
+@DEBUG
+def selftest(workdir, debug) -> None:
+    """Generate a short video on tiny random weights through the real generator; print the mp4 path."""
+    from itk.console import run_friendly
+    from itk.selftest import selftest_command
+
+    run_friendly(lambda: selftest_command(workdir), debug)
