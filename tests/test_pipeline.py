@@ -8,6 +8,7 @@ real models on the golden's tiny weights (official key names) and compares every
 
 from __future__ import annotations
 
+import pytest
 import torch
 from golden import GOLDENS, load_golden
 from itk.runtime.pipeline import (
@@ -139,3 +140,49 @@ def test_the_loop_feeds_every_model_call_the_official_inputs_and_returns_the_off
     assert dit.worst < 1e-5
     assert video.shape == T["output.video"].shape
     assert (video - T["output.video"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("audio", "settings", "plan"),
+    [
+        # clip mode: one clip of frame_num frames, whatever the audio length
+        (200, Settings(streaming=False), ClipPlan(81, (0,), 0, 81)),
+        # audio shorter than one clip: one clip of the smallest 4n+1 frames covering it, cut to the audio
+        (30, Settings(), ClipPlan(33, (0,), 6, 30)),
+        (81, Settings(), ClipPlan(81, (0,), 3, 81)),
+        (1, Settings(), ClipPlan(1, (0,), 3, 1)),
+        # just over one clip: two clips (as officially), mirror-padded, cut to the audio
+        (82, Settings(), ClipPlan(81, (0, 72), 74, 82)),
+        # max_frame_num stops early, without padding
+        (500, Settings(max_frame_num=200), ClipPlan(81, (0, 72, 144), 0, 200)),
+    ],
+)
+def test_the_clip_plan_covers_clip_mode_short_audio_and_the_frame_cap(audio, settings, plan):
+    assert plan_clips(audio, settings) == plan
+
+
+def test_no_audio_frames_is_refused():
+    with pytest.raises(ValueError, match="shorter than one video frame"):
+        plan_clips(0, Settings())
+
+
+def test_a_30_fps_video_gives_each_clip_the_source_frame_at_its_25_fps_start(tmp_path):
+    import av
+    import numpy as np
+
+    path = tmp_path / "talk30.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0"}
+        for i in range(120):  # 4 s; brightness = source frame index * 2
+            frame = np.full((48, 64, 3), i * 2, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    source = ReferenceSource(path, TABLE)
+    assert source.target == (32, 48)
+    refs = source.frames_for((0, 40, 72))
+    values = [round((r[0, 0, 0, 16, 24].item() / 2 + 0.5) * 255) for r in refs]
+    assert values == pytest.approx([0, 2 * (40 * 30 // 25), 2 * (72 * 30 // 25)], abs=2)
