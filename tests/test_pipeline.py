@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import GOLDENS, load_golden
+from golden import GOLDENS, load_golden, rel_err
 from itk.runtime.pipeline import (
     ClipPlan,
     ReferenceSource,
@@ -186,3 +186,74 @@ def test_a_30_fps_video_gives_each_clip_the_source_frame_at_its_25_fps_start(tmp
     refs = source.frames_for((0, 40, 72))
     values = [round((r[0, 0, 0, 16, 24].item() / 2 + 0.5) * 255) for r in refs]
     assert values == pytest.approx([0, 2 * (40 * 30 // 25), 2 * (72 * 30 // 25)], abs=2)
+
+
+# --- part two: our real models on pipeline_A's tiny weights ---
+
+def _tiny_models():
+    for module in ("dit", "vae", "t5", "clip"):
+        pytest.importorskip(f"itk.runtime.models.{module}")
+    from itk.runtime.configs import CLIPConfig, DiTConfig, T5Config, VAEConfig
+    from itk.runtime.models.clip import load_clip
+    from itk.runtime.models.dit import load_dit
+    from itk.runtime.models.t5 import load_t5
+    from itk.runtime.models.vae import load_vae
+
+    c, patched, t, v = META["dit_config"], META["dit_hardcoded_patched"], META["t5_overrides"], META["clip_overrides"]
+    dit_cfg = DiTConfig(dim=c["dim"], ffn_dim=c["ffn_dim"], num_heads=c["num_heads"], num_layers=c["num_layers"],
+                        text_dim=c["text_dim"], text_len=c["text_len"], audio_intermediate_dim=c["intermediate_dim"],
+                        audio_output_dim=c["output_dim"], audio_context_tokens=c["context_tokens"], **patched)
+    t5_cfg = T5Config(vocab_size=t["vocab_size"], dim=t["dim"], dim_attn=t["dim_attn"], dim_ffn=t["dim_ffn"],
+                      num_heads=t["num_heads"], num_layers=t["encoder_layers"], text_len=META["t5_text_len"])
+    clip_cfg = CLIPConfig(width=v["vision_dim"], heads=v["vision_heads"], layers=v["vision_layers"])
+    f32, cpu = torch.float32, torch.device("cpu")
+    files = {k: GOLDENS / name for k, name in META["weight_files"].items()}
+    return (load_dit([files["dit"]], dit_cfg, f32, cpu), load_vae(files["vae"], VAEConfig(dim=4), f32, cpu),
+            load_t5(files["t5"], t5_cfg, f32, cpu), load_clip(files["clip"], clip_cfg, f32, cpu))
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _tiny_models()
+
+
+def test_t5_and_clip_give_the_recorded_context_and_image_features(models):
+    _, _, t5, clip = models
+    with torch.no_grad():
+        for ids, ref in (("input.t5_ids_prompt", "intermediate.context"),
+                         ("input.t5_ids_negative", "intermediate.context_null")):
+            padded = torch.zeros(1, META["t5_text_len"], dtype=torch.long)
+            padded[0, : len(T[ids])] = T[ids]
+            mask = (torch.arange(META["t5_text_len"]) < len(T[ids])).long()[None]
+            assert rel_err(t5.encode(padded, mask)[0], T[ref]) < 1e-5
+        assert rel_err(clip.encode(T["intermediate.clip_input"]), T["intermediate.clip_context"]) < 1e-5
+
+
+def test_every_recorded_dit_call_is_reproduced_within_1e_4(models):
+    dit = models[0]
+    worst = 0.0
+    with torch.no_grad():
+        for n in range(META["counts"]["dit_calls"]):
+            clip, step, which = n // 12, n % 12 // 3, PASSES[n % 3]
+            rec = f"intermediate.dit_call.{n:03d}"
+            audio = T[f"intermediate.clip_{clip}.step_{step}.audio"]
+            out = dit(T[rec + ".x"], T[rec + ".t"],
+                      T["intermediate.context" if which == "cond" else "intermediate.context_null"],
+                      T["intermediate.clip_context"], T[f"intermediate.clip_{clip}.y"],
+                      audio if which != "uncond" else torch.zeros_like(audio)[-1:],
+                      T["intermediate.ref_target_masks"])
+            worst = max(worst, rel_err(out, T[rec + ".out"][0]))
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("noise", ["recorded", "seeded"])
+def test_the_whole_streaming_run_reproduces_the_official_video_within_1e_3(models, noise):
+    dit, vae, _, _ = models
+    _, plan, refs = _references()
+    source = RecordedNoise() if noise == "recorded" else SeededNoise(ARGS["seed"])
+    with torch.no_grad():
+        video = StreamingPipeline(dit, vae, SETTINGS, source).run(
+            refs, [T["intermediate.clip_context"]] * len(refs), T["intermediate.context"],
+            T["intermediate.context_null"], T["input.audio_embedding"], plan)
+    assert video.shape == T["output.video"].shape
+    assert (video - T["output.video"]).abs().max().item() < 1e-3
