@@ -207,6 +207,8 @@ def run(args: argparse.Namespace, events: Events) -> Path:
     from itk.runtime.pipeline import ReferenceSource, Settings
     from itk.runtime.sampler import Guidance
 
+    if args.model_config and not Path(args.model_config).is_file():
+        raise BadInput(f"--model_config {args.model_config}: file not found")
     try:
         cfg = load_model_config(folder=args.ckpt_dir, file=args.model_config)
     except (OSError, ValueError) as exc:
