@@ -47,6 +47,55 @@ def main() -> None:
     cli()
 
 
+@cli.command(context_settings={"max_content_width": 110})
+@click.option("--image", type=click.Path(dir_okay=False), help="Portrait image (PNG/JPEG).")
+@click.option("--video", type=click.Path(dir_okay=False), help="Source video to dub instead of an image.")
+@click.option("--audio", type=click.Path(dir_okay=False), help="Speech track (wav/mp3/m4a, or a video's audio).")
+@click.option("--prompt", default=None, help="Text prompt (default: a neutral talking-person prompt).")
+@click.option("--output", default=None, metavar="FILE.mp4", help="Video to write (default: outputs/itk-<time>.mp4).")
+@PRESET
+@click.option("--input-json", default=None, type=click.Path(dir_okay=False),
+              help='Official job file: {"prompt", "cond_video", "cond_audio": {"person1": ...}}.')
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a generator setting, e.g. --set sample_steps=20 (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Check the inputs and print the exact generator command; run nothing.")
+@WEIGHTS_DIR
+@JSON
+@DEBUG
+def run(image, video, audio, prompt, output, preset, input_json, sets, dry_run, weights_dir, as_json, debug) -> None:
+    """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
+    from itk.console import run_friendly
+    from itk.run import run_command
+
+    run_friendly(lambda: run_command(image, video, audio, prompt, output, preset, input_json, sets, weights_dir,
+                                     dry_run, as_json), debug)
+
+
+@cli.command()
+@click.argument("logfile", type=click.Path(dir_okay=False))
+@click.option("--exit-code", type=int, default=None, help="The run's exit status (137, -9, 1, ...) if known.")
+@PRESET
+@JSON
+@DEBUG
+def diagnose(logfile, exit_code, preset, as_json, debug) -> None:
+    """Explain a failed run from its log (itk's, or the official generate_infinitetalk.py / app.py)."""
+    from itk.console import run_friendly
+    from itk.diagnose import run_diagnose
+
+    run_friendly(lambda: run_diagnose(logfile, exit_code, preset, as_json), debug)
+
+
+@cli.command()
+@JSON
+@DEBUG
+def presets(as_json, debug) -> None:
+    """List the presets, what each needs, and which one this machine gets."""
+    from itk.console import run_friendly
+    from itk.presets import run_presets
+
+    run_friendly(lambda: run_presets(as_json), debug)
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the tiny weights and the video (default: a new temp folder).")

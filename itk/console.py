@@ -36,9 +36,10 @@ def print_json(data: Any) -> None:
 
 
 def print_error(message: str, fix: str = "") -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: never break a path or a command at the console width (it must stay copy-pasteable)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     if fix:
-        err_console.print(f"[bold]fix:[/] {fix}", highlight=False)
+        err_console.print(f"[bold]fix:[/] {fix}", highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -25,6 +25,32 @@ class Preset:
     min_compute_capability: float
     components: tuple[str, ...]
     generator: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)  # generator flag -> "repo" or "repo:file"
+    expected_step_s: float | None = None  # measured, where a preset has been run
+
+    @property
+    def requirements(self) -> str:
+        return (f"{self.min_vram_gb:.0f} GB VRAM, {self.min_ram_gb:.0f} GB RAM, "
+                f"compute capability {self.min_compute_capability}")
+
+    def path_flags(self, weights_dir: Path) -> dict[str, Path]:
+        """The generator's path flags (--ckpt_dir ...) under `weights_dir`, from the manifest: a bare repo key
+        names the repo's folder, `repo:file` one file of this preset's weights (checked, so a typo in a preset
+        fails here and not an hour into a run)."""
+        from itk.manifest import load_manifest
+
+        manifest = load_manifest()
+        files = {(f.repo.key, f.path): f for f in manifest.files_for(self.components)}
+        flags = {}
+        for flag, ref in self.paths.items():
+            repo, _, file = ref.partition(":")
+            if not file:
+                flags[flag] = weights_dir / manifest.repos[repo].local_dir
+            elif (repo, file) in files:
+                flags[flag] = files[(repo, file)].local_path(weights_dir)
+            else:
+                raise KeyError(f"preset {self.name}: {ref} is not among its weight files")
+        return flags
 
     def unmet(self, facts: MachineFacts) -> list[str]:
         """What this machine lacks for the preset, in words; empty when it fits."""
@@ -66,6 +92,8 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
             min_compute_capability=float(hw["min_compute_capability"]),
             components=tuple(data["weights"]["components"]),
             generator=dict(data["generator"]),
+            paths=dict(data.get("paths", {})),
+            expected_step_s=data.get("expected_step_s"),
         )
     return presets
 
@@ -86,3 +114,47 @@ def choose_preset(facts: MachineFacts) -> tuple[Preset, str]:
     fallback = load_presets()[FALLBACK]
     lacks = "; ".join(fallback.unmet(facts))
     return fallback, f"{fallback.name} (fallback): no preset fits this machine ({lacks})"
+
+
+def listing(facts: MachineFacts) -> tuple[list[dict[str, Any]], Preset, str]:
+    """Every preset with its requirements and what this machine lacks for it, best rank first; and the choice."""
+    chosen, why = choose_preset(facts)
+    rows = [
+        {
+            "name": p.name,
+            "status": p.status,
+            "summary": p.summary,
+            "requirements": p.requirements,
+            "provenance": p.provenance,
+            "unmet": p.unmet(facts),
+            "chosen": p.name == chosen.name,
+        }
+        for p in sorted(load_presets().values(), key=lambda p: -p.rank)
+    ]
+    return rows, chosen, why
+
+
+def run_presets(as_json: bool) -> int:
+    """`itk presets`: every preset, what it needs, and which one this machine gets (and why)."""
+    from itk.console import console, print_json
+    from itk.doctor import machine_facts
+
+    facts = machine_facts()
+    rows, chosen, why = listing(facts)
+    if as_json:
+        print_json({"machine": facts.__dict__, "presets": rows, "chosen": chosen.name, "reason": why})
+        return 0
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("", "preset", "status", "needs", "this machine", "what it is"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        fits = "fits" if not row["unmet"] else "lacks " + "; ".join(row["unmet"])
+        table.add_row("→" if row["chosen"] else "", row["name"], row["status"], row["requirements"], fits,
+                      row["summary"])
+    console.print(table)
+    for row in rows:
+        console.print(f"[dim]{row['name']}: {row['provenance']}[/]", highlight=False)
+    console.print(f"[bold]this machine gets:[/] {why}", highlight=False)
+    return 0

@@ -1,0 +1,91 @@
+"""A stand-in for `python -m itk.runtime.generate` that speaks the same protocol (ITK-EVENT lines on stderr,
+the official flags, exit codes 0/2/3/130) and fails on request, so the supervisor meets real processes.
+
+FAKE_MODE: ok | sigkill | log (print FAKE_LOG, exit FAKE_EXIT) | decode-oom | hang (ignore SIGINT, start a
+grandchild that ignores it too, write both pids to FAKE_PIDS, then wait) | hang-hard (ignore SIGTERM too).
+FAKE_ARGV: a file to write the received argv to (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def event(kind: str, **fields) -> None:
+    sys.stderr.write("ITK-EVENT " + json.dumps({"event": kind, **fields}) + "\n")
+    sys.stderr.flush()
+
+
+def write_mp4(path: Path, frames: int = 10) -> None:
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(frames):
+            image = np.full((64, 64, 3), i * 20, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def hang(ignore_term: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
+    grandchild = subprocess.Popen([sys.executable, "-c", code])
+    Path(os.environ["FAKE_PIDS"]).write_text(json.dumps([os.getpid(), grandchild.pid]))
+    event("stage", stage="load")
+    while True:
+        time.sleep(0.1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--save_file")
+    parser.add_argument("--input_json")
+    parser.add_argument("--sample_steps", type=int, default=4)
+    args, _ = parser.parse_known_args()
+    if os.environ.get("FAKE_ARGV"):
+        Path(os.environ["FAKE_ARGV"]).write_text(json.dumps(sys.argv[1:]))
+    mode = os.environ.get("FAKE_MODE", "ok")
+    print("[2025-09-09 14:02:11,006] INFO: Creating infinitetalk pipeline.", flush=True)
+    event("stage", stage="load")
+    if mode == "sigkill":
+        print("[2025-09-09 14:02:52,330] INFO: Creating WanModel from weights/Wan2.1-I2V-14B-480P", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "log":
+        sys.stderr.write(Path(os.environ["FAKE_LOG"]).read_text())
+        return int(os.environ.get("FAKE_EXIT", "1"))
+    if mode in ("hang", "hang-hard"):
+        hang(mode == "hang-hard")
+    steps = min(args.sample_steps, 3)
+    event("stage", stage="generate", clips=2, frames=150)  # the runtime's shapes: runtime/pipeline.py
+    for clip in (1, 2):
+        event("clip", clip=clip, clips=2)
+        for step in range(1, steps + 1):
+            event("step", clip=clip, step=step, steps=steps, elapsed_s=0.01 * step)
+        if mode == "decode-oom":  # the decode runs right after a clip's last step
+            sys.stderr.write(
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.33 GiB. GPU 0 has a total capacity "
+                "of 23.55 GiB of which 912.00 MiB is free. Including non-PyTorch memory, this process has 22.61 GiB "
+                "memory in use.\n")
+            return 1
+    out = Path(args.save_file + ".mp4")
+    write_mp4(out)
+    event("done", path=str(out), seconds=0.5, elapsed_s=0.5, gpu_peak_gb=12.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Real inputs for `itk run` tests: a PNG portrait, speech-length wavs, an mp4, and a weights folder holding
+every file of a preset under its real name (tiny contents, valid safetensors headers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+TESTS = Path(__file__).parent
+FAKE = TESTS / "fake_generator.py"
+LOGS = TESTS / "fixtures" / "logs"
+
+
+def write_image(path: Path, size: tuple[int, int] = (96, 128)) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def write_wav(path: Path, seconds: float, rate: int = 16000) -> Path:
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(path, (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
+    return path
+
+
+def write_weights(folder: Path, preset: str = "rtx4090-24g") -> list[Path]:
+    from safetensors.numpy import save_file
+
+    from itk.manifest import load_manifest
+    from itk.presets import get_preset
+
+    paths = []
+    for f in load_manifest().files_for(get_preset(preset).components):
+        path = f.local_path(folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(path))
+        else:
+            path.write_text(json.dumps({"tiny": True}))
+        paths.append(path)
+    return paths
+
+
+def itk(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "itk", *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, timeout=timeout)
+
+
+def fake_env(mode: str, **extra: str) -> dict[str, str]:
+    return {"ITK_GENERATOR": f"{sys.executable} {FAKE}", "FAKE_MODE": mode, **extra}
