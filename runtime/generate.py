@@ -41,7 +41,6 @@ WAV2VEC_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 UNSUPPORTED: dict[str, Any] = {
     "dit_path": None, "lora_dir": None, "lora_scale": None, "dit_fsdp": False, "t5_fsdp": False,
     "ulysses_size": 1, "ring_size": 1, "use_teacache": False, "teacache_thresh": None, "scene_seg": False,
-    "quant": None, "quant_dir": None,
 }
 
 
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame_num", type=int, default=81)
     p.add_argument("--max_frame_num", type=int, default=1000)
     p.add_argument("--ckpt_dir", required=True)
-    p.add_argument("--infinitetalk_dir", required=True, help="the file single/infinitetalk.safetensors")
+    p.add_argument("--infinitetalk_dir", help="the file single/infinitetalk.safetensors (without --quant)")
     p.add_argument("--wav2vec_dir", required=True)
     p.add_argument("--model_config", help="itk_model_config.json (default: the one in --ckpt_dir, if any)")
     p.add_argument("--input_json", default="examples.json")
@@ -86,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5_cpu", action="store_true")
     p.add_argument("--audio_save_dir", help="accepted; no scratch files are written")
     p.add_argument("--audio_mode", default="localfile", choices=["localfile", "tts"])
-    for name in ("dit_path", "quant", "quant_dir", "teacache_thresh"):
+    p.add_argument("--quant", choices=["fp8", "int8"])
+    p.add_argument("--quant_dir", help="the file quant_models/infinitetalk_single_fp8.safetensors")
+    for name in ("dit_path", "teacache_thresh"):
         p.add_argument(f"--{name}")
     p.add_argument("--lora_dir", nargs="+")
     p.add_argument("--lora_scale", nargs="+", type=float)
@@ -140,6 +141,12 @@ def check_flags(args: argparse.Namespace) -> None:
     for name, default in UNSUPPORTED.items():
         if getattr(args, name) != default:
             raise BadInput(f"--{name} is not supported yet by itk's generator; leave it out")
+    if args.quant and not args.quant_dir:
+        raise BadInput(f"--quant {args.quant} needs --quant_dir (the quantised DiT file)")
+    if args.quant and not _fp8_available():
+        raise BadInput(f"--quant {args.quant} is not supported yet by itk's generator; leave it out")
+    if not args.quant and not args.infinitetalk_dir:
+        raise BadInput("--infinitetalk_dir is required without --quant (single/infinitetalk.safetensors)")
     if args.audio_mode != "localfile":
         raise BadInput("--audio_mode tts is not supported yet; give a speech file in cond_audio")
     if args.frame_num < 5 or (args.frame_num - 1) % 4:
@@ -152,14 +159,30 @@ def check_flags(args: argparse.Namespace) -> None:
         raise BadInput("--sample_steps must be at least 1")
 
 
+def _fp8_available() -> bool:
+    """Whether the FP8 loaders (itk.runtime.fp8) are installed; until then --quant is refused by name."""
+    import importlib.util
+
+    return importlib.util.find_spec("itk.runtime.fp8") is not None
+
+
 def weight_paths(args: argparse.Namespace) -> dict[str, Any]:
-    """Every file the run opens, checked up front so a missing one fails in a second, not after loading."""
+    """Every file the run opens, checked up front so a missing one fails in a second, not after loading.
+
+    Without --quant: the seven DiT shards + infinitetalk.safetensors and the bf16 T5 .pth. With --quant fp8:
+    the quantised DiT (--quant_dir) and its map, and t5_fp8.safetensors + t5_map_fp8.json beside it.
+    """
     ckpt, wav2vec = Path(args.ckpt_dir), Path(args.wav2vec_dir)
-    files = {
-        "t5": ckpt / T5_FILE, "tokenizer": ckpt / T5_TOKENIZER, "clip": ckpt / CLIP_FILE, "vae": ckpt / VAE_FILE,
-        "dit": [ckpt / s for s in DIT_SHARDS] + [Path(args.infinitetalk_dir)], "wav2vec": wav2vec,
-    }
-    needed = [ckpt / "config.json", files["t5"], files["clip"], files["vae"], *files["dit"]]
+    files: dict[str, Any] = {"tokenizer": ckpt / T5_TOKENIZER, "clip": ckpt / CLIP_FILE, "vae": ckpt / VAE_FILE,
+                             "wav2vec": wav2vec}
+    if args.quant:
+        dit = Path(args.quant_dir)
+        files["dit"], files["t5"] = [dit], dit.parent / f"t5_{args.quant}.safetensors"
+        maps = [Path(str(dit).replace("safetensors", "json")), dit.parent / f"t5_map_{args.quant}.json"]
+    else:
+        files["dit"] = [ckpt / s for s in DIT_SHARDS] + [Path(args.infinitetalk_dir)]
+        files["t5"], maps = ckpt / T5_FILE, []
+    needed = [ckpt / "config.json", files["t5"], files["clip"], files["vae"], *files["dit"], *maps]
     needed += [wav2vec / f for f in WAV2VEC_FILES]
     for path in needed:
         if not path.is_file():
@@ -262,7 +285,13 @@ def generate_frames(args, job, source, samples, files, cfg, settings, events):
     events.stage("text_encoding")
     t5_device = torch.device("cpu") if args.t5_cpu else device
     tokenize = load_tokenizer(files["tokenizer"], cfg.t5.text_len)
-    t5 = load_t5(files["t5"], cfg.t5, low if not args.t5_cpu else torch.float32, t5_device)
+    t5_dtype = low if not args.t5_cpu else torch.float32
+    if args.quant:
+        from itk.runtime.fp8 import load_fp8_t5
+
+        t5 = load_fp8_t5(files["t5"], cfg.t5, t5_dtype, t5_device)
+    else:
+        t5 = load_t5(files["t5"], cfg.t5, t5_dtype, t5_device)
     with torch.no_grad():
         ids, mask = tokenize([job.prompt, NEGATIVE_PROMPT])
         context, context_null = (c.to(device) for c in t5.encode(ids.to(t5_device), mask.to(t5_device)))
@@ -283,7 +312,12 @@ def generate_frames(args, job, source, samples, files, cfg, settings, events):
 
     events.stage("load_models")
     vae = load_vae(files["vae"], cfg.vae, torch.float32, device)
-    dit = load_dit(files["dit"], cfg.dit, low, device)
+    if args.quant:
+        from itk.runtime.fp8 import load_fp8_dit
+
+        dit = load_fp8_dit(files["dit"][0], cfg.dit, low, device)
+    else:
+        dit = load_dit(files["dit"], cfg.dit, low, device)
     pipeline = StreamingPipeline(dit, vae, settings, SeededNoise(_seed(args.base_seed), device), events,
                                  device, low)
     events.stage("generate", clips=len(plan.starts), frames=plan.length)

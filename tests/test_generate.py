@@ -107,6 +107,11 @@ def test_an_official_flag_we_do_not_implement_is_refused_by_name(job, capsys):
     _fails(capsys, _run(tmp_path, "--use_teacache"), 2, "--use_teacache", "not supported yet")
 
 
+def test_quant_without_its_file_is_refused_naming_quant_dir(job, capsys):
+    tmp_path, _ = job
+    _fails(capsys, _run(tmp_path, "--quant", "fp8"), 2, "--quant")
+
+
 def test_a_frame_num_that_is_not_4n_plus_1_is_refused(job, capsys):
     tmp_path, _ = job
     _fails(capsys, _run(tmp_path, "--frame_num", "80"), 2, "4n+1")
