@@ -331,7 +331,14 @@ def _seed(seed: int) -> int:
     return seed if seed >= 0 else random.randint(0, 99999999)
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so temp files are removed on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop)
     events = Events()
     started = time.monotonic()
     try:
