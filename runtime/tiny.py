@@ -37,7 +37,7 @@ WAV2VEC = {"hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, 
            "conv_bias": False, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
            "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_codevectors_per_group": 8,
            "num_codevector_groups": 2, "codevector_dim": 8, "proj_codevector_dim": 8}
-CORPUS_WORDS = ("a the person woman man is talking speaks to camera smiles looks at viewer slowly clearly in "
+CORPUS_WORDS = ("A The . , a the person woman man is talking speaks to camera smiles looks at viewer slowly clearly in "
                 "bright room light face hair eyes mouth says hello good morning today we talk about things "
                 "overexposed static blurred details subtitles style works paintings images gray worst quality "
                 "low JPEG compression residue ugly incomplete extra fingers poorly drawn hands faces deformed "
