@@ -1,0 +1,287 @@
+"""The InfiniteTalk DiT: Wan2.1 I2V-14B with InfiniteTalk's audio adapter.
+
+Attribute names are the official checkpoint keys, so `load_state_dict(strict=True)` is the whole loader.
+Shapes: B = 1 sample, L = visual tokens (T * H/2 * W/2), D = dim, N = heads, d = head dim.
+Numerics kept from the official model because the outputs depend on them: the timestep embedding and RoPE
+run in float64; norms, modulation, gating and the head in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from itk.runtime.attention import attention
+from itk.runtime.configs import DiTConfig
+from itk.runtime.loading import load_strict, read_state_dicts
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] as [cos | sin], in float64 like the official model."""
+    half = dim // 2
+    t = t.double()
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_table(head_dim: int, max_len: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Complex128 rotation tables for the (time, height, width) axes; 22/21/21 pairs at head dim 128."""
+
+    def table(dim: int) -> torch.Tensor:
+        inv = 1.0 / torch.pow(10000.0, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        return torch.polar(torch.ones(max_len, dim // 2, dtype=torch.float64), torch.outer(torch.arange(max_len), inv))
+
+    d6 = head_dim // 6
+    return table(head_dim - 4 * d6), table(2 * d6), table(2 * d6)
+
+
+def rope_apply(x: torch.Tensor, grid: tuple[int, int, int], tables: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Rotate adjacent channel pairs of x [B, L, N, d] by the token's (t, h, w) angles; float64 math."""
+    f, h, w = grid
+    ft, fh, fw = tables
+    freqs = torch.cat(
+        [
+            ft[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            fh[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            fw[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1).to(x.device)
+    b, seq, n, d = x.shape
+    xc = torch.view_as_complex(x.double().reshape(b, seq, n, d // 2, 2))
+    return torch.view_as_real(xc * freqs).flatten(3).float()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int, int], rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        b, seq, dim = x.shape
+        q = self.norm_q(self.q(x)).view(b, seq, self.num_heads, -1)
+        k = self.norm_k(self.k(x)).view(b, seq, self.num_heads, -1)
+        v = self.v(x).view(b, seq, self.num_heads, -1)
+        q, k = rope_apply(q, grid, rope).type_as(v), rope_apply(k, grid, rope).type_as(v)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class ImageTextCrossAttention(nn.Module):
+    """Queries attend to the text tokens and, separately, to the CLIP image tokens; the two are summed."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image_tokens: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.image_tokens = image_tokens
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], self.num_heads
+        image, text = context[:, : self.image_tokens], context[:, self.image_tokens :]
+        q = self.norm_q(self.q(x)).view(b, -1, n, x.shape[-1] // n)
+        heads = lambda t: t.view(b, -1, n, q.shape[-1])  # noqa: E731
+        out = attention(q, heads(self.norm_k(self.k(text))), heads(self.v(text)))
+        out_img = attention(q, heads(self.norm_k_img(self.k_img(image))), heads(self.v_img(image)))
+        return self.o((out + out_img).flatten(2))
+
+
+class AudioCrossAttention(nn.Module):
+    """InfiniteTalk's per-latent-frame attention: frame i's visual tokens attend to frame i's audio tokens."""
+
+    def __init__(self, dim: int, audio_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(audio_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, frames: int) -> torch.Tensor:
+        # x [1, L, D] -> [T, L/T, D]; audio_tokens [1, T, M, audio_dim] -> [T, M, audio_dim]
+        b, seq, dim = x.shape
+        n, d = self.num_heads, dim // self.num_heads
+        xf = x.reshape(b * frames, seq // frames, dim)
+        af = audio_tokens.flatten(0, 1)
+        q = self.q_linear(xf).view(xf.shape[0], xf.shape[1], n, d)
+        kv = self.kv_linear(af).view(af.shape[0], af.shape[1], 2, n, d)
+        out = attention(q, kv[:, :, 0], kv[:, :, 1]).flatten(2)
+        return self.proj(out).reshape(b, seq, dim)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.eps
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, eps)
+        self.norm3 = LayerNorm(dim, eps)
+        self.cross_attn = ImageTextCrossAttention(dim, cfg.num_heads, eps, cfg.image_tokens)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.audio_cross_attn = AudioCrossAttention(dim, cfg.audio_output_dim, cfg.num_heads)
+        self.norm_x = LayerNorm(dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [1, L, D]
+        e0: torch.Tensor,  # [1, 6, D] float32
+        context: torch.Tensor,  # [1, image_tokens + text_len, D]
+        audio_tokens: torch.Tensor,  # [1, T, M, audio_dim]
+        grid: tuple[int, int, int],
+        rope: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        y = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), grid, rope)
+        x = (x.float() + y.float() * gate1).type_as(x)
+        x = x + self.cross_attn(self.norm3(x), context)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[0])
+        y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).type_as(x))
+        return (x.float() + y.float() * gate2).type_as(x)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
+        return self.head((self.norm(x).float() * (1 + scale) + shift).type_as(x))
+
+
+class AudioProjModel(nn.Module):
+    """wav2vec2 windows -> `audio_context_tokens` tokens per latent frame.
+
+    The first latent frame (one video frame) sees its full window; every later latent frame sees 8 vectors
+    gathered from its 4 video frames. Flatten order is (window slot, layer, channel).
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        per_vector = cfg.audio_blocks * cfg.audio_channels
+        later_vectors = 2 * (cfg.audio_window // 2 + 1) + (cfg.vae_scale - 2)
+        self.context_tokens = cfg.audio_context_tokens
+        self.output_dim = cfg.audio_output_dim
+        self.proj1 = nn.Linear(cfg.audio_window * per_vector, cfg.audio_intermediate_dim)
+        self.proj1_vf = nn.Linear(later_vectors * per_vector, cfg.audio_intermediate_dim)
+        self.proj2 = nn.Linear(cfg.audio_intermediate_dim, cfg.audio_intermediate_dim)
+        self.proj3 = nn.Linear(cfg.audio_intermediate_dim, cfg.audio_context_tokens * cfg.audio_output_dim)
+        self.norm = nn.LayerNorm(cfg.audio_output_dim)
+
+    def forward(self, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+        # first [H, 1, window, blocks, C]; later [H, T-1, 8, blocks, C] -> [H, T, tokens, output_dim]
+        h = first.shape[0]
+        a = F.relu(self.proj1(first.flatten(2)))
+        b = F.relu(self.proj1_vf(later.flatten(2)))
+        tokens = F.relu(self.proj2(torch.cat([a, b], dim=1)))
+        tokens = self.proj3(tokens).view(h, -1, self.context_tokens, self.output_dim)
+        return self.norm(tokens.float()).type_as(tokens)
+
+
+def gather_audio_windows(audio: torch.Tensor, vae_scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H, F, window, blocks, C] per-video-frame windows -> the AudioProjModel's two inputs.
+
+    Later latent frames take, from their `vae_scale` video frames: the first half-window (up to the centre)
+    of the first frame, the centre of each middle frame, and the second half of the last frame.
+    """
+    window = audio.shape[2]
+    mid = window // 2
+    first = audio[:, :1]
+    later = audio[:, 1:].unflatten(1, (-1, vae_scale))  # [H, T-1, vae_scale, window, blocks, C]
+    head = later[:, :, 0, : mid + 1]
+    middle = later[:, :, 1:-1, mid]
+    tail = later[:, :, -1, mid:]
+    return first, torch.cat([head, middle, tail], dim=2)
+
+
+class InfiniteTalkDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(dim, cfg.out_dim * math.prod(cfg.patch_size), cfg.eps)
+        self.img_emb = nn.Module()
+        self.img_emb.proj = nn.Sequential(
+            nn.LayerNorm(cfg.clip_dim), nn.Linear(cfg.clip_dim, cfg.clip_dim), nn.GELU(),
+            nn.Linear(cfg.clip_dim, dim), nn.LayerNorm(dim),
+        )
+        self.audio_proj = AudioProjModel(cfg)
+        self.rope = rope_table(cfg.head_dim)
+
+    def embed(self, x, t, context, clip_fea, y, audio):
+        """Everything before the blocks: tokens, time modulation, text+image context, audio tokens."""
+        cfg = self.cfg
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(torch.cat([x, y[0]], dim=0).unsqueeze(0).to(dtype))
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2)  # [1, L, D]
+        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t).float().to(dtype)).float()
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).float()
+        text = torch.cat([context, context.new_zeros(cfg.text_len - context.shape[0], context.shape[1])])
+        image = self.img_emb.proj(clip_fea.to(dtype))
+        ctx = torch.cat([image, self.text_embedding(text.unsqueeze(0).to(dtype))], dim=1)  # [1, 257 + text_len, D]
+        first, later = gather_audio_windows(audio.to(dtype), cfg.vae_scale)
+        audio_tokens = self.audio_proj(first, later)  # [H, T, M, C]
+        audio_tokens = torch.cat(audio_tokens.split(1), dim=2)  # speakers side by side: [1, T, H*M, C]
+        return tokens, grid, e, e0, ctx, audio_tokens
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        c = self.cfg.out_dim
+        u = out[0].view(f, h, w, pt, ph, pw, c)
+        return torch.einsum("fhwpqrc->cfphqwr", u).reshape(c, f * pt, h * ph, w * pw)
+
+    def forward(self, x, t, context, clip_fea, y, audio, ref_target_masks=None) -> torch.Tensor:
+        tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
+        for block in self.blocks:
+            tokens = block(tokens, e0, ctx, audio_tokens, grid, self.rope)
+        return self.unpatchify(self.head(tokens, e).float(), grid)
+
+
+def load_dit(paths: list[Path], cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device="cpu") -> InfiniteTalkDiT:
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(cfg)
+    source = ", ".join(str(p) for p in paths)
+    load_strict(model, read_state_dicts(paths), source, dtype=dtype, device=device)
+    model.rope = rope_table(cfg.head_dim)
+    return model.eval()

@@ -1,0 +1,138 @@
+"""Our DiT against the official InfiniteTalk WanModel on tiny random weights (golden dit_A, audio_proj_A)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from golden import load_golden, rel_err, weights_of
+from itk.runtime.configs import DiTConfig
+from itk.runtime.loading import WeightsError, load_strict
+from itk.runtime.models.dit import AudioProjModel, InfiniteTalkDiT, load_dit
+from safetensors.torch import save_file
+
+TOL = 1e-5
+
+
+def golden_config(meta: dict) -> DiTConfig:
+    kw = meta["constructor_kwargs"]
+    return DiTConfig(
+        dim=kw["dim"], ffn_dim=kw["ffn_dim"], num_heads=kw["num_heads"], num_layers=kw["num_layers"],
+        freq_dim=kw["freq_dim"], text_dim=kw["text_dim"], text_len=kw["text_len"],
+        audio_intermediate_dim=kw["intermediate_dim"], audio_output_dim=kw["output_dim"],
+        audio_context_tokens=kw["context_tokens"],
+    )
+
+
+@pytest.fixture(scope="module")
+def dit_a(tmp_path_factory):
+    meta, tensors = load_golden("dit_A")
+    path = tmp_path_factory.mktemp("dit") / "dit_A.safetensors"
+    save_file(weights_of(meta, tensors), str(path))
+    model = load_dit([path], golden_config(meta), dtype=torch.float32)
+    return meta, tensors, model, path
+
+
+def run_with_hooks(model: InfiniteTalkDiT, tensors: dict) -> tuple[torch.Tensor, dict[str, object]]:
+    seen: dict[str, object] = {}
+    modules = dict(model.named_modules())
+    modules["img_emb"] = model.img_emb.proj
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: (args, out)}))
+        for name, m in modules.items()
+    ]
+    with torch.no_grad():
+        out = model(tensors["input.x"], tensors["input.t"], tensors["input.context"], tensors["input.clip_fea"],
+                    tensors["input.y"], tensors["input.audio"], tensors["input.ref_target_masks"])
+    for h in handles:
+        h.remove()
+    return out, seen
+
+
+def test_the_dit_output_matches_the_official_model(dit_a):
+    _, tensors, model, _ = dit_a
+    out, _ = run_with_hooks(model, tensors)
+    assert rel_err(out, tensors["output.noise_pred"][0]) < TOL
+
+
+@pytest.mark.parametrize("name", [
+    "patch_embedding", "time_embedding", "time_projection", "text_embedding", "img_emb",
+    "blocks.0.self_attn", "blocks.0.cross_attn", "blocks.0.audio_cross_attn", "blocks.0",
+    "blocks.1.self_attn", "blocks.1.cross_attn", "blocks.1.audio_cross_attn", "blocks.1", "head",
+])
+def test_every_recorded_intermediate_matches(dit_a, name):
+    _, tensors, model, _ = dit_a
+    _, seen = run_with_hooks(model, tensors)
+    ref = tensors[f"intermediate.{name}"]
+    assert rel_err(seen[name][1].reshape(ref.shape), ref) < TOL
+
+
+def test_the_audio_windows_reach_the_projection_exactly_as_in_the_official_model(dit_a):
+    _, tensors, model, _ = dit_a
+    _, seen = run_with_hooks(model, tensors)
+    (first, later), out = seen["audio_proj"]
+    assert torch.equal(first, tensors["intermediate.audio_proj.in.0"])
+    assert torch.equal(later, tensors["intermediate.audio_proj.in.1"])
+    assert rel_err(out, tensors["intermediate.audio_proj.out"]) < TOL
+
+
+def test_the_audio_projection_alone_matches_audio_proj_a():
+    meta, tensors = load_golden("audio_proj_A")
+    kw = meta["constructor_kwargs"]
+    cfg = DiTConfig(
+        audio_blocks=kw["blocks"], audio_channels=kw["channels"], audio_intermediate_dim=kw["intermediate_dim"],
+        audio_output_dim=kw["output_dim"], audio_context_tokens=kw["context_tokens"],
+    )
+    with torch.device("meta"):
+        proj = AudioProjModel(cfg)
+    state = {k.removeprefix("audio_proj."): v for k, v in weights_of(meta, tensors).items()}
+    load_strict(proj, state, "audio_proj_A")
+    with torch.no_grad():
+        out = proj(tensors["input.audio_embeds"], tensors["input.audio_embeds_vf"])
+    assert rel_err(out, tensors["output.context_tokens"]) < TOL
+
+
+def test_a_missing_key_is_named_with_its_file(dit_a, tmp_path):
+    meta, tensors, _, _ = dit_a
+    state = weights_of(meta, tensors)
+    del state["blocks.1.audio_cross_attn.kv_linear.bias"]
+    path = tmp_path / "broken.safetensors"
+    save_file(state, str(path))
+    expected = r"broken\.safetensors: missing key blocks\.1\.audio_cross_attn\.kv_linear\.bias"
+    with pytest.raises(WeightsError, match=expected):
+        load_dit([path], golden_config(meta), dtype=torch.float32)
+
+
+def test_a_renamed_key_is_named_as_unexpected(dit_a, tmp_path):
+    meta, tensors, _, _ = dit_a
+    state = weights_of(meta, tensors)
+    state["blocks.0.norm_x.gamma"] = state.pop("blocks.0.norm_x.weight")
+    path = tmp_path / "renamed.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightsError, match=r"unexpected key blocks\.0\.norm_x\.gamma"):
+        load_dit([path], golden_config(meta), dtype=torch.float32)
+
+
+def test_later_files_override_earlier_ones_like_the_official_merge(dit_a, tmp_path):
+    meta, tensors, _, base = dit_a
+    override = tmp_path / "adapter.safetensors"
+    save_file({"blocks.0.norm_x.bias": torch.full_like(tensors["blocks.0.norm_x.bias"], 7.0)}, str(override))
+    model = load_dit([base, override], golden_config(meta), dtype=torch.float32)
+    assert torch.all(model.blocks[0].norm_x.bias == 7.0)
+
+
+def test_the_full_size_model_has_the_1633_official_keys_and_18_9_billion_parameters():
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(DiTConfig())
+    state = model.state_dict()
+    assert len(state) == 1633
+    assert sum(t.numel() for t in state.values()) == 18_882_046_784
+    adapter = [k for k in state if k.startswith("audio_proj.") or ".audio_cross_attn." in k or ".norm_x." in k]
+    assert len(adapter) == 330
+
+
+def test_bf16_weights_load_as_bf16_without_an_fp32_copy(dit_a, tmp_path):
+    meta, tensors, _, _ = dit_a
+    path = tmp_path / "bf16.safetensors"
+    save_file({k: v.bfloat16() for k, v in weights_of(meta, tensors).items()}, str(path))
+    model = load_dit([path], golden_config(meta), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
