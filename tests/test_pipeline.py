@@ -216,15 +216,17 @@ def encoders():
 
 
 @pytest.fixture(scope="module")
-def models():
+def dit():
     dit_mod = pytest.importorskip("itk.runtime.models.dit")
+    return dit_mod.load_dit([FILES["dit"]], _configs()[0], torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def vae():
     vae_mod = pytest.importorskip("itk.runtime.models.vae")
     from itk.runtime.configs import VAEConfig
 
-    dit_cfg = _configs()[0]
-    cpu = torch.device("cpu")
-    return (dit_mod.load_dit([FILES["dit"]], dit_cfg, torch.float32, cpu),
-            vae_mod.load_vae(FILES["vae"], VAEConfig(dim=META["vae_config"]["dim"]), torch.float32, cpu))
+    return vae_mod.load_vae(FILES["vae"], VAEConfig(dim=META["vae_config"]["dim"]), torch.float32, "cpu")
 
 
 def test_t5_and_clip_give_the_recorded_context_and_image_features(encoders):
@@ -239,8 +241,7 @@ def test_t5_and_clip_give_the_recorded_context_and_image_features(encoders):
         assert rel_err(clip.encode(T["intermediate.clip_input"]), T["intermediate.clip_context"]) < 1e-5
 
 
-def test_every_recorded_dit_call_is_reproduced_within_1e_4(models):
-    dit = models[0]
+def test_every_recorded_dit_call_is_reproduced_within_1e_4(dit):
     worst = 0.0
     with torch.no_grad():
         for n in range(META["counts"]["dit_calls"]):
@@ -257,8 +258,7 @@ def test_every_recorded_dit_call_is_reproduced_within_1e_4(models):
 
 
 @pytest.mark.parametrize("noise", ["recorded", "seeded"])
-def test_the_whole_streaming_run_reproduces_the_official_video_within_1e_3(models, noise):
-    dit, vae = models
+def test_the_whole_streaming_run_reproduces_the_official_video_within_1e_3(dit, vae, noise):
     _, plan, refs = _references()
     source = RecordedNoise() if noise == "recorded" else SeededNoise(ARGS["seed"])
     with torch.no_grad():
