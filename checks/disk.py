@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from itk.checks.base import Context, Result, Status
-
 from itk.manifest import load_manifest, missing_bytes
 from itk.paths import existing_parent, free_bytes
 

@@ -6,9 +6,10 @@ installed set imports cleanly outside it.
 
 from __future__ import annotations
 
+from packaging.specifiers import SpecifierSet
+
 from itk.checks import probe
 from itk.checks.base import Context, Result, Status
-from packaging.specifiers import SpecifierSet
 
 GUIDE_PIN = SpecifierSet(">=1.24,<2.2")
 WHY = "numba, which librosa needs, only supports the NumPy versions it was built for"

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from itk.checks.base import Context, Result, Status
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
+
+from itk.checks.base import Context, Result, Status
 
 DIST = "itk"
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import load_golden, rel_err, weights_of
+
 from itk.runtime.configs import CLIPConfig
 from itk.runtime.loading import WeightsError
 from itk.runtime.models.clip import CLIP_KEY_MAP, CLIPVision, load_clip, official_clip_visual_keys
 from itk.runtime.models.keymap import remap
+
+from golden import load_golden, rel_err, weights_of
 
 TINY = CLIPConfig(width=32, heads=4, layers=3)
 TOL = 1e-5

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import load_golden, rel_err, weights_of
+from safetensors.torch import save_file
+
 from itk.runtime.configs import DiTConfig
 from itk.runtime.loading import WeightsError, load_strict
 from itk.runtime.models.dit import AudioProjModel, InfiniteTalkDiT, load_dit
-from safetensors.torch import save_file
+
+from golden import load_golden, rel_err, weights_of
 
 TOL = 1e-5
 

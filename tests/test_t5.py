@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import load_golden, rel_err, weights_of
+
 from itk.runtime.configs import T5Config
 from itk.runtime.loading import WeightsError
 from itk.runtime.models.keymap import remap
@@ -20,6 +20,8 @@ from itk.runtime.models.t5 import (
     load_tokenizer,
     official_t5_keys,
 )
+
+from golden import load_golden, rel_err, weights_of
 
 TINY = T5Config(vocab_size=96, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=24)
 TOL = 1e-5

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from itk.runtime.configs import CLIPConfig
 from itk.runtime.loading import load_strict, read_state_dict
 from itk.runtime.models.keymap import Rule, remap
-from torch import nn
 
 _BLOCK = r"visual\.transformer\.(\d+)\."
 _LAYER = r"encoder.layers.\1."

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from itk.runtime.attention import attention
 from itk.runtime.configs import DiTConfig
 from itk.runtime.loading import load_strict, read_state_dicts
-from torch import nn
 
 
 class RMSNorm(nn.Module):

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from itk.runtime.loading import WeightsError
 from torch import nn
+
+from itk.runtime.loading import WeightsError
 
 
 @dataclass(frozen=True)

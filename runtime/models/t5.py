@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
 from itk.runtime.configs import T5Config
 from itk.runtime.loading import WeightsError, load_strict, read_state_dict
 from itk.runtime.models.keymap import Rule, remap
-from torch import nn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
