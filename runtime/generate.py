@@ -261,6 +261,7 @@ def run(args: argparse.Namespace, events: Events) -> Path:
 def generate_frames(args, job, source, samples, files, cfg, settings, events):
     """Encoders first (each freed after use), then VAE + DiT for the streaming loop."""
     import torch
+
     from itk.runtime.models import audio as audio_mod
     from itk.runtime.models.clip import load_clip
     from itk.runtime.models.dit import load_dit

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from itk.runtime.configs import MODEL_CONFIG_FILE, config_from_dict
 from itk.runtime.generate import CLIP_FILE, DIT_SHARDS, T5_FILE, T5_TOKENIZER, VAE_FILE
 

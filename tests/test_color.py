@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import load_golden
+
 from itk.runtime.color import match_colors
+
+from golden import load_golden
 
 META, T = load_golden("color_correction")
 

@@ -12,9 +12,10 @@ import wave
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from itk.runtime.events import PREFIX, parse
 from itk.runtime.generate import main
-from PIL import Image
 
 
 def _wav(path, samples: np.ndarray, sr: int = 16000) -> None:

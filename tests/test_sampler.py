@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
-from golden import GOLDENS, load_golden, rel_err
+
 from itk.runtime.sampler import Guidance, MomentumBuffer, Sampler, add_noise, apg, euler_step, shifted_timesteps
+
+from golden import GOLDENS, load_golden, rel_err
 
 META, T = load_golden("scheduler")
 TABLE = json.loads((GOLDENS / "scheduler_table.json").read_text())

@@ -8,9 +8,11 @@ import sys
 import time
 
 import pytest
-from golden import GOLDENS
-from itk.runtime import tiny
 from safetensors.torch import load_file
+
+from itk.runtime import tiny
+
+from golden import GOLDENS
 
 META = json.loads((GOLDENS / "pipeline_A.json").read_text())
 

@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 import torch
+
 from itk.runtime.video import VideoError, VideoFrames, frames_at_25fps, is_video, to_uint8_frames, write_mp4
 
 SR = 16000
