@@ -204,6 +204,10 @@ def read_speech(path: Path) -> tuple[Any, int]:
         raise BadInput(f"cond_audio.person1 {path}: cannot read audio ({str(exc).splitlines()[0]})") from exc
     if len(samples) == 0 or float(abs(samples).max()) < 1e-4:
         raise BadInput(f"cond_audio.person1 {path}: the audio is silent; give a speech recording")
+    if len(samples) < 0.4 * 16000:
+        # BS.1770 gates in 400 ms blocks: shorter speech cannot be measured, so it is left as it is,
+        # like the official rule for unmeasurable (silent) tracks.
+        return samples, 16000
     return loudness_normalize(samples, 16000), 16000
 
 
