@@ -208,7 +208,9 @@ def _tokenizer(folder: Path, seed: int) -> int:
 
 def _wav2vec(folder: Path, seed: int) -> None:
     from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = Wav2Vec2ForPreTraining(Wav2Vec2Config(**WAV2VEC))
     model.save_pretrained(str(folder), safe_serialization=True)
