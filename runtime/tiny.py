@@ -176,8 +176,8 @@ def _vae_state(cfg, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return _random(shapes, gen)
 
 
-def _tokenizer(folder: Path, seed: int) -> int:
-    """Train a tiny unigram sentencepiece model and write the umT5 tokenizer files around it."""
+def _sentencepiece(folder: Path, model_file: str, seed: int, ids: dict[str, int], eos: str) -> int:
+    """Train a tiny unigram sentencepiece model on made-up sentences; write it and its tokenizer.json."""
     import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -186,24 +186,41 @@ def _tokenizer(folder: Path, seed: int) -> int:
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=TINY["t5"]["vocab_size"],
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, minloglevel=2,
+        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **ids,
     )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(buf.getvalue())
+    (folder / model_file).write_bytes(buf.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=ids["unk_id"]))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, ids["eos_id"])])
     tok.save(str(folder / "tokenizer.json"))
+    return sp.get_piece_size()
+
+
+def _tokenizer(folder: Path, seed: int) -> int:
+    """The umT5 tokenizer folder (spiece.model, tokenizer.json, both configs); returns its vocab size."""
+    size = _sentencepiece(folder, "spiece.model", seed, {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1},
+                          "</s>")
     special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512, **special}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return sp.get_piece_size()
+    return size
+
+
+def _xlm_tokenizer(folder: Path, seed: int) -> None:
+    """The xlm-roberta-large folder the official CLIP loader opens (never used for inference)."""
+    _sentencepiece(folder, "sentencepiece.bpe.model", seed, {"bos_id": 0, "pad_id": 1, "eos_id": 2, "unk_id": 3},
+                   "</s>")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+               "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 512, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _wav2vec(folder: Path, seed: int) -> None:
@@ -247,6 +264,7 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> TinyLayout:
     gen = torch.Generator().manual_seed(seed)
     tiny = json.loads(json.dumps(TINY))
     tiny["t5"]["vocab_size"] = max(tiny["t5"]["vocab_size"], _tokenizer(ckpt / T5_TOKENIZER, seed))
+    _xlm_tokenizer(ckpt / "xlm-roberta-large", seed)
     (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(tiny, indent=2))
     cfg = config_from_dict(tiny)
     d = tiny["dit"]

@@ -85,6 +85,9 @@ def write_mp4(
                     container.mux(packet)
             for packet in stream.encode(None):
                 container.mux(packet)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the video should be as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

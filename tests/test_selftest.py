@@ -63,6 +63,7 @@ def test_selftest_writes_the_official_layout_and_a_checked_video_within_60_secon
     for name in ("config.json", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
                  "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
                  "diffusion_pytorch_model.safetensors.index.json", "google/umt5-xxl/spiece.model",
+                 "xlm-roberta-large/sentencepiece.bpe.model", "xlm-roberta-large/tokenizer.json",
                  *[f"diffusion_pytorch_model-0000{i}-of-00007.safetensors" for i in range(1, 8)]):
         assert (ckpt / name).is_file(), name
     for name in ("chinese-wav2vec2-base/config.json", "chinese-wav2vec2-base/preprocessor_config.json",
