@@ -13,4 +13,5 @@ CHECKS: dict[str, str] = {
     "packages": "itk.checks.packages",
     "ffmpeg": "itk.checks.ffmpeg",
     "port": "itk.checks.port",
+    "weights": "itk.checks.weights",
 }

@@ -97,6 +97,23 @@ def presets(as_json, debug) -> None:
 
 
 @cli.command()
+@PRESET
+@click.option("--component", "components", multiple=True, help="Fetch only this manifest component (repeatable).")
+@click.option("--all", "all_files", is_flag=True, help="Every file of the three repos, like the guide's downloads.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (files, sizes, what is missing, free disk) and stop.")
+@WEIGHTS_DIR
+@click.option("--jobs", default=4, show_default=True, type=click.IntRange(1, 32), help="Files downloaded at once.")
+@JSON
+@DEBUG
+def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, debug) -> None:
+    """Download exactly the weights a preset needs from Hugging Face, resumable and verified."""
+    from itk.console import run_friendly
+    from itk.fetch import run_fetch
+
+    run_friendly(lambda: run_fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json), debug)
+
+
+@cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the tiny weights and the video (default: a new temp folder).")
 @DEBUG

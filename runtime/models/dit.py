@@ -9,6 +9,7 @@ run in float64; norms, modulation, gating and the head in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -247,6 +248,8 @@ class InfiniteTalkDiT(nn.Module):
         )
         self.audio_proj = AudioProjModel(cfg)
         self.rope = rope_table(cfg.head_dim)
+        # Runs the blocks when set (low-VRAM streaming, runtime/offload.py); else they run in place.
+        self.block_executor: Callable[..., torch.Tensor] | None = None
 
     def embed(self, x, t, context, clip_fea, y, audio):
         """Everything before the blocks: tokens, time modulation, text+image context, audio tokens."""
@@ -274,8 +277,11 @@ class InfiniteTalkDiT(nn.Module):
 
     def forward(self, x, t, context, clip_fea, y, audio, ref_target_masks=None) -> torch.Tensor:
         tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
-        for block in self.blocks:
-            tokens = block(tokens, e0, ctx, audio_tokens, grid, self.rope)
+        if self.block_executor is not None:
+            tokens = self.block_executor(tokens, e0, ctx, audio_tokens, grid, self.rope)
+        else:
+            for block in self.blocks:
+                tokens = block(tokens, e0, ctx, audio_tokens, grid, self.rope)
         return self.unpatchify(self.head(tokens, e).float(), grid)
 
 

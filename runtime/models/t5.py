@@ -129,14 +129,32 @@ class T5Encoder(nn.Module):
         return [row[:n] for row, n in zip(hidden, lengths, strict=True)]
 
 
-def load_t5(path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
-    """The encoder from the official file, built on meta and filled once in `dtype` on `device`."""
+def t5_from_state(
+    state: dict[str, torch.Tensor], source: str, cfg: T5Config, dtype: torch.dtype, device: torch.device | str
+) -> T5Encoder:
+    """The encoder from an official-key state dict, built on meta and filled once in `dtype` on `device`."""
     with torch.device("meta"):
         encoder = T5Encoder(cfg)
-    state = read_state_dict(path)
-    mapped = remap(state, T5_KEY_MAP, official_t5_keys(cfg), encoder.model, str(path), _HINT)
-    load_strict(encoder.model, mapped, str(path), dtype=dtype, device=device)
+    mapped = remap(state, T5_KEY_MAP, official_t5_keys(cfg), encoder.model, source, _HINT)
+    load_strict(encoder.model, mapped, source, dtype=dtype, device=device)
     return encoder.eval().requires_grad_(False)
+
+
+def load_t5(path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
+    """The encoder from `models_t5_umt5-xxl-enc-bf16.pth`."""
+    return t5_from_state(read_state_dict(path), str(path), cfg, dtype, device)
+
+
+def load_t5_fp8(
+    path: str | Path, map_path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str
+) -> T5Encoder:
+    """The encoder from `quant_models/t5_fp8.safetensors` + `t5_map_fp8.json`, dequantised to `dtype`.
+
+    The T5 runs once per job, so its weights are dequantised at load rather than kept in FP8.
+    """
+    from itk.runtime.quant import dequantized_state
+
+    return t5_from_state(dequantized_state(path, map_path, dtype), str(path), cfg, dtype, device)
 
 
 def clean_prompt(text: str) -> str:

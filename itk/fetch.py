@@ -1,0 +1,495 @@
+"""`itk fetch`: exactly the files a preset needs from the three Hugging Face repos, verified, once.
+
+First a plan (every file, its size and checksum from the hub at a resolved commit, what is already present and
+verified, the bytes to download, the free disk), then parallel downloads through huggingface_hub's
+`hf_hub_download(local_dir=...)` (so HF_ENDPOINT mirrors, HF_TOKEN and gated repos work as in `hf download`),
+each file hashed against the hub's checksum as it lands and its verdict recorded for the doctor. A verified
+file is never downloaded again, so a rerun after an interruption only fetches what is still missing.
+
+huggingface_hub 2.x writes each download to a process-unique `*.incomplete` file and deletes it on failure,
+so a partial file never sits under its final name; after a hard kill, the next run removes the leftovers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itk.checks.disk import MARGIN  # the doctor's disk check and fetch agree on the margin
+from itk.console import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from itk.manifest import Manifest, Repo, WeightFile, load_manifest
+from itk.paths import existing_parent, free_bytes
+from itk.verify import Expected, FileStatus, VerdictStore, verify_file
+
+BACKOFF_S = (0.5, 1.0, 2.0)  # waits between attempts after a connection error
+OFFLINE_FIX = ("check the network and rerun later (finished files are kept); behind a firewall, point "
+               "HF_ENDPOINT at a Hugging Face mirror")
+AUTH_FIX = ("log in with `hf auth login` (or set HF_TOKEN) using a token whose account has accepted the "
+            "repo's terms on its Hugging Face page")
+
+
+@dataclass
+class Item:
+    """One file of the plan. state: verified (skip) | check (present, hash before deciding) | download."""
+
+    file: WeightFile
+    expected: Expected
+    state: str
+    note: str = ""
+
+    @property
+    def size(self) -> int:
+        return self.expected.size or 0
+
+    def to_json(self) -> dict[str, Any]:
+        f = self.file
+        return {"file": f.label, "repo": f.repo.id, "path": f.path, "revision": f.revision,
+                "commit": self.expected.commit, "size": self.size, "sha256": self.expected.sha256,
+                "sha1": self.expected.sha1, "state": self.state, "note": self.note, "why": f.why}
+
+
+@dataclass
+class Plan:
+    endpoint: str
+    weights_dir: Path
+    source: str
+    items: list[Item]
+    free: int
+    where: Path
+    results: dict[str, str] = field(default_factory=dict)  # label -> downloaded | kept
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(i.size for i in self.items if i.state != "verified")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.size for i in self.items)
+
+    @property
+    def need(self) -> int:
+        missing = sum(i.size for i in self.items if i.state == "download")
+        return missing + MARGIN if missing else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "weights_dir": str(self.weights_dir), "source": self.source,
+                "total_bytes": self.total_bytes, "download_bytes": self.download_bytes,
+                "free_bytes": self.free, "margin_bytes": MARGIN, "files": [i.to_json() for i in self.items],
+                "results": self.results}
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+def is_transient(exc: BaseException) -> bool:
+    """Connection refused, DNS, timeouts, a connection dropped mid-body: worth a retry. Judged by the
+    transport library's class names so it holds whichever httpx flavour huggingface_hub ships."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if names & {"TransportError", "ConnectionError", "TimeoutError"}:
+        return True
+    if "LocalEntryNotFoundError" in names:  # the hub could not be reached and no local copy exists
+        return True
+    return isinstance(exc, OSError) and "Consistency check failed" in str(exc)
+
+
+def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, size: int = 0) -> UserError:
+    """One line + fix for everything a download can hit. `what` names the repo or file."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, GatedRepoError) or status in (401, 403):
+        return UserError(f"{what}: access denied by {endpoint} ({status}): the repo is gated or the token "
+                         "is missing or invalid", AUTH_FIX)
+    if isinstance(exc, RevisionNotFoundError):
+        return UserError(f"{what}: revision not found on {endpoint} (404)",
+                         "the branch or PR may have been merged or deleted: update itk, or report it")
+    if isinstance(exc, EntryNotFoundError) and not is_transient(exc):
+        return UserError(f"{what}: file not found on {endpoint} (404)",
+                         "the repo changed its files: update itk, or report it")
+    if isinstance(exc, RepositoryNotFoundError):
+        return UserError(f"{what}: repository not found on {endpoint} (404)",
+                         "check HF_ENDPOINT (a mirror may lack it) or whether the repo was renamed")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return UserError(f"disk full while writing {what}: it needs {size:,} bytes at {existing_parent(weights_dir)}"
+                         " (the partial file was removed)",
+                         "free space there (or use --weights-dir on a bigger disk) and rerun")
+    if is_transient(exc):
+        cause = exc.__cause__ or exc.__context__ or exc
+        return UserError(f"cannot reach {endpoint} for {what}: {type(cause).__name__}: {cause}", OFFLINE_FIX)
+    if isinstance(exc, HfHubHTTPError):
+        return UserError(f"{what}: {endpoint} answered {status}: {exc}", OFFLINE_FIX)
+    raise exc
+
+
+def with_retries(fn: Callable[[], Any], on_retry: Callable[[BaseException], None] | None = None) -> Any:
+    for wait in (*BACKOFF_S, None):
+        try:
+            return fn()
+        except Exception as exc:
+            if wait is None or not is_transient(exc):
+                raise
+            if on_retry:
+                on_retry(exc)
+            time.sleep(wait)
+
+
+# -- the plan -------------------------------------------------------------------------------------------
+def hub_api():
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def resolve_commits(api, pairs: set[tuple[Repo, str]], ep: str) -> dict[tuple[str, str], str]:
+    """Each (repo, revision) -> its commit, once: every file is then fetched from that exact commit."""
+    commits = {}
+    for repo, rev in sorted(pairs, key=lambda p: (p[0].key, p[1])):
+        try:
+            commits[(repo.key, rev)] = with_retries(lambda r=repo, v=rev: api.repo_info(r.id, revision=v).sha)
+        except Exception as exc:
+            raise explain(exc, f"{repo.id}@{rev}", ep, Path(".")) from None
+    return commits
+
+
+def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
+    """--all: what the guide's whole-repo downloads get (every file of each repo at its revision), plus the
+    manifest's files from other revisions (wav2vec2's model.safetensors from refs/pr/1)."""
+    files = []
+    for repo in manifest.repos.values():
+        try:
+            tree = with_retries(lambda r=repo: list(api.list_repo_tree(r.id, revision=r.revision, recursive=True)))
+        except Exception as exc:
+            raise explain(exc, f"{repo.id}@{repo.revision}", ep, Path(".")) from None
+        files += [WeightFile(repo=repo, path=e.path, size=e.size, revision=repo.revision)
+                  for e in tree if hasattr(e, "size")]
+    listed = {(f.repo.key, f.path, f.revision) for f in files}
+    for comp in manifest.components.values():
+        for f in comp.files:
+            if (f.repo.key, f.path, f.revision) not in listed:
+                files.append(f)
+                listed.add((f.repo.key, f.path, f.revision))
+    return files
+
+
+def make_plan(files: list[WeightFile], weights_dir: Path, source: str, api=None) -> Plan:
+    api = api or hub_api()
+    ep = endpoint()
+    commits = resolve_commits(api, {(f.repo, f.revision) for f in files}, ep)
+    infos: dict[tuple[str, str, str], Any] = {}
+    by_rev: dict[tuple[Repo, str], list[str]] = {}
+    for f in files:
+        by_rev.setdefault((f.repo, f.revision), []).append(f.path)
+    for (repo, rev), paths in by_rev.items():
+        commit = commits[(repo.key, rev)]
+        try:
+            entries = with_retries(lambda r=repo, p=paths, c=commit: api.get_paths_info(r.id, p, revision=c))
+        except Exception as exc:
+            raise explain(exc, f"{repo.id}@{rev}", ep, weights_dir) from None
+        for e in entries:
+            infos[(repo.key, rev, e.path)] = e
+    store = VerdictStore(weights_dir)
+    items = []
+    for f in files:
+        info = infos.get((f.repo.key, f.revision, f.path))
+        if info is None:
+            raise UserError(f"{f.repo.id}@{f.revision}: {f.path} not found on {ep} (404)",
+                            "the repo changed its files: update itk, or report it")
+        lfs = getattr(info, "lfs", None)
+        expected = Expected(size=info.size, sha256=lfs.sha256 if lfs else None,
+                            sha1=None if lfs else info.blob_id, revision=f.revision,
+                            commit=commits[(f.repo.key, f.revision)])
+        items.append(judge(f, expected, weights_dir, store))
+    return Plan(endpoint=ep, weights_dir=weights_dir, source=source, items=items,
+                free=free_bytes(weights_dir), where=existing_parent(weights_dir))
+
+
+def judge(f: WeightFile, expected: Expected, weights_dir: Path, store: VerdictStore) -> Item:
+    path = f.local_path(weights_dir)
+    if store.trusted(f.label, path, expected):
+        return Item(f, expected, "verified", "present, verified")
+    if path.is_file() and path.stat().st_size == expected.size:
+        return Item(f, expected, "check", "present, not verified yet: hashed before deciding")
+    if path.is_file():
+        return Item(f, expected, "download", f"present but {path.stat().st_size:,} bytes: downloaded again")
+    return Item(f, expected, "download", "missing")
+
+
+def refuse_if_disk_short(plan: Plan) -> None:
+    if plan.need and plan.free < plan.need:
+        raise UserError(
+            f"not enough disk at {plan.where}: {plan.need - MARGIN:,} bytes to download + {MARGIN:,} margin,"
+            f" {plan.free:,} free",
+            f"free {plan.need - plan.free:,} bytes there, or download elsewhere with --weights-dir DIR")
+
+
+# -- the downloads --------------------------------------------------------------------------------------
+class ByteCounter:
+    """Stands in for the tqdm bar huggingface_hub would draw: forwards byte counts to our progress."""
+
+    def __init__(self, on_bytes: Callable[[int], None], initial: int = 0, **_: Any):
+        self.on_bytes = on_bytes
+        if initial:
+            on_bytes(initial)
+
+    def __enter__(self) -> ByteCounter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        self.on_bytes(n)
+
+
+@contextmanager
+def fetch_lock(weights_dir: Path) -> Iterator[None]:
+    """One `itk fetch` per weights folder: it makes removing a killed run's *.incomplete files safe."""
+    lock_path = weights_dir / ".itk" / "fetch.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `itk fetch` is writing to {weights_dir}",
+                            "wait for it to finish, or stop it first") from None
+        yield
+
+
+def remove_leftovers(plan: Plan) -> None:
+    """Partial downloads of a killed run: huggingface_hub 2.x never resumes them across processes."""
+    for local in {plan.weights_dir / i.file.repo.local_dir for i in plan.items}:
+        for stale in (local / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
+            stale.unlink(missing_ok=True)
+
+
+class Downloader:
+    def __init__(self, plan: Plan, progress: Callable[[str, str, int], None]):
+        self.plan = plan
+        self.store = VerdictStore(plan.weights_dir)
+        self.progress = progress  # (label, event: start|bytes|reset|done, n)
+
+    def download(self, item: Item, force: bool) -> None:
+        from huggingface_hub import hf_hub_download
+
+        f = item.file
+        local_dir = self.plan.weights_dir / f.repo.local_dir
+        f.local_path(self.plan.weights_dir).unlink(missing_ok=True)
+
+        def once() -> None:
+            self.progress(f.label, "reset", 0)
+            hf_hub_download(f.repo.id, f.path, revision=item.expected.commit, local_dir=local_dir,
+                            force_download=force,
+                            tqdm_class=functools.partial(ByteCounter, lambda n: self.progress(f.label, "bytes", n)))
+
+        try:
+            with_retries(once)
+        except Exception as exc:
+            raise explain(exc, f.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
+
+    def verify(self, item: Item) -> FileStatus:
+        status, record = verify_file(item.file.local_path(self.plan.weights_dir), item.expected)
+        self.store.put(item.file.label, record)
+        return status
+
+    def run(self, item: Item) -> str:
+        """Bring one file to a verified state: 'kept' when it already was intact, else 'downloaded'."""
+        try:
+            return self.bring(item)
+        except OSError as exc:  # the disk can fill in our own writes (verdicts, metadata) as well
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise explain(exc, item.file.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
+
+    def bring(self, item: Item) -> str:
+        f, path = item.file, item.file.local_path(self.plan.weights_dir)
+        self.progress(f.label, "start", item.size)
+        if item.state == "check" and self.verify(item).state == "ok":
+            self.progress(f.label, "done", item.size)
+            return "kept"
+        self.download(item, force=False)
+        if self.verify(item).state != "ok":
+            self.download(item, force=True)  # one more try: the bytes may have been damaged on the way
+            if (status := self.verify(item)).state != "ok":
+                path.unlink(missing_ok=True)
+                raise UserError(f"{f.label} is not intact after two downloads from {self.plan.endpoint}: "
+                                f"{status.detail}",
+                                "the server or mirror is sending damaged bytes: try again later or unset/"
+                                "change HF_ENDPOINT")
+        self.progress(f.label, "done", item.size)
+        return "downloaded"
+
+
+def execute(plan: Plan, jobs: int, progress: Callable[[str, str, int], None],
+            tick: Callable[[], None] = lambda: None) -> None:
+    """Download with `jobs` worker threads. Workers are daemon threads: Ctrl-C ends the process at once
+    (huggingface_hub keeps partial bytes under *.incomplete names only), and the rerun carries on."""
+    todo = [i for i in plan.items if i.state != "verified"]
+    for i in plan.items:
+        if i.state == "verified":
+            plan.results[i.file.label] = "kept"
+    if not todo:
+        return
+    # Our preflight already compared free space with what is missing; the client's own warning repeats it.
+    warnings.filterwarnings("ignore", message="Not enough free disk space")
+    with fetch_lock(plan.weights_dir):
+        remove_leftovers(plan)
+        downloader = Downloader(plan, progress)
+        queue = list(reversed(sorted(todo, key=lambda i: i.size)))  # biggest first: the slowest set the pace
+        lock = threading.Lock()
+        failures: list[BaseException] = []
+        done = threading.Event()
+
+        def worker() -> None:
+            while not failures:
+                with lock:
+                    if not queue:
+                        break
+                    item = queue.pop(0)
+                try:
+                    plan.results[item.file.label] = downloader.run(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    failures.append(exc)
+            done.set()
+
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(jobs, len(todo))))]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                done.wait(0.1)
+                done.clear()
+                tick()
+        except KeyboardInterrupt:
+            raise UserError(f"interrupted: {len(plan.results)} of {len(plan.items)} files complete and verified",
+                            "rerun the same `itk fetch`: it keeps finished files and fetches only the rest",
+                            EXIT_INTERRUPTED) from None
+        if failures:
+            raise failures[0]
+
+
+def select_files(preset: str | None, components: tuple[str, ...], all_files: bool) -> tuple[list[WeightFile], str]:
+    manifest = load_manifest()
+    if all_files:
+        return full_repo_files(hub_api(), manifest, endpoint()), "--all: every file of the three repos"
+    if components:
+        try:
+            return manifest.files_for(components), "components " + ", ".join(components)
+        except KeyError as exc:
+            raise UserError(str(exc.args[0]), "see itk/manifest.toml for the components", EXIT_USAGE) from None
+    from itk.doctor import resolve_preset
+
+    chosen, line = resolve_preset(preset)
+    return manifest.files_for(chosen.components), f"preset {line}"
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def render_plan(plan: Plan) -> None:
+    from rich.filesize import decimal
+    from rich.table import Table
+
+    from itk.console import console
+
+    console.print(f"[bold]plan[/] {plan.source}, from {plan.endpoint} into {plan.weights_dir}", highlight=False)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("file", "size", "revision", "state"):
+        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
+    for i in plan.items:
+        table.add_row(i.file.label, decimal(i.size), i.file.revision, i.note)
+    console.print(table)
+    for i in plan.items:
+        if i.file.why:
+            console.print(f"[dim]note:[/] {i.file.label} comes from {i.file.revision}: {i.file.why}", highlight=False)
+    console.print(f"{len(plan.items)} files, {decimal(plan.total_bytes)}; to download {decimal(plan.download_bytes)};"
+                  f" {decimal(plan.free)} free at {plan.where}", highlight=False)
+
+
+class LiveProgress:
+    """A rich display on stderr: one bar for the total, one per file in flight, with speed and ETA."""
+
+    def __init__(self, plan: Plan):
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        from itk.console import err_console
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=err_console, transient=False)
+        self.total = self.bar.add_task("total", total=plan.download_bytes)
+        self.tasks: dict[str, Any] = {}
+        self.counted: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, label: str, event: str, n: int) -> None:
+        with self.lock:
+            if event == "start":
+                self.tasks[label] = self.bar.add_task(f"  {label}", total=n)
+                self.counted[label] = 0
+            elif event == "reset":
+                self.bar.advance(self.total, -self.counted.get(label, 0))
+                self.bar.reset(self.tasks[label])
+                self.counted[label] = 0
+            elif event == "bytes":
+                self.bar.advance(self.tasks[label], n)
+                self.bar.advance(self.total, n)
+                self.counted[label] += n
+            elif event == "done":
+                self.bar.advance(self.total, n - self.counted.pop(label, 0))
+                self.bar.remove_task(self.tasks.pop(label))
+
+
+def run_fetch(preset: str | None, components: tuple[str, ...], all_files: bool, dry_run: bool,
+              weights_dir_option: str | None, jobs: int, as_json: bool) -> int:
+    from itk.console import console, print_json
+    from itk.paths import weights_dir as resolve_weights_dir
+
+    weights_dir = resolve_weights_dir(weights_dir_option)
+    files, source = select_files(preset, components, all_files)
+    plan = make_plan(files, weights_dir, source)
+    if not as_json:
+        render_plan(plan)
+    if dry_run:
+        if as_json:
+            print_json(plan.to_json())
+        elif plan.need and plan.free < plan.need:
+            console.print(f"[yellow]the disk is short by {plan.need - plan.free:,} bytes (margin included)[/]")
+        return 0
+    refuse_if_disk_short(plan)
+    if as_json or all(i.state == "verified" for i in plan.items):
+        execute(plan, jobs, lambda *a: None)
+    else:
+        live = LiveProgress(plan)
+        with live.bar:
+            execute(plan, jobs, live)
+    if as_json:
+        print_json(plan.to_json())
+        return 0
+    fetched = sum(v == "downloaded" for v in plan.results.values())
+    console.print(f"[green]done:[/] {fetched} files downloaded, {len(plan.results) - fetched} already intact;"
+                  f" all {len(plan.items)} match the hub's checksums (recorded in {weights_dir}/.itk/verified.json)",
+                  highlight=False)
+    return 0

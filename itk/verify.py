@@ -1,0 +1,218 @@
+"""Integrity of weight files: the hub's checksums, cheap header probes, and the verdicts fetch records.
+
+A 20 GB file takes about a minute to hash, so each verdict is recorded in `<weights_dir>/.itk/verified.json`
+with the file's size and mtime: the doctor trusts a verdict while both are unchanged and re-hashes only with
+--deep. What a file should hash to comes from the hub (fetch asks it) or, for a tree fetched by hand with
+`hf download --local-dir`, from the client's own `.cache/huggingface/download/<path>.metadata` (its etag is
+the sha256 of an LFS file and the git blob sha1 of a small one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from itk.manifest import WeightFile
+from itk.weights_check import safetensors_problem
+
+BLOCK = 16 << 20  # large reads: hashing runs at disk speed, not at syscall speed
+HASH_THREADS = 4  # hashlib releases the GIL, so files hash in parallel
+SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA1 = re.compile(r"[0-9a-f]{40}")
+FETCH_FIX = "run `itk fetch`: it re-downloads only the files that are not intact"
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the hub says a file is. sha256 for LFS files, the git blob sha1 for small ones."""
+
+    size: int | None = None
+    sha256: str | None = None
+    sha1: str | None = None
+    revision: str = ""
+    commit: str = ""
+
+    @property
+    def algo(self) -> str | None:
+        return "sha256" if self.sha256 else "sha1" if self.sha1 else None
+
+    @property
+    def digest(self) -> str | None:
+        return self.sha256 or self.sha1
+
+
+@dataclass
+class Record:
+    """One verdict in verified.json. size + mtime_ns say whether it still describes the file on disk."""
+
+    size: int
+    mtime_ns: int
+    algo: str
+    digest: str  # what the file hashed to
+    expected: str  # what the hub said
+    revision: str
+    commit: str
+    verdict: str  # "ok" or "corrupt"
+    verified_at: float
+
+    def describes(self, path: Path) -> bool:
+        st = path.stat()
+        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    label: str
+    state: str  # ok | missing | truncated | corrupt | bad_header | not_verified
+    detail: str = ""
+    fix: str = ""
+
+
+# -- hashing and probes ---------------------------------------------------------------------------------
+def file_digest(path: Path, algo: str) -> str:
+    """sha256 of the bytes, or the git blob sha1 (sha1 of "blob <size>\\0" + bytes) that the hub lists."""
+    h = hashlib.sha256() if algo == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def header_problem(path: Path) -> str | None:
+    """A cheap structural probe: safetensors header vs file length; .pth zip central directory."""
+    if path.suffix == ".safetensors":
+        return safetensors_problem(path)
+    if path.suffix == ".pth":  # torch.save's format: a zip archive, whose directory sits at the very end
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"not a readable zip archive, truncated or corrupt .pth ({exc})"
+    return None
+
+
+def expected_from_hub_metadata(local_dir: Path, path: str) -> Expected | None:
+    """What `hf download --local-dir` recorded for a file: commit and etag (sha256 or blob sha1)."""
+    meta = local_dir / ".cache" / "huggingface" / "download" / f"{path}.metadata"
+    try:
+        commit, etag = meta.read_text().splitlines()[:2]
+    except (OSError, ValueError):
+        return None
+    etag = etag.strip().strip('"')
+    if SHA256.fullmatch(etag):
+        return Expected(sha256=etag, commit=commit.strip())
+    if SHA1.fullmatch(etag):
+        return Expected(sha1=etag, commit=commit.strip())
+    return None
+
+
+# -- the record -----------------------------------------------------------------------------------------
+class VerdictStore:
+    """`<weights_dir>/.itk/verified.json`, keyed by the file's path under weights_dir; written atomically."""
+
+    def __init__(self, weights_dir: Path):
+        self.path = weights_dir / ".itk" / "verified.json"
+        self.lock = threading.Lock()
+        try:
+            raw = json.loads(self.path.read_text())
+            self.records = {k: Record(**v) for k, v in raw.get("files", {}).items()}
+        except (OSError, ValueError, TypeError):
+            self.records = {}
+
+    def get(self, label: str) -> Record | None:
+        return self.records.get(label)
+
+    def put(self, label: str, record: Record | None) -> None:
+        with self.lock:
+            if record is None:
+                self.records.pop(label, None)
+            else:
+                self.records[label] = record
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = json.dumps({"files": {k: asdict(v) for k, v in sorted(self.records.items())}}, indent=1)
+            fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            os.replace(tmp, self.path)
+
+    def trusted(self, label: str, path: Path, expected: Expected | None = None) -> bool:
+        """A recorded ok verdict that still describes the file (and, if given, matches the hub's digest)."""
+        rec = self.get(label)
+        return (rec is not None and rec.verdict == "ok" and path.is_file() and rec.describes(path)
+                and (expected is None or expected.digest in (None, rec.expected)))
+
+
+def verify_file(path: Path, expected: Expected) -> tuple[FileStatus, Record | None]:
+    """Size, header, then the hash against the hub's. The Record is None when nothing was hashed."""
+    label = str(path)
+    size = path.stat().st_size
+    if expected.size is not None and size != expected.size:
+        state = "truncated" if size < expected.size else "corrupt"
+        return FileStatus(label, state, f"{size} bytes, the hub says {expected.size}", FETCH_FIX), None
+    if why := header_problem(path):
+        return FileStatus(label, "bad_header", why, FETCH_FIX), None
+    if expected.algo is None:
+        return FileStatus(label, "not_verified", "no hub checksum known for it",
+                          "run `itk fetch`, which asks the hub and records it"), None
+    before = path.stat()
+    digest = file_digest(path, expected.algo)
+    ok = digest == expected.digest
+    record = Record(size=before.st_size, mtime_ns=before.st_mtime_ns, algo=expected.algo, digest=digest,
+                    expected=expected.digest or "", revision=expected.revision, commit=expected.commit,
+                    verdict="ok" if ok else "corrupt", verified_at=time.time())
+    if ok:
+        return FileStatus(label, "ok", f"{expected.algo} matches the hub"), record
+    return FileStatus(label, "corrupt", f"{expected.algo} {digest[:12]}… but the hub says {expected.digest[:12]}…",
+                      FETCH_FIX), record
+
+
+# -- the doctor's view ----------------------------------------------------------------------------------
+def check_files(weights_dir: Path, files: Iterable[WeightFile], deep: bool) -> list[FileStatus]:
+    """Per-file status for the doctor. Default: presence, recorded size, header, recorded verdict.
+    deep: re-hash against the recorded hub digest (or the hf client's metadata) and record the verdict."""
+    store = VerdictStore(weights_dir)
+
+    def one(f: WeightFile) -> FileStatus:
+        path = f.local_path(weights_dir)
+        if not path.is_file():
+            return FileStatus(f.label, "missing", "", "run `itk fetch` to download it")
+        rec = store.get(f.label)
+        size = path.stat().st_size
+        if rec is not None and size != rec.size:
+            state = "truncated" if size < rec.size else "corrupt"
+            return FileStatus(f.label, state, f"{size} bytes, {rec.size} when verified", FETCH_FIX)
+        if why := header_problem(path):
+            return FileStatus(f.label, "bad_header", why, FETCH_FIX)
+        if not deep:
+            if rec is not None and rec.verdict == "ok" and rec.describes(path):
+                return FileStatus(f.label, "ok", f"verified ({rec.algo})")
+            if rec is not None and rec.verdict == "corrupt" and rec.describes(path):
+                return FileStatus(f.label, "corrupt", f"{rec.algo} does not match the hub", FETCH_FIX)
+            why = "changed since it was verified" if rec is not None else "never verified"
+            return FileStatus(f.label, "not_verified", why, "run `itk doctor --deep` to hash it")
+        if rec is not None:
+            expected = Expected(size=rec.size, revision=rec.revision, commit=rec.commit,
+                                **{rec.algo: rec.expected})
+        else:
+            expected = expected_from_hub_metadata(weights_dir / f.repo.local_dir, f.path) or Expected()
+            expected = Expected(sha256=expected.sha256, sha1=expected.sha1, revision=f.revision,
+                                commit=expected.commit)
+        status, record = verify_file(path, expected)
+        if record is not None:
+            store.put(f.label, record)
+        return FileStatus(f.label, status.state, status.detail, status.fix)
+
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        return list(pool.map(one, list(files)))
