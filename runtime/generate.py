@@ -143,8 +143,8 @@ def check_flags(args: argparse.Namespace) -> None:
             raise BadInput(f"--{name} is not supported yet by itk's generator; leave it out")
     if args.quant and not args.quant_dir:
         raise BadInput(f"--quant {args.quant} needs --quant_dir (the quantised DiT file)")
-    if args.quant and not _fp8_available():
-        raise BadInput(f"--quant {args.quant} is not supported yet by itk's generator; leave it out")
+    if args.quant == "int8":
+        raise BadInput("--quant int8 is not supported yet (its T5 file does not exist upstream); use --quant fp8")
     if not args.quant and not args.infinitetalk_dir:
         raise BadInput("--infinitetalk_dir is required without --quant (single/infinitetalk.safetensors)")
     if args.audio_mode != "localfile":
@@ -159,13 +159,6 @@ def check_flags(args: argparse.Namespace) -> None:
         raise BadInput("--sample_steps must be at least 1")
 
 
-def _fp8_available() -> bool:
-    """Whether the FP8 loaders (itk.runtime.fp8) are installed; until then --quant is refused by name."""
-    import importlib.util
-
-    return importlib.util.find_spec("itk.runtime.fp8") is not None
-
-
 def weight_paths(args: argparse.Namespace) -> dict[str, Any]:
     """Every file the run opens, checked up front so a missing one fails in a second, not after loading.
 
@@ -178,7 +171,8 @@ def weight_paths(args: argparse.Namespace) -> dict[str, Any]:
     if args.quant:
         dit = Path(args.quant_dir)
         files["dit"], files["t5"] = [dit], dit.parent / f"t5_{args.quant}.safetensors"
-        maps = [Path(str(dit).replace("safetensors", "json")), dit.parent / f"t5_map_{args.quant}.json"]
+        files["t5_map"] = dit.parent / f"t5_map_{args.quant}.json"
+        maps = [Path(str(dit).replace("safetensors", "json")), files["t5_map"]]
     else:
         files["dit"] = [ckpt / s for s in DIT_SHARDS] + [Path(args.infinitetalk_dir)]
         files["t5"], maps = ckpt / T5_FILE, []
@@ -269,9 +263,11 @@ def generate_frames(args, job, source, samples, files, cfg, settings, events):
     from itk.runtime.models import audio as audio_mod
     from itk.runtime.models.clip import load_clip
     from itk.runtime.models.dit import load_dit
-    from itk.runtime.models.t5 import load_t5, load_tokenizer
+    from itk.runtime.models.t5 import load_t5, load_t5_fp8, load_tokenizer
     from itk.runtime.models.vae import load_vae
+    from itk.runtime.offload import enable_streaming
     from itk.runtime.pipeline import SeededNoise, StreamingPipeline, plan_clips
+    from itk.runtime.quant import load_dit_fp8
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
@@ -292,9 +288,7 @@ def generate_frames(args, job, source, samples, files, cfg, settings, events):
     tokenize = load_tokenizer(files["tokenizer"], cfg.t5.text_len)
     t5_dtype = low if not args.t5_cpu else torch.float32
     if args.quant:
-        from itk.runtime.fp8 import load_fp8_t5
-
-        t5 = load_fp8_t5(files["t5"], cfg.t5, t5_dtype, t5_device)
+        t5 = load_t5_fp8(files["t5"], files["t5_map"], cfg.t5, t5_dtype, t5_device)
     else:
         t5 = load_t5(files["t5"], cfg.t5, t5_dtype, t5_device)
     with torch.no_grad():
@@ -317,12 +311,16 @@ def generate_frames(args, job, source, samples, files, cfg, settings, events):
 
     events.stage("load_models")
     vae = load_vae(files["vae"], cfg.vae, torch.float32, device)
+    # Low-VRAM mode (--num_persistent_param_in_dit N): the DiT is loaded into host memory and only N
+    # parameters stay on the device; the other blocks are streamed in per forward (runtime/offload.py).
+    streaming = args.num_persistent_param_in_dit is not None
+    dit_device = torch.device("cpu") if streaming else device
     if args.quant:
-        from itk.runtime.fp8 import load_fp8_dit
-
-        dit = load_fp8_dit(files["dit"][0], cfg.dit, low, device)
+        dit = load_dit_fp8(files["dit"][0], cfg.dit, low, dit_device)
     else:
-        dit = load_dit(files["dit"], cfg.dit, low, device)
+        dit = load_dit(files["dit"], cfg.dit, low, dit_device)
+    if streaming:
+        enable_streaming(dit, args.num_persistent_param_in_dit, device)
     pipeline = StreamingPipeline(dit, vae, settings, SeededNoise(_seed(args.base_seed), device), events,
                                  device, low)
     events.stage("generate", clips=len(plan.starts), frames=plan.length)

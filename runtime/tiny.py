@@ -51,6 +51,7 @@ class TinyLayout:
     ckpt_dir: Path
     wav2vec_dir: Path
     infinitetalk: Path
+    fp8_dit: Path  # quant_models/infinitetalk_single_fp8.safetensors (+ .json, t5_fp8 files beside it)
 
 
 def _dit_shapes(d: dict) -> dict[str, tuple[int, ...]]:
@@ -252,6 +253,19 @@ def _shards(state: dict[str, torch.Tensor], ckpt: Path) -> None:
     (ckpt / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _fp8_files(dit: dict[str, torch.Tensor], t5: dict[str, torch.Tensor], folder: Path) -> Path:
+    """The README's FP8 set: the whole DiT and the T5 with every Linear in quanto's FP8 layout."""
+    from itk.runtime.quant import write_quantized
+
+    folder.mkdir(parents=True, exist_ok=True)
+    linears = [k.removesuffix(".weight") for k, v in dit.items() if k.endswith(".weight") and v.dim() == 2]
+    path = folder / "infinitetalk_single_fp8.safetensors"
+    write_quantized(dit, linears, path, folder / "infinitetalk_single_fp8.json")
+    t5_linears = [k.removesuffix(".weight") for k in t5 if ".attn." in k or ".ffn." in k]
+    write_quantized(t5, t5_linears, folder / "t5_fp8.safetensors", folder / "t5_map_fp8.json")
+    return path
+
+
 def write_tiny_weights(root: str | Path, seed: int = 0) -> TinyLayout:
     """Write the three weight folders under `root` (weights/-style names) and return their paths."""
     from safetensors.torch import save_file
@@ -272,10 +286,13 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> TinyLayout:
         "_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "i2v", "text_len": d["text_len"],
         "in_dim": 36, "dim": d["dim"], "ffn_dim": d["ffn_dim"], "freq_dim": 256, "out_dim": 16,
         "num_heads": d["num_heads"], "num_layers": d["num_layers"], "eps": 1e-06}, indent=2))
-    _shards(_random(_dit_shapes(d), gen), ckpt)
-    save_file(_random(_adapter_shapes(d), gen), str(infinitetalk), metadata={"format": "pt"})
-    torch.save(_random(_t5_shapes(tiny["t5"]), gen, torch.bfloat16), ckpt / T5_FILE)
+    base, adapter = _random(_dit_shapes(d), gen), _random(_adapter_shapes(d), gen)
+    _shards(base, ckpt)
+    save_file(adapter, str(infinitetalk), metadata={"format": "pt"})
+    t5 = _random(_t5_shapes(tiny["t5"]), gen, torch.bfloat16)
+    torch.save(t5, ckpt / T5_FILE)
+    fp8_dit = _fp8_files({**base, **adapter}, t5, infinitetalk.parent.parent / "quant_models")
     torch.save(_random(_clip_shapes(tiny["clip"], CLIP_TEXT), gen), ckpt / CLIP_FILE)
     torch.save(_vae_state(cfg.vae, gen), ckpt / VAE_FILE)
     _wav2vec(wav2vec, seed)
-    return TinyLayout(ckpt, wav2vec, infinitetalk)
+    return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit)

@@ -110,7 +110,8 @@ def test_an_official_flag_we_do_not_implement_is_refused_by_name(job, capsys):
 
 def test_quant_without_its_file_is_refused_naming_quant_dir(job, capsys):
     tmp_path, _ = job
-    _fails(capsys, _run(tmp_path, "--quant", "fp8"), 2, "--quant")
+    _fails(capsys, _run(tmp_path, "--quant", "fp8"), 2, "--quant_dir")
+    _fails(capsys, _run(tmp_path, "--quant", "int8", "--quant_dir", "x"), 2, "int8", "not supported yet")
 
 
 def test_a_frame_num_that_is_not_4n_plus_1_is_refused(job, capsys):
@@ -220,6 +221,17 @@ def test_a_30_fps_video_input_is_dubbed_at_25_fps(weights, job):
     data["cond_video"] = str(tmp_path / "source.mp4")
     (tmp_path / "job.json").write_text(json.dumps(data))
     _generate(weights, tmp_path, "--mode", "streaming")
+    assert _video_facts(tmp_path / "out" / "talk.mp4")[:2] == (25.0, 25)
+
+
+def test_the_fp8_files_with_low_vram_streaming_give_a_video(weights, job):
+    tmp_path, _ = job
+    args = _tiny_args(weights, tmp_path, "--mode", "streaming", "--quant", "fp8", "--quant_dir",
+                      str(weights.fp8_dit), "--num_persistent_param_in_dit", "0")
+    args.remove("--infinitetalk_dir")
+    args.remove(str(weights.infinitetalk))
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert _video_facts(tmp_path / "out" / "talk.mp4")[:2] == (25.0, 25)
 
 
