@@ -150,6 +150,5 @@ def enable_streaming(
             child.to(device)
     plan, _ = resident_plan(model, budget)
     streamer = BlockStreamer(model.blocks, plan, device, pin)
-    model.rope = tuple(t.to(device) for t in model.rope)
     model.block_executor = streamer
     return streamer
