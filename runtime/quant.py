@@ -7,13 +7,17 @@ plain under its usual name. quanto loads these with strict=False and silently le
 uninitialised; we check coverage key by key and name what is missing.
 
 `FP8Linear` keeps the weight in FP8 (half the memory of bf16, which is what lets a 24 GB card and a 32 GB
-host hold the 14B model) and follows gpt-fast's shape: two buffers and a short forward. It computes
-x @ (data * scale)^T with the weight dequantised to the activation dtype right before the matmul, which is
-quanto's weight-only arithmetic (activations stay bf16) and the same on every device.
+host hold the 14B model) and follows gpt-fast's shape: two buffers and a short forward. On GPUs with FP8
+tensor cores (compute capability 8.9+: RTX 40xx, H100) bf16 activations are quantised per token and
+multiplied on the FP8 tensor cores (torch._scaled_mm, row-wise scales); we chose plain torch ops for the
+activation quantisation because torch.compile of the block fuses them into one kernel (no Triton code of
+our own, no torchao dependency). Elsewhere (CPU, older GPUs, float32 inputs) the weight is dequantised to
+the activation dtype right before the matmul: quanto's weight-only arithmetic.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -48,8 +52,34 @@ class FP8Linear(nn.Module):
         return self.weight.to(dtype) * self.scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and fp8_matmul_available(x.device) and self.in_features % 16 == 0 \
+                and self.out_features % 16 == 0:
+            return self._scaled_mm(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """FP8 tensor-core matmul: activations quantised per token on the fly (fused by torch.compile when
+        the block is compiled), weights per output row, accumulation in fp32, bf16 out."""
+        rows = x.reshape(-1, self.in_features)
+        scale_a = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+        quantized = (rows.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale_a, scale_b=self.scale.float().t().contiguous(),
+                               bias=bias, out_dtype=torch.bfloat16)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    """FP8 tensor cores (compute capability 8.9+) and not switched off with ITK_FP8_MATMUL=off."""
+    if device.type != "cuda" or os.environ.get("ITK_FP8_MATMUL", "auto") == "off":
+        return False
+    return _capability(device.index or 0) >= (8, 9)
 
 
 def quantize_rowwise(

@@ -294,6 +294,14 @@ class InfiniteTalkDiT(nn.Module):
         audio_tokens = torch.cat(audio_tokens.split(1), dim=2)  # speakers side by side: [1, T, H*M, C]
         return tokens, grid, e, e0, ctx, audio_tokens
 
+    def compile_blocks(self) -> None:
+        """Fuse each block's float32 norm/modulation/RoPE arithmetic with torch.compile (GPU only).
+
+        Those element-wise steps are memory-bound and cost as much as the matmuls when run one by one.
+        """
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, dynamic=False)
+
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size
         f, h, w = grid
