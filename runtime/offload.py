@@ -5,9 +5,13 @@ Same meaning as the official flag: a budget of parameter elements, filled in mod
 and head first, then blocks 0, 1, ...). Unlike the official wrapper (a synchronous copy from pageable memory
 per layer and per call, runtime-spec §7.1), the streamed blocks' weights sit in pinned host memory and are
 copied into one of two reusable GPU block buffers on a side CUDA stream while the other buffer computes.
-When host RAM cannot pin them all, they stay pageable and pass through a small pinned staging area
-(the host copy overlaps the GPU compute, since kernels run asynchronously). The modules outside the
-blocks (embeddings, head: ~1.6% of the parameters, used once per forward) are always resident.
+When host RAM cannot pin them all (psutil's available RAM minus a headroom, against their bytes), they stay
+where the loader put them (for `load_dit_fp8`: views of the memory-mapped file, so the page cache, not the
+process, holds them) and pass through a ring of two block-sized pinned staging buffers: the host copies
+block i+1 into its staging buffer while the GPU computes block i (kernels are queued asynchronously), then
+the DMA runs on the side stream. Which of the two was chosen is logged and kept in `BlockStreamer.mode`.
+The modules outside the blocks (embeddings, head: ~1.6% of the parameters, used once per forward) are
+always resident.
 
 On a CPU the same code runs with plain copies, so tests check it bit for bit against the resident model.
 """
@@ -56,10 +60,12 @@ class BlockStreamer:
                 block.to(self.device)
         nbytes = sum(t.numel() * t.element_size() for b in streamed for t in tensors_of(b))
         self.pinned = self.cuda and (can_pin(nbytes) if pin is None else pin)
-        self.mode = "resident" if not streamed else ("pinned" if self.pinned else "pageable")
+        self.mode = "resident" if not streamed else ("pinned" if self.pinned else "mmap")
         if streamed:
-            log.info("DiT streaming: %d of %d blocks streamed (%.1f GB) from %s host memory",
-                     len(streamed), len(self.blocks), nbytes / 1e9, self.mode)
+            source = ("pinned host memory" if self.pinned else
+                      "host memory as loaded (the memory-mapped file for FP8) through a 2-block pinned ring")
+            log.info("DiT streaming: %d of %d blocks (%.1f GB) streamed from %s",
+                     len(streamed), len(self.blocks), nbytes / 1e9, source)
         self.host = [self._to_host(b) if not r else None for b, r in zip(self.blocks, self.resident, strict=True)]
         # Two reusable device buffers shaped like a block; they alternate between consecutive streamed blocks.
         self.slots = [copy.deepcopy(streamed[0]).to(self.device) for _ in range(min(2, len(streamed)))]

@@ -6,16 +6,30 @@ scalars `P.input_scale` / `P.output_scale` (1.0 with `"activations": "none"`). E
 plain under its usual name. quanto loads these with strict=False and silently leaves a missing weight
 uninitialised; we check coverage key by key and name what is missing.
 
+The file is memory-mapped, not read: FP8 data and bf16 tensors are used in place (zero copy), so loading
+costs no host RAM beyond the page cache and a streamed model can page its weights straight from the file.
+
 `FP8Linear` keeps the weight in FP8 (half the memory of bf16, which is what lets a 24 GB card and a 32 GB
-host hold the 14B model) and follows gpt-fast's shape: two buffers and a short forward. It computes
-x @ (data * scale)^T with the weight dequantised to the activation dtype right before the matmul, which is
-quanto's weight-only arithmetic (activations stay bf16) and the same on every device.
+host hold the 14B model) and follows gpt-fast's shape: two buffers and a short forward. Two compute paths:
+- GPUs with FP8 tensor cores (compute capability >= 8.9) and bf16 activations: a real FP8 matmul,
+  `torch._scaled_mm` with the per-row weight scales and the activations quantised per token (row-wise
+  absmax / 448). The activation quantisation is one `torch.compile`d function: Inductor fuses the row
+  absmax, the division and the cast into a single Triton kernel (one read of x, one fp8 write). Eager it is
+  four passes over x, which on the H100 made FP8 linears slower than bf16 (shared/specs/perf-limit.md:
+  40.6 vs 32.9 ms per block). torch.compile rather than a hand-written Triton kernel: same fusion, no code
+  of ours to keep correct per GPU, and Triton ships with torch. torchao's float8 inference would serve too
+  but is one more dependency for ~20 lines.
+- Elsewhere (CPU, pre-Ada GPUs, float32 activations, odd shapes): the weight is dequantised per layer to
+  the activation dtype (data * scale) right before `F.linear`, quanto's weight-only arithmetic.
+`ITK_FP8_MATMUL=0` forces the second path everywhere (for comparisons, or if a driver misbehaves).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from itk.runtime.loading import WeightsError, read_state_dict
+from itk.runtime.loading import WeightsError, check_keys
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -32,6 +46,40 @@ WEIGHTS_QTYPE = "qfloat8_e4m3fn"
 # The quanto names of one quantised Linear `P`, and where each goes in FP8Linear.
 QUANTO_KEYS = {"weight._data": "weight", "weight._scale": "scale"}
 QUANTO_SCALARS = ("input_scale", "output_scale")
+SAFETENSORS_DTYPES = {
+    "F8_E4M3": FP8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+FP8_MATMUL = os.environ.get("ITK_FP8_MATMUL", "1") != "0"
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]): per-token absmax scaling."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@functools.cache
+def _fused_quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """quantize_activations compiled once (dynamic in the token count, so no recompile per shape)."""
+    return torch.compile(quantize_activations, dynamic=True, fullgraph=True)
+
+
+@functools.cache
+def has_fp8_matmul(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, fused: bool = True
+) -> torch.Tensor:
+    """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = (_fused_quantize() if fused else quantize_activations)(x2)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class FP8Linear(nn.Module):
@@ -48,6 +96,9 @@ class FP8Linear(nn.Module):
         return self.weight.to(dtype) * self.scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if FP8_MATMUL and x.dtype == torch.bfloat16 and has_fp8_matmul(x.device) and self.in_features % 16 == 0 \
+                and self.out_features % 16 == 0:
+            return fp8_matmul(x, self.weight, self.scale, self.bias)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized(x.dtype), bias)
 
@@ -91,6 +142,40 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(str(tmp))
     os.replace(tmp, path)
+
+
+def read_mmap(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a zero-copy view of one memory map of the file.
+
+    Why not safetensors' load_file: it copies each tensor into process memory, so a 19.5 GB file costs
+    19.5 GB of RSS before anything else happens. Views of a private mapping cost nothing until touched, are
+    backed by the page cache (the kernel can drop them under pressure) and go to the GPU without a copy.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        start, end = (base + o for o in info["data_offsets"])
+        if dtype is None or end > size:
+            raise WeightsError(f"{path}: {key} has dtype {info['dtype']} or lies past the end of the file")
+        raw = data[start:end]
+        # A tensor whose offset is not a multiple of its element size cannot be viewed in place.
+        if start % dtype.itemsize:
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).view(info["shape"])
+    return tensors
 
 
 def read_quant_map(path: str | Path) -> dict[str, dict[str, str]]:
@@ -141,6 +226,8 @@ def quantized_state(
         stored = state[f"{name}.weight"].dtype
         if stored != FP8:
             raise WeightsError(f"{source}: {name}.weight._data is {stored}, expected float8_e4m3fn")
+        if not state[f"{name}.scale"].is_floating_point():
+            raise WeightsError(f"{source}: {name}.weight._scale is {state[f'{name}.scale'].dtype}, expected a float")
         for scalar in QUANTO_SCALARS:
             value = state.pop(f"{name}.{scalar}", None)
             if value is not None and value.float().item() != 1.0:
@@ -152,8 +239,6 @@ def assign_quantized(
     model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype, device: torch.device | str
 ) -> None:
     """Strict assign: FP8 data stays FP8, everything else becomes `dtype`, all on `device`."""
-    from itk.runtime.loading import check_keys
-
     check_keys(model, state, source)
     cast = {
         k: v.to(device=device, dtype=v.dtype if v.dtype == FP8 or not v.is_floating_point() else dtype)
@@ -165,8 +250,14 @@ def assign_quantized(
     model.load_state_dict(cast, strict=True, assign=True)
 
 
-def load_dit_fp8(path: str | Path, cfg, dtype: torch.dtype = torch.bfloat16, device="cpu", map_path=None):
-    """The complete InfiniteTalk DiT from `quant_models/infinitetalk_single_fp8.safetensors` + its map."""
+def load_dit_fp8(
+    path: str | Path, map_path: str | Path | None, cfg, dtype: torch.dtype = torch.bfloat16, device="cpu"
+):
+    """The complete InfiniteTalk DiT from `quant_models/infinitetalk_single_fp8.safetensors` + its map.
+
+    `map_path` None means the official convention (the same path with 'safetensors' replaced by 'json').
+    On the CPU the FP8 weights stay views of the memory-mapped file until something reads them.
+    """
     from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
 
     path = Path(path)
@@ -174,7 +265,7 @@ def load_dit_fp8(path: str | Path, cfg, dtype: torch.dtype = torch.bfloat16, dev
     with torch.device("meta"):
         model = InfiniteTalkDiT(cfg)
     swap_linears(model, qmap, str(path))
-    assign_quantized(model, quantized_state(read_state_dict(path), qmap, str(path)), str(path), dtype, device)
+    assign_quantized(model, quantized_state(read_mmap(path), qmap, str(path)), str(path), dtype, device)
     model.rope = rope_table(cfg.head_dim)
     return model.eval().requires_grad_(False)
 
@@ -186,7 +277,7 @@ def dequantized_state(path: str | Path, map_path: str | Path, dtype: torch.dtype
     """
     path = Path(path)
     qmap = read_quant_map(map_path)
-    state = quantized_state(read_state_dict(path), qmap, str(path))
+    state = quantized_state(read_mmap(path), qmap, str(path))
     for name in qmap:
         data, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.scale")
         state[f"{name}.weight"] = data.to(dtype) * scale.to(dtype)
