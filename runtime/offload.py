@@ -27,6 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 PIN_HEADROOM = 8 * 2**30  # RAM left free after pinning, for activations, the VAE and the OS
+ALIGN = 64  # byte alignment of each tensor inside a block's flat host buffer
 
 
 def params_of(module: nn.Module) -> int:
@@ -35,15 +36,47 @@ def params_of(module: nn.Module) -> int:
     )
 
 
-def tensors_of(module: nn.Module) -> list[torch.Tensor]:
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer, in a fixed order shared by blocks of the same structure."""
-    return [t for _, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())]
+    return sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())
+
+
+def tensors_of(module: nn.Module) -> list[torch.Tensor]:
+    return [t for _, t in named_tensors(module)]
+
+
+def flat_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors)
+
+
+def flat_views(like: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """Empty host tensors shaped like `like`, all views of ONE allocation (pinned when asked).
+
+    Why one allocation per block: torch's pinned allocator rounds every allocation up to a power of two, so
+    pinning tensor by tensor wastes ~40% of a block (the 71 MB FFN weights take 128 MB); per block it is 12%.
+    """
+    flat = torch.empty(flat_bytes(like), dtype=torch.uint8, pin_memory=pin)
+    views, offset = [], 0
+    for t in like:
+        size = t.numel() * t.element_size()
+        views.append(flat[offset:offset + size].view(t.dtype).view(t.shape))
+        offset += -(-size // ALIGN) * ALIGN
+    return views
 
 
 def can_pin(nbytes: int) -> bool:
     import psutil
 
     return psutil.virtual_memory().available - nbytes > PIN_HEADROOM
+
+
+def _replace(block: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = block.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
 
 
 class BlockStreamer:
@@ -58,8 +91,9 @@ class BlockStreamer:
         for block, keep in zip(self.blocks, self.resident, strict=True):
             if keep:
                 block.to(self.device)
-        nbytes = sum(t.numel() * t.element_size() for b in streamed for t in tensors_of(b))
-        self.pinned = self.cuda and (can_pin(nbytes) if pin is None else pin)
+        nbytes = sum(flat_bytes(tensors_of(b)) for b in streamed)
+        pinned_bytes = len(streamed) * (1 << (flat_bytes(tensors_of(streamed[0])) - 1).bit_length()) if streamed else 0
+        self.pinned = self.cuda and (can_pin(pinned_bytes) if pin is None else pin)
         self.mode = "resident" if not streamed else ("pinned" if self.pinned else "mmap")
         if streamed:
             source = ("pinned host memory" if self.pinned else
@@ -70,7 +104,7 @@ class BlockStreamer:
         # Two reusable device buffers shaped like a block; they alternate between consecutive streamed blocks.
         self.slots = [copy.deepcopy(streamed[0]).to(self.device) for _ in range(min(2, len(streamed)))]
         self.staging = (
-            [[torch.empty_like(t, device="cpu").pin_memory() for t in tensors_of(streamed[0])] for _ in self.slots]
+            [flat_views(tensors_of(streamed[0]), pin=True) for _ in self.slots]
             if streamed and self.cuda and not self.pinned else None
         )
         if self.cuda:
@@ -79,16 +113,17 @@ class BlockStreamer:
             self.freed = [torch.cuda.Event() for _ in self.slots]
 
     def _to_host(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's tensors on the host (pinned when chosen). Each module tensor is replaced by its host
-        copy, so the loaded original is freed block by block: host memory never holds the DiT twice."""
-        for module in block.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in store.items():
-                    if t is None:
-                        continue
-                    host = t.detach().cpu()
-                    host = host.pin_memory() if self.cuda and self.pinned else host
-                    store[name] = nn.Parameter(host, requires_grad=False) if isinstance(t, nn.Parameter) else host
+        """The block's tensors on the host: copied into one pinned buffer when pinning was chosen, else left
+        where they are (views of the mapped file for FP8). Each module tensor is replaced by its host copy, so
+        the loaded original is released block by block: host memory never holds the DiT twice."""
+        named = named_tensors(block)
+        if self.pinned:
+            for (name, t), view in zip(named, flat_views([t for _, t in named], pin=True), strict=True):
+                _replace(block, name, view.copy_(t.detach()))
+        else:
+            for name, t in named:
+                if t.device.type != "cpu":
+                    _replace(block, name, t.detach().cpu())
         return tensors_of(block)
 
     def _load(self, index: int, slot: int) -> None:
