@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -52,6 +53,9 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 FP8_MATMUL = os.environ.get("ITK_FP8_MATMUL", "1") != "0"
+FP8_MATMUL_ERROR = ""  # why the FP8 matmul was turned off at run time, if it was
+_BIAS_IN_MATMUL = True
+log = logging.getLogger(__name__)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,9 +81,30 @@ def fp8_matmul(
     """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul."""
     x2 = x.reshape(-1, x.shape[-1])
     xq, xs = (_fused_quantize() if fused else quantize_activations)(x2)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.float().reshape(1, -1),
-                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    scale_b = scale.float().reshape(1, -1)
+    bias = None if bias is None else bias.to(x.dtype)
+    if bias is not None and not _BIAS_IN_MATMUL:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype) + bias
+    else:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fast_or_none(layer: FP8Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The FP8 tensor-core result, or None once this torch/GPU has refused it (then logged, and never retried:
+    a run that cannot use FP8 matmuls still runs, on the dequantised path)."""
+    global FP8_MATMUL, FP8_MATMUL_ERROR, _BIAS_IN_MATMUL
+    try:
+        return fp8_matmul(x, layer.weight, layer.scale, layer.bias)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if _BIAS_IN_MATMUL and layer.bias is not None:
+            _BIAS_IN_MATMUL = False  # some torch versions take no bias with row-wise scales
+            return _fast_or_none(layer, x)
+        FP8_MATMUL, FP8_MATMUL_ERROR = False, f"{type(exc).__name__}: {exc}"
+        log.warning("FP8 matmul unavailable here (%s); using dequantised weights", FP8_MATMUL_ERROR)
+        return None
 
 
 class FP8Linear(nn.Module):
@@ -98,7 +123,9 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if FP8_MATMUL and x.dtype == torch.bfloat16 and has_fp8_matmul(x.device) and self.in_features % 16 == 0 \
                 and self.out_features % 16 == 0:
-            return fp8_matmul(x, self.weight, self.scale, self.bias)
+            out = _fast_or_none(self, x)
+            if out is not None:
+                return out
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized(x.dtype), bias)
 

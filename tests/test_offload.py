@@ -65,3 +65,18 @@ def test_streaming_works_on_fp8_blocks(golden, tmp_path):
     model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
     enable_streaming(model, 0, "cpu")
     assert torch.equal(forward(model, t), reference)
+
+
+def test_a_blocks_host_copy_is_one_allocation_with_aligned_views():
+    from itk.runtime.offload import ALIGN, flat_views
+
+    like = [torch.randn(3, 5), torch.zeros(7, dtype=torch.bfloat16), torch.ones((), dtype=torch.float64),
+            torch.randn(4, 4).to(torch.float8_e4m3fn)]
+    views = flat_views(like, pin=False)
+    storages = {v.untyped_storage().data_ptr() for v in views}
+    assert len(storages) == 1
+    assert [(v.shape, v.dtype) for v in views] == [(t.shape, t.dtype) for t in like]
+    assert all(v.data_ptr() % ALIGN == 0 for v in views)
+    for v, t in zip(views, like, strict=True):
+        v.copy_(t)
+    assert all(torch.equal(v.float(), t.float()) for v, t in zip(views, like, strict=True))  # no overlap

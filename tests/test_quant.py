@@ -74,16 +74,18 @@ def test_the_fp8_model_equals_the_float_model_on_the_dequantised_weights(quantiz
     assert rel_err(run(fp8, t), run(ref.eval(), t)) < 1e-5
 
 
-def test_fp8_blocks_stay_close_to_the_official_float_output(quantized, tmp_path):
-    # The 15 Linears of every block (98% of the 14B weights). Quantising the tiny model's random 46080-wide
-    # audio projection too drops the cosine to 0.9987: a property of these random weights, not of the format.
+@pytest.mark.parametrize(("scope", "min_cosine"), [("blocks", 0.999), ("all", 0.998)])
+def test_fp8_stays_close_to_the_official_float_output(quantized, tmp_path, scope, min_cosine):
+    # "blocks": the 15 Linears of every block, 98% of the 14B weights: DESIGN's cosine >= 0.999 holds
+    # (0.99957). "all": every Linear as in the official file; on this tiny model's random weights (the
+    # 46080-wide audio projection, 64-wide layers) it measures 0.99872, a property of these random weights.
     meta, t, cfg, names, _ = quantized
-    path = tmp_path / "blocks_fp8.safetensors"
-    write_quantized(weights_of(meta, t), [n for n in names if n.startswith("blocks.")], path,
-                    tmp_path / "blocks_fp8.json")
+    chosen = [n for n in names if scope == "all" or n.startswith("blocks.")]
+    path = tmp_path / f"{scope}_fp8.safetensors"
+    write_quantized(weights_of(meta, t), chosen, path, tmp_path / f"{scope}_fp8.json")
     out = run(load_dit_fp8(path, None, cfg, dtype=torch.float32), t).flatten()
     cos = F.cosine_similarity(out.double(), t["output.noise_pred"].flatten().double(), dim=0)
-    assert cos >= 0.999
+    assert cos >= min_cosine
 
 
 def test_fp8_weights_stay_one_byte_per_element_in_memory(quantized):
