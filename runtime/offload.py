@@ -64,6 +64,19 @@ def flat_views(like: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
     return views
 
 
+def empty_copy(block: nn.Module, device: torch.device) -> nn.Module:
+    """A module like `block` with fresh, uninitialised tensors on `device`.
+
+    Not `deepcopy(block).to(device)`: deepcopy of a view copies its whole storage, which for a block loaded
+    from the memory-mapped file is the entire 19 GB file (and for a pinned block its whole host buffer).
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for t in tensors_of(block):
+        empty = torch.empty_like(t, device=device)
+        memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(block, memo)
+
+
 def can_pin(nbytes: int) -> bool:
     import psutil
 
@@ -102,7 +115,7 @@ class BlockStreamer:
                      len(streamed), len(self.blocks), nbytes / 1e9, source)
         self.host = [self._to_host(b) if not r else None for b, r in zip(self.blocks, self.resident, strict=True)]
         # Two reusable device buffers shaped like a block; they alternate between consecutive streamed blocks.
-        self.slots = [copy.deepcopy(streamed[0]).to(self.device) for _ in range(min(2, len(streamed)))]
+        self.slots = [empty_copy(streamed[0], self.device) for _ in range(min(2, len(streamed)))]
         self.staging = (
             [flat_views(tensors_of(streamed[0]), pin=True) for _ in self.slots]
             if streamed and self.cuda and not self.pinned else None

@@ -63,8 +63,12 @@ def test_streaming_works_on_fp8_blocks(golden, tmp_path):
     write_quantized(weights_of(meta, t), names, path, tmp_path / "fp8.json")
     reference = forward(load_dit_fp8(path, None, cfg, dtype=torch.float32), t)
     model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
-    enable_streaming(model, 0, "cpu")
+    streamer = enable_streaming(model, 0, "cpu")
     assert torch.equal(forward(model, t), reference)
+    # The reusable block buffers are their own small tensors, not copies of the memory-mapped file.
+    slot_weight = streamer.slots[0].ffn[0].weight
+    assert slot_weight.untyped_storage().nbytes() == slot_weight.numel() * slot_weight.element_size()
+    assert model.blocks[0].ffn[0].weight.untyped_storage().nbytes() == path.stat().st_size
 
 
 def test_a_blocks_host_copy_is_one_allocation_with_aligned_views():
