@@ -95,7 +95,9 @@ def _replace(block: nn.Module, name: str, value: torch.Tensor) -> None:
 class BlockStreamer:
     """Runs a list of identically shaped blocks on `device`, resident ones in place, the rest streamed."""
 
-    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device, pin: bool | None):
+    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device, pin: bool | None,
+                 mapped=None):
+        self.mapped = mapped  # quant.MappedFile of a memory-mapped FP8 file: its bytes are read with pread
         self.blocks = list(blocks)
         self.resident = list(resident)
         self.device = torch.device(device)
@@ -132,12 +134,20 @@ class BlockStreamer:
         named = named_tensors(block)
         if self.pinned:
             for (name, t), view in zip(named, flat_views([t for _, t in named], pin=True), strict=True):
-                _replace(block, name, view.copy_(t.detach()))
+                _replace(block, name, self._fill(view, t.detach()))
         else:
             for name, t in named:
                 if t.device.type != "cpu":
                     _replace(block, name, t.detach().cpu())
         return tensors_of(block)
+
+    def _fill(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """dst <- src on the host; bytes of the memory-mapped file are read with pread, not through the mapping."""
+        offset = self.mapped.offset_of(src) if self.mapped is not None else None
+        if offset is None or dst.device.type != "cpu" or not dst.is_contiguous():
+            return dst.copy_(src)
+        self.mapped.read_into(dst, offset)
+        return dst
 
     def _load(self, index: int, slot: int) -> None:
         """Copy block `index` into device slot `slot` (on CUDA: queued on the copy stream, not waited for)."""
@@ -145,12 +155,12 @@ class BlockStreamer:
         sources = self.host[index]
         if not self.cuda:
             for dst, src in zip(targets, sources, strict=True):
-                dst.copy_(src)
+                self._fill(dst, src)
             return
         if self.staging is not None:
             self.copied[slot].synchronize()  # this staging area may still feed the slot's previous copy
             for stage, src in zip(self.staging[slot], sources, strict=True):
-                stage.copy_(src)
+                self._fill(stage, src)
             sources = self.staging[slot]
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.freed[slot])  # the slot's previous block has finished computing
@@ -203,7 +213,7 @@ def enable_streaming(
         if name != "blocks":
             child.to(device)
     plan, _ = resident_plan(model, budget)
-    streamer = BlockStreamer(model.blocks, plan, device, pin)
+    streamer = BlockStreamer(model.blocks, plan, device, pin, getattr(model, "mapped_file", None))
     model.rope = tuple(t.to(device) for t in model.rope)
     model.block_executor = streamer
     return streamer

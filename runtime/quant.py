@@ -171,7 +171,44 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
+class MappedFile:
+    """The file behind `map_file`'s tensors, so a reader can fetch a tensor's bytes with pread.
+
+    Why: pages of a mapping that were touched count in the process's RSS until the whole mapping goes,
+    so copying 19 GB of streamed blocks out of the mapping would show as 19 GB more RSS although it is
+    only page cache. Reading the same bytes with pread leaves them in the page cache, outside the process.
+    """
+
+    def __init__(self, path: Path, base: int, size: int):
+        self.path, self.base, self.size = path, base, size
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """The file offset of `t`'s bytes if `t` is a contiguous view of this mapping, else None."""
+        storage = t.untyped_storage()
+        if t.device.type != "cpu" or storage.data_ptr() != self.base or storage.nbytes() != self.size:
+            return None
+        return t.data_ptr() - self.base if t.is_contiguous() else None
+
+    def read_into(self, dst: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous CPU tensor `dst` with its byte count from `offset` of the file."""
+        buf = dst.reshape(-1).view(torch.uint8).numpy()
+        done = 0
+        while done < buf.size:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise WeightsError(f"{self.path}: file ended at byte {offset + done} while streaming weights")
+            done += n
+
+
 def read_mmap(path: str | Path) -> dict[str, torch.Tensor]:
+    return map_file(path)[0]
+
+
+def map_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MappedFile]:
     """Every tensor of a safetensors file as a zero-copy view of one memory map of the file.
 
     Why not safetensors' load_file: it copies each tensor into process memory, so a 19.5 GB file costs
@@ -202,7 +239,7 @@ def read_mmap(path: str | Path) -> dict[str, torch.Tensor]:
         if start % dtype.itemsize:
             raw = raw.clone()
         tensors[key] = raw.view(dtype).view(info["shape"])
-    return tensors
+    return tensors, MappedFile(path, data.data_ptr(), size)
 
 
 def read_quant_map(path: str | Path) -> dict[str, dict[str, str]]:
@@ -292,7 +329,8 @@ def load_dit_fp8(
     with torch.device("meta"):
         model = InfiniteTalkDiT(cfg)
     swap_linears(model, qmap, str(path))
-    assign_quantized(model, quantized_state(read_mmap(path), qmap, str(path)), str(path), dtype, device)
+    raw, model.mapped_file = map_file(path)
+    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype, device)
     model.rope = rope_table(cfg.head_dim)
     return model.eval().requires_grad_(False)
 

@@ -65,6 +65,8 @@ def test_streaming_works_on_fp8_blocks(golden, tmp_path):
     model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
     streamer = enable_streaming(model, 0, "cpu")
     assert torch.equal(forward(model, t), reference)
+    # The streamed FP8 weights were read from the file with pread (not through the mapping).
+    assert streamer.mapped.offset_of(model.blocks[1].ffn[0].weight) is not None
     # The reusable block buffers are their own small tensors, not copies of the memory-mapped file.
     slot_weight = streamer.slots[0].ffn[0].weight
     assert slot_weight.untyped_storage().nbytes() == slot_weight.numel() * slot_weight.element_size()

@@ -211,3 +211,16 @@ def test_a_scale_of_integer_dtype_is_refused(quantized, tmp_path):
 
     with pytest.raises(WeightsError, match=r"blocks\.0\.ffn\.0\.weight\._scale is torch\.int32, expected a float"):
         load_dit_fp8(_rewrite(path, tmp_path, to_int), None, cfg)
+
+
+def test_a_mapped_tensor_is_read_back_byte_for_byte_with_pread(quantized):
+    from itk.runtime.quant import map_file
+
+    _, _, _, _, path = quantized
+    tensors, mapped = map_file(path)
+    for key in ("blocks.0.ffn.0.weight._data", "blocks.1.norm_x.bias", "blocks.0.self_attn.q.input_scale"):
+        src = tensors[key]
+        dst = torch.empty_like(src)
+        mapped.read_into(dst, mapped.offset_of(src))
+        assert torch.equal(dst.view(torch.uint8) if dst.dim() else dst, src.view(torch.uint8) if src.dim() else src)
+    assert mapped.offset_of(tensors["blocks.0.ffn.0.weight._data"].clone()) is None
