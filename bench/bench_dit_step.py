@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from itk.runtime.configs import DiTConfig
-from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
+from itk.runtime.models.dit import InfiniteTalkDiT, rope_angles, rope_table
 from itk.runtime.offload import enable_streaming
 from itk.runtime.quant import FP8Linear, linear_names, quantize_rowwise, swap_linears
 
@@ -59,7 +59,7 @@ def random_dit(cfg: DiTConfig, fp8: bool, device: str, seed: int = 0) -> Infinit
             if name == "weight" and p.dim() == 1:
                 value = torch.ones_like(value)
             setattr(module, name, nn.Parameter(value, requires_grad=False))
-    model.rope = tuple(t.to(device) for t in rope_table(cfg.head_dim))
+    model.rope = rope_table(cfg.head_dim)
     return model.eval()
 
 
@@ -98,7 +98,8 @@ def measure(name: str, model: InfiniteTalkDiT, args: tuple, layers: int, repeats
     with torch.no_grad():
         forward = timed(lambda: model(*args), repeats)
         tokens, grid, e, e0, ctx, audio = model.embed(*args)
-        blocks = timed(lambda: run_blocks(model, tokens, e0, ctx, audio, grid, model.rope), repeats)
+        rope = rope_angles(grid, model.rope, tokens.device)
+        blocks = timed(lambda: run_blocks(model, tokens, e0, ctx, audio, grid, rope), repeats)
     step = PASSES * (forward - blocks + blocks * FULL_LAYERS / layers)
     return {
         "mode": name, "layers_measured": layers, "forward_s": round(forward, 4), "blocks_s": round(blocks, 4),

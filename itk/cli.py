@@ -96,7 +96,6 @@ def presets(as_json, debug) -> None:
     run_friendly(lambda: run_presets(as_json), debug)
 
 
-
 @cli.command()
 @PRESET
 @click.option("--component", "components", multiple=True, help="Fetch only this manifest component (repeatable).")
@@ -112,3 +111,15 @@ def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, de
     from itk.fetch import run_fetch
 
     run_friendly(lambda: run_fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json), debug)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the tiny weights and the video (default: a new temp folder).")
+@DEBUG
+def selftest(workdir, debug) -> None:
+    """Generate a short video on tiny random weights through the real generator; print the mp4 path."""
+    from itk.console import run_friendly
+    from itk.selftest import selftest_command
+
+    run_friendly(lambda: selftest_command(workdir), debug)

@@ -214,6 +214,5 @@ def enable_streaming(
             child.to(device)
     plan, _ = resident_plan(model, budget)
     streamer = BlockStreamer(model.blocks, plan, device, pin, getattr(model, "mapped_file", None))
-    model.rope = tuple(t.to(device) for t in model.rope)
     model.block_executor = streamer
     return streamer

@@ -56,8 +56,17 @@ def test_the_dit_output_matches_the_official_model(dit_a):
     assert rel_err(out, tensors["output.noise_pred"][0]) < TOL
 
 
+def test_the_time_embedding_and_its_projection_match(dit_a):
+    _, t, model, _ = dit_a
+    with torch.no_grad():
+        _, _, e, e0, _, _ = model.embed(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"],
+                                        t["input.y"], t["input.audio"])
+    assert rel_err(e, t["intermediate.time_embedding"]) < TOL
+    assert rel_err(e0.flatten(1), t["intermediate.time_projection"]) < TOL
+
+
 @pytest.mark.parametrize("name", [
-    "patch_embedding", "time_embedding", "time_projection", "text_embedding", "img_emb",
+    "patch_embedding", "text_embedding", "img_emb",
     "blocks.0.self_attn", "blocks.0.cross_attn", "blocks.0.audio_cross_attn", "blocks.0",
     "blocks.1.self_attn", "blocks.1.cross_attn", "blocks.1.audio_cross_attn", "blocks.1", "head",
 ])
@@ -138,3 +147,12 @@ def test_bf16_weights_load_as_bf16_without_an_fp32_copy(dit_a, tmp_path):
     save_file({k: v.bfloat16() for k, v in weights_of(meta, tensors).items()}, str(path))
     model = load_dit([path], golden_config(meta), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bf16_weights_with_float32_islands_run_and_agree_with_float32(dit_a, tmp_path):
+    meta, tensors, model, path = dit_a
+    bf16 = load_dit([path], golden_config(meta), dtype=torch.bfloat16)
+    out, _ = run_with_hooks(bf16, tensors)
+    ref = tensors["output.noise_pred"][0]
+    cos = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0)
+    assert out.dtype == torch.float32 and cos > 0.99

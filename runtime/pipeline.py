@@ -1,0 +1,276 @@
+"""The streaming long-video loop of InfiniteTalk (runtime-spec §5, the `flow` of the pipeline_A golden).
+
+A talk of any length is generated as overlapping clips of `frame_num` frames. Each later clip is anchored on
+the last `motion_frame` decoded (and colour-corrected) frames of the one before, so the clips join without a
+cut; the audio embedding is windowed per clip, and the run ends at the audio's end or `max_frame_num`.
+
+The models are passed in (DiT, VAE, a CLIP feature function) so the loop runs the same on tiny test
+weights and on the real 14B model, and the random draws come from an injectable noise source so a test
+can replay the official run's recorded draws.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from itk.runtime.buckets import choose_bucket, resized_size
+from itk.runtime.color import match_colors
+from itk.runtime.events import Events
+from itk.runtime.sampler import Guidance, Sampler, euler_step, shifted_timesteps
+
+AUDIO_WINDOW = 5
+
+
+class Noise(Protocol):
+    """Where the run's random draws come from, in the official order."""
+
+    def randn(self, shape: Sequence[int], device: torch.device) -> torch.Tensor: ...
+
+    def randn_like(self, like: torch.Tensor) -> torch.Tensor: ...
+
+
+class SeededNoise:
+    """torch's generator seeded like `torch.manual_seed(seed)`: on CPU it reproduces the official draws."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, device=device, dtype=torch.float32)
+
+    def randn_like(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The sampling options of one run (the official flags' values)."""
+
+    frame_num: int = 81
+    motion_frame: int = 9
+    max_frame_num: int = 1000
+    streaming: bool = True
+    steps: int = 40
+    shift: float = 7.0
+    guidance: Guidance = field(default_factory=Guidance)
+    color_correction_strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Where each clip starts in the audio, how long clips are, and the final length of the video."""
+
+    frames: int
+    starts: tuple[int, ...]
+    pad: int  # mirrored frames appended to the audio embedding before the last clip (0: none)
+    length: int  # frames of the finished video
+
+
+def plan_clips(audio_frames: int, s: Settings) -> ClipPlan:
+    """The official clip schedule (runtime-spec §5.5-5.6), extended to audio shorter than one clip.
+
+    The official code refuses audio of <= frame_num frames. Here such a talk becomes ONE shorter clip of
+    the smallest 4n+1 frames covering the audio (the DiT needs 4n+1), its embedding mirror-padded by the
+    official rule, and the video is cut to the audio's length: no wasted frames, no frozen tail.
+    """
+    if audio_frames < 1:
+        raise ValueError("the audio is shorter than one video frame (40 ms)")
+    frames = s.frame_num
+    if audio_frames <= s.frame_num:
+        frames = 4 * math.ceil((audio_frames - 1) / 4) + 1
+        return ClipPlan(frames, (0,), frames - audio_frames + 3 if frames >= audio_frames else 0, audio_frames)
+    if not s.streaming or s.max_frame_num <= s.frame_num:
+        return ClipPlan(frames, (0,), 0, min(s.frame_num, s.max_frame_num))
+    starts, start, pad = [0], 0, 0
+    limit = min(s.max_frame_num, audio_frames)
+    while True:
+        start += frames - s.motion_frame
+        starts.append(start)
+        end = start + frames
+        if end >= limit:
+            pad = end - audio_frames + 3 if end >= audio_frames else 0
+            break
+    total = frames + (len(starts) - 1) * (frames - s.motion_frame)
+    length = min(total, s.max_frame_num)
+    if pad:
+        length = min(length, audio_frames)
+    return ClipPlan(frames, tuple(starts), pad, length)
+
+
+def preprocess_reference(image, target: tuple[int, int]) -> torch.Tensor:
+    """A PIL image -> [1, 3, 1, th, tw] in [-1, 1]: PIL bilinear resize to cover, then centre crop.
+
+    PIL's bilinear filter antialiases when it shrinks, unlike torch's interpolate; the crop offset uses
+    Python's round() as torchvision does, so the framing matches the official code to the pixel.
+    """
+    from PIL import Image
+
+    th, tw = target
+    h, w = resized_size(image.height, image.width, target)
+    pixels = torch.from_numpy(np.array(image.convert("RGB").resize((w, h), resample=Image.BILINEAR)))
+    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    crop = pixels[top:top + th, left:left + tw].permute(2, 0, 1)[None, :, None]
+    return (crop / 255 - 0.5) * 2
+
+
+class ReferenceSource:
+    """The reference frame per clip: the image itself, or the source video's frame at the clip's start."""
+
+    def __init__(self, path, table: dict[str, list[int]]) -> None:
+        from PIL import Image
+
+        from itk.runtime.video import VideoFrames, is_video
+
+        self.video = VideoFrames(path) if is_video(path) else None
+        first = Image.fromarray(self.video[0]) if self.video is not None else Image.open(path)
+        first.load()
+        self.size = (first.height, first.width)
+        self.target = choose_bucket(first.height, first.width, table)
+        self._first = preprocess_reference(first, self.target)
+
+    def frames_for(self, starts: Sequence[int]) -> list[torch.Tensor]:
+        """One preprocessed frame per clip start (the same tensor for every clip of an image)."""
+        from PIL import Image
+
+        if self.video is None:
+            return [self._first] * len(starts)
+        return [self._first] + [
+            preprocess_reference(Image.fromarray(self.video[s]), self.target) for s in starts[1:]
+        ]
+
+
+def audio_windows(embedding: torch.Tensor, start: int, frames: int) -> torch.Tensor:
+    """[frames, 5, blocks, channels]: for each frame j, rows j-2..j+2 clamped to the embedding."""
+    offsets = torch.arange(AUDIO_WINDOW) - AUDIO_WINDOW // 2
+    rows = (torch.arange(start, start + frames)[:, None] + offsets[None]).clamp(0, embedding.shape[0] - 1)
+    return embedding[rows]
+
+
+def mirror_pad(embedding: torch.Tensor, count: int) -> torch.Tensor:
+    """The official end padding: append the last `count` frames in reverse order."""
+    return torch.cat([embedding, torch.flip(embedding[-count:], dims=[0])]) if count else embedding
+
+
+def first_frame_mask(latent_frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
+    """[1, 4, T_lat, h, w]: 1 on latent frame 0 (the known reference), 0 elsewhere."""
+    mask = torch.zeros(1, 4, latent_frames, lat_h, lat_w)
+    mask[:, :, 0] = 1
+    return mask
+
+
+class DiT(Protocol):
+    def __call__(self, x, t, context, clip_fea, y, audio, ref_target_masks=None) -> torch.Tensor: ...
+
+
+class VAE(Protocol):
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor: ...
+
+
+# Called with (clip index, step index, pass name, latent, timestep, prediction) after each DiT call.
+CallHook = Callable[[int, int, str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# Called with (clip index, finished clip [1, 3, F, H, W]); returns the clip the next one is anchored on.
+ClipHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StreamingPipeline:
+    """Generates the frames of one talk: `run` returns [3, T, H, W] float32 in [-1, 1]."""
+
+    dit: DiT
+    vae: VAE
+    settings: Settings
+    noise: Noise
+    events: Events | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    on_dit_call: CallHook | None = None
+    # Tests anchor each clip on the official previous clip: with random tiny weights the clip-to-clip
+    # feedback amplifies float32 rounding about tenfold per clip, which would hide real differences.
+    on_clip: ClipHook | None = None
+
+    def run(
+        self,
+        references: Sequence[torch.Tensor],
+        clip_features: Sequence[torch.Tensor],
+        context: torch.Tensor,
+        context_null: torch.Tensor,
+        audio: torch.Tensor,
+        plan: ClipPlan,
+    ) -> torch.Tensor:
+        """Every clip of `plan`; references/clip_features hold one entry per clip (see ReferenceSource)."""
+        s, frames = self.settings, plan.frames
+        color_ref = references[0]
+        timesteps = [t.to(self.device) for t in shifted_timesteps(s.steps, s.shift)]
+        pieces: list[torch.Tensor] = []
+        motion_pixels: torch.Tensor | None = None
+        y_cache: dict[int, torch.Tensor] = {}
+        for k, start in enumerate(plan.starts):
+            last = k == len(plan.starts) - 1
+            if last:
+                audio = mirror_pad(audio, plan.pad)
+            if self.events:
+                self.events.emit("clip", clip=k + 1, clips=len(plan.starts))
+            ref = references[k].to(self.device)
+            noise = self.noise.randn((16, (frames - 1) // 4 + 1, ref.shape[-2] // 8, ref.shape[-1] // 8), self.device)
+            y = y_cache.get(id(references[k]))
+            if y is None:
+                y = self._y(ref, frames)
+                y_cache[id(references[k])] = y
+            motion = self.vae.encode((ref if motion_pixels is None else motion_pixels)[0].float())
+            window = audio_windows(audio, start, frames)[None].to(self.device, self.dtype)
+            latent = self._denoise(k, noise, motion, y, window, clip_features[k], context, context_null,
+                                   timesteps)
+            video = self.vae.decode(latent)[None].float().cpu()
+            video = match_colors(video, color_ref.cpu(), s.color_correction_strength)
+            pieces.append(video if k == 0 else video[:, :, s.motion_frame:])
+            anchor = self.on_clip(k, video) if self.on_clip else video
+            motion_pixels = anchor[:, :, -s.motion_frame:].to(self.device)
+        return torch.cat(pieces, dim=2)[0, :, : plan.length].float()
+
+    def _y(self, ref: torch.Tensor, frames: int) -> torch.Tensor:
+        """[1, 20, T_lat, h, w]: the first-frame mask and the latent of (reference + grey frames)."""
+        padded = torch.cat([ref, torch.zeros(1, 3, frames - 1, *ref.shape[-2:], device=ref.device)], dim=2)
+        latent = self.vae.encode(padded[0].float())[None]
+        mask = first_frame_mask(latent.shape[2], latent.shape[3], latent.shape[4]).to(latent)
+        return torch.cat([mask, latent], dim=1).to(self.dtype)
+
+    def _denoise(self, k, noise, motion, y, window, clip_fea, context, context_null, timesteps):
+        s = self.settings
+        sampler = Sampler(s.guidance)
+        masks = torch.ones(3, noise.shape[-2], noise.shape[-1], device=self.device)
+        args = {
+            "cond": (context, window),
+            "drop_text": (context_null, window),
+            "uncond": (context_null, torch.zeros_like(window)[-1:]),
+            "drop_audio": (context, torch.zeros_like(window)[-1:]),
+        }
+        clip_fea, y = clip_fea.to(self.device, self.dtype), y.to(self.device, self.dtype)
+        latent, n = noise, motion.shape[1]
+        if k > 0:
+            # The official code re-noises the motion latents here and after every step, then overwrites
+            # them at once; the draws are kept only so the random stream stays in step with it.
+            self.noise.randn_like(motion)
+        for i in range(s.steps):
+            latent[:, :n] = motion
+            t = timesteps[i]
+            preds = {}
+            for name in sampler.passes():
+                ctx, audio = args[name]
+                preds[name] = self.dit(latent, t, ctx, clip_fea, y, audio, masks).float()
+                if self.on_dit_call:
+                    self.on_dit_call(k, i, name, latent, t, preds[name])
+            latent = euler_step(latent, sampler.velocity(preds), t, timesteps[i + 1])
+            if k > 0:
+                self.noise.randn_like(motion)
+            latent[:, :n] = motion
+            if self.events:
+                self.events.emit("step", clip=k + 1, step=i + 1, steps=s.steps)
+        return latent

@@ -1,0 +1,72 @@
+"""The tiny official layout (runtime.tiny) and `itk selftest`, the end-to-end run on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from itk.runtime import tiny
+
+from golden import GOLDENS
+
+META = json.loads((GOLDENS / "pipeline_A.json").read_text())
+
+
+def _shapes(name: str) -> dict:
+    return {k: tuple(v.shape) for k, v in load_file(GOLDENS / f"pipeline_A.{name}.safetensors").items()}
+
+
+def test_the_dit_key_schema_equals_the_official_checkpoint_keys_at_pipeline_a_sizes():
+    c, patched = META["dit_config"], META["dit_hardcoded_patched"]
+    d = {"dim": c["dim"], "ffn_dim": c["ffn_dim"], "num_layers": c["num_layers"], "text_dim": c["text_dim"],
+         "audio_intermediate_dim": c["intermediate_dim"], "audio_output_dim": c["output_dim"],
+         "audio_context_tokens": c["context_tokens"], **patched}
+    assert {**tiny._dit_shapes(d), **tiny._adapter_shapes(d)} == _shapes("dit")
+
+
+def test_the_t5_and_full_clip_key_schemas_equal_the_official_files():
+    t, c = META["t5_overrides"], META["clip_overrides"]
+    t5 = {"vocab_size": t["vocab_size"], "dim": t["dim"], "dim_attn": t["dim_attn"], "dim_ffn": t["dim_ffn"],
+          "num_heads": t["num_heads"], "num_layers": t["encoder_layers"]}
+    assert tiny._t5_shapes(t5) == _shapes("t5")
+    text = {"dim": c["text_dim"], "heads": c["text_heads"], "layers": c["text_layers"], "vocab": c["vocab_size"],
+            "max_len": c["max_text_len"], "embed_dim": c["embed_dim"]}
+    assert tiny._clip_shapes({"width": c["vision_dim"], "layers": c["vision_layers"]}, text) == _shapes("clip")
+
+
+def test_the_tiny_tokenizer_folder_loads_with_transformers_and_ends_with_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    size = tiny._tokenizer(tmp_path / "umt5", 0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "umt5")
+    ids = tok(["a person is talking"], padding="max_length", max_length=16, truncation=True)["input_ids"][0]
+    assert sorted(p.name for p in (tmp_path / "umt5").iterdir()) == [
+        "special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer_config.json"]
+    assert 1 in ids and max(ids) < size and ids[ids.index(1) + 1:] == [0] * (15 - ids.index(1))
+
+
+def test_selftest_writes_the_official_layout_and_a_checked_video_within_60_seconds(tmp_path):
+    for module in ("dit", "vae", "t5", "clip", "audio"):
+        pytest.importorskip(f"itk.runtime.models.{module}")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "itk", "selftest", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "selftest.mp4")
+    ckpt = tmp_path / "weights" / "Wan2.1-I2V-14B-480P"
+    for name in ("config.json", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth",
+                 "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+                 "diffusion_pytorch_model.safetensors.index.json", "google/umt5-xxl/spiece.model",
+                 "xlm-roberta-large/sentencepiece.bpe.model", "xlm-roberta-large/tokenizer.json",
+                 *[f"diffusion_pytorch_model-0000{i}-of-00007.safetensors" for i in range(1, 8)]):
+        assert (ckpt / name).is_file(), name
+    for name in ("chinese-wav2vec2-base/config.json", "chinese-wav2vec2-base/preprocessor_config.json",
+                 "chinese-wav2vec2-base/model.safetensors", "InfiniteTalk/single/infinitetalk.safetensors"):
+        assert (tmp_path / "weights" / name).is_file(), name
+    assert seconds < 60
