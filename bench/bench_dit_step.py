@@ -183,6 +183,7 @@ def main() -> None:
                 if fp8:
                     run["fp8_tensor_core_matmul"] = quant.FP8_MATMUL and result["fp8_tensor_core_path"]
                     run["fp8_matmul_error"] = quant.FP8_MATMUL_ERROR or None
+                    run["activation_quantisation_compiled"] = quant.FUSED_QUANTIZE
                 result["runs"].append(run)
                 break
             except Exception as exc:  # noqa: BLE001 - keep the other measurements

@@ -55,6 +55,7 @@ SAFETENSORS_DTYPES = {
 FP8_MATMUL = os.environ.get("ITK_FP8_MATMUL", "1") != "0"
 FP8_MATMUL_ERROR = ""  # why the FP8 matmul was turned off at run time, if it was
 _BIAS_IN_MATMUL = True
+FUSED_QUANTIZE = True  # False once torch.compile failed on this machine
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +71,20 @@ def _fused_quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tens
     return torch.compile(quantize_activations, dynamic=True, fullgraph=True)
 
 
+def _quantize_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled quantiser; if compiling fails here (no working Triton, say), eager from then on, logged."""
+    global FUSED_QUANTIZE
+    if FUSED_QUANTIZE:
+        try:
+            return _fused_quantize()(x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager version computes the same
+            FUSED_QUANTIZE = False
+            log.warning("compiling the FP8 activation quantiser failed (%s); quantising eagerly", exc)
+    return quantize_activations(x)
+
+
 @functools.cache
 def has_fp8_matmul(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -80,7 +95,7 @@ def fp8_matmul(
 ) -> torch.Tensor:
     """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul."""
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = (_fused_quantize() if fused else quantize_activations)(x2)
+    xq, xs = (_quantize_fused if fused else quantize_activations)(x2)
     scale_b = scale.float().reshape(1, -1)
     bias = None if bias is None else bias.to(x.dtype)
     if bias is not None and not _BIAS_IN_MATMUL:
