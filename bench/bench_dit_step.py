@@ -1,11 +1,15 @@
 """DiT step time and GPU memory at 480p on a real GPU: resident bf16, resident FP8, FP8 streamed (budget 0).
 
-Full-size random weights (dim 5120, 40 heads, FFN 13824) for a DiT of LAYERS blocks plus every module
-outside the blocks; a denoising step (40 blocks x 3 guidance passes) is extrapolated from the measured
-forward:  step = 3 * (forward - blocks + blocks * 40 / LAYERS). 480p bucket 640x640, 81 frames:
-L = 21 x 40 x 40 = 33,600 tokens, 512 text + 257 image context tokens, one speaker.
+Full-size random weights (dim 5120, 40 heads, FFN 13824) for a DiT of LAYERS blocks (default all 40: the
+bf16 model is 38 GB and fits an 80 GB card) plus every module outside the blocks. A denoising step is 3
+guidance passes of one forward; with fewer than 40 blocks (a mode that ran out of memory is retried with 8)
+it is extrapolated: step = 3 * (forward - blocks + blocks * 40 / LAYERS), and the JSON says which.
+480p bucket 640x640, 81 frames: L = 21 x 40 x 40 = 33,600 tokens, 512 text + 257 image context tokens.
+Modes: bf16 resident, FP8 resident (tensor-core FP8 matmul), FP8 streamed with budget 0 from pinned memory,
+FP8 resident weight-only (dequantised), FP8 streamed from pageable memory through the pinned staging ring.
+Also the FP8 vs bf16 output cosine of a one-block full-size DiT (both FP8 paths).
 
-Run on the device:  python bench/bench_dit_step.py [--layers 8] [--out bench/results/dit-step-h100.json]
+Run on the device:  python bench/bench_dit_step.py [--layers 40] [--only MODES] [--out bench/results/dit-step-h100.json]
 Each measurement is written as soon as it is taken, so a failure later loses nothing.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -128,7 +133,8 @@ def cosine_fp8_vs_bf16(args: tuple) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=40)
+    parser.add_argument("--only", default="", help="comma-separated mode names (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (BlockStreamer slots too)")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
@@ -138,7 +144,8 @@ def main() -> None:
     result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": GRID[0] * GRID[1] * GRID[2],
         "context_tokens": 769, "passes_per_step": PASSES, "blocks_full_model": FULL_LAYERS,
-        "note": "step time extrapolated from a DiT of layers_measured full-size blocks plus all other modules",
+        "note": ("step_s = 3 passes x one forward of a DiT of layers_measured full-size blocks plus every other "
+                 "module; measured directly when layers_measured is 40, else extrapolated per block"),
         "targets": {"fp8_streamed_vs_fp8_resident": "<= 1.05x", "fp8_streamed_step_s": "<= 9.5",
                     "fp8_streamed_gpu_peak_gb": "<= 8", "fp8_vs_bf16_cosine": ">= 0.999"},
         "compiled": opts.compile,
@@ -146,39 +153,59 @@ def main() -> None:
     }
 
     def save() -> None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
         print(json.dumps(result["runs"][-1] if result["runs"] else result), flush=True)
 
-    cfg = DiTConfig(num_layers=opts.layers)
-    args = inputs(cfg, "cuda")
-    for name, fp8, streamed in (("bf16_resident", False, False), ("fp8_resident", True, False),
-                                ("fp8_streamed_budget0", True, True)):
-        try:
-            model = random_dit(cfg, fp8, "cuda")
-            if streamed:
-                model.cpu()
-                torch.cuda.empty_cache()
-                streamer = enable_streaming(model, 0, "cuda")
-                args = tuple(a.cuda() for a in args)
+    import itk.runtime.quant as quant
+
+    result["fp8_tensor_core_path"] = quant.has_fp8_matmul(torch.device("cuda"))
+    args = inputs(DiTConfig(), "cuda")
+    # name, FP8 weights, streamed with budget 0, pinned host memory, FP8 tensor-core matmul
+    modes = (("bf16_resident", False, False, None, True), ("fp8_resident", True, False, None, True),
+             ("fp8_streamed_budget0", True, True, True, True),
+             ("fp8_weightonly_resident", True, False, None, False),
+             ("fp8_streamed_budget0_pageable_staged", True, True, False, True))
+    for name, fp8, streamed, pin, matmul in modes:
+        if opts.only and name not in opts.only.split(","):
+            continue
+        quant.FP8_MATMUL = matmul
+        for layers in dict.fromkeys((opts.layers, 8)):  # full depth first; 8 blocks if that does not fit
+            model = None
+            try:
+                model = random_dit(DiTConfig(num_layers=layers), fp8, "cuda")
+                if streamed:
+                    model.cpu()
+                    torch.cuda.empty_cache()
+                    streamer = enable_streaming(model, 0, "cuda", pin=pin)
                 if opts.compile:
-                    for slot in streamer.slots:
-                        slot.forward = torch.compile(slot.forward, dynamic=False)
-            elif opts.compile:
-                model.compile_blocks()
-            run = measure(name, model, args, opts.layers, opts.repeats)
-            if streamed:
-                run["host_memory"] = streamer.mode
-            result["runs"].append(run)
-        except Exception as exc:  # noqa: BLE001 - keep the other measurements
-            result["runs"].append({"mode": name, "error": f"{type(exc).__name__}: {exc}"})
+                    model.compile_blocks()
+                run = measure(name, model, args, layers, opts.repeats)
+                if streamed:
+                    run["host_memory"] = streamer.mode
+                if fp8:
+                    run["fp8_tensor_core_matmul"] = quant.FP8_MATMUL and result["fp8_tensor_core_path"]
+                    run["fp8_matmul_error"] = quant.FP8_MATMUL_ERROR or None
+                    run["activation_quantisation_compiled"] = quant.FUSED_QUANTIZE
+                result["runs"].append(run)
+                break
+            except Exception as exc:  # noqa: BLE001 - keep the other measurements
+                result["runs"].append({"mode": name, "layers": layers, "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                save()
+                model = streamer = None
+                gc.collect()
+                torch.cuda.empty_cache()
+    quant.FP8_MATMUL = True
+    for key, matmul in (("fp8_vs_bf16_block_cosine", True), ("fp8_weightonly_vs_bf16_block_cosine", False)):
+        quant.FP8_MATMUL = matmul
+        try:
+            result[key] = round(cosine_fp8_vs_bf16(args), 6)
+        except Exception as exc:  # noqa: BLE001
+            result[key] = f"error: {type(exc).__name__}: {exc}"
         save()
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-    try:
-        result["fp8_vs_bf16_block_cosine"] = cosine_fp8_vs_bf16(args)
-    except Exception as exc:  # noqa: BLE001
-        result["fp8_vs_bf16_block_cosine"] = f"error: {type(exc).__name__}: {exc}"
+    quant.FP8_MATMUL = True
     runs = {r["mode"]: r for r in result["runs"] if "error" not in r}
     if {"fp8_resident", "fp8_streamed_budget0"} <= set(runs):
         result["fp8_streamed_over_resident"] = round(

@@ -316,7 +316,7 @@ def generate_frames(args, job, source, samples, files, cfg, settings, events):
     streaming = args.num_persistent_param_in_dit is not None
     dit_device = torch.device("cpu") if streaming else device
     if args.quant:
-        dit = load_dit_fp8(files["dit"][0], cfg.dit, low, dit_device)
+        dit = load_dit_fp8(files["dit"][0], None, cfg.dit, low, dit_device)
     else:
         dit = load_dit(files["dit"], cfg.dit, low, dit_device)
     if streaming:

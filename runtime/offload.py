@@ -5,9 +5,13 @@ Same meaning as the official flag: a budget of parameter elements, filled in mod
 and head first, then blocks 0, 1, ...). Unlike the official wrapper (a synchronous copy from pageable memory
 per layer and per call, runtime-spec §7.1), the streamed blocks' weights sit in pinned host memory and are
 copied into one of two reusable GPU block buffers on a side CUDA stream while the other buffer computes.
-When host RAM cannot pin them all, they stay pageable and pass through a small pinned staging area
-(the host copy overlaps the GPU compute, since kernels run asynchronously). The modules outside the
-blocks (embeddings, head: ~1.6% of the parameters, used once per forward) are always resident.
+When host RAM cannot pin them all (psutil's available RAM minus a headroom, against their bytes), they stay
+where the loader put them (for `load_dit_fp8`: views of the memory-mapped file, so the page cache, not the
+process, holds them) and pass through a ring of two block-sized pinned staging buffers: the host copies
+block i+1 into its staging buffer while the GPU computes block i (kernels are queued asynchronously), then
+the DMA runs on the side stream. Which of the two was chosen is logged and kept in `BlockStreamer.mode`.
+The modules outside the blocks (embeddings, head: ~1.6% of the parameters, used once per forward) are
+always resident.
 
 On a CPU the same code runs with plain copies, so tests check it bit for bit against the resident model.
 """
@@ -23,6 +27,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 PIN_HEADROOM = 8 * 2**30  # RAM left free after pinning, for activations, the VAE and the OS
+ALIGN = 64  # byte alignment of each tensor inside a block's flat host buffer
 
 
 def params_of(module: nn.Module) -> int:
@@ -31,9 +36,45 @@ def params_of(module: nn.Module) -> int:
     )
 
 
-def tensors_of(module: nn.Module) -> list[torch.Tensor]:
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every parameter and buffer, in a fixed order shared by blocks of the same structure."""
-    return [t for _, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())]
+    return sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items())
+
+
+def tensors_of(module: nn.Module) -> list[torch.Tensor]:
+    return [t for _, t in named_tensors(module)]
+
+
+def flat_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors)
+
+
+def flat_views(like: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """Empty host tensors shaped like `like`, all views of ONE allocation (pinned when asked).
+
+    Why one allocation per block: torch's pinned allocator rounds every allocation up to a power of two, so
+    pinning tensor by tensor wastes ~40% of a block (the 71 MB FFN weights take 128 MB); per block it is 12%.
+    """
+    flat = torch.empty(flat_bytes(like), dtype=torch.uint8, pin_memory=pin)
+    views, offset = [], 0
+    for t in like:
+        size = t.numel() * t.element_size()
+        views.append(flat[offset:offset + size].view(t.dtype).view(t.shape))
+        offset += -(-size // ALIGN) * ALIGN
+    return views
+
+
+def empty_copy(block: nn.Module, device: torch.device) -> nn.Module:
+    """A module like `block` with fresh, uninitialised tensors on `device`.
+
+    Not `deepcopy(block).to(device)`: deepcopy of a view copies its whole storage, which for a block loaded
+    from the memory-mapped file is the entire 19 GB file (and for a pinned block its whole host buffer).
+    """
+    memo: dict[int, torch.Tensor] = {}
+    for t in tensors_of(block):
+        empty = torch.empty_like(t, device=device)
+        memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(block, memo)
 
 
 def can_pin(nbytes: int) -> bool:
@@ -42,10 +83,21 @@ def can_pin(nbytes: int) -> bool:
     return psutil.virtual_memory().available - nbytes > PIN_HEADROOM
 
 
+def _replace(block: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = block.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
 class BlockStreamer:
     """Runs a list of identically shaped blocks on `device`, resident ones in place, the rest streamed."""
 
-    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device, pin: bool | None):
+    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device, pin: bool | None,
+                 mapped=None):
+        self.mapped = mapped  # quant.MappedFile of a memory-mapped FP8 file: its bytes are read with pread
         self.blocks = list(blocks)
         self.resident = list(resident)
         self.device = torch.device(device)
@@ -54,17 +106,20 @@ class BlockStreamer:
         for block, keep in zip(self.blocks, self.resident, strict=True):
             if keep:
                 block.to(self.device)
-        nbytes = sum(t.numel() * t.element_size() for b in streamed for t in tensors_of(b))
-        self.pinned = self.cuda and (can_pin(nbytes) if pin is None else pin)
-        self.mode = "resident" if not streamed else ("pinned" if self.pinned else "pageable")
+        nbytes = sum(flat_bytes(tensors_of(b)) for b in streamed)
+        pinned_bytes = len(streamed) * (1 << (flat_bytes(tensors_of(streamed[0])) - 1).bit_length()) if streamed else 0
+        self.pinned = self.cuda and (can_pin(pinned_bytes) if pin is None else pin)
+        self.mode = "resident" if not streamed else ("pinned" if self.pinned else "mmap")
         if streamed:
-            log.info("DiT streaming: %d of %d blocks streamed (%.1f GB) from %s host memory",
-                     len(streamed), len(self.blocks), nbytes / 1e9, self.mode)
+            source = ("pinned host memory" if self.pinned else
+                      "host memory as loaded (the memory-mapped file for FP8) through a 2-block pinned ring")
+            log.info("DiT streaming: %d of %d blocks (%.1f GB) streamed from %s",
+                     len(streamed), len(self.blocks), nbytes / 1e9, source)
         self.host = [self._to_host(b) if not r else None for b, r in zip(self.blocks, self.resident, strict=True)]
         # Two reusable device buffers shaped like a block; they alternate between consecutive streamed blocks.
-        self.slots = [copy.deepcopy(streamed[0]).to(self.device) for _ in range(min(2, len(streamed)))]
+        self.slots = [empty_copy(streamed[0], self.device) for _ in range(min(2, len(streamed)))]
         self.staging = (
-            [[torch.empty_like(t, device="cpu").pin_memory() for t in tensors_of(streamed[0])] for _ in self.slots]
+            [flat_views(tensors_of(streamed[0]), pin=True) for _ in self.slots]
             if streamed and self.cuda and not self.pinned else None
         )
         if self.cuda:
@@ -73,17 +128,26 @@ class BlockStreamer:
             self.freed = [torch.cuda.Event() for _ in self.slots]
 
     def _to_host(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's tensors on the host (pinned when chosen). Each module tensor is replaced by its host
-        copy, so the loaded original is freed block by block: host memory never holds the DiT twice."""
-        for module in block.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in store.items():
-                    if t is None:
-                        continue
-                    host = t.detach().cpu()
-                    host = host.pin_memory() if self.cuda and self.pinned else host
-                    store[name] = nn.Parameter(host, requires_grad=False) if isinstance(t, nn.Parameter) else host
+        """The block's tensors on the host: copied into one pinned buffer when pinning was chosen, else left
+        where they are (views of the mapped file for FP8). Each module tensor is replaced by its host copy, so
+        the loaded original is released block by block: host memory never holds the DiT twice."""
+        named = named_tensors(block)
+        if self.pinned:
+            for (name, t), view in zip(named, flat_views([t for _, t in named], pin=True), strict=True):
+                _replace(block, name, self._fill(view, t.detach()))
+        else:
+            for name, t in named:
+                if t.device.type != "cpu":
+                    _replace(block, name, t.detach().cpu())
         return tensors_of(block)
+
+    def _fill(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """dst <- src on the host; bytes of the memory-mapped file are read with pread, not through the mapping."""
+        offset = self.mapped.offset_of(src) if self.mapped is not None else None
+        if offset is None or dst.device.type != "cpu" or not dst.is_contiguous():
+            return dst.copy_(src)
+        self.mapped.read_into(dst, offset)
+        return dst
 
     def _load(self, index: int, slot: int) -> None:
         """Copy block `index` into device slot `slot` (on CUDA: queued on the copy stream, not waited for)."""
@@ -91,12 +155,12 @@ class BlockStreamer:
         sources = self.host[index]
         if not self.cuda:
             for dst, src in zip(targets, sources, strict=True):
-                dst.copy_(src)
+                self._fill(dst, src)
             return
         if self.staging is not None:
             self.copied[slot].synchronize()  # this staging area may still feed the slot's previous copy
             for stage, src in zip(self.staging[slot], sources, strict=True):
-                stage.copy_(src)
+                self._fill(stage, src)
             sources = self.staging[slot]
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.freed[slot])  # the slot's previous block has finished computing
@@ -149,6 +213,6 @@ def enable_streaming(
         if name != "blocks":
             child.to(device)
     plan, _ = resident_plan(model, budget)
-    streamer = BlockStreamer(model.blocks, plan, device, pin)
+    streamer = BlockStreamer(model.blocks, plan, device, pin, getattr(model, "mapped_file", None))
     model.block_executor = streamer
     return streamer

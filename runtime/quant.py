@@ -6,20 +6,31 @@ scalars `P.input_scale` / `P.output_scale` (1.0 with `"activations": "none"`). E
 plain under its usual name. quanto loads these with strict=False and silently leaves a missing weight
 uninitialised; we check coverage key by key and name what is missing.
 
+The file is memory-mapped, not read: FP8 data and bf16 tensors are used in place (zero copy), so loading
+costs no host RAM beyond the page cache and a streamed model can page its weights straight from the file.
+
 `FP8Linear` keeps the weight in FP8 (half the memory of bf16, which is what lets a 24 GB card and a 32 GB
-host hold the 14B model) and follows gpt-fast's shape: two buffers and a short forward. On GPUs with FP8
-tensor cores (compute capability 8.9+: RTX 40xx, H100) bf16 activations are quantised per token and
-multiplied on the FP8 tensor cores (torch._scaled_mm, row-wise scales); we chose plain torch ops for the
-activation quantisation because torch.compile of the block fuses them into one kernel (no Triton code of
-our own, no torchao dependency). Elsewhere (CPU, older GPUs, float32 inputs) the weight is dequantised to
-the activation dtype right before the matmul: quanto's weight-only arithmetic.
+host hold the 14B model) and follows gpt-fast's shape: two buffers and a short forward. Two compute paths:
+- GPUs with FP8 tensor cores (compute capability >= 8.9) and bf16 activations: a real FP8 matmul,
+  `torch._scaled_mm` with the per-row weight scales and the activations quantised per token (row-wise
+  absmax / 448). The activation quantisation is one `torch.compile`d function: Inductor fuses the row
+  absmax, the division and the cast into a single Triton kernel (one read of x, one fp8 write). Eager it is
+  four passes over x, which on the H100 made FP8 linears slower than bf16 (shared/specs/perf-limit.md:
+  40.6 vs 32.9 ms per block). torch.compile rather than a hand-written Triton kernel: same fusion, no code
+  of ours to keep correct per GPU, and Triton ships with torch. torchao's float8 inference would serve too
+  but is one more dependency for ~20 lines.
+- Elsewhere (CPU, pre-Ada GPUs, float32 activations, odd shapes): the weight is dequantised per layer to
+  the activation dtype (data * scale) right before `F.linear`, quanto's weight-only arithmetic.
+`ITK_FP8_MATMUL=0` forces the second path everywhere (for comparisons, or if a driver misbehaves).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from itk.runtime.loading import WeightsError, read_state_dict
+from itk.runtime.loading import WeightsError, check_keys
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -36,6 +47,79 @@ WEIGHTS_QTYPE = "qfloat8_e4m3fn"
 # The quanto names of one quantised Linear `P`, and where each goes in FP8Linear.
 QUANTO_KEYS = {"weight._data": "weight", "weight._scale": "scale"}
 QUANTO_SCALARS = ("input_scale", "output_scale")
+SAFETENSORS_DTYPES = {
+    "F8_E4M3": FP8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+FP8_MATMUL = os.environ.get("ITK_FP8_MATMUL", "1") != "0"
+FP8_MATMUL_ERROR = ""  # why the FP8 matmul was turned off at run time, if it was
+_BIAS_IN_MATMUL = True
+FUSED_QUANTIZE = True  # False once torch.compile failed on this machine
+log = logging.getLogger(__name__)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]): per-token absmax scaling."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@functools.cache
+def _fused_quantize() -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """quantize_activations compiled once (dynamic in the token count, so no recompile per shape)."""
+    return torch.compile(quantize_activations, dynamic=True, fullgraph=True)
+
+
+def _quantize_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled quantiser; if compiling fails here (no working Triton, say), eager from then on, logged."""
+    global FUSED_QUANTIZE
+    if FUSED_QUANTIZE:
+        try:
+            return _fused_quantize()(x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager version computes the same
+            FUSED_QUANTIZE = False
+            log.warning("compiling the FP8 activation quantiser failed (%s); quantising eagerly", exc)
+    return quantize_activations(x)
+
+
+@functools.cache
+def has_fp8_matmul(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, fused: bool = True
+) -> torch.Tensor:
+    """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = (_quantize_fused if fused else quantize_activations)(x2)
+    scale_b = scale.float().reshape(1, -1)
+    bias = None if bias is None else bias.to(x.dtype)
+    if bias is not None and not _BIAS_IN_MATMUL:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype) + bias
+    else:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fast_or_none(layer: FP8Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """The FP8 tensor-core result, or None once this torch/GPU has refused it (then logged, and never retried:
+    a run that cannot use FP8 matmuls still runs, on the dequantised path)."""
+    global FP8_MATMUL, FP8_MATMUL_ERROR, _BIAS_IN_MATMUL
+    try:
+        return fp8_matmul(x, layer.weight, layer.scale, layer.bias)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if _BIAS_IN_MATMUL and layer.bias is not None:
+            _BIAS_IN_MATMUL = False  # some torch versions take no bias with row-wise scales
+            return _fast_or_none(layer, x)
+        FP8_MATMUL, FP8_MATMUL_ERROR = False, f"{type(exc).__name__}: {exc}"
+        log.warning("FP8 matmul unavailable here (%s); using dequantised weights", FP8_MATMUL_ERROR)
+        return None
 
 
 class FP8Linear(nn.Module):
@@ -52,34 +136,15 @@ class FP8Linear(nn.Module):
         return self.weight.to(dtype) * self.scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and fp8_matmul_available(x.device) and self.in_features % 16 == 0 \
+        if FP8_MATMUL and x.dtype == torch.bfloat16 and has_fp8_matmul(x.device) and self.in_features % 16 == 0 \
                 and self.out_features % 16 == 0:
-            return self._scaled_mm(x)
+            if torch.compiler.is_compiling():  # inside a compiled block: no fallbacks, the block fuses the quantiser
+                return fp8_matmul(x, self.weight, self.scale, self.bias, fused=False)
+            out = _fast_or_none(self, x)
+            if out is not None:
+                return out
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized(x.dtype), bias)
-
-    def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """FP8 tensor-core matmul: activations quantised per token on the fly (fused by torch.compile when
-        the block is compiled), weights per output row, accumulation in fp32, bf16 out."""
-        rows = x.reshape(-1, self.in_features)
-        scale_a = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-        quantized = (rows.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
-        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale_a, scale_b=self.scale.float().t().contiguous(),
-                               bias=bias, out_dtype=torch.bfloat16)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def fp8_matmul_available(device: torch.device) -> bool:
-    """FP8 tensor cores (compute capability 8.9+) and not switched off with ITK_FP8_MATMUL=off."""
-    if device.type != "cuda" or os.environ.get("ITK_FP8_MATMUL", "auto") == "off":
-        return False
-    return _capability(device.index or 0) >= (8, 9)
 
 
 def quantize_rowwise(
@@ -121,6 +186,77 @@ def _atomic(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(str(tmp))
     os.replace(tmp, path)
+
+
+class MappedFile:
+    """The file behind `map_file`'s tensors, so a reader can fetch a tensor's bytes with pread.
+
+    Why: pages of a mapping that were touched count in the process's RSS until the whole mapping goes,
+    so copying 19 GB of streamed blocks out of the mapping would show as 19 GB more RSS although it is
+    only page cache. Reading the same bytes with pread leaves them in the page cache, outside the process.
+    """
+
+    def __init__(self, path: Path, base: int, size: int):
+        self.path, self.base, self.size = path, base, size
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """The file offset of `t`'s bytes if `t` is a contiguous view of this mapping, else None."""
+        storage = t.untyped_storage()
+        if t.device.type != "cpu" or storage.data_ptr() != self.base or storage.nbytes() != self.size:
+            return None
+        return t.data_ptr() - self.base if t.is_contiguous() else None
+
+    def read_into(self, dst: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous CPU tensor `dst` with its byte count from `offset` of the file."""
+        buf = dst.reshape(-1).view(torch.uint8).numpy()
+        done = 0
+        while done < buf.size:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise WeightsError(f"{self.path}: file ended at byte {offset + done} while streaming weights")
+            done += n
+
+
+def read_mmap(path: str | Path) -> dict[str, torch.Tensor]:
+    return map_file(path)[0]
+
+
+def map_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MappedFile]:
+    """Every tensor of a safetensors file as a zero-copy view of one memory map of the file.
+
+    Why not safetensors' load_file: it copies each tensor into process memory, so a 19.5 GB file costs
+    19.5 GB of RSS before anything else happens. Views of a private mapping cost nothing until touched, are
+    backed by the page cache (the kernel can drop them under pressure) and go to the GPU without a copy.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        start, end = (base + o for o in info["data_offsets"])
+        if dtype is None or end > size:
+            raise WeightsError(f"{path}: {key} has dtype {info['dtype']} or lies past the end of the file")
+        raw = data[start:end]
+        # A tensor whose offset is not a multiple of its element size cannot be viewed in place.
+        if start % dtype.itemsize:
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).view(info["shape"])
+    return tensors, MappedFile(path, data.data_ptr(), size)
 
 
 def read_quant_map(path: str | Path) -> dict[str, dict[str, str]]:
@@ -171,6 +307,8 @@ def quantized_state(
         stored = state[f"{name}.weight"].dtype
         if stored != FP8:
             raise WeightsError(f"{source}: {name}.weight._data is {stored}, expected float8_e4m3fn")
+        if not state[f"{name}.scale"].is_floating_point():
+            raise WeightsError(f"{source}: {name}.weight._scale is {state[f'{name}.scale'].dtype}, expected a float")
         for scalar in QUANTO_SCALARS:
             value = state.pop(f"{name}.{scalar}", None)
             if value is not None and value.float().item() != 1.0:
@@ -182,8 +320,6 @@ def assign_quantized(
     model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype, device: torch.device | str
 ) -> None:
     """Strict assign: FP8 data stays FP8, everything else becomes `dtype`, all on `device`."""
-    from itk.runtime.loading import check_keys
-
     check_keys(model, state, source)
     cast = {
         k: v.to(device=device, dtype=v.dtype if v.dtype == FP8 or not v.is_floating_point() else dtype)
@@ -195,8 +331,14 @@ def assign_quantized(
     model.load_state_dict(cast, strict=True, assign=True)
 
 
-def load_dit_fp8(path: str | Path, cfg, dtype: torch.dtype = torch.bfloat16, device="cpu", map_path=None):
-    """The complete InfiniteTalk DiT from `quant_models/infinitetalk_single_fp8.safetensors` + its map."""
+def load_dit_fp8(
+    path: str | Path, map_path: str | Path | None, cfg, dtype: torch.dtype = torch.bfloat16, device="cpu"
+):
+    """The complete InfiniteTalk DiT from `quant_models/infinitetalk_single_fp8.safetensors` + its map.
+
+    `map_path` None means the official convention (the same path with 'safetensors' replaced by 'json').
+    On the CPU the FP8 weights stay views of the memory-mapped file until something reads them.
+    """
     from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
 
     path = Path(path)
@@ -204,7 +346,8 @@ def load_dit_fp8(path: str | Path, cfg, dtype: torch.dtype = torch.bfloat16, dev
     with torch.device("meta"):
         model = InfiniteTalkDiT(cfg)
     swap_linears(model, qmap, str(path))
-    assign_quantized(model, quantized_state(read_state_dict(path), qmap, str(path)), str(path), dtype, device)
+    raw, model.mapped_file = map_file(path)
+    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype, device)
     model.rope = rope_table(cfg.head_dim)
     return model.eval().requires_grad_(False)
 
@@ -216,7 +359,7 @@ def dequantized_state(path: str | Path, map_path: str | Path, dtype: torch.dtype
     """
     path = Path(path)
     qmap = read_quant_map(map_path)
-    state = quantized_state(read_state_dict(path), qmap, str(path))
+    state = quantized_state(read_mmap(path), qmap, str(path))
     for name in qmap:
         data, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.scale")
         state[f"{name}.weight"] = data.to(dtype) * scale.to(dtype)

@@ -46,7 +46,7 @@ def test_streamed_output_is_bit_identical_to_the_resident_model(golden, budget):
     outside = sum(params_of(m) for name, m in model.named_children() if name != "blocks")
     n = {"none": 0, "one_block": outside + params_of(model.blocks[0]), "all": 10**12}[budget]
     streamer = enable_streaming(model, n, "cpu")
-    assert streamer.mode == ("resident" if budget == "all" else "pageable")
+    assert streamer.mode == ("resident" if budget == "all" else "mmap")
     assert torch.equal(forward(model, t), reference)
     assert torch.equal(forward(model, t), reference)  # the reused block buffers hold no stale state
 
@@ -61,7 +61,28 @@ def test_streaming_works_on_fp8_blocks(golden, tmp_path):
         names = linear_names(InfiniteTalkDiT(cfg))
     path = tmp_path / "fp8.safetensors"
     write_quantized(weights_of(meta, t), names, path, tmp_path / "fp8.json")
-    reference = forward(load_dit_fp8(path, cfg, dtype=torch.float32), t)
-    model = load_dit_fp8(path, cfg, dtype=torch.float32)
-    enable_streaming(model, 0, "cpu")
+    reference = forward(load_dit_fp8(path, None, cfg, dtype=torch.float32), t)
+    model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
+    streamer = enable_streaming(model, 0, "cpu")
     assert torch.equal(forward(model, t), reference)
+    # The streamed FP8 weights were read from the file with pread (not through the mapping).
+    assert streamer.mapped.offset_of(model.blocks[1].ffn[0].weight) is not None
+    # The reusable block buffers are their own small tensors, not copies of the memory-mapped file.
+    slot_weight = streamer.slots[0].ffn[0].weight
+    assert slot_weight.untyped_storage().nbytes() == slot_weight.numel() * slot_weight.element_size()
+    assert model.blocks[0].ffn[0].weight.untyped_storage().nbytes() == path.stat().st_size
+
+
+def test_a_blocks_host_copy_is_one_allocation_with_aligned_views():
+    from itk.runtime.offload import ALIGN, flat_views
+
+    like = [torch.randn(3, 5), torch.zeros(7, dtype=torch.bfloat16), torch.ones((), dtype=torch.float64),
+            torch.randn(4, 4).to(torch.float8_e4m3fn)]
+    views = flat_views(like, pin=False)
+    storages = {v.untyped_storage().data_ptr() for v in views}
+    assert len(storages) == 1
+    assert [(v.shape, v.dtype) for v in views] == [(t.shape, t.dtype) for t in like]
+    assert all(v.data_ptr() % ALIGN == 0 for v in views)
+    for v, t in zip(views, like, strict=True):
+        v.copy_(t)
+    assert all(torch.equal(v.float(), t.float()) for v, t in zip(views, like, strict=True))  # no overlap

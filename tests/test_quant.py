@@ -13,9 +13,12 @@ from itk.runtime.loading import WeightsError, load_strict
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
 from itk.runtime.quant import (
     FP8,
+    FP8_MAX,
     FP8Linear,
+    fp8_matmul,
     linear_names,
     load_dit_fp8,
+    quantize_activations,
     quantize_rowwise,
     write_quantized,
 )
@@ -58,7 +61,7 @@ def test_the_file_has_the_official_quanto_layout(quantized):
 
 def test_the_fp8_model_equals_the_float_model_on_the_dequantised_weights(quantized):
     meta, t, cfg, names, path = quantized
-    fp8 = load_dit_fp8(path, cfg, dtype=torch.float32)
+    fp8 = load_dit_fp8(path, None, cfg, dtype=torch.float32)
     assert isinstance(fp8.blocks[0].ffn[0], FP8Linear)
     state = weights_of(meta, t)
     for name in names:
@@ -71,21 +74,23 @@ def test_the_fp8_model_equals_the_float_model_on_the_dequantised_weights(quantiz
     assert rel_err(run(fp8, t), run(ref.eval(), t)) < 1e-5
 
 
-def test_fp8_blocks_stay_close_to_the_official_float_output(quantized, tmp_path):
-    # The 15 Linears of every block (98% of the 14B weights). Quantising the tiny model's random 46080-wide
-    # audio projection too drops the cosine to 0.9987: a property of these random weights, not of the format.
+@pytest.mark.parametrize(("scope", "min_cosine"), [("blocks", 0.999), ("all", 0.998)])
+def test_fp8_stays_close_to_the_official_float_output(quantized, tmp_path, scope, min_cosine):
+    # "blocks": the 15 Linears of every block, 98% of the 14B weights: DESIGN's cosine >= 0.999 holds
+    # (0.99957). "all": every Linear as in the official file; on this tiny model's random weights (the
+    # 46080-wide audio projection, 64-wide layers) it measures 0.99872, a property of these random weights.
     meta, t, cfg, names, _ = quantized
-    path = tmp_path / "blocks_fp8.safetensors"
-    write_quantized(weights_of(meta, t), [n for n in names if n.startswith("blocks.")], path,
-                    tmp_path / "blocks_fp8.json")
-    out = run(load_dit_fp8(path, cfg, dtype=torch.float32), t).flatten()
+    chosen = [n for n in names if scope == "all" or n.startswith("blocks.")]
+    path = tmp_path / f"{scope}_fp8.safetensors"
+    write_quantized(weights_of(meta, t), chosen, path, tmp_path / f"{scope}_fp8.json")
+    out = run(load_dit_fp8(path, None, cfg, dtype=torch.float32), t).flatten()
     cos = F.cosine_similarity(out.double(), t["output.noise_pred"].flatten().double(), dim=0)
-    assert cos >= 0.999
+    assert cos >= min_cosine
 
 
 def test_fp8_weights_stay_one_byte_per_element_in_memory(quantized):
     _, _, cfg, _, path = quantized
-    model = load_dit_fp8(path, cfg, dtype=torch.bfloat16)
+    model = load_dit_fp8(path, None, cfg, dtype=torch.bfloat16)
     assert model.blocks[0].self_attn.q.weight.dtype == FP8
     assert model.blocks[0].norm_x.weight.dtype == torch.bfloat16
 
@@ -107,14 +112,14 @@ def test_a_missing_scale_is_named_with_its_file(quantized, tmp_path):
     broken = _rewrite(path, tmp_path, lambda s: s.pop("blocks.1.ffn.2.weight._scale"))
     expected = r"infinitetalk_single_fp8\.safetensors: missing key blocks\.1\.ffn\.2\.weight\._scale"
     with pytest.raises(WeightsError, match=expected):
-        load_dit_fp8(broken, cfg)
+        load_dit_fp8(broken, None, cfg)
 
 
 def test_a_missing_plain_tensor_is_named_not_left_uninitialised(quantized, tmp_path):
     _, _, cfg, _, path = quantized
     broken = _rewrite(path, tmp_path, lambda s: s.pop("blocks.0.norm_x.bias"))
     with pytest.raises(WeightsError, match=r"missing key blocks\.0\.norm_x\.bias"):
-        load_dit_fp8(broken, cfg)
+        load_dit_fp8(broken, None, cfg)
 
 
 def test_weights_of_the_wrong_dtype_are_refused(quantized, tmp_path):
@@ -127,7 +132,7 @@ def test_weights_of_the_wrong_dtype_are_refused(quantized, tmp_path):
     broken = _rewrite(path, tmp_path, to_bf16)
     expected = r"blocks\.0\.cross_attn\.k\.weight\._data is torch\.bfloat16, expected float8"
     with pytest.raises(WeightsError, match=expected):
-        load_dit_fp8(broken, cfg)
+        load_dit_fp8(broken, None, cfg)
 
 
 def test_a_missing_map_says_where_it_was_expected(quantized, tmp_path):
@@ -135,7 +140,7 @@ def test_a_missing_map_says_where_it_was_expected(quantized, tmp_path):
     lonely = tmp_path / "infinitetalk_single_fp8.safetensors"
     lonely.write_bytes(path.read_bytes())
     with pytest.raises(WeightsError, match=r"infinitetalk_single_fp8\.json: quantisation map not found"):
-        load_dit_fp8(lonely, cfg)
+        load_dit_fp8(lonely, None, cfg)
 
 
 def test_the_fp8_t5_loads_dequantised_and_matches_the_float_t5(tmp_path):
@@ -159,3 +164,63 @@ def test_the_fp8_t5_loads_dequantised_and_matches_the_float_t5(tmp_path):
     ids, mask = t["input.ids"], t["input.mask"]
     for ours, theirs in zip(fp8.encode(ids, mask), ref.encode(ids, mask), strict=True):
         assert rel_err(ours, theirs) < 1e-6
+
+
+def test_fp8_weights_are_views_of_the_memory_mapped_file_not_copies(quantized):
+    _, _, cfg, _, path = quantized
+    model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
+    weight = model.blocks[1].ffn[2].weight
+    # One storage spanning the whole file: the bytes were mapped, not read into process memory.
+    assert weight.untyped_storage().nbytes() == path.stat().st_size
+
+
+def test_activations_are_quantised_per_token_to_the_fp8_range():
+    x = torch.randn(7, 64, dtype=torch.bfloat16) * torch.logspace(-3, 3, 7).unsqueeze(1).bfloat16()
+    data, scale = quantize_activations(x)
+    assert data.dtype == FP8 and scale.shape == (7, 1) and scale.dtype == torch.float32
+    assert torch.equal(data.float().abs().amax(dim=1), torch.full((7,), FP8_MAX))
+    assert rel_err(data.float() * scale, x.float()) < 2**-4  # e4m3: 3 mantissa bits
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")
+def test_the_fp8_matmul_path_agrees_with_the_dequantised_path():
+    # The GPU path's arithmetic (per-token activation scales, per-row weight scales, one FP8 matmul),
+    # run here through torch's CPU _scaled_mm without the compiled quantiser.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 256, generator=g).bfloat16()
+    layer = FP8Linear(256, 96, bias=True)
+    data, scale = quantize_rowwise(torch.randn(96, 256, generator=g) / 16)
+    layer.weight, layer.scale = data, scale.float()
+    layer.bias = torch.nn.Parameter(torch.randn(96, generator=g).bfloat16(), requires_grad=False)
+    try:
+        fast = fp8_matmul(x, layer.weight, layer.scale, layer.bias, fused=False)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"this torch has no CPU FP8 matmul: {exc}")
+    slow = layer(x)  # CPU: the dequantised path
+    assert fast.shape == slow.shape == (2, 40, 96) and fast.dtype == torch.bfloat16
+    cos = F.cosine_similarity(fast.double().flatten(), slow.double().flatten(), dim=0)
+    assert cos >= 0.999 and rel_err(fast, slow) < 0.05
+
+
+def test_a_scale_of_integer_dtype_is_refused(quantized, tmp_path):
+    _, _, cfg, _, path = quantized
+
+    def to_int(state):
+        key = "blocks.0.ffn.0.weight._scale"
+        state[key] = state[key].to(torch.int32)
+
+    with pytest.raises(WeightsError, match=r"blocks\.0\.ffn\.0\.weight\._scale is torch\.int32, expected a float"):
+        load_dit_fp8(_rewrite(path, tmp_path, to_int), None, cfg)
+
+
+def test_a_mapped_tensor_is_read_back_byte_for_byte_with_pread(quantized):
+    from itk.runtime.quant import map_file
+
+    _, _, _, _, path = quantized
+    tensors, mapped = map_file(path)
+    for key in ("blocks.0.ffn.0.weight._data", "blocks.1.norm_x.bias", "blocks.0.self_attn.q.input_scale"):
+        src = tensors[key]
+        dst = torch.empty_like(src)
+        mapped.read_into(dst, mapped.offset_of(src))
+        assert torch.equal(dst.view(torch.uint8) if dst.dim() else dst, src.view(torch.uint8) if src.dim() else src)
+    assert mapped.offset_of(tensors["blocks.0.ffn.0.weight._data"].clone()) is None

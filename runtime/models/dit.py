@@ -299,7 +299,10 @@ class InfiniteTalkDiT(nn.Module):
 
         Those element-wise steps are memory-bound and cost as much as the matmuls when run one by one.
         """
-        for block in self.blocks:
+        modules = [*self.blocks, *getattr(self.block_executor, "slots", ())]
+        # One compiled graph per block instance; leave room so none falls back to eager.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(modules) + 8)
+        for block in modules:
             block.forward = torch.compile(block.forward, dynamic=False)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
