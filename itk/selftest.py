@@ -106,6 +106,8 @@ def run_selftest(workdir: str | Path | None = None) -> tuple[Path, dict]:
         "--wav2vec_dir", str(layout.wav2vec_dir), "--infinitetalk_dir", str(layout.infinitetalk),
         "--input_json", str(root / "job.json"), "--size", "infinitetalk-480", "--sample_steps", "4",
         "--mode", "streaming", "--motion_frame", "9", "--save_file", str(root / "selftest"),
+        # the rtx4090-24g preset's path: FP8 files, every DiT block streamed from host memory
+        "--quant", "fp8", "--quant_dir", str(layout.fp8_dit), "--num_persistent_param_in_dit", "0",
     ]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
