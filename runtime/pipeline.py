@@ -22,9 +22,8 @@ import torch
 from itk.runtime.buckets import choose_bucket, resized_size
 from itk.runtime.color import match_colors
 from itk.runtime.events import Events
+from itk.runtime.models.audio import audio_windows
 from itk.runtime.sampler import Guidance, Sampler, euler_step, shifted_timesteps
-
-AUDIO_WINDOW = 5
 
 
 class Noise(Protocol):
@@ -143,13 +142,6 @@ class ReferenceSource:
         return [self._first] + [
             preprocess_reference(Image.fromarray(self.video[s]), self.target) for s in starts[1:]
         ]
-
-
-def audio_windows(embedding: torch.Tensor, start: int, frames: int) -> torch.Tensor:
-    """[frames, 5, blocks, channels]: for each frame j, rows j-2..j+2 clamped to the embedding."""
-    offsets = torch.arange(AUDIO_WINDOW) - AUDIO_WINDOW // 2
-    rows = (torch.arange(start, start + frames)[:, None] + offsets[None]).clamp(0, embedding.shape[0] - 1)
-    return embedding[rows]
 
 
 def mirror_pad(embedding: torch.Tensor, count: int) -> torch.Tensor:

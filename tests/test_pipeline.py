@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from itk.runtime.models.audio import audio_windows
 from itk.runtime.pipeline import (
     ClipPlan,
     ReferenceSource,
     SeededNoise,
     Settings,
     StreamingPipeline,
-    audio_windows,
     plan_clips,
 )
 from itk.runtime.sampler import Guidance

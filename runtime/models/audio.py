@@ -1,104 +1,233 @@
-"""Speech -> per-video-frame wav2vec2 features, as InfiniteTalk computes them.
+"""Speech -> per-video-frame wav2vec2 features, computed the way InfiniteTalk computes them (spec §4.4, §5.2).
 
-The encoder is transformers' Wav2Vec2Model loaded from the local chinese-wav2vec2-base folder (it strips the
-checkpoint's `wav2vec2.` prefix and maps the weight-norm tensors itself). We do not call its forward: the
-official features interpolate the 50 Hz CNN features to the 25 fps video rate *before* the feature
-projection and the transformer, a point that Wav2Vec2Model.forward does not expose. So we compose its three
-submodules (feature_extractor, feature_projection, encoder) with the interpolation in between.
+The steps: librosa loads the track at 16 kHz mono; pyloudnorm brings it to -23 LUFS; the folder's
+Wav2Vec2FeatureExtractor prepares the waveform; chinese-wav2vec2-base (transformers' Wav2Vec2Model) turns it
+into one `[layers, hidden]` row per 25 fps video frame; `audio_windows` then gives each video frame its
+5-frame neighbourhood, which is what the DiT's audio adapter consumes.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from itk.runtime.configs import AudioConfig
 
-SAMPLE_RATE = 16000
-FPS = 25
-SILENCE_LUFS = 100.0  # |loudness| above this means silence (-inf) or garbage: leave the track alone
-WEIGHTS = "model.safetensors"
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# |loudness| above this is silence (-inf LUFS) or meaningless: the official rule leaves the track as it is.
+UNMEASURABLE_LUFS = 100.0
+# BS.1770 measures in 400 ms gating blocks; pyloudnorm refuses anything shorter.
+LOUDNESS_BLOCK_S = 0.4
+
+OFFICIAL = AudioConfig()
+FOLDER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+
+# The key map from chinese-wav2vec2-base's checkpoint (a Wav2Vec2ForPreTraining state dict, saved before
+# torch's weight-norm parametrisations existed) to transformers' Wav2Vec2Model. Every other name is the same.
+CHECKPOINT_PREFIX = "wav2vec2."
+CHECKPOINT_RENAMES = {
+    "encoder.pos_conv_embed.conv.weight_g": "encoder.pos_conv_embed.conv.parametrizations.weight.original0",
+    "encoder.pos_conv_embed.conv.weight_v": "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
+}
+# Pre-training heads of Wav2Vec2ForPreTraining (contrastive quantizer and projections): unused for features.
+PRETRAINING_HEADS = ("quantizer.", "project_q.", "project_hid.")
 
 
 class AudioError(Exception):
-    """Speech that cannot be used, or an encoder folder that cannot be loaded; one line with the fix."""
+    """A speech track that cannot be used; the message names the file and what to give instead."""
 
 
-def load_speech(path: str | Path) -> np.ndarray:
-    """Mono float32 samples at 16 kHz, resampled by librosa whatever the file's rate and channels."""
+def load_speech(path: str | Path, cfg: AudioConfig = OFFICIAL) -> np.ndarray:
+    """Mono float32 samples at 16 kHz: librosa resamples and downmixes whatever the file holds."""
+    import audioread
     import librosa
+    import numpy as np
 
     path = Path(path)
     if not path.is_file():
-        raise AudioError(f"{path}: file not found")
+        raise AudioError(f"{path}: audio file not found")
     try:
-        samples, _ = librosa.load(str(path), sr=SAMPLE_RATE, mono=True)
-    except Exception as exc:  # noqa: BLE001 - soundfile/audioread raise many types for a non-audio file
-        raise AudioError(f"{path}: not a readable audio file ({type(exc).__name__})") from exc
-    return samples.astype(np.float32)
+        with warnings.catch_warnings():
+            # librosa warns before falling back from soundfile to audioread; our error says it all.
+            warnings.simplefilter("ignore")
+            samples, _ = librosa.load(str(path), sr=cfg.sample_rate, mono=True)
+    except (OSError, EOFError, RuntimeError, ValueError, audioread.exceptions.DecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AudioError(
+            f"{path}: not a readable audio file ({detail}); give a speech recording (.wav, .flac, .mp3)"
+        ) from exc
+    if samples.size == 0:
+        raise AudioError(f"{path}: the audio file holds no samples; give a speech recording")
+    return samples.astype(np.float32, copy=False)
 
 
-def loudness_normalize(samples: np.ndarray, sr: int = SAMPLE_RATE, target_lufs: float = -23.0) -> np.ndarray:
-    """BS.1770 integrated loudness to `target_lufs`; silence (or anything unmeasurable) is left unchanged."""
+def loudness_normalize(samples: np.ndarray, sr: int = 16000, target: float = -23.0) -> np.ndarray:
+    """The track scaled to `target` LUFS (BS.1770 integrated loudness), as the official preparation does.
+
+    Silence measures -inf LUFS, and the official rule leaves any track with |loudness| > 100 unchanged. A
+    track shorter than one 400 ms gating block cannot be measured at all (pyloudnorm raises, the official
+    script would crash); we leave it unchanged too, the same answer as for any other unmeasurable track.
+    """
+    import numpy as np
     import pyloudnorm
 
-    loudness = pyloudnorm.Meter(sr).integrated_loudness(samples)
-    if not np.isfinite(loudness) or abs(loudness) > SILENCE_LUFS:
+    if len(samples) < LOUDNESS_BLOCK_S * sr:
         return samples
-    return pyloudnorm.normalize.loudness(samples, loudness, target_lufs)
+    loudness = pyloudnorm.Meter(sr).integrated_loudness(samples)
+    if not abs(loudness) <= UNMEASURABLE_LUFS:  # also true for NaN
+        return samples
+    with warnings.catch_warnings():
+        # pyloudnorm warns of "possible clipped samples"; the official run keeps them as they are too.
+        warnings.simplefilter("ignore")
+        normalized = pyloudnorm.normalize.loudness(samples, loudness, target)
+    return normalized.astype(np.float32, copy=False)
 
 
-def frame_count(samples: np.ndarray, sr: int = SAMPLE_RATE) -> int:
-    """Video frames the track covers at 25 fps (floored, as the official code does)."""
-    return int(len(samples) / sr * FPS)
+def frame_count(num_samples: int, cfg: AudioConfig = OFFICIAL) -> int:
+    """S, the video frames (25 fps) a track of `num_samples` covers, floored like the official code."""
+    return int(num_samples / cfg.sample_rate * cfg.fps)
+
+
+def checkpoint_to_model_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """chinese-wav2vec2-base's checkpoint keys -> transformers' Wav2Vec2Model keys.
+
+    Drops the `wav2vec2.` prefix and the pre-training heads, and renames the positional conv's old-style
+    weight norm (`weight_g`/`weight_v`) to torch's parametrisation names. Keys already in Wav2Vec2Model's
+    spelling pass through, so a checkpoint saved by a newer transformers loads too. Anything else is left
+    for the strict load to report.
+    """
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith(PRETRAINING_HEADS):
+            continue
+        name = key.removeprefix(CHECKPOINT_PREFIX)
+        mapped[CHECKPOINT_RENAMES.get(name, name)] = value
+    return mapped
+
+
+def audio_windows(embedding: torch.Tensor, start: int, frames: int, window: int = 5) -> torch.Tensor:
+    """[frames, window, layers, hidden]: for video frame i in [start, start+frames), rows i-2..i+2 of the
+    embedding (for window 5), clamped to [0, S-1] so the first and last frames repeat at the track's edges."""
+    import torch
+
+    offsets = torch.arange(window) - window // 2
+    rows = torch.arange(start, start + frames)[:, None] + offsets[None, :]
+    return embedding[rows.clamp(0, embedding.shape[0] - 1)]
 
 
 class AudioEncoder:
-    """chinese-wav2vec2-base with InfiniteTalk's 25 fps feature extraction."""
+    """chinese-wav2vec2-base with InfiniteTalk's 25 fps feature path.
 
-    def __init__(self, extractor, model, device: str | torch.device = "cpu"):
+    We do not call Wav2Vec2Model.forward. InfiniteTalk resamples the 50 Hz CNN features to the 25 fps video
+    rate with a linear interpolation (align_corners=True) *between* the CNN and the feature projection, so the
+    transformer itself runs at 25 Hz; transformers' forward has no hook for that point. So `hidden_states`
+    composes the model's own submodules (feature_extractor, feature_projection, encoder) with the
+    interpolation in between, and reads each transformer layer's output with forward hooks, which works the
+    same on transformers 4.x and 5.x (their ways of reporting hidden states differ).
+    """
+
+    def __init__(self, model, extractor, cfg: AudioConfig = OFFICIAL):
+        self.model = model
         self.extractor = extractor
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
+        self.cfg = cfg
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> AudioEncoder:
-        from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+    def from_folder(
+        cls, folder: str | Path, device: str | torch.device = "cpu", cfg: AudioConfig = OFFICIAL
+    ) -> AudioEncoder:
+        """The encoder from a chinese-wav2vec2-base folder: config.json, preprocessor_config.json and
+        model.safetensors (only on the hub's refs/pr/1; main has just pytorch_model.bin).
+
+        The architecture and the feature extractor come from transformers (local files only). The weights go
+        through our explicit key map and a strict load instead of `from_pretrained`, which would quietly
+        randomise a missing weight (a warning only) and renames keys differently across transformers versions.
+        """
+        import torch
+        from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+        from itk.runtime.loading import WeightsError, load_strict, read_state_dict
 
         folder = Path(folder)
-        for name in ("config.json", "preprocessor_config.json", WEIGHTS):
+        for name in FOLDER_FILES:
             if not (folder / name).is_file():
-                hint = " (it comes from the hub's refs/pr/1 revision)" if name == WEIGHTS else ""
-                raise AudioError(f"{folder / name}: missing{hint}; run `itk fetch` to download it")
+                where = " (itk fetch takes it from the hub's refs/pr/1)" if name == FOLDER_FILES[2] else ""
+                raise WeightsError(f"{folder / name}: missing; run `itk fetch` to download it{where}")
+        config = Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
+        if config.do_stable_layer_norm:
+            raise WeightsError(
+                f"{folder / 'config.json'}: a pre-LN (do_stable_layer_norm) wav2vec2 is not"
+                " chinese-wav2vec2-base; point --wav2vec_dir at TencentGameMate/chinese-wav2vec2-base"
+            )
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
-        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-        return cls(extractor, model, device)
+        with torch.device("meta"):
+            model = Wav2Vec2Model(config)
+        weights = folder / "model.safetensors"
+        state = checkpoint_to_model_keys(read_state_dict(weights))
+        load_strict(model, state, str(weights), dtype=torch.float32, device=device)
+        return cls(model.eval(), extractor, cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def input_values(self, samples: np.ndarray) -> torch.Tensor:
-        """The feature extractor's waveform (zero-mean/unit-variance when the folder says do_normalize)."""
-        values = self.extractor(samples, sampling_rate=SAMPLE_RATE).input_values
-        return torch.from_numpy(np.squeeze(np.asarray(values))).float()
+        """[N] float32: the feature extractor's waveform (zero mean, unit variance when the folder's
+        preprocessor_config.json sets do_normalize; otherwise the samples as they are)."""
+        import numpy as np
+        import torch
 
-    @torch.no_grad()
+        values = self.extractor(samples, sampling_rate=self.cfg.sample_rate).input_values
+        return torch.from_numpy(np.asarray(values[0], dtype=np.float32))
+
+    def conv_features(self, values: torch.Tensor) -> torch.Tensor:
+        """[T_50Hz, conv_dim]: the CNN feature encoder's output for the whole track."""
+        return self.model.feature_extractor(values[None].to(self.device))[0].transpose(0, 1)
+
+    @staticmethod
+    def to_video_rate(features: torch.Tensor, frames: int) -> torch.Tensor:
+        """[T, C] -> [frames, C] by linear interpolation with align_corners=True (ends pinned to ends)."""
+        import torch.nn.functional as F
+
+        resampled = F.interpolate(features.T[None], size=frames, mode="linear", align_corners=True)
+        return resampled[0].T
+
+    def hidden_states(self, values: torch.Tensor, frames: int) -> list[torch.Tensor]:
+        """[encoder input, layer 1 output, ..., layer L output], each [frames, hidden], for input values."""
+        import torch
+
+        with torch.no_grad():
+            features = self.to_video_rate(self.conv_features(values), frames)
+            projected = self.model.feature_projection(features[None])[0]
+            states: list[torch.Tensor] = []
+
+            def keep_input(module, args, kwargs):
+                states.append(args[0] if args else kwargs["hidden_states"])
+
+            def keep_output(module, args, output):
+                states.append(output[0] if isinstance(output, tuple) else output)
+
+            layers = self.model.encoder.layers
+            hooks = [layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+            hooks += [layer.register_forward_hook(keep_output) for layer in layers]
+            try:
+                self.model.encoder(projected)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        return [state[0].float() for state in states]
+
     def embed(self, samples: np.ndarray) -> torch.Tensor:
-        """[frames, layers, hidden] float32: the outputs of every transformer layer, one row per video frame."""
-        frames = frame_count(samples)
-        x = self.input_values(samples).unsqueeze(0).to(self.device)
-        cnn = self.model.feature_extractor(x)  # [1, C, T_50Hz]
-        cnn = F.interpolate(cnn, size=frames, mode="linear", align_corners=True).transpose(1, 2)
-        hidden = self.model.feature_projection(cnn)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        # Each layer's output, caught by hooks: transformers 4.x and 5.x report hidden states differently.
-        layer_outputs: list[torch.Tensor] = []
+        """[S, layers, hidden] float32, S = frame_count(len(samples)): the outputs of transformer layers 1..L
+        (not the encoder input) for each video frame."""
+        import torch
 
-        def keep(module, args, output) -> None:
-            layer_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-        hooks = [layer.register_forward_hook(keep) for layer in self.model.encoder.layers]
-        try:
-            self.model.encoder(hidden)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.stack([o[0] for o in layer_outputs], dim=1).float()  # [frames, layers, hidden]
+        frames = frame_count(len(samples), self.cfg)
+        if frames < 1:
+            raise AudioError(f"speech of {len(samples)} samples is shorter than one video frame (40 ms)")
+        states = self.hidden_states(self.input_values(samples), frames)
+        return torch.stack(states[1:], dim=1)
