@@ -352,15 +352,19 @@ def load_dit_fp8(
     return model.eval().requires_grad_(False)
 
 
-def dequantized_state(path: str | Path, map_path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Official-key state dict with every quantised weight dequantised to `dtype`, one layer at a time.
+def dequantized_state(
+    path: str | Path, map_path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Official-key state dict with every quantised weight dequantised to `dtype` on `device`, layer by layer.
 
-    For the T5, which runs once per job: it then loads through the ordinary (key-mapped) T5 loader.
+    For the T5, which runs once per job: it then loads through the ordinary (key-mapped) T5 loader. Each
+    FP8 tensor goes to `device` first and is dequantised there (on a GPU that is ~20 s faster for the
+    5.7 B-parameter umT5 than on the CPU, and the host never holds the bf16 copy).
     """
     path = Path(path)
     qmap = read_quant_map(map_path)
     state = quantized_state(read_mmap(path), qmap, str(path))
     for name in qmap:
-        data, scale = state.pop(f"{name}.weight"), state.pop(f"{name}.scale")
+        data, scale = state.pop(f"{name}.weight").to(device), state.pop(f"{name}.scale").to(device)
         state[f"{name}.weight"] = data.to(dtype) * scale.to(dtype)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}

@@ -154,7 +154,7 @@ def load_t5_fp8(
     """
     from itk.runtime.quant import dequantized_state
 
-    return t5_from_state(dequantized_state(path, map_path, dtype), str(path), cfg, dtype, device)
+    return t5_from_state(dequantized_state(path, map_path, dtype, device), str(path), cfg, dtype, device)
 
 
 def clean_prompt(text: str) -> str:
