@@ -11,9 +11,7 @@ from collections import Counter
 
 from itk.checks.base import Context, Result, Status
 from itk.manifest import load_manifest
-from itk.verify import check_files
-
-BROKEN = ("missing", "truncated", "corrupt", "bad_header")
+from itk.verify import UNUSABLE, check_files
 
 
 def check(ctx: Context) -> Result:
@@ -24,8 +22,8 @@ def check(ctx: Context) -> Result:
     details = [f"{s.label}: {s.state.replace('_', ' ')}" + (f" ({s.detail})" if s.detail else "")
                for s in statuses if s.state != "ok"]
     n = len(statuses)
-    if broken := sum(counts[k] for k in BROKEN):
-        what = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in BROKEN if counts[k])
+    if broken := sum(counts[k] for k in UNUSABLE):
+        what = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in UNUSABLE if counts[k])
         return Result("weights", Status.FAIL, f"{broken} of {n} files of {ctx.preset_name} not usable: {what}",
                       details, fix=f"itk fetch --preset {ctx.preset_name} --weights-dir {ctx.weights_dir}",
                       facts=facts)

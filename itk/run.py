@@ -119,9 +119,10 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
              preset_name: str | None, input_json: str | None, sets: tuple[str, ...], weights_dir: str | None) -> Plan:
     from itk.doctor import resolve_preset
     from itk.inputs import job_from_json, job_from_options, validate
+    from itk.manifest import load_manifest
     from itk.paths import weights_dir as resolve_weights_dir
     from itk.presets import load_presets
-    from itk.weights_check import weight_problems
+    from itk.verify import UNUSABLE, check_files
 
     preset, reason = resolve_preset(preset_name)
     settings = {**preset.generator, **parse_sets(sets)}
@@ -140,7 +141,11 @@ def plan_run(image: str | None, video: str | None, audio: str | None, prompt: st
 
         media.warnings += setting_warnings(settings, machine_facts().vram_gb)
     wdir = resolve_weights_dir(weights_dir).absolute()
-    missing = [f"{p.label} ({p.problem})" for p in weight_problems(preset.components, wdir)]
+    # The doctor's weights check without hashing: presence, recorded size, header (a truncated download
+    # fails here in milliseconds instead of after minutes of loading).
+    statuses = check_files(wdir, load_manifest().files_for(preset.components), deep=False)
+    missing = [f"{st.label} ({st.state.replace('_', ' ')}{': ' + st.detail if st.detail else ''})"
+               for st in statuses if st.state in UNUSABLE]
     fetch = f"itk fetch --preset {preset.name}" + (f" --weights-dir {shlex.quote(weights_dir)}" if weights_dir else "")
     out = output_path(output).absolute()
     run_dir = out.parent / f"{out.stem}.run"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 import threading
 import time
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from itk.manifest import WeightFile
-from itk.weights_check import safetensors_problem
 
 BLOCK = 16 << 20  # large reads: hashing runs at disk speed, not at syscall speed
 HASH_THREADS = 4  # hashlib releases the GIL, so files hash in parallel
@@ -70,10 +70,13 @@ class Record:
         return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
 
 
+UNUSABLE = ("missing", "truncated", "corrupt", "bad_header")  # states a run cannot start with
+
+
 @dataclass(frozen=True)
 class FileStatus:
     label: str
-    state: str  # ok | missing | truncated | corrupt | bad_header | not_verified
+    state: str  # ok | not_verified | one of UNUSABLE
     detail: str = ""
     fix: str = ""
 
@@ -88,6 +91,27 @@ def file_digest(path: Path, algo: str) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None when the header parses and the data it describes ends exactly at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated ({size} bytes)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return "truncated or not a safetensors file (header longer than the file)"
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "not a safetensors file (unreadable header)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if expected != size:
+        return f"truncated: {size} bytes, its header describes {expected}"
+    return None
 
 
 def header_problem(path: Path) -> str | None:

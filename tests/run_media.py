@@ -43,6 +43,10 @@ def write_weights(folder: Path, preset: str = "rtx4090-24g") -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
             save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(path))
+        elif path.suffix == ".pth":
+            import torch
+
+            torch.save({"w": torch.zeros(2, 2)}, path)
         else:
             path.write_text(json.dumps({"tiny": True}))
         paths.append(path)

@@ -172,7 +172,7 @@ def test_a_truncated_safetensors_file_counts_as_missing(tmp_path, media):
     dit = write_weights(weights)[-4]
     dit.write_bytes(dit.read_bytes()[:-3])
     proc = itk("run", "--image", str(image), "--audio", str(audio), "--weights-dir", str(weights), cwd=tmp_path)
-    assert proc.returncode == 3 and "infinitetalk_single_fp8.safetensors (truncated" in proc.stderr
+    assert proc.returncode == 3 and "infinitetalk_single_fp8.safetensors (bad header: truncated" in proc.stderr
 
 
 def test_bad_set_keys_and_values_are_usage_errors(tmp_path, media):
