@@ -43,10 +43,6 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
     run_friendly(lambda: run_doctor(only_ids, deep, preset, weights_dir, as_json, verbose), debug)
 
 
-def main() -> None:
-    cli()
-
-
 @cli.command(context_settings={"max_content_width": 110})
 @click.option("--image", type=click.Path(dir_okay=False), help="Portrait image (PNG/JPEG).")
 @click.option("--video", type=click.Path(dir_okay=False), help="Source video to dub instead of an image.")
@@ -123,3 +119,7 @@ def selftest(workdir, debug) -> None:
     from itk.selftest import selftest_command
 
     run_friendly(lambda: selftest_command(workdir), debug)
+
+
+def main() -> None:
+    cli()
