@@ -160,9 +160,10 @@ class Handler(BaseHTTPRequestHandler):
     def route(self) -> None:
         url = urlsplit(self.path)
         parts = url.path.strip("/").split("/")
+        # This request's own entry: with parallel downloads, log[-1] may belong to another thread.
+        self.entry = {"method": self.command, "url": url.path, "path": None, "range": self.headers.get("Range")}
         with self.hub.lock:
-            self.hub.log.append({"method": self.command, "url": url.path, "path": None,
-                                 "range": self.headers.get("Range")})
+            self.hub.log.append(self.entry)
         if not self.authorised():
             return
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
@@ -195,7 +196,7 @@ class Handler(BaseHTTPRequestHandler):
         if path not in files:
             return self.error(404, "EntryNotFound", f"{path} does not exist on {branch}")
         with self.hub.lock:
-            self.hub.log[-1]["path"] = path
+            self.entry["path"] = path
         f = files[path]
         headers = {"X-Repo-Commit": self.hub.commit(repo_id, branch), "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
