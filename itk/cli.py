@@ -102,7 +102,7 @@ def presets(as_json, debug) -> None:
 @JSON
 @DEBUG
 def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, debug) -> None:
-    """Download exactly the weights a preset needs from Hugging Face, resumable and verified."""
+    """Download exactly the weights a preset needs from Hugging Face, verified; a rerun keeps finished files."""
     from itk.console import run_friendly
     from itk.fetch import run_fetch
 
