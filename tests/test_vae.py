@@ -9,7 +9,7 @@ from itk.runtime.configs import VAEConfig
 from itk.runtime.loading import WeightsError
 from itk.runtime.models.vae import LATENT_MEAN, LATENT_STD, load_vae
 
-from golden import load_golden, rel_err, weights_of
+from golden import GOLDENS, load_golden, rel_err, weights_of
 
 TOL = 1e-4
 
@@ -64,3 +64,22 @@ def test_a_bf16_load_keeps_bf16_weights(vae_a):
     _, _, cfg, path, _ = vae_a
     vae = load_vae(path, cfg, dtype=torch.bfloat16)
     assert {p.dtype for p in vae.parameters()} == {torch.bfloat16}
+
+
+def test_every_vae_call_of_pipeline_a_matches_including_three_chunk_caches():
+    """pipeline_A's own VAE (width 4) on 32x48 clips of 1, 5 and 9 frames, decoding 3 latent frames."""
+    meta, tensors = load_golden("pipeline_A")
+    vae = load_vae(GOLDENS / meta["weight_files"]["vae"], VAEConfig(dim=meta["vae_config"]["dim"]))
+    calls = sorted({name.rsplit(".", 1)[0] for name in tensors if name.startswith("intermediate.vae_call.")})
+    assert len(calls) == meta["counts"]["vae_calls"]
+    for call in calls:
+        run = vae.encode if call.endswith("encode") else vae.decode
+        assert rel_err(run(tensors[f"{call}.in"][0]), tensors[f"{call}.out"][0]) < TOL, call
+
+
+def test_frames_past_the_last_whole_chunk_are_dropped_as_officially(vae_a):
+    *_, vae = vae_a
+    video = torch.rand(3, 8, 16, 24) * 2 - 1
+    latent = vae.encode(video)
+    assert latent.shape == (16, 2, 2, 3)
+    assert torch.equal(latent, vae.encode(video[:, :5]))

@@ -263,7 +263,8 @@ class WanVAE(nn.Module):
         """[3, T, H, W] in [-1, 1] -> normalised latent [z_dim, 1 + (T-1)//4, H/8, W/8] (float32)."""
         x = video.unsqueeze(0).to(self.conv1.weight)
         memory = ChunkMemory()
-        chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(4, dim=2)) if x.shape[2] > 1 else [])
+        # Frame 0 alone, then whole chunks of 4; frames past the last whole chunk are dropped, as officially.
+        chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
         outs = []
         for chunk in chunks:
             memory.next_chunk()
