@@ -4,12 +4,11 @@ generate_infinitetalk.py / app.py), and the one renderer of a verdict that `itk 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from itk.advice import Verdict, diagnose, machine_facts
+from itk.atomic import atomic_write_text
 from itk.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, console, print_json
 
 MAX_LOG_BYTES = 8 * 2**20  # the end of a log holds the failure; tqdm-heavy logs can be huge
@@ -49,12 +48,7 @@ def render(verdict: Verdict) -> None:
 
 
 def write_verdict(verdict: Verdict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(verdict.to_json(), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(verdict.to_json(), indent=2))
 
 
 def run_diagnose(logfile: str, exit_code: int | None, preset: str | None, as_json: bool) -> int:

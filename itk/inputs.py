@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itk.atomic import atomic_write_text
 from itk.console import EXIT_USAGE, UserError
 
 FPS = 25  # the runtime's frame rate: audio embeddings are resampled to 25 per second
@@ -49,15 +48,7 @@ class Job:
 
     def write(self, path: Path) -> Path:
         """Atomically: a half-written job file must never be what the generator reads."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
 def bad_input(message: str, fix: str) -> UserError:

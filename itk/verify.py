@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
 import threading
 import time
 import zipfile
@@ -23,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from itk.atomic import atomic_write_text
 from itk.manifest import WeightFile
 
 BLOCK = 16 << 20  # large reads: hashing runs at disk speed, not at syscall speed
@@ -164,12 +163,8 @@ class VerdictStore:
                 self.records.pop(label, None)
             else:
                 self.records[label] = record
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = json.dumps({"files": {k: asdict(v) for k, v in sorted(self.records.items())}}, indent=1)
-            fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({"files": {k: asdict(v) for k, v in sorted(self.records.items())}},
+                                                    indent=1))
 
     def trusted(self, label: str, path: Path, expected: Expected | None = None) -> bool:
         """A recorded ok verdict that still describes the file (and, if given, matches the hub's digest)."""

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from itk.atomic import atomic_write, atomic_write_text
 from itk.runtime.loading import WeightsError, check_keys
 
 FP8 = torch.float8_e4m3fn
@@ -177,15 +178,8 @@ def write_quantized(
         for scalar in QUANTO_SCALARS:
             out[f"{name}.{scalar}"] = torch.ones((), dtype=scale_dtype)
         qmap[name] = {"weights": WEIGHTS_QTYPE, "activations": "none"}
-    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, tmp))
-    _atomic(map_path, lambda tmp: Path(tmp).write_text(json.dumps(qmap, indent=1)))
-
-
-def _atomic(path: str | Path, write: Callable[[str], None]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, str(tmp)))
+    atomic_write_text(map_path, json.dumps(qmap, indent=1))
 
 
 class MappedFile:

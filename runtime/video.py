@@ -9,13 +9,13 @@ only when complete, so an interrupted run never leaves a partial mp4 under the f
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from itk.atomic import atomic_write
 
 FPS = 25
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".flv", ".wmv", ".webm", ".mpeg", ".mpg")
@@ -70,11 +70,9 @@ def write_mp4(
     count, height, width = frames.shape[:3]
     if count == 0 or height % 2 or width % 2:
         raise VideoError(f"{path}: cannot encode {count} frames of {width}x{height} (yuv420p needs even sides)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
+
+    def encode(tmp: Path) -> None:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=FPS)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf)}
@@ -85,14 +83,8 @@ def write_mp4(
                     container.mux(packet)
             for packet in stream.encode(None):
                 container.mux(packet)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the video should be as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, encode, suffix=".partial.mp4")
 
 
 def _decoded(path: Path) -> Iterator[tuple[float, np.ndarray]]:
