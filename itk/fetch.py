@@ -185,11 +185,15 @@ def resolve_commits(api, pairs: set[tuple[Repo, str]], ep: str) -> dict[tuple[st
 
 def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
     """--all: what the guide's whole-repo downloads get (every file of each repo at its revision), plus the
-    manifest's files from other revisions (wav2vec2's model.safetensors from refs/pr/1)."""
+    manifest's files from other revisions (wav2vec2's model.safetensors from refs/pr/1). Each listing is taken
+    at the commit its revision resolves to; resolving first also fails fast when the hub cannot be reached
+    (the listing call has the client's own long backoff)."""
+    commits = resolve_commits(api, {(r, r.revision) for r in manifest.repos.values()}, ep)
     files = []
     for repo in manifest.repos.values():
+        commit = commits[(repo.key, repo.revision)]
         try:
-            tree = with_retries(lambda r=repo: list(api.list_repo_tree(r.id, revision=r.revision, recursive=True)))
+            tree = with_retries(lambda r=repo, c=commit: list(api.list_repo_tree(r.id, revision=c, recursive=True)))
         except Exception as exc:
             raise explain(exc, f"{repo.id}@{repo.revision}", ep, Path(".")) from None
         files += [WeightFile(repo=repo, path=e.path, size=e.size, revision=repo.revision)
