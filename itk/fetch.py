@@ -248,7 +248,9 @@ def judge(f: WeightFile, expected: Expected, weights_dir: Path, store: VerdictSt
     if store.trusted(f.label, path, expected):
         return Item(f, expected, "verified", "present, verified")
     if path.is_file() and path.stat().st_size == expected.size:
-        why = "changed since it was verified" if store.get(f.label) else "not verified yet"
+        rec = store.get(f.label)
+        why = ("not verified yet" if rec is None else "verified against an older hub checksum"
+               if rec.describes(path) else "changed since it was verified")
         return Item(f, expected, "check", f"present, {why}: hashed before deciding")
     if path.is_file():
         return Item(f, expected, "download", f"present but {path.stat().st_size:,} bytes: downloaded again")

@@ -129,7 +129,8 @@ def local_path(weights_dir: Path, f: WeightFile) -> Path:
                             "the hub or mirror lists a file name no repo can have: report it, and fetch with "
                             "--preset or --component, which take only the manifest's names")
     folder = weights_dir / f.repo.local_dir
-    if link := escaping_link(folder, f.path):
+    # The download client also writes the file's metadata and partial bytes under its .cache folder.
+    if link := escaping_link(folder, f.path) or escaping_link(folder, f".cache/huggingface/download/{f.path}"):
         raise UserError(f"refusing {what}: {link} is a symlink leading out of {folder}",
                         f"replace the link {link} with a real folder or file, then rerun")
     return folder / f.path
