@@ -13,8 +13,8 @@ so a partial file never sits under its final name; after a hard kill, the next r
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
+import os
 import threading
 import time
 import warnings
@@ -28,11 +28,14 @@ from itk.checks.disk import MARGIN  # the doctor's disk check and fetch agree on
 from itk.console import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from itk.manifest import Manifest, Repo, WeightFile, load_manifest
 from itk.paths import existing_parent, free_bytes
-from itk.verify import Expected, FileStatus, VerdictStore, verify_file
+from itk.verify import Expected, FileStatus, VerdictStore, local_path, verify_file
 
 BACKOFF_S = (0.5, 1.0, 2.0)  # waits between attempts after a connection error
 OFFLINE_FIX = ("check the network and rerun later (finished files are kept); behind a firewall, point "
                "HF_ENDPOINT at a Hugging Face mirror")
+# When HF_ENDPOINT itself names the hub that failed, pointing it at a mirror is not the fix.
+MIRROR_DOWN_FIX = ("HF_ENDPOINT names this mirror: check that it is up and reachable, or unset HF_ENDPOINT to "
+                   "use huggingface.co; rerun later (finished files are kept)")
 AUTH_FIX = ("log in with `hf auth login` (or set HF_TOKEN) using a token whose account has accepted the "
             "repo's terms on its Hugging Face page")
 
@@ -66,6 +69,7 @@ class Plan:
     free: int
     where: Path
     results: dict[str, str] = field(default_factory=dict)  # label -> downloaded | kept
+    offline: str = ""  # why the hub could not be asked: sizes are then the manifest's approximate ones
 
     @property
     def download_bytes(self) -> int:
@@ -84,10 +88,19 @@ class Plan:
         return {"endpoint": self.endpoint, "weights_dir": str(self.weights_dir), "source": self.source,
                 "total_bytes": self.total_bytes, "download_bytes": self.download_bytes,
                 "free_bytes": self.free, "margin_bytes": MARGIN, "files": [i.to_json() for i in self.items],
-                "results": self.results}
+                "results": self.results, "approximate": bool(self.offline), "offline": self.offline}
 
 
 # -- errors ---------------------------------------------------------------------------------------------
+class Unreachable(UserError):
+    """The hub could not be reached: a dry run still shows the plan, from the manifest's sizes."""
+
+
+def offline_fix() -> str:
+    """The fix for a hub that did not answer; never "point HF_ENDPOINT at a mirror" when it already does."""
+    return MIRROR_DOWN_FIX if os.environ.get("HF_ENDPOINT") else OFFLINE_FIX
+
+
 def is_transient(exc: BaseException) -> bool:
     """Connection refused, DNS, timeouts, a connection dropped mid-body: worth a retry. Judged by the
     transport library's class names so it holds whichever httpx flavour huggingface_hub ships."""
@@ -128,9 +141,9 @@ def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, siz
                          "free space there (or use --weights-dir on a bigger disk) and rerun")
     if is_transient(exc):
         cause = exc.__cause__ or exc.__context__ or exc
-        return UserError(f"cannot reach {endpoint} for {what}: {type(cause).__name__}: {cause}", OFFLINE_FIX)
+        return Unreachable(f"cannot reach {endpoint} for {what}: {type(cause).__name__}: {cause}", offline_fix())
     if isinstance(exc, HfHubHTTPError):
-        return UserError(f"{what}: {endpoint} answered {status}: {exc}", OFFLINE_FIX)
+        return UserError(f"{what}: {endpoint} answered {status}: {exc}", offline_fix())
     raise exc
 
 
@@ -172,11 +185,15 @@ def resolve_commits(api, pairs: set[tuple[Repo, str]], ep: str) -> dict[tuple[st
 
 def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
     """--all: what the guide's whole-repo downloads get (every file of each repo at its revision), plus the
-    manifest's files from other revisions (wav2vec2's model.safetensors from refs/pr/1)."""
+    manifest's files from other revisions (wav2vec2's model.safetensors from refs/pr/1). Each listing is taken
+    at the commit its revision resolves to; resolving first also fails fast when the hub cannot be reached
+    (the listing call has the client's own long backoff)."""
+    commits = resolve_commits(api, {(r, r.revision) for r in manifest.repos.values()}, ep)
     files = []
     for repo in manifest.repos.values():
+        commit = commits[(repo.key, repo.revision)]
         try:
-            tree = with_retries(lambda r=repo: list(api.list_repo_tree(r.id, revision=r.revision, recursive=True)))
+            tree = with_retries(lambda r=repo, c=commit: list(api.list_repo_tree(r.id, revision=c, recursive=True)))
         except Exception as exc:
             raise explain(exc, f"{repo.id}@{repo.revision}", ep, Path(".")) from None
         files += [WeightFile(repo=repo, path=e.path, size=e.size, revision=repo.revision)
@@ -191,6 +208,8 @@ def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
 
 
 def make_plan(files: list[WeightFile], weights_dir: Path, source: str, api=None) -> Plan:
+    for f in files:  # every name the hub listed, before anything on disk is touched
+        local_path(weights_dir, f)
     api = api or hub_api()
     ep = endpoint()
     commits = resolve_commits(api, {(f.repo, f.revision) for f in files}, ep)
@@ -223,14 +242,36 @@ def make_plan(files: list[WeightFile], weights_dir: Path, source: str, api=None)
 
 
 def judge(f: WeightFile, expected: Expected, weights_dir: Path, store: VerdictStore) -> Item:
-    path = f.local_path(weights_dir)
+    """A present file is skipped only on a recorded ok verdict whose size and mtime still describe it and
+    whose digest is the hub's; any other present file of the hub's size is hashed before it is kept."""
+    path = local_path(weights_dir, f)
     if store.trusted(f.label, path, expected):
         return Item(f, expected, "verified", "present, verified")
     if path.is_file() and path.stat().st_size == expected.size:
-        return Item(f, expected, "check", "present, not verified yet: hashed before deciding")
+        rec = store.get(f.label)
+        why = ("not verified yet" if rec is None else "verified against an older hub checksum"
+               if rec.describes(path) else "changed since it was verified")
+        return Item(f, expected, "check", f"present, {why}: hashed before deciding")
     if path.is_file():
         return Item(f, expected, "download", f"present but {path.stat().st_size:,} bytes: downloaded again")
     return Item(f, expected, "download", "missing")
+
+
+def offline_plan(files: list[WeightFile], weights_dir: Path, source: str, why: str) -> Plan:
+    """What a dry run can say without the hub: the manifest's approximate sizes and what is on disk."""
+    store = VerdictStore(weights_dir)
+    items = []
+    for f in files:
+        path = local_path(weights_dir, f)
+        expected = Expected(size=f.size, revision=f.revision)
+        if store.trusted(f.label, path):
+            items.append(Item(f, expected, "verified", "present, verified (against the hub's checksum then)"))
+        elif path.is_file():
+            items.append(Item(f, expected, "check", "present, not verified: hashed when fetched"))
+        else:
+            items.append(Item(f, expected, "download", "missing"))
+    return Plan(endpoint=endpoint(), weights_dir=weights_dir, source=source, items=items,
+                free=free_bytes(weights_dir), where=existing_parent(weights_dir), offline=why)
 
 
 def refuse_if_disk_short(plan: Plan) -> None:
@@ -262,22 +303,31 @@ class ByteCounter:
 
 @contextmanager
 def fetch_lock(weights_dir: Path) -> Iterator[None]:
-    """One `itk fetch` per weights folder: it makes removing a killed run's *.incomplete files safe."""
+    """One `itk fetch` per weights folder: it makes removing a killed run's *.incomplete files safe.
+    filelock is huggingface_hub's own lock library (an OS lock, released when a killed process dies)."""
+    from filelock import FileLock, Timeout
+
     lock_path = weights_dir / ".itk" / "fetch.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `itk fetch` is writing to {weights_dir}",
-                            "wait for it to finish, or stop it first") from None
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another `itk fetch` is writing to {weights_dir}",
+                        "wait for it to finish, or stop it first") from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def remove_leftovers(plan: Plan) -> None:
     """Partial downloads of a killed run: huggingface_hub 2.x never resumes them across processes."""
     for local in {plan.weights_dir / i.file.repo.local_dir for i in plan.items}:
-        for stale in (local / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
+        downloads = local / ".cache" / "huggingface" / "download"
+        if not downloads.resolve().is_relative_to(local.resolve()):
+            continue  # a link out of the folder: nothing there is ours to delete
+        for stale in downloads.rglob("*.incomplete"):  # rglob does not descend into linked folders
             stale.unlink(missing_ok=True)
 
 
@@ -292,7 +342,7 @@ class Downloader:
 
         f = item.file
         local_dir = self.plan.weights_dir / f.repo.local_dir
-        f.local_path(self.plan.weights_dir).unlink(missing_ok=True)
+        local_path(self.plan.weights_dir, f).unlink(missing_ok=True)
 
         def once() -> None:
             self.progress(f.label, "reset", 0)
@@ -306,7 +356,7 @@ class Downloader:
             raise explain(exc, f.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
 
     def verify(self, item: Item) -> FileStatus:
-        status, record = verify_file(item.file.local_path(self.plan.weights_dir), item.expected)
+        status, record = verify_file(local_path(self.plan.weights_dir, item.file), item.expected)
         self.store.put(item.file.label, record)
         return status
 
@@ -320,7 +370,7 @@ class Downloader:
             raise explain(exc, item.file.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
 
     def bring(self, item: Item) -> str:
-        f, path = item.file, item.file.local_path(self.plan.weights_dir)
+        f, path = item.file, local_path(self.plan.weights_dir, item.file)
         self.progress(f.label, "start", item.size)
         if item.state == "check" and self.verify(item).state == "ok":
             self.progress(f.label, "done", item.size)
@@ -386,8 +436,13 @@ def execute(plan: Plan, jobs: int, progress: Callable[[str, str, int], None],
             raise failures[0]
 
 
-def select_files(preset: str | None, components: tuple[str, ...], all_files: bool) -> tuple[list[WeightFile], str]:
+def select_files(preset: str | None, components: tuple[str, ...], all_files: bool,
+                 offline: bool = False) -> tuple[list[WeightFile], str]:
+    """offline: --all without the hub can only name the manifest's files (the full listing is the hub's)."""
     manifest = load_manifest()
+    if all_files and offline:
+        return (manifest.files_for(list(manifest.components)),
+                "--all (only the manifest's files: listing every file of the three repos needs the hub)")
     if all_files:
         return full_repo_files(hub_api(), manifest, endpoint()), "--all: every file of the three repos"
     if components:
@@ -409,6 +464,10 @@ def render_plan(plan: Plan) -> None:
     from itk.console import console
 
     console.print(f"[bold]plan[/] {plan.source}, from {plan.endpoint} into {plan.weights_dir}", highlight=False)
+    if plan.offline:
+        console.print(f"[yellow]the hub did not answer[/] ({plan.offline}): sizes are the manifest's approximate"
+                      " figures; the exact sizes and checksums come from the hub when it is reachable",
+                      highlight=False)
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("file", "size", "revision", "state"):
         table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
@@ -468,8 +527,14 @@ def run_fetch(preset: str | None, components: tuple[str, ...], all_files: bool, 
     from itk.paths import weights_dir as resolve_weights_dir
 
     weights_dir = resolve_weights_dir(weights_dir_option)
-    files, source = select_files(preset, components, all_files)
-    plan = make_plan(files, weights_dir, source)
+    try:
+        files, source = select_files(preset, components, all_files)
+        plan = make_plan(files, weights_dir, source)
+    except Unreachable as exc:
+        if not dry_run:
+            raise
+        files, source = select_files(preset, components, all_files, offline=True)
+        plan = offline_plan(files, weights_dir, source, exc.message)
     if not as_json:
         render_plan(plan)
     if dry_run:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 import threading
 import time
 import zipfile
@@ -22,13 +21,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from itk.atomic import atomic_write_text
+from itk.console import UserError
 from itk.manifest import WeightFile
+from itk.safetensors_header import HeaderError, read_header
 
 BLOCK = 16 << 20  # large reads: hashing runs at disk speed, not at syscall speed
 HASH_THREADS = 4  # hashlib releases the GIL, so files hash in parallel
 SHA256 = re.compile(r"[0-9a-f]{64}")
 SHA1 = re.compile(r"[0-9a-f]{40}")
 FETCH_FIX = "run `itk fetch`: it re-downloads only the files that are not intact"
+CHANGED_FIX = "run `itk fetch` (it re-hashes the file and re-downloads it only if it differs) or `itk doctor --deep`"
+DRIVE = re.compile(r"[A-Za-z]:")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,9 @@ class Record:
         return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
 
 
-UNUSABLE = ("missing", "truncated", "corrupt", "bad_header")  # states a run cannot start with
+# States a run cannot start with. changed: size or mtime differ from the recorded verdict, so that verdict no
+# longer describes the file; unsafe: its path leads out of its folder through a symlink.
+UNUSABLE = ("missing", "truncated", "corrupt", "bad_header", "changed", "unsafe")
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,57 @@ class FileStatus:
     state: str  # ok | not_verified | one of UNUSABLE
     detail: str = ""
     fix: str = ""
+    hashed_at: float | None = None  # when the recorded verdict was made (None: never hashed)
+
+
+# -- remote names -> local paths ------------------------------------------------------------------------
+def name_problem(name: str) -> str | None:
+    """Why a repo file name cannot become a path under its folder, judged on the text alone (no filesystem
+    call): the hub (or a mirror) sends these names, and a hostile one must not reach outside the folder."""
+    if not name:
+        return "an empty name"
+    if "\\" in name:
+        return "a backslash"
+    if "\0" in name:
+        return "a NUL byte"
+    if name.startswith("/"):
+        return "an absolute path"
+    if DRIVE.match(name):
+        return "a drive letter"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "a '..', '.' or empty path segment"
+    if name.split("/")[0] == ".cache":
+        return "a path inside the download client's own .cache folder"
+    return None
+
+
+def escaping_link(folder: Path, name: str) -> Path | None:
+    """The first symlink on the way from `folder` to `folder/name` that leads out of `folder`, if any."""
+    root = folder.resolve()
+    path = folder
+    for part in name.split("/"):
+        path = path / part
+        if path.is_symlink() and not path.resolve().is_relative_to(root):
+            return path
+    return None
+
+
+def local_path(weights_dir: Path, f: WeightFile) -> Path:
+    """The ONE way a repo file name becomes a local path (fetch, the verifier, the doctor). A name that could
+    lead outside its repo folder is refused, naming the file, before anything is read, written or deleted:
+    first on its text, then through symlinks. The repo folder itself may be a link (the user's placement)."""
+    what = f"{f.repo.id}@{f.revision}: {f.path!r}"
+    for name in (f.repo.local_dir, f.path):
+        if why := name_problem(name):
+            raise UserError(f"refusing {what}: {why} could put it outside {weights_dir}",
+                            "the hub or mirror lists a file name no repo can have: report it, and fetch with "
+                            "--preset or --component, which take only the manifest's names")
+    folder = weights_dir / f.repo.local_dir
+    # The download client also writes the file's metadata and partial bytes under its .cache folder.
+    if link := escaping_link(folder, f.path) or escaping_link(folder, f".cache/huggingface/download/{f.path}"):
+        raise UserError(f"refusing {what}: {link} is a symlink leading out of {folder}",
+                        f"replace the link {link} with a real folder or file, then rerun")
+    return folder / f.path
 
 
 # -- hashing and probes ---------------------------------------------------------------------------------
@@ -94,22 +150,13 @@ def file_digest(path: Path, algo: str) -> str:
 
 def safetensors_problem(path: Path) -> str | None:
     """None when the header parses and the data it describes ends exactly at the end of the file."""
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        return str(exc)
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"truncated ({size} bytes)"
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            return "truncated or not a safetensors file (header longer than the file)"
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return "not a safetensors file (unreadable header)"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    expected = 8 + n + max(ends, default=0)
-    if expected != size:
-        return f"truncated: {size} bytes, its header describes {expected}"
+    if header.data_end != size:
+        return f"{size} bytes, its header describes {header.data_end}: bytes appended or damaged"
     return None
 
 
@@ -170,7 +217,7 @@ class VerdictStore:
         """A recorded ok verdict that still describes the file (and, if given, matches the hub's digest)."""
         rec = self.get(label)
         return (rec is not None and rec.verdict == "ok" and path.is_file() and rec.describes(path)
-                and (expected is None or expected.digest in (None, rec.expected)))
+                and (expected is None or expected.digest is None or same_digest(expected.digest, rec.expected)))
 
 
 def verify_file(path: Path, expected: Expected) -> tuple[FileStatus, Record | None]:
@@ -187,40 +234,53 @@ def verify_file(path: Path, expected: Expected) -> tuple[FileStatus, Record | No
                           "run `itk fetch`, which asks the hub and records it"), None
     before = path.stat()
     digest = file_digest(path, expected.algo)
-    ok = digest == expected.digest
+    ok = same_digest(digest, expected.digest)
     record = Record(size=before.st_size, mtime_ns=before.st_mtime_ns, algo=expected.algo, digest=digest,
                     expected=expected.digest or "", revision=expected.revision, commit=expected.commit,
                     verdict="ok" if ok else "corrupt", verified_at=time.time())
     if ok:
-        return FileStatus(label, "ok", f"{expected.algo} matches the hub"), record
+        return FileStatus(label, "ok", f"{expected.algo} matches the hub", hashed_at=record.verified_at), record
     return FileStatus(label, "corrupt", f"{expected.algo} {digest[:12]}… but the hub says {expected.digest[:12]}…",
-                      FETCH_FIX), record
+                      FETCH_FIX, record.verified_at), record
+
+
+def same_digest(a: str | None, b: str | None) -> bool:
+    """Two hex digests are the same file only when both are whole and equal in every character: a shown
+    prefix (12 characters in messages) is never enough."""
+    return bool(a and b) and len(a) in (40, 64) and a.lower() == b.lower()
 
 
 # -- the doctor's view ----------------------------------------------------------------------------------
 def check_files(weights_dir: Path, files: Iterable[WeightFile], deep: bool) -> list[FileStatus]:
-    """Per-file status for the doctor. Default: presence, recorded size, header, recorded verdict.
+    """Per-file status for the doctor and `itk run`. Default: presence, recorded size and mtime, header,
+    recorded verdict; a file changed since its verdict is `changed` (unusable until re-hashed).
     deep: re-hash against the recorded hub digest (or the hf client's metadata) and record the verdict."""
     store = VerdictStore(weights_dir)
 
     def one(f: WeightFile) -> FileStatus:
-        path = f.local_path(weights_dir)
+        try:
+            path = local_path(weights_dir, f)
+        except UserError as exc:
+            return FileStatus(f.label, "unsafe", exc.message, exc.fix)
         if not path.is_file():
             return FileStatus(f.label, "missing", "", "run `itk fetch` to download it")
         rec = store.get(f.label)
+        at = rec.verified_at if rec is not None else None
         size = path.stat().st_size
         if rec is not None and size != rec.size:
             state = "truncated" if size < rec.size else "corrupt"
-            return FileStatus(f.label, state, f"{size} bytes, {rec.size} when verified", FETCH_FIX)
+            return FileStatus(f.label, state, f"{size} bytes, {rec.size} when verified", FETCH_FIX, at)
         if why := header_problem(path):
-            return FileStatus(f.label, "bad_header", why, FETCH_FIX)
+            return FileStatus(f.label, "bad_header", why, FETCH_FIX, at)
         if not deep:
-            if rec is not None and rec.verdict == "ok" and rec.describes(path):
-                return FileStatus(f.label, "ok", f"verified ({rec.algo})")
-            if rec is not None and rec.verdict == "corrupt" and rec.describes(path):
-                return FileStatus(f.label, "corrupt", f"{rec.algo} does not match the hub", FETCH_FIX)
-            why = "changed since it was verified" if rec is not None else "never verified"
-            return FileStatus(f.label, "not_verified", why, "run `itk doctor --deep` to hash it")
+            if rec is None:
+                return FileStatus(f.label, "not_verified", "never verified", "run `itk doctor --deep` to hash it")
+            if not rec.describes(path):
+                return FileStatus(f.label, "changed", "changed since it was verified (modified time differs)",
+                                  CHANGED_FIX, at)
+            if rec.verdict == "ok":
+                return FileStatus(f.label, "ok", f"verified ({rec.algo})", hashed_at=at)
+            return FileStatus(f.label, "corrupt", f"{rec.algo} does not match the hub", FETCH_FIX, at)
         if rec is not None:
             expected = Expected(size=rec.size, revision=rec.revision, commit=rec.commit,
                                 **{rec.algo: rec.expected})
@@ -231,7 +291,7 @@ def check_files(weights_dir: Path, files: Iterable[WeightFile], deep: bool) -> l
         status, record = verify_file(path, expected)
         if record is not None:
             store.put(f.label, record)
-        return FileStatus(f.label, status.state, status.detail, status.fix)
+        return FileStatus(f.label, status.state, status.detail, status.fix, status.hashed_at or at)
 
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
         return list(pool.map(one, list(files)))

@@ -5,7 +5,8 @@ It speaks what huggingface_hub 2.x needs (../shared/specs/hf-protocol.md): `GET 
 `GET /api/models/{id}/tree/{R}`, `POST /api/models/{id}/paths-info/{R}`, and `HEAD`/`GET /{id}/resolve/{R}/{path}`
 with X-Repo-Commit, quoted ETags (git blob sha1 for regular files, sha256 for LFS files, plus X-Linked-Etag /
 X-Linked-Size), Range requests answered 206, and X-Error-Code on 401/404. Knobs let a test corrupt one file's
-bytes, require a token, throttle a file, or cut a connection mid-file; every request is logged.
+bytes, require a token, throttle a file, or cut a connection mid-file; every request is logged. `hostile_hub`
+lists a file under a name that would lead outside the weights folder (`../../x`, an absolute path, ...).
 
 Why the standard library: the kept packages considered were pytest-httpserver (werkzeug underneath; built
 around request expectations, not a stateful hub with branches and byte-level knobs), pytest-localserver
@@ -346,4 +347,13 @@ def standard_hub(big_floats: int = 1 << 18) -> Hub:
         "quant_models/t5_fp8.safetensors": tiny_safetensors(1024, 23),
         "quant_models/t5_map_fp8.json": text(json.dumps({"t5.q": "fp8"})),
     })
+    return hub
+
+
+def hostile_hub(name: str, content: bytes) -> Hub:
+    """The standard hub whose InfiniteTalk repo also lists a file under `name`, a name a hostile hub or mirror
+    might send: `../../x`, an absolute path, a backslash or drive letter, or a path through a local symlink.
+    The name is listed by the tree and paths-info routes like any other file."""
+    hub = standard_hub()
+    hub.repos[ITK]["main"][name] = HubFile(content)
     return hub

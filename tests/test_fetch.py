@@ -173,17 +173,81 @@ def test_a_repo_or_revision_gone_is_a_404_with_its_name(hub, tmp_path, weights):
     assert f"{WAN}@main: repository not found" in proc.stderr and "(404)" in proc.stderr
 
 
-def test_a_hub_that_cannot_be_reached_suggests_a_mirror_and_a_retry(tmp_path, weights):
+def closed_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: connection refused
+        return s.getsockname()[1]  # closed once the block ends: connection refused
+
+
+def test_a_mirror_in_hf_endpoint_that_cannot_be_reached_is_named_not_suggested_again(tmp_path, weights):
+    port = closed_port()
     proc = run_itk(f"http://127.0.0.1:{port}", tmp_path / "hf-home", "fetch", "--component", "wav2vec2",
                    "--weights-dir", str(weights))
     assert proc.returncode == 1
     assert f"cannot reach http://127.0.0.1:{port}" in proc.stderr and "HF_ENDPOINT" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "point HF_ENDPOINT at" not in proc.stderr and "unset HF_ENDPOINT" in proc.stderr
+
+
+def test_the_offline_fix_suggests_a_mirror_only_when_hf_endpoint_is_not_already_one(monkeypatch):
+    from itk.fetch import offline_fix
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert "point HF_ENDPOINT at a Hugging Face mirror" in offline_fix()
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example")
+    assert "point HF_ENDPOINT at" not in offline_fix() and "unset HF_ENDPOINT" in offline_fix()
+
+
+def test_a_dry_run_without_network_shows_the_plan_from_the_manifests_approximate_sizes(tmp_path, weights):
+    from itk.manifest import load_manifest
+    from itk.presets import get_preset
+
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    proc = run_itk(endpoint, tmp_path / "hf-home", "fetch", "--preset", PRESET, "--weights-dir", str(weights),
+                   "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "approximate" in proc.stdout and f"cannot reach {endpoint}" in proc.stdout
+    wanted = load_manifest().files_for(get_preset(PRESET).components)
+    assert all(f.label in proc.stdout for f in wanted) and not weights.exists()
+    proc = run_itk(endpoint, tmp_path / "hf-home", "fetch", "--all", "--weights-dir", str(weights), "--dry-run",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["approximate"] is True and plan["files"] and {f["state"] for f in plan["files"]} == {"download"}
+    manifest_sizes = {f.label: f.size for c in load_manifest().components.values() for f in c.files}
+    assert {f["file"]: f["size"] for f in plan["files"]} == manifest_sizes
+
+
+def test_a_present_file_of_the_hubs_size_with_other_bytes_is_hashed_and_fetched_again(hub, tmp_path, weights):
+    assert fetch(hub, tmp_path, "--preset", PRESET, "--weights-dir", str(weights)).returncode == 0
+    path = weights / "InfiniteTalk" / T5
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a hash can tell
+    for keep_verdicts in (False, True):
+        path.write_bytes(bytes(data))  # a new mtime: any recorded verdict no longer describes the file
+        if not keep_verdicts:
+            (weights / ".itk" / "verified.json").unlink()
+        plan = preset_plan(hub, tmp_path, weights)
+        t5 = next(f for f in plan["files"] if f["file"] == "InfiniteTalk/" + T5)
+        assert t5["state"] == "check" and ("changed since it was verified" in t5["note"]) == keep_verdicts
+        hub.log.clear()
+        proc = fetch(hub, tmp_path, "--preset", PRESET, "--weights-dir", str(weights), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["results"]["InfiniteTalk/" + T5] == "downloaded"
+        assert downloads(hub) == [T5] and path.read_bytes() == hub_bytes(hub, ITK, T5)
+
+
+def test_a_second_fetch_into_the_same_folder_is_refused_while_the_first_holds_the_lock(hub, tmp_path, weights):
+    from filelock import FileLock
+
+    (weights / ".itk").mkdir(parents=True)
+    with FileLock(weights / ".itk" / "fetch.lock"):
+        proc = fetch(hub, tmp_path, "--component", "wav2vec2", "--weights-dir", str(weights))
+    assert proc.returncode == 1 and f"another `itk fetch` is writing to {weights}" in proc.stderr
+    assert downloads(hub) == []
+    assert fetch(hub, tmp_path, "--component", "wav2vec2", "--weights-dir", str(weights)).returncode == 0
 
 
 def test_a_disk_too_small_is_refused_before_downloading_with_the_numbers(hub, tmp_path, weights):

@@ -6,16 +6,23 @@ import hashlib
 import json
 import os
 import struct
+from dataclasses import replace
 
+import pytest
 from hfserver import tiny_pth, tiny_safetensors
 
+from itk.console import UserError
+from itk.manifest import load_manifest
 from itk.verify import (
     BLOCK,
     Expected,
     VerdictStore,
+    check_files,
     expected_from_hub_metadata,
     file_digest,
     header_problem,
+    local_path,
+    name_problem,
     verify_file,
 )
 
@@ -82,3 +89,101 @@ def test_the_hf_clients_metadata_gives_the_expected_checksum(tmp_path):
                                                                                           commit="a" * 40)
     assert expected_from_hub_metadata(tmp_path, "quant_models/x.json").sha1 == "c" * 40
     assert expected_from_hub_metadata(tmp_path, "quant_models/none.json") is None
+
+
+def test_a_digest_equal_only_in_its_first_characters_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    data = tiny_safetensors(64, 3)
+    path.write_bytes(data)
+    real = hashlib.sha256(data).hexdigest()
+    for fake in (real[:12] + "0" * 52, real[:63] + ("0" if real[63] != "0" else "1"), real[:12], ""):
+        status, record = verify_file(path, Expected(size=len(data), sha256=fake or None, sha1="0" * 40))
+        assert status.state == "corrupt" and (record is None or record.verdict == "corrupt"), fake
+    status, record = verify_file(path, Expected(size=len(data), sha256=real))
+    assert status.state == "ok"
+    VerdictStore(tmp_path).put("m", record)
+    store = VerdictStore(tmp_path)
+    assert store.trusted("m", path, Expected(sha256=real))
+    assert not store.trusted("m", path, Expected(sha256=real[:12] + "f" * 52))
+    assert not store.trusted("m", path, Expected(sha256=real[:12]))
+
+
+def test_a_small_files_blob_sha1_is_compared_in_full_too(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(b"{}")
+    sha1 = file_digest(path, "sha1")
+    assert verify_file(path, Expected(size=2, sha1=sha1))[0].state == "ok"
+    assert verify_file(path, Expected(size=2, sha1=sha1[:39] + ("0" if sha1[39] != "0" else "1")))[0].state == "corrupt"
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/../../x", "/etc/passwd", "..\\..\\x", "dir\\x", "C:/x", "c:x",
+                                  "a//b", "./a", "a/.", "", "nul\0byte", ".cache/huggingface/download/x.metadata"])
+def test_a_name_that_could_leave_its_folder_is_refused_on_its_text(name):
+    assert name_problem(name)
+
+
+@pytest.mark.parametrize("name", ["config.json", "google/umt5-xxl/tokenizer.json", "quant_models/t5_fp8.safetensors",
+                                  "..hidden", "a..b/c", ".gitattributes"])
+def test_ordinary_repo_names_are_accepted(name):
+    assert name_problem(name) is None
+
+
+def manifest_file(path: str):
+    f = next(f for f in load_manifest().files_for(["infinitetalk-single-fp8"]) if f.path.startswith("quant_models/"))
+    return replace(f, path=path)
+
+
+def test_a_local_path_is_refused_through_a_link_out_of_its_folder_but_a_linked_repo_folder_is_the_users_choice(
+        tmp_path):
+    weights, outside = tmp_path / "weights", tmp_path / "outside"
+    outside.mkdir()
+    (weights / "InfiniteTalk").mkdir(parents=True)
+    (weights / "InfiniteTalk" / "quant_models").symlink_to(outside)
+    f = manifest_file("quant_models/t5_fp8.safetensors")
+    with pytest.raises(UserError, match="is a symlink leading out of"):
+        local_path(weights, f)
+    (weights / "InfiniteTalk" / "quant_models").unlink()
+    (weights / "InfiniteTalk" / "quant_models").mkdir()
+    (weights / "InfiniteTalk" / "quant_models" / "t5_fp8.safetensors").symlink_to(outside / "t5.safetensors")
+    with pytest.raises(UserError, match="t5_fp8.safetensors is a symlink leading out of"):
+        local_path(weights, f)
+    elsewhere = tmp_path / "big-disk" / "InfiniteTalk"
+    elsewhere.mkdir(parents=True)
+    (weights / "InfiniteTalk").rename(tmp_path / "old")
+    (weights / "InfiniteTalk").symlink_to(elsewhere)
+    assert local_path(weights, f) == weights / "InfiniteTalk" / "quant_models" / "t5_fp8.safetensors"
+    with pytest.raises(UserError, match=r"refusing MeiGen-AI/InfiniteTalk@main: '\.\./x': a '\.\.'"):
+        local_path(weights, manifest_file("../x"))
+
+
+def test_the_verifier_never_reads_a_file_behind_a_link_out_of_the_folder(tmp_path):
+    weights, outside = tmp_path / "weights", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "t5_fp8.safetensors").write_bytes(tiny_safetensors(64, 1))
+    (weights / "InfiniteTalk").mkdir(parents=True)
+    (weights / "InfiniteTalk" / "quant_models").symlink_to(outside)
+    f = manifest_file("quant_models/t5_fp8.safetensors")
+    for deep in (False, True):
+        [status] = check_files(weights, [f], deep=deep)
+        assert status.state == "unsafe" and "symlink leading out of" in status.detail and status.fix
+    assert not (weights / ".itk").exists()  # nothing hashed, nothing recorded
+
+
+def test_a_changed_file_is_changed_a_corrupt_one_corrupt_and_neither_is_missing(tmp_path):
+    f = manifest_file("quant_models/t5_map_fp8.json")
+    path = f.local_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"{}")
+    _, record = verify_file(path, Expected(size=2, sha1=file_digest(path, "sha1")))
+    VerdictStore(tmp_path).put(f.label, record)
+    [ok] = check_files(tmp_path, [f], deep=False)
+    assert ok.state == "ok" and ok.hashed_at == record.verified_at
+    os.utime(path, ns=(0, 0))
+    [changed] = check_files(tmp_path, [f], deep=False)
+    assert changed.state == "changed" and "itk fetch" in changed.fix and "--deep" in changed.fix
+    assert changed.hashed_at == record.verified_at
+    path.write_bytes(b"[]")  # same size, other bytes: the deep re-hash records it as corrupt
+    [corrupt] = check_files(tmp_path, [f], deep=True)
+    assert corrupt.state == "corrupt"
+    [still] = check_files(tmp_path, [f], deep=False)
+    assert still.state == "corrupt" and still.hashed_at >= record.verified_at

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,12 +90,34 @@ def test_a_flipped_byte_is_caught_by_deep(served, tmp_path, tree):
     assert after["status"] == "fail" and states(after)[T5] == "corrupt"
 
 
-def test_a_file_changed_since_its_verdict_is_not_trusted_without_deep(served, tmp_path, tree):
+def test_a_file_changed_since_its_verdict_is_unusable_until_re_hashed(served, tmp_path, tree):
+    # Issue 18 item 5: a changed file used to be a warn (not_verified); `itk run` must refuse it, so it fails.
     flip_byte(tree / T5, keep_mtime=False)
     result = weights_check(served, tmp_path, tree)
-    assert result["status"] == "warn" and states(result)[T5] == "not_verified"
+    assert result["status"] == "fail" and states(result)[T5] == "changed"
+    assert "1 changed" in result["summary"]
     assert any("changed since it was verified" in d for d in result["details"])
-    assert "--deep" in result["fix"]
+    assert "--deep" in result["fix"] and result["fix"].startswith("itk fetch --preset " + PRESET)
+    deep = weights_check(served, tmp_path, tree, "--deep")  # re-hashing settles it: the bytes differ
+    assert deep["status"] == "fail" and states(deep)[T5] == "corrupt"
+
+
+def test_the_same_bytes_with_a_new_mtime_are_ok_again_after_deep(served, tmp_path, tree):
+    os.utime(tree / T5, ns=(0, 0))
+    assert states(weights_check(served, tmp_path, tree))[T5] == "changed"
+    assert weights_check(served, tmp_path, tree, "--deep")["status"] == "ok"
+    assert weights_check(served, tmp_path, tree)["status"] == "ok"
+
+
+def test_each_file_says_when_it_was_last_hashed(served, tmp_path, tree):
+    ok = weights_check(served, tmp_path, tree)
+    assert all(f["hashed_at"] for f in ok["facts"]["files"])
+    assert len(ok["details"]) == 18 and all(re.search(r"last hashed \d{4}-\d\d-\d\d \d\d:\d\d$", d)
+                                            for d in ok["details"])
+    shutil.rmtree(tree / ".itk")
+    never = weights_check(served, tmp_path, tree)
+    assert all(f["hashed_at"] is None for f in never["facts"]["files"])
+    assert all(d.endswith("last hashed never") for d in never["details"])
 
 
 def test_a_missing_model_safetensors_is_reported(served, tmp_path, tree):
