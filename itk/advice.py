@@ -1,7 +1,8 @@
 """Failure rules (advice.toml) applied to a run's exit status, its log and this machine's facts.
 
-The rules are data; this module only matches and fills them in. Facts come in as a plain dict (see
-`machine_facts`), so a test or `itk diagnose` on another machine's log can feed recorded ones. When no rule
+The rules are data; this module only matches and fills them in. Facts come in as a plain dict (this
+machine's from `itk.machine.gather().to_json()`, plus the run's own), so a test or `itk diagnose` on another
+machine's log can feed recorded ones. When no rule
 fits, the verdict says so and points at the log: a wrong diagnosis costs people more than none.
 """
 
@@ -18,7 +19,6 @@ from typing import Any
 from itk.toml import read_toml
 
 RULES = Path(__file__).with_name("advice.toml")
-GiB = 2**30
 ERROR_LINE = re.compile(r"(Error|Exception|error:|Killed|Traceback|FAILED|Assertion)")
 
 
@@ -71,33 +71,6 @@ def signal_of(exit_code: int | None) -> int | None:
     if 128 < exit_code < 128 + 65:
         return exit_code - 128
     return None
-
-
-def machine_facts() -> dict[str, Any]:
-    """This machine's facts as advice reads them: RAM and its cgroup limit and OOM-kill counter, WSL, GPU
-    and the processes holding VRAM (NVML). Cheap (no torch); gathered after a failure."""
-    from itk.checks import gpu, ram
-
-    r = ram.gather()
-    facts: dict[str, Any] = {
-        "total_ram_gb": r.total / GiB,
-        "usable_ram_gb": r.usable / GiB,
-        "available_ram_gb": r.available / GiB,
-        "swap_gb": r.swap_total / GiB,
-        "oom_kills": r.oom_kills,
-    }
-    if r.cgroup_limit:
-        facts["cgroup_limit_gb"] = r.cgroup_limit / GiB
-    try:
-        facts["wsl"] = "microsoft" in Path("/proc/version").read_text().lower()
-    except OSError:
-        facts["wsl"] = False
-    g = gpu.gather()
-    if g.best is not None:
-        best = g.best
-        facts.update(gpu_name=best.name, vram_gb=best.total_mib / 1024, gpu_free_gb=best.free_mib / 1024,
-                     gpu_processes=[asdict(p) for p in best.processes])
-    return facts
 
 
 def _number(value: Any) -> str:

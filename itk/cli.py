@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from itk import __version__
+from itk.runtime.protocol import JOB_HELP
 
 WEIGHTS_DIR = click.option(
     "--weights-dir",
@@ -36,11 +37,11 @@ def cli() -> None:
 @DEBUG
 def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
     """Check this machine against a preset; every problem comes with its fix."""
-    from itk.console import run_friendly
+    from itk.console import run_friendly, show_doctor
     from itk.doctor import run_doctor
 
     only_ids = [s.strip() for s in only.split(",") if s.strip()] if only else None
-    run_friendly(lambda: run_doctor(only_ids, deep, preset, weights_dir, as_json, verbose), debug)
+    run_friendly(lambda: show_doctor(run_doctor(only_ids, deep, preset, weights_dir), as_json, verbose), debug)
 
 
 @cli.command(context_settings={"max_content_width": 110})
@@ -50,8 +51,7 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @click.option("--prompt", default=None, help="Text prompt (default: a neutral talking-person prompt).")
 @click.option("--output", default=None, metavar="FILE.mp4", help="Video to write (default: outputs/itk-<time>.mp4).")
 @PRESET
-@click.option("--input-json", default=None, type=click.Path(dir_okay=False),
-              help='Official job file: {"prompt", "cond_video", "cond_audio": {"person1": ...}}.')
+@click.option("--input-json", default=None, type=click.Path(dir_okay=False), help=JOB_HELP)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a generator setting, e.g. --set sample_steps=20 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print the exact generator command; run nothing.")
@@ -60,11 +60,14 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @DEBUG
 def run(image, video, audio, prompt, output, preset, input_json, sets, dry_run, weights_dir, as_json, debug) -> None:
     """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
-    from itk.console import run_friendly
-    from itk.run import run_command
+    from itk.console import run_friendly, show_dry_run, show_run
+    from itk.run import plan_run
 
-    run_friendly(lambda: run_command(image, video, audio, prompt, output, preset, input_json, sets, weights_dir,
-                                     dry_run, as_json), debug)
+    def go() -> int:
+        plan = plan_run(image, video, audio, prompt, output, preset, input_json, sets, weights_dir)
+        return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
+
+    run_friendly(go, debug)
 
 
 @cli.command()
@@ -75,10 +78,10 @@ def run(image, video, audio, prompt, output, preset, input_json, sets, dry_run, 
 @DEBUG
 def diagnose(logfile, exit_code, preset, as_json, debug) -> None:
     """Explain a failed run from its log (itk's, or the official generate_infinitetalk.py / app.py)."""
-    from itk.console import run_friendly
+    from itk.console import run_friendly, show_verdict
     from itk.diagnose import run_diagnose
 
-    run_friendly(lambda: run_diagnose(logfile, exit_code, preset, as_json), debug)
+    run_friendly(lambda: show_verdict(run_diagnose(logfile, exit_code, preset), as_json), debug)
 
 
 @cli.command()
@@ -86,10 +89,10 @@ def diagnose(logfile, exit_code, preset, as_json, debug) -> None:
 @DEBUG
 def presets(as_json, debug) -> None:
     """List the presets, what each needs, and which one this machine gets."""
-    from itk.console import run_friendly
+    from itk.console import run_friendly, show_presets
     from itk.presets import run_presets
 
-    run_friendly(lambda: run_presets(as_json), debug)
+    run_friendly(lambda: show_presets(run_presets(), as_json), debug)
 
 
 @cli.command()
@@ -112,13 +115,15 @@ def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, de
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the tiny weights and the video (default: a new temp folder).")
+@JSON
 @DEBUG
-def selftest(workdir, debug) -> None:
-    """Generate a short video on tiny random weights through the real generator; print the mp4 path."""
-    from itk.console import run_friendly
-    from itk.selftest import selftest_command
+def selftest(workdir, as_json, debug) -> None:
+    """Generate a short video on tiny random weights the way `itk run` does (plan, supervisor, advice) with
+    the real generator; print the mp4 path."""
+    from itk.console import run_friendly, show_selftest
+    from itk.selftest import run_selftest
 
-    run_friendly(lambda: selftest_command(workdir), debug)
+    run_friendly(lambda: show_selftest(run_selftest(workdir), as_json), debug)
 
 
 def main() -> None:

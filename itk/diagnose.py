@@ -1,5 +1,5 @@
 """`itk diagnose LOG`: the advice rules on any log (an itk run's, or one from the official
-generate_infinitetalk.py / app.py), and the one renderer of a verdict that `itk run` shares."""
+generate_infinitetalk.py / app.py). itk.console renders the verdict, the same way for `itk run`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import re
 from pathlib import Path
 
-from itk.advice import Verdict, diagnose, machine_facts
+from itk.advice import Verdict, diagnose
 from itk.atomic import atomic_write_text
-from itk.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, console, print_json
+from itk.console import EXIT_USAGE, UserError
 
 MAX_LOG_BYTES = 8 * 2**20  # the end of a log holds the failure; tqdm-heavy logs can be huge
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -27,41 +27,17 @@ def read_log(path: Path) -> str:
     return ANSI.sub("", raw.decode("utf-8", errors="replace")).replace("\r\n", "\n").replace("\r", "\n")
 
 
-def render(verdict: Verdict) -> None:
-    colour = {"ok": "green", "unknown": "yellow"}.get(verdict.rule, "red")
-    console.print(f"[bold {colour}]{verdict.title}[/] [dim]({verdict.rule})[/]", highlight=False, soft_wrap=True)
-    console.print(f"  {verdict.diagnosis}", highlight=False, soft_wrap=True)
-    if verdict.evidence and verdict.rule != "unknown":
-        console.print(f"  [dim]seen: {verdict.evidence[:200]}[/]", highlight=False, soft_wrap=True)
-    for line in verdict.details:
-        console.print(f"  [dim]•[/] {line}", highlight=False, soft_wrap=True)
-    if verdict.fixes:
-        console.print("[bold]what to do:[/]")
-        for i, fix in enumerate(verdict.fixes, 1):
-            console.print(f"  {i}. {fix}", highlight=False, soft_wrap=True)
-    if verdict.check:
-        console.print(f"[bold]check:[/] itk doctor --only {verdict.check}", highlight=False, soft_wrap=True)
-    for hint in verdict.hints:
-        console.print(f"[yellow]also noticed ({hint['rule']}):[/] {hint['diagnosis']}", highlight=False, soft_wrap=True)
-    if verdict.log:
-        console.print(f"[dim]log: {verdict.log}[/]", highlight=False, soft_wrap=True)
-
-
 def write_verdict(verdict: Verdict, path: Path) -> None:
     atomic_write_text(path, json.dumps(verdict.to_json(), indent=2))
 
 
-def run_diagnose(logfile: str, exit_code: int | None, preset: str | None, as_json: bool) -> int:
-    """Exit 0 when the log's failure is recognised (or there is none), 1 when it is not."""
-    path = Path(logfile)
-    facts = machine_facts()
-    if preset:
-        from itk.doctor import resolve_preset
+def run_diagnose(logfile: str | Path, exit_code: int | None = None, preset: str | None = None) -> Verdict:
+    """The verdict for a log, with this machine's facts (and the preset's, when named); prints nothing."""
+    from itk import machine
+    from itk.presets import resolve_preset
 
+    path = Path(logfile)
+    facts = machine.gather().to_json()
+    if preset:
         facts["preset"] = resolve_preset(preset)[0].name
-    verdict = diagnose(read_log(path), exit_code, facts, str(path))
-    if as_json:
-        print_json(verdict.to_json())
-    else:
-        render(verdict)
-    return EXIT_FAILED if verdict.rule == "unknown" else EXIT_OK
+    return diagnose(read_log(path), exit_code, facts, str(path))

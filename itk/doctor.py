@@ -1,41 +1,20 @@
-"""`itk doctor`: pick the preset from the machine's facts, run every check, render like flutter doctor."""
+"""`itk doctor`: run every check against the preset (chosen by itk.presets) and return the report;
+itk.console renders it like flutter doctor (or as JSON)."""
 
 from __future__ import annotations
 
 import importlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from itk.checks import CHECKS
 from itk.checks.base import Context, Result, Status
-from itk.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, console, print_json
+from itk.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
 from itk.paths import weights_dir as resolve_weights_dir
-from itk.presets import MachineFacts, Preset, choose_preset, get_preset
-
-SYMBOLS = {Status.OK: "[green]✓[/]", Status.WARN: "[yellow]![/]", Status.FAIL: "[red]✗[/]", Status.SKIP: "[dim]-[/]"}
-
-
-def machine_facts() -> MachineFacts:
-    """What the preset choice needs, from NVML and the RAM/cgroup facts (both cheap)."""
-    from itk.checks import gpu, ram
-
-    g, r = gpu.gather(), ram.gather()
-    best = g.best
-    return MachineFacts(
-        vram_gb=best.total_mib / 1024 if best else None,
-        compute_capability=best.compute_capability if best else None,
-        ram_gb=r.usable / 2**30,
-    )
-
-
-def resolve_preset(name: str | None) -> tuple[Preset, str]:
-    if name:
-        try:
-            return get_preset(name), f"{name} (chosen with --preset)"
-        except KeyError as exc:
-            raise UserError(str(exc.args[0]), "`itk presets` lists them", EXIT_USAGE) from None
-    return choose_preset(machine_facts())
+from itk.presets import resolve_preset
 
 
 def run_checks(ids: list[str], ctx: Context) -> list[Result]:
@@ -61,30 +40,43 @@ def summary_line(results: list[Result]) -> str:
     return ", ".join(parts)
 
 
-def render(results: list[Result], preset_line: str, verbose: bool, elapsed: float) -> None:
-    from rich.table import Table
+@dataclass
+class DoctorReport:
+    """What `itk doctor` found: the preset it judged against (and why), and one result per check."""
 
-    console.print(f"[bold]preset[/] {preset_line}", highlight=False)
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    table.add_column("", width=1)
-    table.add_column("check")
-    table.add_column("result", overflow="fold")
-    for r in results:
-        table.add_row(SYMBOLS[r.status], r.id, r.summary)
-    console.print(table)
-    problems = [r for r in results if r.status in (Status.WARN, Status.FAIL)]
-    for r in results:
-        if verbose or r in problems:
-            for line in r.details:
-                console.print(f"  [dim]{r.id}:[/] {line}", highlight=False)
-    for r in problems:
-        if r.fix:
-            console.print(f"{SYMBOLS[r.status]} [bold]{r.id}[/] fix: {r.fix}", highlight=False)
-    console.print(f"[bold]{summary_line(results)}[/] [dim]({elapsed:.1f} s)[/]", highlight=False)
+    preset: str
+    preset_reason: str
+    weights_dir: Path
+    results: list[Result]
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.status is Status.FAIL for r in self.results)
+
+    @property
+    def summary(self) -> str:
+        return summary_line(self.results)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.ok else EXIT_FAILED
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "preset_reason": self.preset_reason,
+            "weights_dir": str(self.weights_dir.absolute()),
+            "results": [r.to_json() for r in self.results],
+            "summary": self.summary,
+            "ok": self.ok,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
 
 
-def run_doctor(only: list[str] | None, deep: bool, preset_name: str | None, weights_dir: str | None,
-               as_json: bool, verbose: bool) -> int:
+def run_doctor(only: list[str] | None = None, deep: bool = False, preset_name: str | None = None,
+               weights_dir: str | Path | None = None) -> DoctorReport:
+    """Run the checks (all, or `only` these ids) without printing. UserError (exit 2) for an unknown id."""
     start = time.perf_counter()
     ids = only or list(CHECKS)
     unknown = [i for i in ids if i not in CHECKS]
@@ -100,18 +92,4 @@ def run_doctor(only: list[str] | None, deep: bool, preset_name: str | None, weig
         deep=deep,
     )
     results = run_checks(ids, ctx)
-    elapsed = time.perf_counter() - start
-    failed = any(r.status is Status.FAIL for r in results)
-    if as_json:
-        print_json({
-            "preset": preset.name,
-            "preset_reason": why,
-            "weights_dir": str(Path(ctx.weights_dir).absolute()),
-            "results": [r.to_json() for r in results],
-            "summary": summary_line(results),
-            "ok": not failed,
-            "elapsed_s": round(elapsed, 3),
-        })
-    else:
-        render(results, why, verbose, elapsed)
-    return EXIT_FAILED if failed else EXIT_OK
+    return DoctorReport(preset.name, why, ctx.weights_dir, results, time.perf_counter() - start)

@@ -450,7 +450,7 @@ def select_files(preset: str | None, components: tuple[str, ...], all_files: boo
             return manifest.files_for(components), "components " + ", ".join(components)
         except KeyError as exc:
             raise UserError(str(exc.args[0]), "see itk/manifest.toml for the components", EXIT_USAGE) from None
-    from itk.doctor import resolve_preset
+    from itk.presets import resolve_preset
 
     chosen, line = resolve_preset(preset)
     return manifest.files_for(chosen.components), f"preset {line}"

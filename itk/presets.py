@@ -1,4 +1,6 @@
-"""Tested generator settings per hardware class (data in presets/*.toml), and the choice for a machine."""
+"""Tested generator settings per hardware class (data in presets/*.toml), and the choice for a machine.
+
+Every command that needs a preset (doctor, fetch, run, diagnose, presets, selftest) picks it here."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from itk.machine import MachineFacts
 from itk.toml import read_toml
 
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -61,18 +64,9 @@ class Preset:
             lacks.append(f"{facts.vram_gb:.0f} GB VRAM < {self.min_vram_gb:.0f} GB")
         if facts.compute_capability is not None and facts.compute_capability < self.min_compute_capability:
             lacks.append(f"compute capability {facts.compute_capability} < {self.min_compute_capability}")
-        if facts.ram_gb is not None and facts.ram_gb < self.min_ram_gb:
-            lacks.append(f"{facts.ram_gb:.0f} GB RAM < {self.min_ram_gb:.0f} GB")
+        if facts.usable_ram_gb is not None and facts.usable_ram_gb < self.min_ram_gb:
+            lacks.append(f"{facts.usable_ram_gb:.0f} GB RAM < {self.min_ram_gb:.0f} GB")
         return lacks
-
-
-@dataclass(frozen=True)
-class MachineFacts:
-    """What the choice depends on: the largest GPU's VRAM and capability, usable host RAM (GB)."""
-
-    vram_gb: float | None
-    compute_capability: float | None
-    ram_gb: float | None
 
 
 @cache
@@ -81,6 +75,7 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
     for path in sorted(folder.glob("*.toml")):
         data = read_toml(path)
         hw = data["hardware"]
+        _check_settings(path, data["generator"])
         presets[data["name"]] = Preset(
             name=data["name"],
             summary=data["summary"],
@@ -96,6 +91,20 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
             expected_step_s=data.get("expected_step_s"),
         )
     return presets
+
+
+def _check_settings(path: Path, generator: dict[str, Any]) -> None:
+    """A preset's [generator] table holds only settings `--set` could give, in range: a typo in the data
+    fails when the presets load, not in the generator an hour into a download."""
+    from itk.runtime.protocol import BadInput, check_values, settable
+
+    unknown = sorted(set(generator) - set(settable()))
+    if unknown:
+        raise ValueError(f"{path.name}: [generator] {unknown[0]} is not a generator setting itk passes on")
+    try:
+        check_values(generator)
+    except BadInput as exc:
+        raise ValueError(f"{path.name}: [generator] {exc.message}") from None
 
 
 def get_preset(name: str) -> Preset:
@@ -116,7 +125,36 @@ def choose_preset(facts: MachineFacts) -> tuple[Preset, str]:
     return fallback, f"{fallback.name} (fallback): no preset fits this machine ({lacks})"
 
 
-def listing(facts: MachineFacts) -> tuple[list[dict[str, Any]], Preset, str]:
+def resolve_preset(name: str | None, facts: MachineFacts | None = None) -> tuple[Preset, str]:
+    """The preset named with --preset (UserError, exit 2, for an unknown name), else the choice for this
+    machine (`facts`, gathered when not given); and one line saying why."""
+    if name:
+        try:
+            return get_preset(name), f"{name} (chosen with --preset)"
+        except KeyError as exc:
+            from itk.console import EXIT_USAGE, UserError
+
+            raise UserError(str(exc.args[0]), "`itk presets` lists them", EXIT_USAGE) from None
+    from itk import machine
+
+    return choose_preset(facts or machine.gather())
+
+
+@dataclass
+class PresetListing:
+    """`itk presets`: every preset (best rank first) with what this machine lacks for it, and the choice."""
+
+    machine: MachineFacts
+    rows: list[dict[str, Any]]
+    chosen: Preset
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"machine": self.machine.to_json(), "presets": self.rows, "chosen": self.chosen.name,
+                "reason": self.reason}
+
+
+def listing(facts: MachineFacts) -> PresetListing:
     """Every preset with its requirements and what this machine lacks for it, best rank first; and the choice."""
     chosen, why = choose_preset(facts)
     rows = [
@@ -131,30 +169,11 @@ def listing(facts: MachineFacts) -> tuple[list[dict[str, Any]], Preset, str]:
         }
         for p in sorted(load_presets().values(), key=lambda p: -p.rank)
     ]
-    return rows, chosen, why
+    return PresetListing(facts, rows, chosen, why)
 
 
-def run_presets(as_json: bool) -> int:
-    """`itk presets`: every preset, what it needs, and which one this machine gets (and why)."""
-    from itk.console import console, print_json
-    from itk.doctor import machine_facts
+def run_presets(facts: MachineFacts | None = None) -> PresetListing:
+    """`itk presets` without printing: the listing for this machine (or for recorded `facts`)."""
+    from itk import machine
 
-    facts = machine_facts()
-    rows, chosen, why = listing(facts)
-    if as_json:
-        print_json({"machine": facts.__dict__, "presets": rows, "chosen": chosen.name, "reason": why})
-        return 0
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("", "preset", "status", "needs", "this machine", "what it is"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        fits = "fits" if not row["unmet"] else "lacks " + "; ".join(row["unmet"])
-        table.add_row("→" if row["chosen"] else "", row["name"], row["status"], row["requirements"], fits,
-                      row["summary"])
-    console.print(table)
-    for row in rows:
-        console.print(f"[dim]{row['name']}: {row['provenance']}[/]", highlight=False)
-    console.print(f"[bold]this machine gets:[/] {why}", highlight=False)
-    return 0
+    return listing(facts or machine.gather())

@@ -9,7 +9,6 @@ period, SIGKILL after another, and it waits until no process of the group is lef
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -22,21 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EVENT_PREFIX = "ITK-EVENT "
+from itk.runtime.protocol import parse_event
+
 GRACE_S = float(os.environ.get("ITK_STOP_GRACE_S", "10"))  # per escalation step
 TAIL_LINES = 200
-
-
-def parse_event(line: str) -> dict[str, Any] | None:
-    """The event of a protocol line, or None for any other line (a malformed event is just a log line)."""
-    at = line.find(EVENT_PREFIX)
-    if at < 0:
-        return None
-    try:
-        event = json.loads(line[at + len(EVENT_PREFIX):])
-    except json.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) and "event" in event else None
 
 
 @dataclass

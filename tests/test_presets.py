@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from itk.presets import MachineFacts, choose_preset, get_preset, listing
+from itk.machine import MachineFacts
+from itk.presets import choose_preset, get_preset, listing
 
-RTX4090_64G = MachineFacts(vram_gb=24564 / 1024, compute_capability=8.9, ram_gb=62.7)
-H100_80G = MachineFacts(vram_gb=81559 / 1024, compute_capability=9.0, ram_gb=251.0)
-RTX3060_12G = MachineFacts(vram_gb=12.0, compute_capability=8.6, ram_gb=32.0)
-CPU_ONLY = MachineFacts(vram_gb=None, compute_capability=None, ram_gb=24.0)
+RTX4090_64G = MachineFacts(vram_gb=24564 / 1024, compute_capability=8.9, usable_ram_gb=62.7)
+H100_80G = MachineFacts(vram_gb=81559 / 1024, compute_capability=9.0, usable_ram_gb=251.0)
+RTX3060_12G = MachineFacts(vram_gb=12.0, compute_capability=8.6, usable_ram_gb=32.0)
+CPU_ONLY = MachineFacts(vram_gb=None, compute_capability=None, usable_ram_gb=24.0)
 
 
 def test_a_24_gb_4090_with_64_gb_ram_gets_the_tested_fp8_low_vram_preset():
@@ -29,7 +30,7 @@ def test_an_80_gb_h100_gets_the_everything_resident_480p_preset_marked_derived()
 
 
 def test_an_80_gb_card_with_48_gb_ram_falls_to_the_fp8_720p_preset_that_fits_its_ram():
-    preset, _ = choose_preset(MachineFacts(vram_gb=79.6, compute_capability=9.0, ram_gb=48.0))
+    preset, _ = choose_preset(MachineFacts(vram_gb=79.6, compute_capability=9.0, usable_ram_gb=48.0))
     assert preset.name == "gpu80g-720p"
 
 
@@ -45,7 +46,8 @@ def test_a_cpu_only_box_gets_the_fallback_because_it_has_no_nvidia_gpu():
 
 
 def test_the_listing_marks_the_chosen_preset_and_says_what_each_one_lacks():
-    rows, chosen, _ = listing(RTX3060_12G)
+    result = listing(RTX3060_12G)
+    rows, chosen = result.rows, result.chosen
     by_name = {r["name"]: r for r in rows}
     assert chosen.name == "rtx4090-24g" and by_name["rtx4090-24g"]["chosen"]
     assert by_name["gpu80g-480p"]["unmet"] == ["12 GB VRAM < 70 GB", "32 GB RAM < 64 GB"]

@@ -12,10 +12,11 @@ import pytest
 from run_media import fake_env, itk, write_image, write_wav, write_weights
 
 from itk.console import UserError
-from itk.inputs import Job, clip_count, job_from_json, validate
+from itk.inputs import clip_count, validate
 from itk.manifest import load_manifest
 from itk.presets import get_preset, load_presets
 from itk.run import setting_warnings
+from itk.runtime.protocol import Job, read_job
 
 
 @pytest.fixture()
@@ -54,12 +55,21 @@ def test_dry_run_prints_the_guide_command_line_for_the_4090_preset(tmp_path, med
 def test_set_overrides_the_preset_and_adds_flags_in_the_official_spelling(tmp_path, media):
     image, audio = media
     plan = dry_run("--image", str(image), "--audio", str(audio), "--preset", "gpu80g-480p",
-                   "--set", "sample_steps=8", "--set", "use_teacache=true", "--set", "size=infinitetalk-720",
+                   "--set", "sample_steps=8", "--set", "use_apg=true", "--set", "size=infinitetalk-720",
                    cwd=tmp_path)
     argv = plan["argv"]
     assert "--infinitetalk_dir" in argv and "--quant" not in argv
     assert argv[argv.index("--sample_steps") + 1] == "8" and argv[argv.index("--size") + 1] == "infinitetalk-720"
-    assert "--use_teacache" in argv and "true" not in argv
+    assert "--use_apg" in argv and "true" not in argv
+
+
+def test_a_setting_the_generator_refuses_is_refused_up_front_with_the_generators_reason(tmp_path, media):
+    from itk.runtime.protocol import FLAG
+
+    image, audio = media
+    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--set", "use_teacache=true",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and FLAG["use_teacache"].refused in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", sorted(load_presets()))
@@ -115,7 +125,7 @@ def test_a_video_input_is_decoded_and_two_speakers_taking_turns_add_up(tmp_path,
     write_wav(tmp_path / "b.wav", 5.0)
     (tmp_path / "job.json").write_text(json.dumps({"prompt": "p", "cond_video": "ref.mp4", "audio_type": "add",
                                                    "cond_audio": {"person1": "a.wav", "person2": "b.wav"}}))
-    facts = validate(job_from_json(tmp_path / "job.json"), {"mode": "streaming"})
+    facts = validate(read_job(tmp_path / "job.json"), {"mode": "streaming"})
     assert (facts.kind, facts.width, facts.height, facts.frames) == ("video", 64, 48, 225)
 
 
@@ -178,7 +188,8 @@ def test_a_truncated_safetensors_file_counts_as_missing(tmp_path, media):
 def test_bad_set_keys_and_values_are_usage_errors(tmp_path, media):
     image, audio = media
     proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--set", "ckpt_dir=/x", cwd=tmp_path)
-    assert proc.returncode == 2 and "known keys:" in proc.stderr
+    assert proc.returncode == 2 and "not a generator setting" in proc.stderr and "known: " in proc.stderr
+    assert "ckpt_dir" not in proc.stderr.split("known: ")[1]  # path flags come from presets and --weights-dir
     proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--set", "sample_steps=many",
                cwd=tmp_path)
     assert proc.returncode == 2 and "not a valid int" in proc.stderr

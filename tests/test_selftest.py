@@ -70,3 +70,9 @@ def test_selftest_writes_the_official_layout_and_a_checked_video_within_60_secon
                  "chinese-wav2vec2-base/model.safetensors", "InfiniteTalk/single/infinitetalk.safetensors"):
         assert (tmp_path / "weights" / name).is_file(), name
     assert seconds < 60
+    # the same way as `itk run`: planned, supervised (the log of events in its run folder), weights recorded
+    log = (tmp_path / "selftest.run" / "generate.log").read_text()
+    assert log.startswith("# itk run: ") and "--num_persistent_param_in_dit 0" in log.splitlines()[0]
+    assert '"event": "done"' in log and (tmp_path / "selftest.run" / "job.json").is_file()
+    verified = json.loads((tmp_path / "weights" / ".itk" / "verified.json").read_text())["files"]
+    assert verified["InfiniteTalk/quant_models/infinitetalk_single_fp8.safetensors"]["verdict"] == "ok"

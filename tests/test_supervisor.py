@@ -15,7 +15,8 @@ import pytest
 from run_media import FAKE, LOGS, fake_env, itk, write_image, write_wav, write_weights
 
 from itk.advice import diagnose
-from itk.supervisor import Supervisor, parse_event
+from itk.runtime.protocol import parse_event
+from itk.supervisor import Supervisor
 from itk.toml import read_toml
 
 EXPECTED = read_toml(LOGS / "expected.toml")
@@ -38,7 +39,7 @@ def ready(tmp_path):
 
 def test_protocol_lines_parse_and_anything_else_is_a_log_line():
     assert parse_event('ITK-EVENT {"event": "step", "step": 3}') == {"event": "step", "step": 3}
-    assert parse_event('[rank0] ITK-EVENT {"event": "done"}') == {"event": "done"}
+    assert parse_event('[rank0] ITK-EVENT {"event": "done"}') is None  # an event STARTS its line
     assert parse_event("ITK-EVENT {broken") is None and parse_event("ITK-EVENT [1]") is None
     assert parse_event("100%|##########| 40/40") is None
 
