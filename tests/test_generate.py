@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itk.runtime.events import PREFIX, parse
+from itk.runtime.protocol import EVENT_PREFIX as PREFIX
+from itk.runtime.protocol import parse_event as parse
 from itk.runtime.generate import main
 
 
@@ -71,7 +72,7 @@ def test_a_missing_image_is_a_one_line_error_naming_it(job, capsys):
 def test_a_missing_input_json_is_a_one_line_error(job, capsys):
     tmp_path, _ = job
     (tmp_path / "job.json").unlink()
-    _fails(capsys, _run(tmp_path), 2, "job.json", "not found")
+    _fails(capsys, _run(tmp_path), 2, "job.json", "does not exist")
 
 
 def test_an_image_that_does_not_decode_is_a_one_line_error(job, capsys):
@@ -249,22 +250,3 @@ def test_sigint_stops_cleanly_with_exit_130_and_no_partial_video(weights, job):
     assert proc.returncode == 130, rest[-2000:]
     assert "Traceback" not in rest
     _no_output(tmp_path)
-
-
-def test_events_are_one_json_line_each_with_elapsed_seconds():
-    import io
-
-    from itk.runtime.events import Events
-
-    stream = io.StringIO()
-    events = Events(stream)
-    events.stage("text_encoding")
-    events.emit("step", clip=1, clips=2, step=3, steps=4)
-    lines = stream.getvalue().splitlines()
-    assert all(line.startswith(PREFIX) for line in lines)
-    first, second = (parse(line) for line in lines)
-    assert first["event"] == "stage" and first["stage"] == "text_encoding" and first["elapsed_s"] >= 0
-    assert (second["clip"], second["clips"], second["step"], second["steps"]) == (1, 2, 3, 4)
-    assert parse("ITK-EVENT {broken") is None and parse("ordinary log line") is None
-    with pytest.raises(ValueError):
-        events.emit("bogus")
