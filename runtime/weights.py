@@ -53,7 +53,7 @@ class WeightPaths:
 
 def official_map_path(quant_file: Path) -> Path:
     """The official convention for a quantised file's map: the same name with `.json` for `.safetensors`
-    (infinitetalk_single_fp8.safetensors -> infinitetalk_single_fp8.json). Used for a --quant_dir file
+    (NAME.safetensors -> NAME.json). Used for a --quant_dir file
     that is not one of the manifest's."""
     return quant_file.with_suffix(".json")
 
@@ -105,7 +105,7 @@ def resolve(
 
     Unquantised: the Wan DiT shards under `ckpt_dir` + the InfiniteTalk adapter file `infinitetalk`, and the
     unquantised T5. With `quant` (fp8): the quantised DiT `quant_file` with its map, and the quantised T5
-    with its map beside it (as the official quant_models/ folder holds them).
+    with its map beside it (as the official repo's folder holds them).
     """
     m = manifest or load_manifest()
     if quant:
