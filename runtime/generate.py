@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from itk.runtime.options import RuntimeOptions
 from itk.runtime.protocol import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -25,7 +26,6 @@ from itk.runtime.protocol import (
     build_parser,
     check_values,
 )
-from itk.runtime.options import RuntimeOptions
 from itk.runtime.request import Request
 from itk.runtime.weights import MissingWeights
 

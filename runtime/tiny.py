@@ -231,8 +231,8 @@ def _wav2vec(folder: Path, seed: int, weights: WeightFile) -> None:
     """transformers writes the config, the preprocessor config and the weights under their own names; the
     weights are then moved to the manifest's name (the same one today)."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
-    from transformers.utils import logging as hf_logging
     from transformers.utils import SAFE_WEIGHTS_NAME
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)

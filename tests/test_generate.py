@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from itk.runtime.generate import main
 from itk.runtime.protocol import EVENT_PREFIX as PREFIX
 from itk.runtime.protocol import parse_event as parse
-from itk.runtime.generate import main
 
 
 def _wav(path, samples: np.ndarray, sr: int = 16000) -> None:
@@ -250,3 +250,21 @@ def test_sigint_stops_cleanly_with_exit_130_and_no_partial_video(weights, job):
     assert proc.returncode == 130, rest[-2000:]
     assert "Traceback" not in rest
     _no_output(tmp_path)
+
+
+def test_a_second_speaker_is_refused_by_the_generator_not_by_the_job_reader(job, capsys):
+    tmp_path, data = job
+    data["cond_audio"]["person2"] = data["cond_audio"]["person1"]
+    data["audio_type"] = "add"
+    (tmp_path / "job.json").write_text(json.dumps(data))
+    _fails(capsys, _run(tmp_path), 2, "two speakers are not supported yet by itk's generator")
+    _no_output(tmp_path)
+
+
+def test_relative_job_paths_missing_here_are_read_beside_the_job_file(job, capsys, monkeypatch, tmp_path_factory):
+    tmp_path, data = job
+    data.update(cond_video="face.png", cond_audio={"person1": "speech.wav"})
+    (tmp_path / "job.json").write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    # The inputs are found and read; the run stops only at the (absent) weights.
+    _fails(capsys, _run(tmp_path), 3, "itk fetch")
