@@ -250,8 +250,9 @@ def resident_plan(model: nn.Module, budget: int) -> tuple[list[bool], int]:
 def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
     """Fuse a block's float32 norm/modulation/RoPE arithmetic (and the FP8 activation quantiser) with
     torch.compile: those element-wise steps are memory-bound and cost as much as the matmuls when run one
-    by one (1.3-1.6x per step on the H100, bench/results/dit-step-h100*.json)."""
-    return torch.compile(module, dynamic=False)
+    by one (1.3-1.6x per step on the H100, bench/results/dit-step-h100*.json). The compiled forward is
+    kept by the caller, not assigned to the module."""
+    return torch.compile(module.forward, dynamic=False)
 
 
 class DiTRunner:

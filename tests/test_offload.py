@@ -144,3 +144,14 @@ def test_the_streamed_model_on_a_gpu_computes_what_the_resident_model_does(golde
     assert streamed.mode == ("pinned" if pin else "mmap")
     for _ in range(2):  # the second forward reuses the slots and their events
         assert torch.equal(forward(streamed, inputs), reference)
+
+
+def test_the_runner_attaches_nothing_to_the_dit_and_ignores_compile_off_the_gpu(golden):
+    meta, t, path = golden
+    model = load_dit([path], golden_config(meta), dtype=torch.float32)
+    reference = forward(model, t)
+    attributes = {name: id(value) for name, value in vars(model).items()}
+    runner = DiTRunner(model, torch.device("cpu"), None, compile=True)
+    assert runner.mode == "resident" and runner.streamer.block_calls == list(model.blocks)
+    assert {name: id(value) for name, value in vars(model).items()} == attributes
+    assert torch.equal(forward(runner, t), reference)

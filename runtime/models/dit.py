@@ -313,7 +313,7 @@ class InfiniteTalkDiT(nn.Module):
             tokens = block(tokens, *args)
         return tokens
 
-    def forward(self, x, t, context, clip_fea, y, audio, run_blocks: BlockRunner | None = None) -> torch.Tensor:
+    def forward(self, x, t, context, clip_fea, y, audio, *, run_blocks: BlockRunner | None = None) -> torch.Tensor:
         """One denoising prediction. `run_blocks` runs the blocks instead of `self.run_blocks` when given
         (runtime/offload.py's streamer, which moves and compiles them from outside the model)."""
         tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
