@@ -28,21 +28,22 @@ from torch import nn
 
 from itk.runtime.configs import DiTConfig
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_angles, rope_table
-from itk.runtime.offload import enable_streaming
-from itk.runtime.quant import FP8Linear, linear_names, quantize_rowwise, swap_linears
+from itk.runtime.offload import DiTRunner
+from itk.runtime.quant import FP8Kernel, FP8Linear, has_fp8_matmul, linear_names, quantize_rowwise, swap_linears
 
 FULL_LAYERS = 40
 PASSES = 3
 GRID = (21, 40, 40)  # latent frames, token rows, token columns at 640x640
 
 
-def random_dit(cfg: DiTConfig, fp8: bool, device: str, seed: int = 0) -> InfiniteTalkDiT:
-    """A full-width DiT with random weights, generated layer by layer on `device` (no fp32 copy)."""
+def random_dit(cfg: DiTConfig, kernel: FP8Kernel | None, device: str, seed: int = 0) -> InfiniteTalkDiT:
+    """A full-width DiT with random weights, generated layer by layer on `device` (no fp32 copy); its
+    Linears are FP8 computed by `kernel` when one is given, else bf16."""
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = InfiniteTalkDiT(cfg)
-    if fp8:
-        swap_linears(model, linear_names(model), "random")
+    if kernel is not None:
+        swap_linears(model, linear_names(model), kernel)
     for module in model.modules():
         if isinstance(module, FP8Linear):
             w = torch.randn(module.out_features, module.in_features, device=device, dtype=torch.bfloat16,
@@ -85,21 +86,14 @@ def timed(fn, repeats: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
-def run_blocks(model: InfiniteTalkDiT, tokens: torch.Tensor, *args) -> torch.Tensor:
-    if model.block_executor is not None:
-        return model.block_executor(tokens, *args)
-    for block in model.blocks:
-        tokens = block(tokens, *args)
-    return tokens
-
-
-def measure(name: str, model: InfiniteTalkDiT, args: tuple, layers: int, repeats: int) -> dict:
+def measure(name: str, runner: DiTRunner, args: tuple, layers: int, repeats: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
+    model = runner.dit
     with torch.no_grad():
-        forward = timed(lambda: model(*args), repeats)
+        forward = timed(lambda: runner(*args), repeats)
         tokens, grid, e, e0, ctx, audio = model.embed(*args)
         rope = rope_angles(grid, model.rope, tokens.device)
-        blocks = timed(lambda: run_blocks(model, tokens, e0, ctx, audio, grid, rope), repeats)
+        blocks = timed(lambda: runner.streamer(tokens, e0, ctx, audio, grid, rope), repeats)
     step = PASSES * (forward - blocks + blocks * FULL_LAYERS / layers)
     return {
         "mode": name, "layers_measured": layers, "forward_s": round(forward, 4), "blocks_s": round(blocks, 4),
@@ -108,13 +102,14 @@ def measure(name: str, model: InfiniteTalkDiT, args: tuple, layers: int, repeats
     }
 
 
-def to_fp8(model: nn.Module) -> nn.Module:
+def to_fp8(model: nn.Module, kernel: FP8Kernel) -> nn.Module:
     """Replace every nn.Linear by an FP8Linear holding its row-wise quantised weight."""
     for name in linear_names(model):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, leaf)
-        fp8 = FP8Linear(linear.in_features, linear.out_features, linear.bias is not None).to(linear.weight.device)
+        fp8 = FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, kernel)
+        fp8 = fp8.to(linear.weight.device)
         fp8.weight, scale = quantize_rowwise(linear.weight)
         fp8.scale = scale.float()
         fp8.bias = linear.bias
@@ -122,17 +117,17 @@ def to_fp8(model: nn.Module) -> nn.Module:
     return model
 
 
-def cosine_fp8_vs_bf16(args: tuple) -> float:
-    """A one-block full-size DiT in bf16 against the same weights quantised to FP8."""
-    bf16 = random_dit(DiTConfig(num_layers=1), fp8=False, device="cuda", seed=7)
+def cosine_fp8_vs_bf16(args: tuple, kernel: FP8Kernel) -> float:
+    """A one-block full-size DiT in bf16 against the same weights quantised to FP8 (computed by `kernel`)."""
+    bf16 = random_dit(DiTConfig(num_layers=1), None, device="cuda", seed=7)
     with torch.no_grad():
         a = bf16(*args).flatten().double()
-        b = to_fp8(bf16)(*args).flatten().double()
+        b = to_fp8(bf16, kernel)(*args).flatten().double()
     return F.cosine_similarity(a, b, dim=0).item()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--only", default="", help="comma-separated mode names (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -158,9 +153,7 @@ def main() -> None:
         os.replace(tmp, out)
         print(json.dumps(result["runs"][-1] if result["runs"] else result), flush=True)
 
-    import itk.runtime.quant as quant
-
-    result["fp8_tensor_core_path"] = quant.has_fp8_matmul(torch.device("cuda"))
+    result["fp8_tensor_core_path"] = has_fp8_matmul(torch.device("cuda"))
     args = inputs(DiTConfig(), "cuda")
     # name, FP8 weights, streamed with budget 0, pinned host memory, FP8 tensor-core matmul
     modes = (("bf16_resident", False, False, None, True), ("fp8_resident", True, False, None, True),
@@ -170,42 +163,38 @@ def main() -> None:
     for name, fp8, streamed, pin, matmul in modes:
         if opts.only and name not in opts.only.split(","):
             continue
-        quant.FP8_MATMUL = matmul
         for layers in dict.fromkeys((opts.layers, 8)):  # full depth first; 8 blocks if that does not fit
-            model = None
+            runner = None
+            kernel = FP8Kernel(matmul=matmul) if fp8 else None
             try:
-                model = random_dit(DiTConfig(num_layers=layers), fp8, "cuda")
+                model = random_dit(DiTConfig(num_layers=layers), kernel, "cuda")
                 if streamed:
                     model.cpu()
                     torch.cuda.empty_cache()
-                    streamer = enable_streaming(model, 0, "cuda", pin=pin)
-                if opts.compile:
-                    model.compile_blocks()
-                run = measure(name, model, args, layers, opts.repeats)
+                runner = DiTRunner(model, torch.device("cuda"), 0 if streamed else None, opts.compile, pin=pin)
+                model = None
+                run = measure(name, runner, args, layers, opts.repeats)
                 if streamed:
-                    run["host_memory"] = streamer.mode
-                if fp8:
-                    run["fp8_tensor_core_matmul"] = quant.FP8_MATMUL and result["fp8_tensor_core_path"]
-                    run["fp8_matmul_error"] = quant.FP8_MATMUL_ERROR or None
-                    run["activation_quantisation_compiled"] = quant.FUSED_QUANTIZE
+                    run["host_memory"] = runner.mode
+                if kernel is not None:
+                    run["fp8_tensor_core_matmul"] = kernel.matmul_active and result["fp8_tensor_core_path"]
+                    run["fp8_matmul_error"] = kernel.matmul_error or None
+                    run["activation_quantisation_compiled"] = kernel.fused_quantize
                 result["runs"].append(run)
                 break
             except Exception as exc:  # noqa: BLE001 - keep the other measurements
                 result["runs"].append({"mode": name, "layers": layers, "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 save()
-                model = streamer = None
+                model = runner = None
                 gc.collect()
                 torch.cuda.empty_cache()
-    quant.FP8_MATMUL = True
     for key, matmul in (("fp8_vs_bf16_block_cosine", True), ("fp8_weightonly_vs_bf16_block_cosine", False)):
-        quant.FP8_MATMUL = matmul
         try:
-            result[key] = round(cosine_fp8_vs_bf16(args), 6)
+            result[key] = round(cosine_fp8_vs_bf16(args, FP8Kernel(matmul=matmul)), 6)
         except Exception as exc:  # noqa: BLE001
             result[key] = f"error: {type(exc).__name__}: {exc}"
         save()
-    quant.FP8_MATMUL = True
     runs = {r["mode"]: r for r in result["runs"] if "error" not in r}
     if {"fp8_resident", "fp8_streamed_budget0"} <= set(runs):
         result["fp8_streamed_over_resident"] = round(

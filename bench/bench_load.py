@@ -225,8 +225,9 @@ def child(folder: Path, layers: int, pin: str) -> None:
     import torch
 
     from itk.runtime.configs import CLIPConfig, DiTConfig, T5Config, VAEConfig
-    from itk.runtime.offload import enable_streaming
-    from itk.runtime.quant import load_dit_fp8
+    from itk.runtime.loading import load_dit_fp8
+    from itk.runtime.offload import DiTRunner
+    from itk.runtime.quant import FP8Kernel
 
     mark("imported_torch")
     # The memory-disciplined order: the encoders are loaded, used and freed before the DiT comes in.
@@ -244,8 +245,11 @@ def child(folder: Path, layers: int, pin: str) -> None:
         except Exception as exc:  # noqa: BLE001 - a component that fails is reported, the others still count
             errors[name] = f"{type(exc).__name__}: {exc}"
     cfg = DiTConfig(num_layers=layers)
-    dit = load_dit_fp8(folder / "quant_models/infinitetalk_single_fp8.safetensors", None, cfg, torch.bfloat16, "cpu")
-    streamer = enable_streaming(dit, 0, "cuda", pin={"auto": None, "pinned": True, "mmap": False}[pin])
+    quant = folder / "quant_models"
+    dit, mapped = load_dit_fp8(quant / "infinitetalk_single_fp8.safetensors", quant / "infinitetalk_single_fp8.json",
+                               cfg, torch.bfloat16, "cpu", FP8Kernel())
+    runner = DiTRunner(dit, torch.device("cuda"), 0, compile=False, mapped=mapped,
+                       pin={"auto": None, "pinned": True, "mmap": False}[pin])
     torch.cuda.synchronize()
     mark("dit_ready")
     mark("ready_for_first_step")
@@ -255,7 +259,7 @@ def child(folder: Path, layers: int, pin: str) -> None:
         t_lat, h, w = 2, 16, 16
         r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
         with torch.no_grad():
-            dit(r(16, t_lat, h, w), torch.tensor([900.0], device="cuda"), r(20, cfg.text_dim),
+            runner(r(16, t_lat, h, w), torch.tensor([900.0], device="cuda"), r(20, cfg.text_dim),
                 r(1, cfg.image_tokens, cfg.clip_dim), r(1, 20, t_lat, h, w),
                 r(1, 1 + 4 * (t_lat - 1), cfg.audio_window, cfg.audio_blocks, cfg.audio_channels))
         torch.cuda.synchronize()
@@ -263,7 +267,7 @@ def child(folder: Path, layers: int, pin: str) -> None:
     except Exception as exc:  # noqa: BLE001
         errors["first_forward"] = f"{type(exc).__name__}: {exc}"
     result = {
-        "host_memory_mode": streamer.mode, "marks_s": marks, "errors": errors,
+        "host_memory_mode": runner.mode, "marks_s": marks, "errors": errors,
         "peak_rss_gb_until_ready": round(ready_peak["rss"] / 1e9, 2),
         "peak_anon_rss_gb_until_ready": round(ready_peak["anon"] / 1e9, 2),
         "peak_rss_gb": round(peak["rss"] / 1e9, 2), "peak_anon_rss_gb": round(peak["anon"] / 1e9, 2),

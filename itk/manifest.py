@@ -1,6 +1,7 @@
-"""The manifest: which repo files each component needs (data in manifest.toml).
+"""The manifest: which repo files each component needs, and what each file is (data in manifest.toml).
 
-fetch, the doctor's weights check and the generator's loader all read it; nothing else names shard files.
+fetch, the doctor's weights check and the generator's loader (runtime/weights.py) all read it; nothing else
+names weight files. Torch-free: `itk` commands import it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from itk.toml import read_toml
 
 MANIFEST = Path(__file__).with_name("manifest.toml")
+QUANTIZED = frozenset({"fp8"})  # precisions that need a quantisation map
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,10 @@ class WeightFile:
     size: int
     revision: str
     why: str = ""
+    role: str = ""  # what the file is to the generator (manifest.toml's header lists the roles)
+    precision: str = ""  # fp32 | bf16 | fp8, where a role has a choice
+    variant: str = ""  # single | multi; "" = used by both
+    map: WeightFile | None = None  # an FP8 file's quantisation map
 
     def local_path(self, weights_dir: Path) -> Path:
         return weights_dir / self.repo.local_dir / self.path
@@ -57,11 +63,24 @@ class Manifest:
         return self.components[name]
 
     def files_for(self, component_names: list[str] | tuple[str, ...]) -> list[WeightFile]:
-        """Files of the named components, in manifest order, each once."""
+        """Files of the named components (an FP8 file's map right after it), in manifest order, each once."""
         seen: dict[tuple[str, str], WeightFile] = {}
         for name in component_names:
             for f in self.component(name).files:
-                seen.setdefault((f.repo.key, f.path), f)
+                for g in (f, f.map) if f.map else (f,):
+                    seen.setdefault((g.repo.key, g.path), g)
+        return list(seen.values())
+
+    def select(self, role: str, precision: str | None = None, variant: str | None = None) -> list[WeightFile]:
+        """The files of `role`, in manifest order, each once. precision: that one only, or None for the
+        unquantised ones (every precision but fp8); variant: files of that variant plus those used by both."""
+        seen: dict[tuple[str, str], WeightFile] = {}
+        for comp in self.components.values():
+            for f in comp.files:
+                if f.role != role or (variant is not None and f.variant not in ("", variant)):
+                    continue
+                if (f.precision == precision) if precision else f.precision not in QUANTIZED:
+                    seen.setdefault((f.repo.key, f.path), f)
         return list(seen.values())
 
 
@@ -72,18 +91,27 @@ def load_manifest(path: Path = MANIFEST) -> Manifest:
     components = {}
     for name, comp in data["components"].items():
         repo = repos[comp["repo"]]
-        files = tuple(
-            WeightFile(
-                repo=repo,
-                path=f["path"],
-                size=int(f["size"]),
-                revision=f.get("revision", repo.revision),
-                why=f.get("why", ""),
-            )
-            for f in comp["files"]
-        )
+        files = tuple(_weight_file(repo, f) for f in comp["files"])
         components[name] = Component(name=name, about=comp["about"], files=files)
     return Manifest(repos=repos, components=components)
+
+
+def _weight_file(repo: Repo, data: dict) -> WeightFile:
+    qmap = data.get("map")
+    precision = data.get("precision", "")
+    if (qmap is None) == (precision in QUANTIZED):
+        raise ValueError(f"manifest: {data['path']}: a map goes with precision fp8, and only with it")
+    return WeightFile(
+        repo=repo,
+        path=data["path"],
+        size=int(data["size"]),
+        revision=data.get("revision", repo.revision),
+        why=data.get("why", ""),
+        role=data.get("role", ""),
+        precision=precision,
+        variant=data.get("variant", ""),
+        map=_weight_file(repo, {**qmap, "role": "map"}) if qmap else None,
+    )
 
 
 def missing_bytes(files: list[WeightFile], weights_dir: Path) -> int:

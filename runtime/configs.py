@@ -19,10 +19,22 @@ from typing import Any
 MODEL_CONFIG_FILE = "itk_model_config.json"
 
 
+def refuse(cfg: Any, name: str, supported: str) -> None:
+    """A structural value the runtime cannot build: fail at load, naming the field, never build something else."""
+    raise ValueError(f"{type(cfg).__name__}.{name} = {getattr(cfg, name)!r} is not supported ({supported})")
+
+
 @dataclass(frozen=True)
 class DiTConfig:
-    """Wan2.1 I2V DiT plus InfiniteTalk's audio adapter (runtime-spec §3.1)."""
+    """Wan2.1 I2V DiT plus InfiniteTalk's audio adapter (runtime-spec §3.1).
 
+    Every argument of the official `WanModel` constructor that shapes the network is a field here and is
+    either built (the norms switch between a LayerNorm/RMSNorm and Identity as officially) or refused by
+    name (`model_type` other than i2v, windowed attention). `weight_init` has no counterpart: the weights
+    always come from the checkpoint.
+    """
+
+    model_type: str = "i2v"
     patch_size: tuple[int, int, int] = (1, 2, 2)
     in_dim: int = 36
     out_dim: int = 16
@@ -33,6 +45,9 @@ class DiTConfig:
     freq_dim: int = 256
     text_dim: int = 4096
     text_len: int = 512
+    window_size: tuple[int, int] = (-1, -1)
+    qk_norm: bool = True  # RMSNorm on q and k of self- and cross-attention; Identity when false
+    cross_attn_norm: bool = True  # LayerNorm (`norm3`) before the cross-attention; Identity when false
     eps: float = 1e-6
     clip_dim: int = 1280
     image_tokens: int = 257
@@ -43,6 +58,16 @@ class DiTConfig:
     audio_output_dim: int = 768
     audio_context_tokens: int = 32
     vae_scale: int = 4
+    norm_input_visual: bool = True  # LayerNorm (`norm_x`) before the audio cross-attention; Identity when false
+    norm_output_audio: bool = True  # LayerNorm (`audio_proj.norm`) on the audio tokens; Identity when false
+
+    def __post_init__(self) -> None:
+        if self.model_type != "i2v":
+            refuse(self, "model_type", "InfiniteTalk is an image-to-video model: i2v")
+        if tuple(self.window_size) != (-1, -1):
+            refuse(self, "window_size", "only full attention, (-1, -1)")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            refuse(self, "num_heads", f"dim {self.dim} must split into heads of an even size")
 
     @property
     def head_dim(self) -> int:
@@ -51,7 +76,11 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Wan2.1 causal 3D VAE (runtime-spec §4.3)."""
+    """Wan2.1 causal 3D VAE (runtime-spec §4.3), the arguments of the official `WanVAE_` constructor.
+
+    `attn_scales`: the resolutions (1.0 = input, 0.5 = half, ...) after whose residual blocks an attention
+    block is inserted, as officially (the release uses none). `dropout` has no counterpart: inference.
+    """
 
     dim: int = 96
     z_dim: int = 16
@@ -59,6 +88,12 @@ class VAEConfig:
     num_res_blocks: int = 2
     attn_scales: tuple[float, ...] = ()
     temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+    def __post_init__(self) -> None:
+        if self.z_dim != 16:
+            refuse(self, "z_dim", "16: the latent mean and std are 16 fixed constants of the release")
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            refuse(self, "temporal_downsample", f"one entry per resampler: {len(self.dim_mult) - 1} for dim_mult")
 
 
 @dataclass(frozen=True)
@@ -140,7 +175,3 @@ def load_model_config(folder: str | Path | None = None, file: str | Path | None 
     if path is None or not path.is_file():
         return ModelConfig()
     return config_from_dict(json.loads(path.read_text()))
-
-
-def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

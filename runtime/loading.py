@@ -4,17 +4,38 @@ Modules are built on the meta device; tensors come from the file by mmap (safete
 archives with `mmap=True`) and are cast once, straight to their final dtype and device, then assigned.
 Key coverage is strict: a missing or unexpected key is an error naming the key and the file, because a
 silently uninitialised weight produces plausible-looking garbage video hours later.
+
+The FP8 (optimum-quanto) files are read here too (`map_file`, `read_quant_map`, `load_dit_fp8`,
+`dequantized_state`); their arithmetic is in runtime/quant.py. An FP8 file is memory-mapped, not read: FP8
+data and bf16 tensors are used in place (zero copy), so loading costs no host RAM beyond the page cache
+and a streamed model can page its weights straight from the file (`MappedFile`, runtime/offload.py).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+
+from itk.runtime.quant import FP8, QUANTO_KEYS, QUANTO_SCALARS, WEIGHTS_QTYPE, FP8Kernel, FP8Linear, swap_linears
+
+if TYPE_CHECKING:
+    from itk.runtime.configs import DiTConfig
+    from itk.runtime.models.dit import InfiniteTalkDiT
+
+SAFETENSORS_DTYPES = {
+    "F8_E4M3": FP8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 
 
 class WeightsError(Exception):
@@ -85,3 +106,169 @@ def load_strict(
         cast[key] = value.to(device=device or value.device, dtype=target_dtype)
     module.load_state_dict(cast, strict=True, assign=True)
     return module
+
+
+class MappedFile:
+    """The file behind `map_file`'s tensors, so a reader can fetch a tensor's bytes with pread.
+
+    Why: pages of a mapping that were touched count in the process's RSS until the whole mapping goes,
+    so copying 19 GB of streamed blocks out of the mapping would show as 19 GB more RSS although it is
+    only page cache. Reading the same bytes with pread leaves them in the page cache, outside the process.
+    """
+
+    def __init__(self, path: Path, base: int, size: int):
+        self.path, self.base, self.size = path, base, size
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """The file offset of `t`'s bytes if `t` is a contiguous view of this mapping, else None."""
+        storage = t.untyped_storage()
+        if t.device.type != "cpu" or storage.data_ptr() != self.base or storage.nbytes() != self.size:
+            return None
+        return t.data_ptr() - self.base if t.is_contiguous() else None
+
+    def read_into(self, dst: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous CPU tensor `dst` with its byte count from `offset` of the file."""
+        buf = dst.reshape(-1).view(torch.uint8).numpy()
+        done = 0
+        while done < buf.size:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise WeightsError(f"{self.path}: file ended at byte {offset + done} while streaming weights")
+            done += n
+
+
+def map_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MappedFile]:
+    """Every tensor of a safetensors file as a zero-copy view of one memory map of the file.
+
+    Why not safetensors' load_file: it copies each tensor into process memory, so a 19.5 GB file costs
+    19.5 GB of RSS before anything else happens. Views of a private mapping cost nothing until touched, are
+    backed by the page cache (the kernel can drop them under pressure) and go to the GPU without a copy.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    base = 8 + header_len
+    tensors = {}
+    for key, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        start, end = (base + o for o in info["data_offsets"])
+        if dtype is None or end > size:
+            raise WeightsError(f"{path}: {key} has dtype {info['dtype']} or lies past the end of the file")
+        raw = data[start:end]
+        # A tensor whose offset is not a multiple of its element size cannot be viewed in place.
+        if start % dtype.itemsize:
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).view(info["shape"])
+    return tensors, MappedFile(path, data.data_ptr(), size)
+
+
+def read_quant_map(path: str | Path) -> dict[str, dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: quantisation map not found (it sits beside the .safetensors file)")
+    try:
+        qmap = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not a readable JSON map ({exc})") from exc
+    for name, spec in qmap.items():
+        if spec.get("weights") != WEIGHTS_QTYPE:
+            raise WeightsError(f"{path}: {name} is {spec.get('weights')}, only {WEIGHTS_QTYPE} is supported")
+        if spec.get("activations", "none") != "none":
+            raise WeightsError(f"{path}: {name} quantises activations ({spec['activations']}), not supported")
+    return qmap
+
+
+def quantized_state(
+    raw: dict[str, torch.Tensor], qmap: dict[str, dict[str, str]], source: str
+) -> dict[str, torch.Tensor]:
+    """The file's tensors under FP8Linear's names; checks the quanto key set and dtypes of every layer."""
+    state = dict(raw)
+    for name in qmap:
+        for quanto, ours in QUANTO_KEYS.items():
+            key = f"{name}.{quanto}"
+            if key not in state:
+                raise WeightsError(f"{source}: missing key {key}")
+            state[f"{name}.{ours}"] = state.pop(key)
+        stored = state[f"{name}.weight"].dtype
+        if stored != FP8:
+            raise WeightsError(f"{source}: {name}.weight._data is {stored}, expected float8_e4m3fn")
+        if not state[f"{name}.scale"].is_floating_point():
+            raise WeightsError(f"{source}: {name}.weight._scale is {state[f'{name}.scale'].dtype}, expected a float")
+        for scalar in QUANTO_SCALARS:
+            value = state.pop(f"{name}.{scalar}", None)
+            if value is not None and value.float().item() != 1.0:
+                raise WeightsError(f"{source}: {name}.{scalar} is {value.item()}; activation scales are not supported")
+    return state
+
+
+def assign_quantized(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Strict assign: FP8 data stays FP8, everything else becomes `dtype`, all on `device`."""
+    check_keys(model, state, source)
+    cast = {
+        k: v.to(device=device, dtype=v.dtype if v.dtype == FP8 or not v.is_floating_point() else dtype)
+        for k, v in state.items()
+    }
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            cast[f"{name}.scale"] = cast[f"{name}.scale"].float()  # the scale multiplies in any dtype
+    model.load_state_dict(cast, strict=True, assign=True)
+
+
+def load_dit_fp8(
+    path: Path, map_path: Path, cfg: DiTConfig, dtype: torch.dtype, device: torch.device | str, kernel: FP8Kernel
+) -> tuple[InfiniteTalkDiT, MappedFile]:
+    """The complete InfiniteTalk DiT from `quant_models/infinitetalk_single_fp8.safetensors` + its map.
+
+    Returns the model and the file behind it (for a streamer to pread the bytes of CPU-resident blocks).
+    On the CPU the FP8 weights stay views of the memory-mapped file until something reads them. Every FP8
+    layer computes with `kernel`. The caller resolves `map_path` (through the manifest).
+    """
+    # Imported here, not at the top: models/dit.py loads its bf16 checkpoints with this module.
+    from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
+
+    path = Path(path)
+    qmap = read_quant_map(map_path)
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(cfg)
+    modules = dict(model.named_modules())
+    for name in qmap:
+        if not isinstance(modules.get(name), nn.Linear):
+            raise WeightsError(f"{path}: the map names {name}, which is not a Linear layer of this model")
+    swap_linears(model, qmap, kernel)
+    raw, mapped = map_file(path)
+    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype, device)
+    model.rope = rope_table(cfg.head_dim)
+    return model.eval().requires_grad_(False), mapped
+
+
+def dequantized_state(
+    path: Path, map_path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Official-key state dict with every quantised weight dequantised to `dtype` on `device`, layer by layer.
+
+    For the T5, which runs once per job: it then loads through the ordinary (key-mapped) T5 loader. Each
+    FP8 tensor goes to `device` first and is dequantised there (on a GPU that is ~20 s faster for the
+    5.7 B-parameter umT5 than on the CPU, and the host never holds the bf16 copy).
+    """
+    path = Path(path)
+    qmap = read_quant_map(map_path)
+    state = quantized_state(map_file(path)[0], qmap, str(path))
+    for name in qmap:
+        data, scale = state.pop(f"{name}.weight").to(device), state.pop(f"{name}.scale").to(device)
+        state[f"{name}.weight"] = data.to(dtype) * scale.to(dtype)
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}

@@ -1,4 +1,6 @@
-"""Low-VRAM DiT: `--num_persistent_param_in_dit N` keeps N parameters resident on the GPU and streams the
+"""Where the DiT runs: `DiTRunner` places it, streams its blocks and compiles them, from outside the model.
+
+Low-VRAM DiT: `--num_persistent_param_in_dit N` keeps N parameters resident on the GPU and streams the
 rest block by block, with the next block's copy overlapping the current block's compute.
 
 Same meaning as the official flag: a budget of parameter elements, filled in module order (the embeddings
@@ -9,21 +11,28 @@ When host RAM cannot pin them all (psutil's available RAM minus a headroom, agai
 where the loader put them (for `load_dit_fp8`: views of the memory-mapped file, so the page cache, not the
 process, holds them) and pass through a ring of two block-sized pinned staging buffers: the host copies
 block i+1 into its staging buffer while the GPU computes block i (kernels are queued asynchronously), then
-the DMA runs on the side stream. Which of the two was chosen is logged and kept in `BlockStreamer.mode`.
+the DMA runs on the side stream. Which of the two was chosen is logged and kept in `DiTRunner.mode`.
 The modules outside the blocks (embeddings, head: ~1.6% of the parameters, used once per forward) are
 always resident.
 
-On a CPU the same code runs with plain copies, so tests check it bit for bit against the resident model.
+Which block goes to which buffer, and when each copy is issued and waited for, is one pure function
+(`copy_schedule`); the streamer only executes it. On a CPU the same schedule runs with plain copies, so
+tests check it bit for bit against the resident model.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+from itk.runtime.loading import MappedFile
+from itk.runtime.models.dit import InfiniteTalkDiT
 
 log = logging.getLogger(__name__)
 PIN_HEADROOM = 8 * 2**30  # RAM left free after pinning, for activations, the VAE and the OS
@@ -92,16 +101,58 @@ def _replace(block: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
-class BlockStreamer:
-    """Runs a list of identically shaped blocks on `device`, resident ones in place, the rest streamed."""
+@dataclass(frozen=True)
+class Step:
+    """One step of a forward through the blocks.
 
-    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device, pin: bool | None,
-                 mapped=None):
-        self.mapped = mapped  # quant.MappedFile of a memory-mapped FP8 file: its bytes are read with pread
+    copy: issue the copy of `block`'s weights into device buffer `slot` (on CUDA it waits on the side
+    stream until the slot's previous block finished computing; the host does not wait). wait: the compute
+    stream waits until that copy landed. run: compute `block`, in place when `slot` is None (resident),
+    else from `slot`. free: mark `slot` reusable once the queued compute so far is done.
+    """
+
+    kind: Literal["copy", "wait", "run", "free"]
+    block: int
+    slot: int | None = None
+
+
+def copy_schedule(resident: Sequence[bool]) -> list[Step]:
+    """Every step of one forward: streamed blocks alternate between two slots, and each one's successor
+    among the streamed blocks is copied while it computes (the first one is copied before anything runs)."""
+    streamed = [i for i, keep in enumerate(resident) if not keep]
+    slot_of = {block: n % 2 for n, block in enumerate(streamed)}
+    upcoming = dict(zip(streamed, [*streamed[1:], None], strict=False))  # the last one has no successor
+    steps = [Step("copy", streamed[0], 0)] if streamed else []
+    for i, keep in enumerate(resident):
+        if keep:
+            steps.append(Step("run", i))
+            continue
+        slot = slot_of[i]
+        steps += [Step("wait", i, slot), Step("run", i, slot), Step("free", i, slot)]
+        after = upcoming[i]
+        if after is not None:
+            steps.append(Step("copy", after, slot_of[after]))
+    return steps
+
+
+Compiler = Callable[[nn.Module], Callable[..., torch.Tensor]]
+
+
+class BlockStreamer:
+    """Runs a list of identically shaped blocks on `device`, resident ones in place, the rest streamed.
+
+    `wrap` turns each module that computes (a resident block, a device slot) into what is called: the
+    module itself, or its torch.compile'd version.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device,
+                 pin: bool | None, mapped: MappedFile | None = None, wrap: Compiler = lambda module: module):
+        self.mapped = mapped  # the memory-mapped FP8 file the blocks came from: its bytes are read with pread
         self.blocks = list(blocks)
         self.resident = list(resident)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.schedule = copy_schedule(self.resident)
         streamed = [b for b, r in zip(self.blocks, self.resident, strict=True) if not r]
         for block, keep in zip(self.blocks, self.resident, strict=True):
             if keep:
@@ -126,6 +177,8 @@ class BlockStreamer:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in self.slots]
             self.freed = [torch.cuda.Event() for _ in self.slots]
+        self.block_calls = [wrap(b) if r else None for b, r in zip(self.blocks, self.resident, strict=True)]
+        self.slot_calls = [wrap(slot) for slot in self.slots]
 
     def _to_host(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's tensors on the host: copied into one pinned buffer when pinning was chosen, else left
@@ -149,7 +202,7 @@ class BlockStreamer:
         self.mapped.read_into(dst, offset)
         return dst
 
-    def _load(self, index: int, slot: int) -> None:
+    def _copy(self, index: int, slot: int) -> None:
         """Copy block `index` into device slot `slot` (on CUDA: queued on the copy stream, not waited for)."""
         targets = tensors_of(self.slots[slot])
         sources = self.host[index]
@@ -168,27 +221,17 @@ class BlockStreamer:
                 dst.copy_(src, non_blocking=True)
             self.copied[slot].record(self.copy_stream)
 
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        streamed = [i for i, r in enumerate(self.resident) if not r]
-        slot_of = {index: n % 2 for n, index in enumerate(streamed)}
-        upcoming = dict(zip(streamed, [*streamed[1:], None], strict=False))
-        if self.cuda and streamed:
-            self._load(streamed[0], 0)
-        for i, block in enumerate(self.blocks):
-            if self.resident[i]:
-                x = block(x, *args, **kwargs)
-                continue
-            slot = slot_of[i]
-            if not self.cuda:
-                self._load(i, slot)
-                x = self.slots[slot](x, *args, **kwargs)
-                continue
-            compute = torch.cuda.current_stream(self.device)
-            compute.wait_event(self.copied[slot])
-            x = self.slots[slot](x, *args, **kwargs)  # queued: the GPU computes while the host goes on
-            self.freed[slot].record(compute)
-            if upcoming[i] is not None:
-                self._load(upcoming[i], slot_of[upcoming[i]])
+    def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
+        for step in self.schedule:
+            if step.kind == "run":
+                call = self.block_calls[step.block] if step.slot is None else self.slot_calls[step.slot]
+                x = call(x, *args)  # on CUDA queued: the GPU computes while the host goes on
+            elif step.kind == "copy":
+                self._copy(step.block, step.slot)
+            elif self.cuda and step.kind == "wait":
+                torch.cuda.current_stream(self.device).wait_event(self.copied[step.slot])
+            elif self.cuda and step.kind == "free":
+                self.freed[step.slot].record(torch.cuda.current_stream(self.device))
         return x
 
 
@@ -204,15 +247,40 @@ def resident_plan(model: nn.Module, budget: int) -> tuple[list[bool], int]:
     return plan, used
 
 
-def enable_streaming(
-    model: nn.Module, budget: int, device: torch.device | str, pin: bool | None = None
-) -> BlockStreamer:
-    """Put `model` (an InfiniteTalkDiT on the CPU) in low-VRAM mode on `device`; returns the executor."""
-    device = torch.device(device)
-    for name, child in model.named_children():
-        if name != "blocks":
-            child.to(device)
-    plan, _ = resident_plan(model, budget)
-    streamer = BlockStreamer(model.blocks, plan, device, pin, getattr(model, "mapped_file", None))
-    model.block_executor = streamer
-    return streamer
+def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """Fuse a block's float32 norm/modulation/RoPE arithmetic (and the FP8 activation quantiser) with
+    torch.compile: those element-wise steps are memory-bound and cost as much as the matmuls when run one
+    by one (1.3-1.6x per step on the H100, bench/results/dit-step-h100*.json). The compiled forward is
+    kept by the caller, not assigned to the module."""
+    return torch.compile(module.forward, dynamic=False)
+
+
+class DiTRunner:
+    """The DiT placed on `device`, its blocks streamed and compiled from outside; called like the DiT.
+
+    budget None: everything resident on `device`. An int (`--num_persistent_param_in_dit`): the modules
+    outside the blocks and the blocks that fit the budget in module order are resident, the rest stream
+    from host memory (`mapped`: the memory-mapped FP8 file they are views of; `pin`: force or forbid
+    pinning, None = decided from free RAM). compile: torch.compile every block that computes (on a CUDA
+    device; ignored elsewhere). `mode`: "resident" | "pinned" | "mmap".
+    """
+
+    def __init__(self, dit: InfiniteTalkDiT, device: torch.device, budget: int | None, compile: bool,
+                 mapped: MappedFile | None = None, pin: bool | None = None):
+        self.dit = dit
+        self.device = torch.device(device)
+        for name, child in dit.named_children():
+            if name != "blocks" or budget is None:
+                child.to(self.device)
+        plan = [True] * len(dit.blocks) if budget is None else resident_plan(dit, budget)[0]
+        wrap: Compiler = lambda module: module  # noqa: E731
+        if compile and self.device.type == "cuda":
+            # One compiled graph per block instance and slot; leave room so none falls back to eager.
+            limit = len(dit.blocks) + 2 + 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
+            wrap = compiled
+        self.streamer = BlockStreamer(dit.blocks, plan, self.device, pin, mapped, wrap)
+        self.mode = self.streamer.mode
+
+    def __call__(self, x, t, context, clip_fea, y, audio) -> torch.Tensor:
+        return self.dit(x, t, context, clip_fea, y, audio, run_blocks=self.streamer)

@@ -21,8 +21,8 @@ import torch
 
 from itk.runtime.buckets import choose_bucket, resized_size
 from itk.runtime.color import match_colors
-from itk.runtime.events import Events
 from itk.runtime.models.audio import audio_windows
+from itk.runtime.protocol import Events
 from itk.runtime.sampler import Guidance, Sampler, euler_step, shifted_timesteps
 
 
@@ -157,7 +157,7 @@ def first_frame_mask(latent_frames: int, lat_h: int, lat_w: int) -> torch.Tensor
 
 
 class DiT(Protocol):
-    def __call__(self, x, t, context, clip_fea, y, audio, ref_target_masks=None) -> torch.Tensor: ...
+    def __call__(self, x, t, context, clip_fea, y, audio) -> torch.Tensor: ...
 
 
 class VAE(Protocol):
@@ -237,7 +237,6 @@ class StreamingPipeline:
     def _denoise(self, k, noise, motion, y, window, clip_fea, context, context_null, timesteps):
         s = self.settings
         sampler = Sampler(s.guidance)
-        masks = torch.ones(3, noise.shape[-2], noise.shape[-1], device=self.device)
         args = {
             "cond": (context, window),
             "drop_text": (context_null, window),
@@ -256,7 +255,7 @@ class StreamingPipeline:
             preds = {}
             for name in sampler.passes():
                 ctx, audio = args[name]
-                preds[name] = self.dit(latent, t, ctx, clip_fea, y, audio, masks).float()
+                preds[name] = self.dit(latent, t, ctx, clip_fea, y, audio).float()
                 if self.on_dit_call:
                     self.on_dit_call(k, i, name, latent, t, preds[name])
             latent = euler_step(latent, sampler.velocity(preds), t, timesteps[i + 1])

@@ -292,9 +292,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("frame_num", int, 81, "frames per clip (4n+1)", minimum=5),
     Flag("max_frame_num", int, 1000, "most frames of the video in streaming mode", minimum=1),
     Flag("ckpt_dir", str, None, "the Wan2.1-I2V-14B-480P folder", settable=False, required=True, path=True),
-    Flag("infinitetalk_dir", str, None, "the file single/infinitetalk.safetensors (without --quant)",
+    Flag("infinitetalk_dir", str, None,
+         "the InfiniteTalk adapter file, component infinitetalk-single (without --quant)",
          settable=False, path=True),
-    Flag("quant_dir", str, None, "the quantised DiT file, e.g. quant_models/infinitetalk_single_fp8.safetensors",
+    Flag("quant_dir", str, None, "the quantised DiT file (component infinitetalk-single-fp8); its map and the "
+         "quantised T5 are found beside it",
          settable=False, path=True),
     Flag("wav2vec_dir", str, None, "the chinese-wav2vec2-base folder", settable=False, required=True, path=True),
     Flag("model_config", str, None, "itk_model_config.json (default: the one in --ckpt_dir, if any)",

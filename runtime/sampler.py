@@ -8,7 +8,6 @@ value is computed in float32 in the official operation order, so the timesteps m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,12 +106,9 @@ class Guidance:
     apg_norm_threshold: float = 55.0
 
 
-# A model pass: (latent, timestep, which) -> velocity; `which` is cond | drop_text | uncond | drop_audio.
-ModelPass = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
-
-
 class Sampler:
-    """Runs the guided Euler loop for one clip, calling the model once per pass and step."""
+    """The guidance of one clip: which DiT passes each step runs, and how their predictions combine into
+    the velocity (APG's momentum carried from step to step)."""
 
     def __init__(self, guidance: Guidance) -> None:
         self.g = guidance

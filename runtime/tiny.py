@@ -1,11 +1,12 @@
 """Tiny random weights in the exact official file layout, for `itk selftest` and the end-to-end tests.
 
-Every file a real run opens is written under its official name and format (runtime-spec §2.1-2.3): the
-Wan folder (config.json, the VAE/CLIP/T5 `.pth` state dicts, the umT5 tokenizer folder, seven DiT shards
-with their index), chinese-wav2vec2-base (config, preprocessor config, model.safetensors of a
-Wav2Vec2ForPreTraining) and InfiniteTalk's single/infinitetalk.safetensors. Only the sizes are tiny, and
-`itk_model_config.json` beside them says so. The DiT, CLIP and T5 key sets are written from the official
-key lists here, not from our model classes, so a strict load of these files also checks our classes.
+Every file a real run opens is written in its official format under the manifest's name and folder
+(itk/manifest.toml; runtime-spec §2.1-2.3): the Wan folder (config, the VAE/CLIP/T5 `.pth` state dicts, the
+umT5 tokenizer folder, the DiT shards with their index), chinese-wav2vec2-base (config, preprocessor
+config, the weights of a Wav2Vec2ForPreTraining), InfiniteTalk's single-speaker adapter and its FP8 set. So
+`root` works as an itk `--weights-dir`. Only the sizes are tiny, and `itk_model_config.json` says so. The
+DiT, CLIP and T5 key sets are written from the official key lists here, not from our model classes, so a
+strict load of these files also checks our classes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from itk.manifest import Manifest, WeightFile, load_manifest
 from itk.runtime.configs import MODEL_CONFIG_FILE, config_from_dict
-from itk.runtime.generate import CLIP_FILE, DIT_SHARDS, T5_FILE, T5_TOKENIZER, VAE_FILE
+from itk.runtime.protocol import SAMPLE_RATE, SIZES
+from itk.runtime.weights import base_dit, tokenizer_folder, wav2vec_weights
 
 # Tiny sizes (those of the pipeline_A golden); the bucket table replaces infinitetalk-480's for this folder.
 TINY = {
@@ -30,7 +33,7 @@ TINY = {
     "t5": {"vocab_size": 64, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4, "num_layers": 2,
            "text_len": 16},
     "clip": {"width": 24, "heads": 4, "layers": 3},
-    "buckets": {"infinitetalk-480": {"1.00": [32, 32], "0.67": [32, 48], "1.50": [48, 32]}},
+    "buckets": {SIZES[0]: {"1.00": [32, 32], "0.67": [32, 48], "1.50": [48, 32]}},
 }
 CLIP_TEXT = {"dim": 16, "heads": 2, "layers": 1, "vocab": 40, "max_len": 16, "embed_dim": 16}
 WAV2VEC = {"hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
@@ -51,7 +54,7 @@ class TinyLayout:
     ckpt_dir: Path
     wav2vec_dir: Path
     infinitetalk: Path
-    fp8_dit: Path  # quant_models/infinitetalk_single_fp8.safetensors (+ .json, t5_fp8 files beside it)
+    fp8_dit: Path  # the manifest's single-speaker FP8 DiT (its map and the FP8 T5 + map beside it)
 
 
 def _dit_shapes(d: dict) -> dict[str, tuple[int, ...]]:
@@ -224,75 +227,87 @@ def _xlm_tokenizer(folder: Path, seed: int) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _wav2vec(folder: Path, seed: int) -> None:
-    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+def _wav2vec(folder: Path, seed: int, weights: WeightFile) -> None:
+    """transformers writes the config, the preprocessor config and the weights under their own names; the
+    weights are then moved to the manifest's name (the same one today)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining
+    from transformers.utils import SAFE_WEIGHTS_NAME
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = Wav2Vec2ForPreTraining(Wav2Vec2Config(**WAV2VEC))
     model.save_pretrained(str(folder), safe_serialization=True)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "do_normalize": True, "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
-        "padding_side": "right", "padding_value": 0.0, "return_attention_mask": False, "sampling_rate": 16000,
-    }, indent=2))
+    (folder / SAFE_WEIGHTS_NAME).replace(folder / weights.path)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=False).save_pretrained(str(folder))
 
 
-def _shards(state: dict[str, torch.Tensor], ckpt: Path) -> None:
-    """Seven shards under the hard-coded official names, plus the (unread) index the real repo carries."""
+def _shards(state: dict[str, torch.Tensor], ckpt: Path, manifest: Manifest) -> None:
+    """The state split over the manifest's shard files, plus the (unread) index the real repo carries."""
     from safetensors.torch import save_file
 
+    names = [f.path for f in base_dit(manifest)]
     keys = list(state)
     weight_map, total = {}, 0
-    for i, name in enumerate(DIT_SHARDS):
-        part = {k: state[k] for k in keys[i::len(DIT_SHARDS)]}
+    for i, name in enumerate(names):
+        part = {k: state[k] for k in keys[i::len(names)]}
         save_file(part, str(ckpt / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, name))
         total += sum(t.numel() * t.element_size() for t in part.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (ckpt / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (ckpt / _only(manifest, "dit-index").path).write_text(json.dumps(index, indent=2))
 
 
-def _fp8_files(dit: dict[str, torch.Tensor], t5: dict[str, torch.Tensor], folder: Path) -> Path:
+def _fp8_files(dit: dict[str, torch.Tensor], t5: dict[str, torch.Tensor], root: Path, manifest: Manifest) -> Path:
     """The README's FP8 set: the whole DiT and the T5 with every Linear in quanto's FP8 layout."""
     from itk.runtime.quant import write_quantized
 
-    folder.mkdir(parents=True, exist_ok=True)
+    dit_file, t5_file = _only(manifest, "dit", "fp8", "single"), _only(manifest, "t5", "fp8")
+    assert dit_file.map is not None and t5_file.map is not None
+    path = dit_file.local_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
     linears = [k.removesuffix(".weight") for k, v in dit.items() if k.endswith(".weight") and v.dim() == 2]
-    path = folder / "infinitetalk_single_fp8.safetensors"
-    write_quantized(dit, linears, path, folder / "infinitetalk_single_fp8.json")
+    write_quantized(dit, linears, path, dit_file.map.local_path(root))
     t5_linears = [k.removesuffix(".weight") for k in t5 if ".attn." in k or ".ffn." in k]
-    write_quantized(t5, t5_linears, folder / "t5_fp8.safetensors", folder / "t5_map_fp8.json")
+    write_quantized(t5, t5_linears, t5_file.local_path(root), t5_file.map.local_path(root))
     return path
 
 
+def _only(manifest: Manifest, role: str, precision: str | None = None, variant: str | None = None) -> WeightFile:
+    """The manifest's one file of `role` that tiny weights stand in for (variant single where it matters)."""
+    files = [f for f in manifest.select(role, precision, variant) if variant is None or f.variant == variant]
+    assert len(files) == 1, (role, precision, variant, files)
+    return files[0]
+
+
 def write_tiny_weights(root: str | Path, seed: int = 0) -> TinyLayout:
-    """Write the three weight folders under `root` (weights/-style names) and return their paths."""
+    """Write the three weight folders under `root` (the manifest's local_dirs) and return their paths."""
     from safetensors.torch import save_file
 
-    root = Path(root)
-    ckpt, wav2vec = root / "Wan2.1-I2V-14B-480P", root / "chinese-wav2vec2-base"
-    infinitetalk = root / "InfiniteTalk" / "single" / "infinitetalk.safetensors"
+    root, manifest = Path(root), load_manifest()
+    ckpt, wav2vec = (root / manifest.repos[key].local_dir for key in ("wan", "wav2vec2"))
+    infinitetalk = _only(manifest, "dit", None, "single").local_path(root)
     for folder in (ckpt, wav2vec, infinitetalk.parent):
         folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     tiny = json.loads(json.dumps(TINY))
-    tiny["t5"]["vocab_size"] = max(tiny["t5"]["vocab_size"], _tokenizer(ckpt / T5_TOKENIZER, seed))
-    _xlm_tokenizer(ckpt / "xlm-roberta-large", seed)
+    tiny["t5"]["vocab_size"] = max(tiny["t5"]["vocab_size"], _tokenizer(tokenizer_folder(ckpt, manifest), seed))
+    _xlm_tokenizer(ckpt / Path(manifest.select("clip-tokenizer")[0].path).parent, seed)
     (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(tiny, indent=2))
     cfg = config_from_dict(tiny)
     d = tiny["dit"]
-    (ckpt / "config.json").write_text(json.dumps({
+    (ckpt / _only(manifest, "config").path).write_text(json.dumps({
         "_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "i2v", "text_len": d["text_len"],
         "in_dim": 36, "dim": d["dim"], "ffn_dim": d["ffn_dim"], "freq_dim": 256, "out_dim": 16,
         "num_heads": d["num_heads"], "num_layers": d["num_layers"], "eps": 1e-06}, indent=2))
     base, adapter = _random(_dit_shapes(d), gen), _random(_adapter_shapes(d), gen)
-    _shards(base, ckpt)
+    _shards(base, ckpt, manifest)
     save_file(adapter, str(infinitetalk), metadata={"format": "pt"})
     t5 = _random(_t5_shapes(tiny["t5"]), gen, torch.bfloat16)
-    torch.save(t5, ckpt / T5_FILE)
-    fp8_dit = _fp8_files({**base, **adapter}, t5, infinitetalk.parent.parent / "quant_models")
-    torch.save(_random(_clip_shapes(tiny["clip"], CLIP_TEXT), gen), ckpt / CLIP_FILE)
-    torch.save(_vae_state(cfg.vae, gen), ckpt / VAE_FILE)
-    _wav2vec(wav2vec, seed)
+    torch.save(t5, ckpt / _only(manifest, "t5").path)
+    fp8_dit = _fp8_files({**base, **adapter}, t5, root, manifest)
+    torch.save(_random(_clip_shapes(tiny["clip"], CLIP_TEXT), gen), ckpt / _only(manifest, "clip").path)
+    torch.save(_vae_state(cfg.vae, gen), ckpt / _only(manifest, "vae").path)
+    _wav2vec(wav2vec, seed, wav2vec_weights(manifest))
     return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit)

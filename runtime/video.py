@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from itk.atomic import atomic_write
-
-FPS = 25
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".flv", ".wmv", ".webm", ".mpeg", ".mpg")
+from itk.runtime.protocol import FPS, VIDEO_EXTENSIONS
 
 
 class VideoError(Exception):

@@ -346,6 +346,8 @@ def standard_hub(big_floats: int = 1 << 18) -> Hub:
         "quant_models/infinitetalk_single_fp8.json": text(json.dumps({"blocks.0.q": "fp8"})),
         "quant_models/t5_fp8.safetensors": tiny_safetensors(1024, 23),
         "quant_models/t5_map_fp8.json": text(json.dumps({"t5.q": "fp8"})),
+        "quant_models/infinitetalk_multi_fp8.safetensors": tiny_safetensors(1024, 24),
+        "quant_models/infinitetalk_multi_fp8.json": text(json.dumps({"blocks.0.q": "fp8"})),
     })
     return hub
 

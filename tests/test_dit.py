@@ -44,7 +44,7 @@ def run_with_hooks(model: InfiniteTalkDiT, tensors: dict) -> tuple[torch.Tensor,
     ]
     with torch.no_grad():
         out = model(tensors["input.x"], tensors["input.t"], tensors["input.context"], tensors["input.clip_fea"],
-                    tensors["input.y"], tensors["input.audio"], tensors["input.ref_target_masks"])
+                    tensors["input.y"], tensors["input.audio"])
     for h in handles:
         h.remove()
     return out, seen

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from test_dit import golden_config
 
 from itk.runtime.models.dit import load_dit
-from itk.runtime.offload import enable_streaming, params_of, resident_plan
+from itk.runtime.offload import DiTRunner, Step, copy_schedule, params_of, resident_plan
 
 from golden import load_golden, weights_of
 
@@ -45,26 +45,28 @@ def test_streamed_output_is_bit_identical_to_the_resident_model(golden, budget):
     model = load_dit([path], cfg, dtype=torch.float32)
     outside = sum(params_of(m) for name, m in model.named_children() if name != "blocks")
     n = {"none": 0, "one_block": outside + params_of(model.blocks[0]), "all": 10**12}[budget]
-    streamer = enable_streaming(model, n, "cpu")
-    assert streamer.mode == ("resident" if budget == "all" else "mmap")
-    assert torch.equal(forward(model, t), reference)
-    assert torch.equal(forward(model, t), reference)  # the reused block buffers hold no stale state
+    runner = DiTRunner(model, torch.device("cpu"), n, compile=False)
+    assert runner.mode == ("resident" if budget == "all" else "mmap")
+    assert torch.equal(forward(runner, t), reference)
+    assert torch.equal(forward(runner, t), reference)  # the reused block buffers hold no stale state
 
 
 def test_streaming_works_on_fp8_blocks(golden, tmp_path):
+    from itk.runtime.loading import load_dit_fp8
     from itk.runtime.models.dit import InfiniteTalkDiT
-    from itk.runtime.quant import linear_names, load_dit_fp8, write_quantized
+    from itk.runtime.quant import FP8Kernel, linear_names, write_quantized
 
     meta, t, _ = golden
     cfg = golden_config(meta)
     with torch.device("meta"):
         names = linear_names(InfiniteTalkDiT(cfg))
-    path = tmp_path / "fp8.safetensors"
-    write_quantized(weights_of(meta, t), names, path, tmp_path / "fp8.json")
-    reference = forward(load_dit_fp8(path, None, cfg, dtype=torch.float32), t)
-    model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
-    streamer = enable_streaming(model, 0, "cpu")
-    assert torch.equal(forward(model, t), reference)
+    path, map_path = tmp_path / "fp8.safetensors", tmp_path / "fp8.json"
+    write_quantized(weights_of(meta, t), names, path, map_path)
+    reference = forward(load_dit_fp8(path, map_path, cfg, torch.float32, "cpu", FP8Kernel())[0], t)
+    model, mapped = load_dit_fp8(path, map_path, cfg, torch.float32, "cpu", FP8Kernel())
+    runner = DiTRunner(model, torch.device("cpu"), 0, compile=False, mapped=mapped)
+    assert torch.equal(forward(runner, t), reference)
+    streamer = runner.streamer
     # The streamed FP8 weights were read from the file with pread (not through the mapping).
     assert streamer.mapped.offset_of(model.blocks[1].ffn[0].weight) is not None
     # The reusable block buffers are their own small tensors, not copies of the memory-mapped file.
@@ -86,3 +88,70 @@ def test_a_blocks_host_copy_is_one_allocation_with_aligned_views():
     for v, t in zip(views, like, strict=True):
         v.copy_(t)
     assert all(torch.equal(v.float(), t.float()) for v, t in zip(views, like, strict=True))  # no overlap
+
+
+def test_streamed_blocks_alternate_slots_and_each_prefetches_the_next_streamed_block():
+    assert copy_schedule([False, False, False]) == [
+        Step("copy", 0, 0),
+        Step("wait", 0, 0), Step("run", 0, 0), Step("free", 0, 0), Step("copy", 1, 1),
+        Step("wait", 1, 1), Step("run", 1, 1), Step("free", 1, 1), Step("copy", 2, 0),
+        Step("wait", 2, 0), Step("run", 2, 0), Step("free", 2, 0),
+    ]
+
+
+def test_resident_blocks_run_in_place_and_are_skipped_by_the_copies():
+    steps = copy_schedule([True, False, True, True, False])
+    assert steps == [
+        Step("copy", 1, 0),
+        Step("run", 0),
+        Step("wait", 1, 0), Step("run", 1, 0), Step("free", 1, 0), Step("copy", 4, 1),
+        Step("run", 2), Step("run", 3),
+        Step("wait", 4, 1), Step("run", 4, 1), Step("free", 4, 1),
+    ]
+    assert copy_schedule([True, True]) == [Step("run", 0), Step("run", 1)]
+
+
+def test_every_streamed_block_is_copied_once_before_it_is_waited_for_and_never_into_a_busy_slot():
+    resident = [False, True, False, False, True, False, False]
+    busy: dict[int, int] = {}  # slot -> block copied into it and not yet freed
+    copied, ran = [], []
+    for step in copy_schedule(resident):
+        if step.kind == "copy":
+            assert step.slot not in busy  # the slot's previous block was freed first
+            busy[step.slot] = step.block
+            copied.append(step.block)
+        elif step.kind == "wait":
+            assert busy[step.slot] == step.block
+        elif step.kind == "run":
+            ran.append(step.block)
+        else:
+            assert busy.pop(step.slot) == step.block
+    assert ran == list(range(len(resident)))
+    assert copied == [i for i, keep in enumerate(resident) if not keep]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pin", [True, False])
+def test_the_streamed_model_on_a_gpu_computes_what_the_resident_model_does(golden, pin):
+    meta, t, path = golden
+    cfg = golden_config(meta)
+    cuda = torch.device("cuda")
+    inputs = {k: v.to(cuda) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    resident = DiTRunner(load_dit([path], cfg, dtype=torch.float32), cuda, None, compile=False)
+    assert resident.mode == "resident"
+    reference = forward(resident, inputs)
+    streamed = DiTRunner(load_dit([path], cfg, dtype=torch.float32), cuda, 0, compile=False, pin=pin)
+    assert streamed.mode == ("pinned" if pin else "mmap")
+    for _ in range(2):  # the second forward reuses the slots and their events
+        assert torch.equal(forward(streamed, inputs), reference)
+
+
+def test_the_runner_attaches_nothing_to_the_dit_and_ignores_compile_off_the_gpu(golden):
+    meta, t, path = golden
+    model = load_dit([path], golden_config(meta), dtype=torch.float32)
+    reference = forward(model, t)
+    attributes = {name: id(value) for name, value in vars(model).items()}
+    runner = DiTRunner(model, torch.device("cpu"), None, compile=True)
+    assert runner.mode == "resident" and runner.streamer.block_calls == list(model.blocks)
+    assert {name: id(value) for name, value in vars(model).items()} == attributes
+    assert torch.equal(forward(runner, t), reference)

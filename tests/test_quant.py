@@ -9,21 +9,26 @@ import torch
 import torch.nn.functional as F
 from test_dit import golden_config
 
-from itk.runtime.loading import WeightsError, load_strict
+from itk.runtime.loading import WeightsError, load_dit_fp8, load_strict
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
 from itk.runtime.quant import (
     FP8,
     FP8_MAX,
+    FP8Kernel,
     FP8Linear,
     fp8_matmul,
     linear_names,
-    load_dit_fp8,
     quantize_activations,
     quantize_rowwise,
     write_quantized,
 )
 
 from golden import load_golden, rel_err, weights_of
+
+
+def load_fp8(path, cfg, dtype=torch.float32):
+    """The DiT of an FP8 file whose map sits beside it as <name>.json (as `write_quantized` is called here)."""
+    return load_dit_fp8(path, path.with_suffix(".json"), cfg, dtype, "cpu", FP8Kernel())[0]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_the_file_has_the_official_quanto_layout(quantized):
 
 def test_the_fp8_model_equals_the_float_model_on_the_dequantised_weights(quantized):
     meta, t, cfg, names, path = quantized
-    fp8 = load_dit_fp8(path, None, cfg, dtype=torch.float32)
+    fp8 = load_fp8(path, cfg)
     assert isinstance(fp8.blocks[0].ffn[0], FP8Linear)
     state = weights_of(meta, t)
     for name in names:
@@ -83,14 +88,14 @@ def test_fp8_stays_close_to_the_official_float_output(quantized, tmp_path, scope
     chosen = [n for n in names if scope == "all" or n.startswith("blocks.")]
     path = tmp_path / f"{scope}_fp8.safetensors"
     write_quantized(weights_of(meta, t), chosen, path, tmp_path / f"{scope}_fp8.json")
-    out = run(load_dit_fp8(path, None, cfg, dtype=torch.float32), t).flatten()
+    out = run(load_fp8(path, cfg), t).flatten()
     cos = F.cosine_similarity(out.double(), t["output.noise_pred"].flatten().double(), dim=0)
     assert cos >= min_cosine
 
 
 def test_fp8_weights_stay_one_byte_per_element_in_memory(quantized):
     _, _, cfg, _, path = quantized
-    model = load_dit_fp8(path, None, cfg, dtype=torch.bfloat16)
+    model = load_fp8(path, cfg, torch.bfloat16)
     assert model.blocks[0].self_attn.q.weight.dtype == FP8
     assert model.blocks[0].norm_x.weight.dtype == torch.bfloat16
 
@@ -112,14 +117,14 @@ def test_a_missing_scale_is_named_with_its_file(quantized, tmp_path):
     broken = _rewrite(path, tmp_path, lambda s: s.pop("blocks.1.ffn.2.weight._scale"))
     expected = r"infinitetalk_single_fp8\.safetensors: missing key blocks\.1\.ffn\.2\.weight\._scale"
     with pytest.raises(WeightsError, match=expected):
-        load_dit_fp8(broken, None, cfg)
+        load_fp8(broken, cfg)
 
 
 def test_a_missing_plain_tensor_is_named_not_left_uninitialised(quantized, tmp_path):
     _, _, cfg, _, path = quantized
     broken = _rewrite(path, tmp_path, lambda s: s.pop("blocks.0.norm_x.bias"))
     with pytest.raises(WeightsError, match=r"missing key blocks\.0\.norm_x\.bias"):
-        load_dit_fp8(broken, None, cfg)
+        load_fp8(broken, cfg)
 
 
 def test_weights_of_the_wrong_dtype_are_refused(quantized, tmp_path):
@@ -132,7 +137,7 @@ def test_weights_of_the_wrong_dtype_are_refused(quantized, tmp_path):
     broken = _rewrite(path, tmp_path, to_bf16)
     expected = r"blocks\.0\.cross_attn\.k\.weight\._data is torch\.bfloat16, expected float8"
     with pytest.raises(WeightsError, match=expected):
-        load_dit_fp8(broken, None, cfg)
+        load_fp8(broken, cfg)
 
 
 def test_a_missing_map_says_where_it_was_expected(quantized, tmp_path):
@@ -140,7 +145,7 @@ def test_a_missing_map_says_where_it_was_expected(quantized, tmp_path):
     lonely = tmp_path / "infinitetalk_single_fp8.safetensors"
     lonely.write_bytes(path.read_bytes())
     with pytest.raises(WeightsError, match=r"infinitetalk_single_fp8\.json: quantisation map not found"):
-        load_dit_fp8(lonely, None, cfg)
+        load_fp8(lonely, cfg)
 
 
 def test_the_fp8_t5_loads_dequantised_and_matches_the_float_t5(tmp_path):
@@ -168,7 +173,7 @@ def test_the_fp8_t5_loads_dequantised_and_matches_the_float_t5(tmp_path):
 
 def test_fp8_weights_are_views_of_the_memory_mapped_file_not_copies(quantized):
     _, _, cfg, _, path = quantized
-    model = load_dit_fp8(path, None, cfg, dtype=torch.float32)
+    model = load_fp8(path, cfg)
     weight = model.blocks[1].ffn[2].weight
     # One storage spanning the whole file: the bytes were mapped, not read into process memory.
     assert weight.untyped_storage().nbytes() == path.stat().st_size
@@ -188,12 +193,12 @@ def test_the_fp8_matmul_path_agrees_with_the_dequantised_path():
     # run here through torch's CPU _scaled_mm without the compiled quantiser.
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 256, generator=g).bfloat16()
-    layer = FP8Linear(256, 96, bias=True)
+    layer = FP8Linear(256, 96, bias=True, kernel=FP8Kernel())
     data, scale = quantize_rowwise(torch.randn(96, 256, generator=g) / 16)
     layer.weight, layer.scale = data, scale.float()
     layer.bias = torch.nn.Parameter(torch.randn(96, generator=g).bfloat16(), requires_grad=False)
     try:
-        fast = fp8_matmul(x, layer.weight, layer.scale, layer.bias, fused=False)
+        fast = fp8_matmul(x, layer.weight, layer.scale, layer.bias)
     except (RuntimeError, NotImplementedError) as exc:
         pytest.skip(f"this torch has no CPU FP8 matmul: {exc}")
     slow = layer(x)  # CPU: the dequantised path
@@ -210,11 +215,11 @@ def test_a_scale_of_integer_dtype_is_refused(quantized, tmp_path):
         state[key] = state[key].to(torch.int32)
 
     with pytest.raises(WeightsError, match=r"blocks\.0\.ffn\.0\.weight\._scale is torch\.int32, expected a float"):
-        load_dit_fp8(_rewrite(path, tmp_path, to_int), None, cfg)
+        load_fp8(_rewrite(path, tmp_path, to_int), cfg)
 
 
 def test_a_mapped_tensor_is_read_back_byte_for_byte_with_pread(quantized):
-    from itk.runtime.quant import map_file
+    from itk.runtime.loading import map_file
 
     _, _, _, _, path = quantized
     tensors, mapped = map_file(path)
@@ -224,3 +229,41 @@ def test_a_mapped_tensor_is_read_back_byte_for_byte_with_pread(quantized):
         mapped.read_into(dst, mapped.offset_of(src))
         assert torch.equal(dst.view(torch.uint8) if dst.dim() else dst, src.view(torch.uint8) if src.dim() else src)
     assert mapped.offset_of(tensors["blocks.0.ffn.0.weight._data"].clone()) is None
+
+
+def test_every_fp8_layer_of_a_loaded_dit_computes_with_the_one_kernel_given(quantized):
+    import copy
+
+    _, _, cfg, _, path = quantized
+    kernel = FP8Kernel(matmul=False)
+    model, mapped = load_dit_fp8(path, path.with_suffix(".json"), cfg, torch.float32, "cpu", kernel)
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    assert layers and all(layer.kernel is kernel for layer in layers)
+    assert mapped.path == path
+    # A copy of a block (a streaming slot) shares the run's kernel instead of forking its state.
+    assert copy.deepcopy(model.blocks[0]).ffn[0].kernel is kernel
+
+
+def test_a_kernel_that_was_asked_not_to_use_fp8_matmuls_never_does():
+    layer = FP8Linear(64, 64, bias=False, kernel=FP8Kernel(matmul=False))
+    assert not layer.kernel.uses_matmul(layer, torch.zeros(2, 64, dtype=torch.bfloat16))
+
+
+def test_a_refused_fp8_matmul_is_remembered_by_the_kernel_and_the_layer_still_computes(monkeypatch):
+    import itk.runtime.quant as quant
+
+    calls = []
+
+    def refuse(x, weight, scale, bias, quantize, bias_in_matmul):
+        calls.append(bias_in_matmul)
+        raise RuntimeError("no FP8 here")
+
+    monkeypatch.setattr(quant, "fp8_matmul", refuse)
+    kernel = FP8Kernel()
+    layer = FP8Linear(64, 32, bias=True, kernel=kernel)
+    data, scale = quantize_rowwise(torch.randn(32, 64))
+    layer.weight, layer.scale, layer.bias = data, scale.float(), torch.nn.Parameter(torch.zeros(32))
+    assert kernel.matmul_or_none(layer, torch.randn(3, 64).bfloat16()) is None
+    assert calls == [True, False]  # first without the bias in the matmul, then given up
+    assert not kernel.bias_in_matmul and kernel.matmul_error == "RuntimeError: no FP8 here"
+    assert not kernel.matmul_active and not kernel.uses_matmul(layer, torch.zeros(2, 64, dtype=torch.bfloat16))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from itk.runtime.configs import AudioConfig
+from itk.runtime.protocol import SAMPLE_RATE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,7 +26,6 @@ UNMEASURABLE_LUFS = 100.0
 LOUDNESS_BLOCK_S = 0.4
 
 OFFICIAL = AudioConfig()
-FOLDER_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 # The key map from chinese-wav2vec2-base's checkpoint (a Wav2Vec2ForPreTraining state dict, saved before
 # torch's weight-norm parametrisations existed) to transformers' Wav2Vec2Model. Every other name is the same.
@@ -66,7 +66,7 @@ def load_speech(path: str | Path, cfg: AudioConfig = OFFICIAL) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
-def loudness_normalize(samples: np.ndarray, sr: int = 16000, target: float = -23.0) -> np.ndarray:
+def loudness_normalize(samples: np.ndarray, sr: int = SAMPLE_RATE, target: float = -23.0) -> np.ndarray:
     """The track scaled to `target` LUFS (BS.1770 integrated loudness), as the official preparation does.
 
     Silence measures -inf LUFS, and the official rule leaves any track with |loudness| > 100 unchanged. A
@@ -140,8 +140,8 @@ class AudioEncoder:
     def from_folder(
         cls, folder: str | Path, device: str | torch.device = "cpu", cfg: AudioConfig = OFFICIAL
     ) -> AudioEncoder:
-        """The encoder from a chinese-wav2vec2-base folder: config.json, preprocessor_config.json and
-        model.safetensors (only on the hub's refs/pr/1; main has just pytorch_model.bin).
+        """The encoder from a chinese-wav2vec2-base folder: its config, preprocessor config and the weights
+        the manifest names (only on the hub's refs/pr/1; main has just a pickle, see itk/manifest.toml).
 
         The architecture and the feature extractor come from transformers (local files only). The weights go
         through our explicit key map and a strict load instead of `from_pretrained`, which would quietly
@@ -150,23 +150,27 @@ class AudioEncoder:
         import torch
         from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+        from itk.manifest import load_manifest
         from itk.runtime.loading import WeightsError, load_strict, read_state_dict
+        from itk.runtime.weights import wav2vec_weights
 
         folder = Path(folder)
-        for name in FOLDER_FILES:
-            if not (folder / name).is_file():
-                where = " (itk fetch takes it from the hub's refs/pr/1)" if name == FOLDER_FILES[2] else ""
-                raise WeightsError(f"{folder / name}: missing; run `itk fetch` to download it{where}")
+        manifest = load_manifest()
+        weights_file = wav2vec_weights(manifest)
+        for entry in (*manifest.select("wav2vec-config"), weights_file):
+            if not (folder / entry.path).is_file():
+                where = f" (itk fetch takes it from the hub's {entry.revision})" if entry.why else ""
+                raise WeightsError(f"{folder / entry.path}: missing; run `itk fetch` to download it{where}")
         config = Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
         if config.do_stable_layer_norm:
             raise WeightsError(
-                f"{folder / 'config.json'}: a pre-LN (do_stable_layer_norm) wav2vec2 is not"
+                f"{folder}: its config is a pre-LN (do_stable_layer_norm) wav2vec2, not"
                 " chinese-wav2vec2-base; point --wav2vec_dir at TencentGameMate/chinese-wav2vec2-base"
             )
         extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
         with torch.device("meta"):
             model = Wav2Vec2Model(config)
-        weights = folder / "model.safetensors"
+        weights = folder / weights_file.path
         state = checkpoint_to_model_keys(read_state_dict(weights))
         load_strict(model, state, str(weights), dtype=torch.float32, device=device)
         return cls(model.eval(), extractor, cfg)

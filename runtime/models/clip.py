@@ -59,7 +59,8 @@ _BLOCK_KEYS = tuple(
     for kind in ("weight", "bias")
 )
 _HINT = (
-    "expected models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth (the full XLM-RoBERTa CLIP); "
+    "expected Wan2.1's open-clip XLM-RoBERTa-large ViT-H/14 checkpoint (the full CLIP, itk/manifest.toml role "
+    "clip); "
     "fetch it again with `itk fetch`"
 )
 

@@ -20,6 +20,9 @@ from itk.runtime.attention import attention
 from itk.runtime.configs import DiTConfig
 from itk.runtime.loading import load_strict, read_state_dicts
 
+# (tokens, e0, context, audio tokens, grid, rope) -> tokens: what runs the blocks of one forward.
+BlockRunner = Callable[..., torch.Tensor]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -102,13 +105,18 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3)
 
 
+def qk_norm(dim: int, eps: float, on: bool) -> nn.Module:
+    """The official `qk_norm` switch: an RMSNorm, or Identity (no weight) when off."""
+    return RMSNorm(dim, eps) if on else nn.Identity()
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, eps: float, norm: bool):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        self.norm_q = qk_norm(dim, eps, norm)
+        self.norm_k = qk_norm(dim, eps, norm)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, seq, dim = x.shape
@@ -122,16 +130,16 @@ class SelfAttention(nn.Module):
 class ImageTextCrossAttention(nn.Module):
     """Queries attend to the text tokens and, separately, to the CLIP image tokens; the two are summed."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float, image_tokens: int):
+    def __init__(self, dim: int, num_heads: int, eps: float, image_tokens: int, norm: bool):
         super().__init__()
         self.num_heads = num_heads
         self.image_tokens = image_tokens
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        self.norm_q = qk_norm(dim, eps, norm)
+        self.norm_k = qk_norm(dim, eps, norm)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
-        self.norm_k_img = RMSNorm(dim, eps)
+        self.norm_k_img = qk_norm(dim, eps, norm)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], self.num_heads
@@ -171,13 +179,13 @@ class Block(nn.Module):
         dim, eps = cfg.dim, cfg.eps
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(dim, cfg.num_heads, eps)
-        self.norm3 = LayerNorm(dim, eps)
-        self.cross_attn = ImageTextCrossAttention(dim, cfg.num_heads, eps, cfg.image_tokens)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, eps, cfg.qk_norm)
+        self.norm3 = LayerNorm(dim, eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = ImageTextCrossAttention(dim, cfg.num_heads, eps, cfg.image_tokens, cfg.qk_norm)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.audio_cross_attn = AudioCrossAttention(dim, cfg.audio_output_dim, cfg.num_heads)
-        self.norm_x = LayerNorm(dim, eps)
+        self.norm_x = LayerNorm(dim, eps) if cfg.norm_input_visual else nn.Identity()
 
     def forward(
         self,
@@ -219,14 +227,14 @@ class AudioProjModel(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         per_vector = cfg.audio_blocks * cfg.audio_channels
-        later_vectors = 2 * (cfg.audio_window // 2 + 1) + (cfg.vae_scale - 2)
+        later_vectors = cfg.audio_window + cfg.vae_scale - 1  # what gather_audio_windows takes per latent frame
         self.context_tokens = cfg.audio_context_tokens
         self.output_dim = cfg.audio_output_dim
         self.proj1 = nn.Linear(cfg.audio_window * per_vector, cfg.audio_intermediate_dim)
         self.proj1_vf = nn.Linear(later_vectors * per_vector, cfg.audio_intermediate_dim)
         self.proj2 = nn.Linear(cfg.audio_intermediate_dim, cfg.audio_intermediate_dim)
         self.proj3 = nn.Linear(cfg.audio_intermediate_dim, cfg.audio_context_tokens * cfg.audio_output_dim)
-        self.norm = LayerNorm(cfg.audio_output_dim)
+        self.norm = LayerNorm(cfg.audio_output_dim) if cfg.norm_output_audio else nn.Identity()
 
     def forward(self, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
         # first [H, 1, window, blocks, C]; later [H, T-1, 8, blocks, C] -> [H, T, tokens, output_dim]
@@ -274,8 +282,6 @@ class InfiniteTalkDiT(nn.Module):
         )
         self.audio_proj = AudioProjModel(cfg)
         self.rope = rope_table(cfg.head_dim)
-        # Runs the blocks when set (low-VRAM streaming, runtime/offload.py); else they run in place.
-        self.block_executor: Callable[..., torch.Tensor] | None = None
 
     def embed(self, x, t, context, clip_fea, y, audio):
         """Everything before the blocks: tokens, time modulation, text+image context, audio tokens."""
@@ -294,17 +300,6 @@ class InfiniteTalkDiT(nn.Module):
         audio_tokens = torch.cat(audio_tokens.split(1), dim=2)  # speakers side by side: [1, T, H*M, C]
         return tokens, grid, e, e0, ctx, audio_tokens
 
-    def compile_blocks(self) -> None:
-        """Fuse each block's float32 norm/modulation/RoPE arithmetic with torch.compile (GPU only).
-
-        Those element-wise steps are memory-bound and cost as much as the matmuls when run one by one.
-        """
-        modules = [*self.blocks, *getattr(self.block_executor, "slots", ())]
-        # One compiled graph per block instance; leave room so none falls back to eager.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(modules) + 8)
-        for block in modules:
-            block.forward = torch.compile(block.forward, dynamic=False)
-
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size
         f, h, w = grid
@@ -312,14 +307,18 @@ class InfiniteTalkDiT(nn.Module):
         u = out[0].view(f, h, w, pt, ph, pw, c)
         return torch.einsum("fhwpqrc->cfphqwr", u).reshape(c, f * pt, h * ph, w * pw)
 
-    def forward(self, x, t, context, clip_fea, y, audio, ref_target_masks=None) -> torch.Tensor:
+    def run_blocks(self, tokens: torch.Tensor, *args) -> torch.Tensor:
+        """Every block in place, in order (args: e0, context, audio tokens, grid, rope)."""
+        for block in self.blocks:
+            tokens = block(tokens, *args)
+        return tokens
+
+    def forward(self, x, t, context, clip_fea, y, audio, *, run_blocks: BlockRunner | None = None) -> torch.Tensor:
+        """One denoising prediction. `run_blocks` runs the blocks instead of `self.run_blocks` when given
+        (runtime/offload.py's streamer, which moves and compiles them from outside the model)."""
         tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
         rope = rope_angles(grid, self.rope, tokens.device)
-        if self.block_executor is not None:
-            tokens = self.block_executor(tokens, e0, ctx, audio_tokens, grid, rope)
-        else:
-            for block in self.blocks:
-                tokens = block(tokens, e0, ctx, audio_tokens, grid, rope)
+        tokens = (run_blocks or self.run_blocks)(tokens, e0, ctx, audio_tokens, grid, rope)
         return self.unpatchify(self.head(tokens, e).float(), grid)
 
 

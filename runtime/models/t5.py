@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from itk.runtime.configs import T5Config
-from itk.runtime.loading import WeightsError, load_strict, read_state_dict
+from itk.runtime.loading import WeightsError, dequantized_state, load_strict, read_state_dict
 from itk.runtime.models.keymap import Rule, remap
 
 if TYPE_CHECKING:
@@ -152,9 +152,7 @@ def load_t5_fp8(
 
     The T5 runs once per job, so its weights are dequantised at load rather than kept in FP8.
     """
-    from itk.runtime.quant import dequantized_state
-
-    return t5_from_state(dequantized_state(path, map_path, dtype, device), str(path), cfg, dtype, device)
+    return t5_from_state(dequantized_state(Path(path), Path(map_path), dtype, device), str(path), cfg, dtype, device)
 
 
 def clean_prompt(text: str) -> str:

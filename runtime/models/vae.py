@@ -199,12 +199,16 @@ class Encoder(nn.Module):
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         layers: list[nn.Module] = []
+        scale = 1.0  # the resolution of this stage relative to the input, for attn_scales
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResidualBlock(cin, cout))
+                if scale in cfg.attn_scales:
+                    layers.append(AttentionBlock(cout))
                 cin = cout
             if i < len(cfg.dim_mult) - 1:
                 layers.append(Resample(cout, "down3d" if cfg.temporal_downsample[i] else "down2d"))
+                scale /= 2
         self.downsamples = nn.Sequential(*layers)
         self.middle = nn.Sequential(ResidualBlock(dims[-1], dims[-1]), AttentionBlock(dims[-1]),
                                     ResidualBlock(dims[-1], dims[-1]))
@@ -226,14 +230,18 @@ class Decoder(nn.Module):
         self.middle = nn.Sequential(ResidualBlock(dims[0], dims[0]), AttentionBlock(dims[0]),
                                     ResidualBlock(dims[0], dims[0]))
         layers: list[nn.Module] = []
+        scale = 1.0 / 2 ** (len(mult) - 2)  # this stage's resolution relative to the output, for attn_scales
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             if i > 0:
                 cin //= 2  # the resampler before this stage halved the channels
             for _ in range(cfg.num_res_blocks + 1):
                 layers.append(ResidualBlock(cin, cout))
+                if scale in cfg.attn_scales:
+                    layers.append(AttentionBlock(cout))
                 cin = cout
             if i < len(mult) - 1:
                 layers.append(Resample(cout, "up3d" if temporal_upsample[i] else "up2d"))
+                scale *= 2
         self.upsamples = nn.Sequential(*layers)
         self.head = _head(dims[-1], 3)
 

@@ -1,0 +1,208 @@
+"""The engine: loads what a Request needs, in the order that keeps memory low, runs the pipeline, writes the mp4.
+
+Order (each encoder freed before the next loads): the speech embedding (wav2vec2, on the CPU), the prompt
+(T5), the reference frames (CLIP), then the VAE and the DiT for the streaming loop. The device and dtype
+policy is `Placement`; the environment policy is `RuntimeOptions`, read once by the caller. The DiT is
+placed, streamed and compiled by one `DiTRunner` the engine owns.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from itk.runtime.buckets import bucket_table
+from itk.runtime.configs import ModelConfig, load_model_config
+from itk.runtime.options import RuntimeOptions
+from itk.runtime.pipeline import ClipPlan, SeededNoise, Settings, StreamingPipeline, plan_clips
+from itk.runtime.protocol import BadInput, Events
+from itk.runtime.request import Media, Request, read_media
+from itk.runtime.sampler import Guidance
+from itk.runtime.weights import QuantFile, WeightPaths, resolve
+
+# The official default negative prompt (wan/configs/wan_multitalk_14B.py): CFG's "null text".
+NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
+    "picture, messy background, three legs, many people in the background, walking backwards"
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each model runs and in which dtype: bf16 DiT/T5 and fp16 CLIP on a GPU, float32 on the CPU
+    (which has no fast half-precision kernels). The VAE always runs in float32, as officially."""
+
+    device: torch.device
+    low: torch.dtype  # DiT and T5 compute
+    half: torch.dtype  # CLIP
+    t5_device: torch.device
+    t5_dtype: torch.dtype
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @classmethod
+    def choose(cls, t5_cpu: bool) -> Placement:
+        gpu = torch.cuda.is_available()
+        device = torch.device("cuda" if gpu else "cpu")
+        low, half = (torch.bfloat16, torch.float16) if gpu else (torch.float32, torch.float32)
+        t5_device = torch.device("cpu") if t5_cpu else device
+        return cls(device, low, half, t5_device, torch.float32 if t5_cpu else low)
+
+
+def model_config(request: Request) -> ModelConfig:
+    """The model sizes: the official ones, or a tiny config beside the weights / named by --model_config."""
+    try:
+        return load_model_config(folder=request.ckpt_dir, file=request.model_config)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"model config: {exc}", "give a valid itk_model_config.json or leave out --model_config") \
+            from exc
+
+
+def weight_paths(request: Request) -> WeightPaths:
+    """Every file the request opens, through the manifest; MissingWeights for the first absent one."""
+    return resolve(request.ckpt_dir, request.wav2vec_dir, request.infinitetalk, request.quant,
+                   request.quant_file, request.variant)
+
+
+def settings_of(request: Request) -> Settings:
+    s = request.sampling
+    return Settings(
+        frame_num=s.frame_num, motion_frame=s.motion_frame, streaming=s.streaming, max_frame_num=s.max_frame_num,
+        steps=s.steps, shift=s.shift,
+        guidance=Guidance(s.text_scale, s.audio_scale, s.use_apg, s.apg_momentum, s.apg_norm_threshold),
+        color_correction_strength=s.color_correction_strength,
+    )
+
+
+def run(request: Request, events: Events, options: RuntimeOptions) -> Path:
+    """Generate the request's video; returns the mp4 written (atomically) at request.output."""
+    from itk.runtime.video import to_uint8_frames, write_mp4
+
+    cfg = model_config(request)
+    events.stage("read_inputs")
+    media = read_media(request, bucket_table(request.size, cfg.buckets))
+    files = weight_paths(request)
+    frames = Engine(request, cfg, files, Placement.choose(request.t5_cpu), options, events).generate(media)
+    events.stage("write_video", path=str(request.output))
+    return write_mp4(to_uint8_frames(frames), media.speech, media.sample_rate, request.output)
+
+
+def release() -> None:
+    """Return freed model memory now (callers `del` their last reference first)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Engine:
+    """One run's models, loaded one after another and freed as soon as their output is computed."""
+
+    request: Request
+    cfg: ModelConfig
+    files: WeightPaths
+    place: Placement
+    options: RuntimeOptions
+    events: Events
+
+    @torch.no_grad()
+    def generate(self, media: Media) -> torch.Tensor:
+        """[3, T, H, W] float32 in [-1, 1]: the talk's frames."""
+        settings = settings_of(self.request)
+        embedding = self.embed_speech(media)
+        plan = plan_clips(embedding.shape[0], settings)
+        context, context_null = self.encode_prompt()
+        references = media.reference.frames_for(plan.starts)
+        clip_features = self.encode_references(references)
+        return self.sample(settings, plan, references, clip_features, context, context_null, embedding)
+
+    def embed_speech(self, media: Media) -> torch.Tensor:
+        from itk.runtime.models.audio import AudioEncoder
+
+        self.events.stage("audio_embedding")
+        encoder = AudioEncoder.from_folder(self.files.wav2vec, device="cpu")
+        embedding = encoder.embed(media.speech).float().cpu()
+        del encoder
+        release()
+        if embedding.shape[0] < 1:
+            raise BadInput(f"cond_audio.person1 {self.request.speech}: shorter than one video frame (40 ms)",
+                           "give a longer speech recording")
+        return embedding
+
+    def encode_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from itk.runtime.models.t5 import load_t5, load_t5_fp8, load_tokenizer
+
+        self.events.stage("text_encoding")
+        p = self.place
+        tokenize = load_tokenizer(self.files.tokenizer, self.cfg.t5.text_len)
+        t5_file = self.files.t5
+        if isinstance(t5_file, QuantFile):
+            t5 = load_t5_fp8(t5_file.path, t5_file.map, self.cfg.t5, p.t5_dtype, p.t5_device)
+        else:
+            t5 = load_t5(t5_file, self.cfg.t5, p.t5_dtype, p.t5_device)
+        ids, mask = tokenize([self.request.job.prompt, NEGATIVE_PROMPT])
+        context, context_null = (c.to(p.device) for c in t5.encode(ids.to(p.t5_device), mask.to(p.t5_device)))
+        del t5
+        release()
+        return context, context_null
+
+    def encode_references(self, references: list[torch.Tensor]) -> list[torch.Tensor]:
+        """CLIP features per clip; an image's one reference is encoded once."""
+        from itk.runtime.models.clip import load_clip
+
+        self.events.stage("image_encoding")
+        p = self.place
+        clip = load_clip(self.files.clip, self.cfg.clip, p.half, p.device)
+        features: dict[int, torch.Tensor] = {}
+        for ref in references:
+            if id(ref) not in features:
+                features[id(ref)] = clip.encode(ref.to(p.device, p.half)).float()
+        del clip
+        release()
+        return [features[id(r)] for r in references]
+
+    def load_dit(self):
+        """The DiT behind its runner. Low-VRAM mode (persistent_params N): loaded into host memory, N
+        parameters on the GPU and the other blocks streamed in per forward."""
+        from itk.runtime.attention import configure_attention
+        from itk.runtime.offload import DiTRunner
+
+        p, budget = self.place, self.request.persistent_params
+        configure_attention(self.options.attention)
+        load_device = torch.device("cpu") if budget is not None else p.device
+        mapped = None
+        if isinstance(self.files.dit, QuantFile):
+            from itk.runtime.loading import load_dit_fp8
+            from itk.runtime.quant import FP8Kernel
+
+            dit, mapped = load_dit_fp8(self.files.dit.path, self.files.dit.map, self.cfg.dit, p.low, load_device,
+                                       FP8Kernel(matmul=self.options.fp8_matmul))
+        else:
+            from itk.runtime.models.dit import load_dit
+
+            dit = load_dit(list(self.files.dit), self.cfg.dit, p.low, load_device)
+        # Compiling fuses the float32 norm/modulation/RoPE steps and the FP8 activation quantiser: 1.3-1.6x
+        # per step on the H100 (bench/results/dit-step-h100*.json); ITK_COMPILE=0 runs eagerly.
+        return DiTRunner(dit, p.device, budget, compile=p.gpu and self.options.compile, mapped=mapped,
+                         pin=self.options.pin)
+
+    def sample(self, settings: Settings, plan: ClipPlan, references: list[torch.Tensor],
+               clip_features: list[torch.Tensor], context: torch.Tensor, context_null: torch.Tensor,
+               embedding: torch.Tensor) -> torch.Tensor:
+        from itk.runtime.models.vae import load_vae
+
+        self.events.stage("load_models")
+        p = self.place
+        vae = load_vae(self.files.vae, self.cfg.vae, torch.float32, p.device)
+        runner = self.load_dit()
+        pipeline = StreamingPipeline(runner, vae, settings, SeededNoise(self.request.sampling.seed, p.device),
+                                     self.events, p.device, p.low)
+        self.events.stage("generate", clips=len(plan.starts), frames=plan.length)
+        return pipeline.run(references, clip_features, context, context_null, embedding, plan)

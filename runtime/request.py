@@ -1,0 +1,162 @@
+"""One generation request, typed: the generator's flag values checked as a whole, plus the job they name.
+
+`Request.from_flags` turns the parsed flags into this dataclass (combinations checked, the job read, the
+output path chosen) and raises BadInput with one line and a fix for anything unusable; `read_media` reads
+the reference image or video and the speech, turning decoder errors into BadInput too. The engine takes a
+Request and never sees a flag. Torch is imported only by `read_media`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from itk.runtime.protocol import DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLE_RATE, BadInput, Job, read_job
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from itk.runtime.pipeline import ReferenceSource
+
+MAX_SEED = 99999999  # the official script draws a negative --base_seed's replacement from [0, this]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each clip is sampled and joined (the official flags' values, defaults filled in)."""
+
+    frame_num: int
+    motion_frame: int
+    max_frame_num: int
+    streaming: bool
+    steps: int
+    shift: float
+    text_scale: float
+    audio_scale: float
+    use_apg: bool
+    apg_momentum: float
+    apg_norm_threshold: float
+    color_correction_strength: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything one run needs to know, none of it a flag."""
+
+    job: Job
+    output: Path
+    size: str
+    sampling: Sampling
+    ckpt_dir: Path
+    wav2vec_dir: Path
+    infinitetalk: Path | None  # the unquantised adapter file (without quant)
+    quant: str | None  # "fp8" or None
+    quant_file: Path | None  # the quantised DiT file (with quant)
+    model_config: Path | None
+    t5_cpu: bool
+    persistent_params: int | None  # None: the DiT stays resident; N: N parameters on the GPU, the rest streamed
+    variant: str = "single"  # the InfiniteTalk weights for the job's speakers (single | multi)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> Request:
+        """The request for parsed flag values (protocol.build_parser's, by name). Raises BadInput."""
+        f = flags
+        if f["quant"] and not f["quant_dir"]:
+            raise BadInput(f"--quant {f['quant']} needs --quant_dir (the quantised DiT file)",
+                           "add --quant_dir with the FP8 DiT file `itk fetch` downloads")
+        if not f["quant"] and not f["infinitetalk_dir"]:
+            raise BadInput("--infinitetalk_dir is required without --quant (the InfiniteTalk adapter file)",
+                           "add --infinitetalk_dir, or --quant fp8 with --quant_dir")
+        if (f["frame_num"] - 1) % 4:
+            raise BadInput(f"--frame_num {f['frame_num']}: must be 4n+1 (e.g. 81)", "use --frame_num 81")
+        if f["motion_frame"] >= f["frame_num"]:
+            raise BadInput(f"--motion_frame {f['motion_frame']}: must be between 1 and frame_num - 1",
+                           "use --motion_frame 9")
+        if f["model_config"] and not Path(f["model_config"]).is_file():
+            raise BadInput(f"--model_config {f['model_config']}: file not found", "check the path")
+        job = read_job(f["input_json"])
+        _check_job(job)
+        streaming = f["mode"] == "streaming"
+        sampling = Sampling(
+            frame_num=f["frame_num"], motion_frame=f["motion_frame"],
+            max_frame_num=f["max_frame_num"] if streaming else f["frame_num"], streaming=streaming,
+            steps=f["sample_steps"] or DEFAULT_STEPS, shift=f["sample_shift"] or DEFAULT_SHIFT[f["size"]],
+            text_scale=f["sample_text_guide_scale"], audio_scale=f["sample_audio_guide_scale"],
+            use_apg=f["use_apg"], apg_momentum=f["apg_momentum"], apg_norm_threshold=f["apg_norm_threshold"],
+            color_correction_strength=f["color_correction_strength"],
+            seed=f["base_seed"] if f["base_seed"] >= 0 else random.randint(0, MAX_SEED),
+        )
+        stem = f["save_file"] or default_stem(f["task"], f["size"], f["ulysses_size"], f["ring_size"], job.prompt)
+        return cls(
+            job=job, output=Path(f"{stem}.mp4"), size=f["size"], sampling=sampling,
+            ckpt_dir=Path(f["ckpt_dir"]), wav2vec_dir=Path(f["wav2vec_dir"]),
+            infinitetalk=Path(f["infinitetalk_dir"]) if f["infinitetalk_dir"] else None,
+            quant=f["quant"], quant_file=Path(f["quant_dir"]) if f["quant_dir"] else None,
+            model_config=Path(f["model_config"]) if f["model_config"] else None, t5_cpu=f["t5_cpu"],
+            persistent_params=f["num_persistent_param_in_dit"],
+        )
+
+    @property
+    def speech(self) -> Path:
+        """The one speaker's track (a second speaker is refused by `from_flags`)."""
+        return self.job.audio_files()["person1"]
+
+
+def _check_job(job: Job) -> None:
+    """What the job reader accepts but this generator cannot do yet."""
+    if job.speakers > 1:
+        raise BadInput("cond_audio.person2: two speakers are not supported yet by itk's generator",
+                       "give one speaker (person1) in the job file")
+    for what, path in (("cond_video", job.cond_video), ("cond_audio.person1", job.audio_files()["person1"])):
+        if not path.is_file():
+            raise BadInput(f"{what} {path}: file not found (relative paths: the current folder, then the job "
+                           "file's folder)", "check the path in the job file")
+
+
+def default_stem(task: str, size: str, ulysses: int, ring: int, prompt: str) -> str:
+    """The official output name when --save_file is not given."""
+    text = prompt.replace(" ", "_").replace("/", "_")[:50]
+    return f"{task}_{size}_{ulysses}_{ring}_{text}_{time.strftime('%Y%m%d_%H%M%S')}"
+
+
+@dataclass(frozen=True)
+class Media:
+    """The job's inputs, decoded: the reference frames' source and the prepared speech."""
+
+    reference: ReferenceSource
+    speech: np.ndarray  # mono float32 at SAMPLE_RATE, loudness-normalised
+    sample_rate: int = SAMPLE_RATE
+
+
+def read_media(request: Request, table: dict[str, list[int]]) -> Media:
+    """Decode the reference (image or video, bucketed by `table`) and the speech. Raises BadInput."""
+    from itk.runtime.pipeline import ReferenceSource
+
+    path = request.job.cond_video
+    try:
+        reference = ReferenceSource(path, table)
+    except Exception as exc:  # PIL / PyAV errors: an unreadable or non-image file
+        raise BadInput(f"cond_video {path}: cannot read as image or video ({exc})",
+                       "give a .png/.jpg image or a video (.mp4 ...)") from exc
+    return Media(reference, read_speech(request.speech))
+
+
+def read_speech(path: Path) -> np.ndarray:
+    """16 kHz mono speech, loudness-normalised to -23 LUFS; silence is refused (nothing to lip-sync)."""
+    from itk.runtime.models.audio import load_speech, loudness_normalize
+
+    try:
+        samples = load_speech(path)
+    except Exception as exc:  # the loader's one-line message names the file
+        raise BadInput(f"cond_audio.person1 {path}: cannot read audio ({str(exc).splitlines()[0]})",
+                       "give a speech recording (.wav, .flac, .mp3)") from exc
+    if len(samples) == 0 or float(abs(samples).max()) < 1e-4:
+        raise BadInput(f"cond_audio.person1 {path}: the audio is silent", "give a speech recording")
+    # Speech shorter than one 400 ms loudness block cannot be measured and stays as it is (the official rule
+    # for unmeasurable tracks); loudness_normalize does that itself.
+    return loudness_normalize(samples, SAMPLE_RATE)
