@@ -225,7 +225,7 @@ def child(folder: Path, layers: int, pin: str) -> None:
     import torch
 
     from itk.runtime.configs import CLIPConfig, DiTConfig, T5Config, VAEConfig
-    from itk.runtime.loading import load_dit_fp8
+    from itk.runtime.models.dit import load_dit_fp8
     from itk.runtime.offload import DiTRunner
     from itk.runtime.quant import FP8Kernel
 

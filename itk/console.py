@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput
-from itk.runtime.protocol import EXIT_MISSING_WEIGHTS as EXIT_MISSING_WEIGHTS  # re-exported for the toolkit
+from itk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UserError
+from itk.runtime.protocol import BadInput
 
 if TYPE_CHECKING:
     from itk.advice import Verdict
@@ -25,21 +25,8 @@ if TYPE_CHECKING:
     from itk.run import Plan, RunResult
     from itk.selftest import SelftestResult
 
-# The exit codes are the protocol's (the generator's and itk's agree); the toolkit says "usage" for bad input.
-EXIT_USAGE = EXIT_BAD_INPUT
-
 console = Console()
 err_console = Console(stderr=True)
-
-
-class UserError(Exception):
-    """A failure the user can fix: printed as one line of what went wrong and one of how to fix it."""
-
-    def __init__(self, message: str, fix: str = "", exit_code: int = EXIT_FAILED):
-        super().__init__(message)
-        self.message = message
-        self.fix = fix
-        self.exit_code = exit_code
 
 
 def print_json(data: Any) -> None:

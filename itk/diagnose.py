@@ -9,7 +9,7 @@ from pathlib import Path
 
 from itk.advice import Verdict, diagnose
 from itk.atomic import atomic_write_text
-from itk.console import EXIT_USAGE, UserError
+from itk.errors import EXIT_USAGE, UserError
 
 MAX_LOG_BYTES = 8 * 2**20  # the end of a log holds the failure; tqdm-heavy logs can be huge
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -12,7 +12,7 @@ from typing import Any
 
 from itk.checks import CHECKS
 from itk.checks.base import Context, Result, Status
-from itk.console import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
+from itk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
 from itk.paths import weights_dir as resolve_weights_dir
 from itk.presets import resolve_preset
 

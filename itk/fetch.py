@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from itk.checks.disk import MARGIN  # the doctor's disk check and fetch agree on the margin
-from itk.console import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from itk.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from itk.manifest import Manifest, Repo, WeightFile, load_manifest
 from itk.paths import existing_parent, free_bytes
 from itk.verify import Expected, FileStatus, VerdictStore, local_path, verify_file

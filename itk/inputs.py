@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itk.console import EXIT_USAGE, UserError
+from itk.errors import EXIT_USAGE, UserError
 from itk.runtime.protocol import FPS, Job
 
 COLOUR_DRIFT_S = 60  # colour drifts visibly beyond about a minute (InfiniteTalk README)

@@ -132,7 +132,7 @@ def resolve_preset(name: str | None, facts: MachineFacts | None = None) -> tuple
         try:
             return get_preset(name), f"{name} (chosen with --preset)"
         except KeyError as exc:
-            from itk.console import EXIT_USAGE, UserError
+            from itk.errors import EXIT_USAGE, UserError
 
             raise UserError(str(exc.args[0]), "`itk presets` lists them", EXIT_USAGE) from None
     from itk import machine

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from itk.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_WEIGHTS, EXIT_OK, EXIT_USAGE, UserError
+from itk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_WEIGHTS, EXIT_OK, EXIT_USAGE, UserError
 from itk.inputs import MediaFacts
 from itk.runtime.protocol import DEFAULT_STEPS, Job, parse_setting, to_argv
 

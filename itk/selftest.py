@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from itk.console import EXIT_OK, UserError
+from itk.errors import EXIT_OK, UserError
 from itk.run import GENERATOR, RunResult
 from itk.runtime.protocol import FPS, SAMPLE_RATE
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from itk.atomic import atomic_write_text
-from itk.console import UserError
+from itk.errors import UserError
 from itk.manifest import WeightFile
 from itk.safetensors_header import HeaderError, read_header
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from itk.runtime.protocol import FPS, SAMPLE_RATE
+
 MODEL_CONFIG_FILE = "itk_model_config.json"
 
 
@@ -134,8 +136,8 @@ class CLIPConfig:
 class AudioConfig:
     """wav2vec2 feature extraction settings (runtime-spec §4.4)."""
 
-    sample_rate: int = 16000
-    fps: int = 25
+    sample_rate: int = SAMPLE_RATE
+    fps: int = FPS
     target_lufs: float = -23.0
 
 

@@ -179,7 +179,7 @@ class Engine:
         load_device = torch.device("cpu") if budget is not None else p.device
         mapped = None
         if isinstance(self.files.dit, QuantFile):
-            from itk.runtime.loading import load_dit_fp8
+            from itk.runtime.models.dit import load_dit_fp8
             from itk.runtime.quant import FP8Kernel
 
             dit, mapped = load_dit_fp8(self.files.dit.path, self.files.dit.map, self.cfg.dit, p.low, load_device,

@@ -5,8 +5,9 @@ archives with `mmap=True`) and are cast once, straight to their final dtype and 
 Key coverage is strict: a missing or unexpected key is an error naming the key and the file, because a
 silently uninitialised weight produces plausible-looking garbage video hours later.
 
-The FP8 (optimum-quanto) files are read here too (`map_file`, `read_quant_map`, `load_dit_fp8`,
-`dequantized_state`); their arithmetic is in runtime/quant.py. An FP8 file is memory-mapped, not read: FP8
+The FP8 (optimum-quanto) files are read here too (`map_file`, `read_quant_map`, `quantized_state`,
+`dequantized_state`; models/dit.py's `load_dit_fp8` assembles the DiT from them); their arithmetic is in
+runtime/quant.py. An FP8 file is memory-mapped, not read: FP8
 data and bf16 tensors are used in place (zero copy), so loading costs no host RAM beyond the page cache
 and a streamed model can page its weights straight from the file (`MappedFile`, runtime/offload.py).
 """
@@ -15,21 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from itk.runtime.quant import FP8, QUANTO_KEYS, QUANTO_SCALARS, WEIGHTS_QTYPE, FP8Kernel, FP8Linear, swap_linears
-
-if TYPE_CHECKING:
-    from itk.runtime.configs import DiTConfig
-    from itk.runtime.models.dit import InfiniteTalkDiT
+from itk.runtime.quant import FP8, QUANTO_KEYS, QUANTO_SCALARS, WEIGHTS_QTYPE, FP8Linear
 
 SAFETENSORS_DTYPES = {
     "F8_E4M3": FP8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -148,30 +143,27 @@ def map_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MappedFile]:
     19.5 GB of RSS before anything else happens. Views of a private mapping cost nothing until touched, are
     backed by the page cache (the kernel can drop them under pressure) and go to the GPU without a copy.
     """
+    from itk.safetensors_header import HeaderError, read_header
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: file not found")
-    size = path.stat().st_size
     try:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        header = read_header(path)
+    except (OSError, HeaderError) as exc:
         raise WeightsError(f"{path}: not a safetensors file ({exc})") from exc
-    header.pop("__metadata__", None)
+    size = path.stat().st_size
     data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
-    base = 8 + header_len
     tensors = {}
-    for key, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        start, end = (base + o for o in info["data_offsets"])
-        if dtype is None or end > size:
-            raise WeightsError(f"{path}: {key} has dtype {info['dtype']} or lies past the end of the file")
-        raw = data[start:end]
+    for key, info in header.tensors.items():
+        dtype = SAFETENSORS_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise WeightsError(f"{path}: {key} has dtype {info.dtype}, which this runtime cannot read")
+        raw = data[info.start:info.end]
         # A tensor whose offset is not a multiple of its element size cannot be viewed in place.
-        if start % dtype.itemsize:
+        if info.start % dtype.itemsize:
             raw = raw.clone()
-        tensors[key] = raw.view(dtype).view(info["shape"])
+        tensors[key] = raw.view(dtype).view(info.shape)
     return tensors, MappedFile(path, data.data_ptr(), size)
 
 
@@ -227,33 +219,6 @@ def assign_quantized(
         if isinstance(module, FP8Linear):
             cast[f"{name}.scale"] = cast[f"{name}.scale"].float()  # the scale multiplies in any dtype
     model.load_state_dict(cast, strict=True, assign=True)
-
-
-def load_dit_fp8(
-    path: Path, map_path: Path, cfg: DiTConfig, dtype: torch.dtype, device: torch.device | str, kernel: FP8Kernel
-) -> tuple[InfiniteTalkDiT, MappedFile]:
-    """The complete InfiniteTalk DiT from `quant_models/infinitetalk_single_fp8.safetensors` + its map.
-
-    Returns the model and the file behind it (for a streamer to pread the bytes of CPU-resident blocks).
-    On the CPU the FP8 weights stay views of the memory-mapped file until something reads them. Every FP8
-    layer computes with `kernel`. The caller resolves `map_path` (through the manifest).
-    """
-    # Imported here, not at the top: models/dit.py loads its bf16 checkpoints with this module.
-    from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
-
-    path = Path(path)
-    qmap = read_quant_map(map_path)
-    with torch.device("meta"):
-        model = InfiniteTalkDiT(cfg)
-    modules = dict(model.named_modules())
-    for name in qmap:
-        if not isinstance(modules.get(name), nn.Linear):
-            raise WeightsError(f"{path}: the map names {name}, which is not a Linear layer of this model")
-    swap_linears(model, qmap, kernel)
-    raw, mapped = map_file(path)
-    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype, device)
-    model.rope = rope_table(cfg.head_dim)
-    return model.eval().requires_grad_(False), mapped
 
 
 def dequantized_state(

@@ -52,8 +52,7 @@ def test_streamed_output_is_bit_identical_to_the_resident_model(golden, budget):
 
 
 def test_streaming_works_on_fp8_blocks(golden, tmp_path):
-    from itk.runtime.loading import load_dit_fp8
-    from itk.runtime.models.dit import InfiniteTalkDiT
+    from itk.runtime.models.dit import InfiniteTalkDiT, load_dit_fp8
     from itk.runtime.quant import FP8Kernel, linear_names, write_quantized
 
     meta, t, _ = golden

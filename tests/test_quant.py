@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from test_dit import golden_config
 
-from itk.runtime.loading import WeightsError, load_dit_fp8, load_strict
-from itk.runtime.models.dit import InfiniteTalkDiT, rope_table
+from itk.runtime.loading import WeightsError, load_strict
+from itk.runtime.models.dit import InfiniteTalkDiT, load_dit_fp8, rope_table
 from itk.runtime.quant import (
     FP8,
     FP8_MAX,

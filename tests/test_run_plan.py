@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from run_media import fake_env, itk, write_image, write_wav, write_weights
 
-from itk.console import UserError
+from itk.errors import UserError
 from itk.inputs import clip_count, validate
 from itk.manifest import load_manifest
 from itk.presets import get_preset, load_presets

@@ -74,11 +74,11 @@ def test_only_the_cli_imports_the_doctor_and_the_presets_import_neither_doctor_n
 
 
 def test_the_toolkits_exit_codes_are_the_protocols():
-    from itk import console
+    from itk import errors
     from itk.runtime import protocol
 
-    assert console.EXIT_USAGE == protocol.EXIT_BAD_INPUT
-    assert (console.EXIT_OK, console.EXIT_FAILED, console.EXIT_MISSING_WEIGHTS, console.EXIT_INTERRUPTED) == (
+    assert errors.EXIT_USAGE == protocol.EXIT_BAD_INPUT
+    assert (errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_MISSING_WEIGHTS, errors.EXIT_INTERRUPTED) == (
         protocol.EXIT_OK, protocol.EXIT_FAILED, protocol.EXIT_MISSING_WEIGHTS, protocol.EXIT_INTERRUPTED)
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from hfserver import tiny_pth, tiny_safetensors
 
-from itk.console import UserError
+from itk.errors import UserError
 from itk.manifest import load_manifest
 from itk.verify import (
     BLOCK,

@@ -86,16 +86,12 @@ def test_every_weight_file_the_generator_opens_has_a_role():
 
 
 # Docstrings and a hint in the fast path's files (branch `fast`) still name files; to go at the next merge.
-NOT_YET = {("loading.py", "infinitetalk_single_fp8.safetensors"), ("vae.py", "Wan2.1_VAE.pth"),
-           ("t5.py", "models_t5_umt5-xxl-enc-bf16.pth"), ("t5.py", "t5_fp8.safetensors")}
-
-
 def test_no_weight_file_name_is_spelled_under_runtime():
     m = load_manifest()
     names = {Path(f.path).name for f in m.files_for(list(m.components))}
     names = {n for n in names if n.endswith((".safetensors", ".pth", ".bin"))}
     found = {(p.name, n) for p in RUNTIME.rglob("*.py") for n in names if n in p.read_text(encoding="utf-8")}
-    assert found - NOT_YET == set()
+    assert found == set()
 
 
 def test_resolving_weights_does_not_import_torch():

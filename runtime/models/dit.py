@@ -18,7 +18,17 @@ from torch import nn
 
 from itk.runtime.attention import attention
 from itk.runtime.configs import DiTConfig
-from itk.runtime.loading import load_strict, read_state_dicts
+from itk.runtime.loading import (
+    MappedFile,
+    WeightsError,
+    assign_quantized,
+    load_strict,
+    map_file,
+    quantized_state,
+    read_quant_map,
+    read_state_dicts,
+)
+from itk.runtime.quant import FP8Kernel, swap_linears
 
 # (tokens, e0, context, audio tokens, grid, rope) -> tokens: what runs the blocks of one forward.
 BlockRunner = Callable[..., torch.Tensor]
@@ -329,3 +339,27 @@ def load_dit(paths: list[Path], cfg: DiTConfig, dtype: torch.dtype = torch.bfloa
     load_strict(model, read_state_dicts(paths), source, dtype=dtype, device=device)
     model.rope = rope_table(cfg.head_dim)
     return model.eval()
+
+
+def load_dit_fp8(
+    path: Path, map_path: Path, cfg: DiTConfig, dtype: torch.dtype, device: torch.device | str, kernel: FP8Kernel
+) -> tuple[InfiniteTalkDiT, MappedFile]:
+    """The complete InfiniteTalk DiT from the official FP8 file (the manifest's fp8 DiT) + its map.
+
+    Returns the model and the file behind it (for a streamer to pread the bytes of CPU-resident blocks).
+    On the CPU the FP8 weights stay views of the memory-mapped file until something reads them. Every FP8
+    layer computes with `kernel`. The caller resolves `map_path` (through the manifest).
+    """
+    path = Path(path)
+    qmap = read_quant_map(map_path)
+    with torch.device("meta"):
+        model = InfiniteTalkDiT(cfg)
+    modules = dict(model.named_modules())
+    for name in qmap:
+        if not isinstance(modules.get(name), nn.Linear):
+            raise WeightsError(f"{path}: the map names {name}, which is not a Linear layer of this model")
+    swap_linears(model, qmap, kernel)
+    raw, mapped = map_file(path)
+    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype, device)
+    model.rope = rope_table(cfg.head_dim)
+    return model.eval().requires_grad_(False), mapped

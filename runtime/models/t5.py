@@ -1,4 +1,4 @@
-"""umT5-XXL text encoder on transformers' `UMT5Stack`, loading `models_t5_umt5-xxl-enc-bf16.pth` as is.
+"""umT5-XXL text encoder on transformers' `UMT5Stack`, loading the official bf16 file as is.
 
 Why transformers' class: the official encoder (runtime-spec §4.1) and `UMT5Stack` compute the same thing,
 checked term by term and against the t5_A golden (bit-identical in float32 with eager attention):
@@ -67,7 +67,7 @@ _BLOCK_KEYS = (
     "pos_embedding.embedding.weight",
 )
 
-_HINT = "expected the umT5-XXL encoder file models_t5_umt5-xxl-enc-bf16.pth; fetch it again with `itk fetch`"
+_HINT = "expected the official umT5-XXL encoder file; fetch it again with `itk fetch`"
 
 
 def official_t5_keys(cfg: T5Config) -> list[str]:
@@ -141,14 +141,14 @@ def t5_from_state(
 
 
 def load_t5(path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
-    """The encoder from `models_t5_umt5-xxl-enc-bf16.pth`."""
+    """The encoder from the official bf16 `.pth`."""
     return t5_from_state(read_state_dict(path), str(path), cfg, dtype, device)
 
 
 def load_t5_fp8(
     path: str | Path, map_path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str
 ) -> T5Encoder:
-    """The encoder from `quant_models/t5_fp8.safetensors` + `t5_map_fp8.json`, dequantised to `dtype`.
+    """The encoder from the official FP8 T5 file + its map, dequantised to `dtype`.
 
     The T5 runs once per job, so its weights are dequantised at load rather than kept in FP8.
     """

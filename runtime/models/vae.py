@@ -1,4 +1,4 @@
-"""The Wan2.1 causal 3D VAE (Wan2.1_VAE.pth), loaded under its official key names.
+"""The Wan2.1 causal 3D VAE (the manifest's vae file), loaded under its official key names.
 
 Video is processed in time chunks (encode: 1 frame, then 4 at a time; decode: one latent frame at a time).
 Every causal convolution remembers the last frames of the chunk before (`ChunkMemory`), so chunked
