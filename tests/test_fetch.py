@@ -216,7 +216,8 @@ def test_a_dry_run_without_network_shows_the_plan_from_the_manifests_approximate
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["approximate"] is True and plan["files"] and {f["state"] for f in plan["files"]} == {"download"}
-    manifest_sizes = {f.label: f.size for c in load_manifest().components.values() for f in c.files}
+    manifest = load_manifest()
+    manifest_sizes = {f.label: f.size for f in manifest.files_for(list(manifest.components))}
     assert {f["file"]: f["size"] for f in plan["files"]} == manifest_sizes
 
 
