@@ -171,9 +171,38 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**parts, buckets=data.get("buckets", {}))
 
 
+# The official WanModel constructor arguments a checkpoint's config.json may set (diffusers' ConfigMixin reads
+# it officially): each one is a DiTConfig field of the same name, so it is honoured or refused there.
+WAN_CONFIG_FIELDS = frozenset({
+    "model_type", "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
+    "num_heads", "num_layers", "window_size", "qk_norm", "cross_attn_norm", "eps",
+})
+
+
+def official_dit_fields(path: Path) -> dict[str, Any]:
+    """The WanModel arguments of the checkpoint's own config.json; an argument we do not know is refused by
+    name (it might change the network), bookkeeping keys (`_class_name`, `_diffusers_version`) are skipped."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    unknown = sorted(k for k in data if not k.startswith("_") and k not in WAN_CONFIG_FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]} is not a WanModel argument this runtime can build")
+    return {k: v for k, v in data.items() if k in WAN_CONFIG_FIELDS}
+
+
 def load_model_config(folder: str | Path | None = None, file: str | Path | None = None) -> ModelConfig:
-    """The config for a weights folder: `file` if given, else `folder/itk_model_config.json`, else official."""
+    """The config for a weights folder: the official sizes, then the folder's own config.json (the manifest's
+    "config" file, as the official loader reads it), then `file` or `folder/itk_model_config.json`."""
+    from itk.manifest import load_manifest
+
+    data: dict[str, Any] = {}
+    if folder:
+        official = Path(folder) / load_manifest().select("config")[0].path
+        if official.is_file():
+            data["dit"] = official_dit_fields(official)
     path = Path(file) if file else (Path(folder) / MODEL_CONFIG_FILE if folder else None)
-    if path is None or not path.is_file():
-        return ModelConfig()
-    return config_from_dict(json.loads(path.read_text()))
+    if path is not None and path.is_file():
+        for name, values in json.loads(path.read_text()).items():
+            data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
+    return config_from_dict(data)

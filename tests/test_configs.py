@@ -101,3 +101,27 @@ def test_temporal_downsampling_needs_one_entry_per_resampler():
 def test_a_latent_width_without_release_statistics_is_refused_by_name():
     with pytest.raises(ValueError, match=r"VAEConfig\.z_dim = 4 is not supported \(16: the latent mean"):
         VAEConfig(z_dim=4)
+
+
+def test_the_checkpoints_own_config_json_is_honoured_as_the_official_loader_reads_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "i2v", "dim": 5120,
+        "eps": 1e-05, "num_layers": 30}))
+    cfg = load_model_config(folder=tmp_path).dit
+    assert cfg.eps == 1e-05 and cfg.num_layers == 30 and cfg.dim == 5120
+
+
+def test_a_config_json_argument_the_runtime_cannot_build_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t2v"}))
+    with pytest.raises(ValueError, match="model_type"):
+        load_model_config(folder=tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "i2v", "added_kv_proj_dim": 64}))
+    with pytest.raises(ValueError, match="added_kv_proj_dim is not a WanModel argument"):
+        load_model_config(folder=tmp_path)
+
+
+def test_the_tiny_config_beside_the_weights_overrides_the_official_one(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "i2v", "dim": 5120, "num_layers": 40}))
+    (tmp_path / "itk_model_config.json").write_text(json.dumps({"dit": {"dim": 64, "num_heads": 2}}))
+    cfg = load_model_config(folder=tmp_path).dit
+    assert (cfg.dim, cfg.num_heads, cfg.num_layers) == (64, 2, 40)
