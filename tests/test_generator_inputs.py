@@ -73,7 +73,7 @@ def refused(proc, *words: str) -> str:
 def nothing_written(folder: Path) -> None:
     out = folder / "out"
     assert not out.exists() or not any(out.iterdir())
-    assert not list(folder.glob("*.mp4")) and not list(folder.glob(".*.mp4"))
+    assert not list(folder.glob("talk*.mp4")) and not list(folder.glob(".*.mp4"))
 
 
 def test_the_job_is_usable_so_each_refusal_below_is_its_own(job):
@@ -140,6 +140,21 @@ def test_a_1x1_image_is_refused_with_the_minimum_size(job):
     _job(job, job / "dot.png")
     # Official 480p buckets (no tiny config here): a square image becomes 640x640, one pixel per 16x16.
     refused(generate(job), "dot.png", "1x1", "minimum size is 40x40")
+    nothing_written(job)
+
+
+def test_a_video_with_frames_below_the_minimum_size_is_refused(job):
+    import av
+
+    with av.open(str(job / "small.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 90, np.uint8), format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    _job(job, job / "small.mp4")
+    refused(generate(job), "small.mp4", "16x16", "minimum size is 40x40")
     nothing_written(job)
 
 
