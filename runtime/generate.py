@@ -4,17 +4,19 @@ The official flags that matter keep their names and meanings, so a command from 
 the program name changed; official flags we do not implement are refused by name ("not supported yet")
 instead of being silently ignored. The flags, the job file, the events and the exit codes are the
 contract in runtime/protocol.py: 0 done, 2 bad input (one line on stderr), 3 missing weights, 130
-interrupted; progress goes to stderr as `ITK-EVENT {json}` lines. This module only parses, builds the
-Request and hands it to the engine.
+interrupted (Ctrl-C, SIGTERM, SIGHUP, or the parent process dying); progress goes to stderr as
+`ITK-EVENT {json}` lines. This module only parses, builds the Request and hands it to the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
 from typing import Any
 
+from itk.runtime.lifeline import die_with_parent
 from itk.runtime.options import RuntimeOptions
 from itk.runtime.protocol import (
     EXIT_BAD_INPUT,
@@ -38,14 +40,23 @@ def _options() -> RuntimeOptions:
 
 
 def _stop(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so temp files are removed on the way out
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP unwind like Ctrl-C, so temp files are removed on the way out
 
 
-def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _stop)
+# SIGHUP: the terminal or SSH session closed. SIGTERM: `itk run` stopping it, or its parent's death (lifeline).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
+    """Run the generator on `argv` (default: the command line). `lifeline`: end when the parent process
+    dies (set when run as a program; a test calling main() in-process leaves its own process alone)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop)
     events = Events()
     started = time.monotonic()
     try:
+        if lifeline and not die_with_parent():
+            raise KeyboardInterrupt  # the parent died while this process started: nobody wants the video
         flags = vars(build_parser(description=__doc__.splitlines()[0]).parse_args(argv))
         check_values(flags)
         request = Request.from_flags(flags)
@@ -65,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(events: Events, code: int, message: str, fix: str = "") -> int:
-    events.emit("error", message=message, exit_code=code, **({"fix": fix} if fix else {}))
-    print(f"error: {message}" + (f" (fix: {fix})" if fix else ""), file=sys.stderr)
+    # A dead parent closed the pipe these lines go to: the exit code still has to get out.
+    with contextlib.suppress(OSError):
+        events.emit("error", message=message, exit_code=code, **({"fix": fix} if fix else {}))
+        print(f"error: {message}" + (f" (fix: {fix})" if fix else ""), file=sys.stderr)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(lifeline=True))

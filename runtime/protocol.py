@@ -278,13 +278,14 @@ class Flag:
             if self.minimum is not None and v < self.minimum:
                 return f"--{self.name} {v}: must be at least {self.minimum:g}"
             if self.maximum is not None and v > self.maximum:
-                return f"--{self.name} {v}: must be at most {self.maximum:g}"
+                return f"--{self.name} {v}: must be at most {self.maximum}"
             if self.above is not None and v <= self.above:
                 return f"--{self.name} {v}: must be greater than {self.above:g}"
         return None
 
 
 NOT_YET = "not supported yet by itk's generator; leave it out"
+MAX_TORCH_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest seed; above it torch fails mid-run
 FLAGS: tuple[Flag, ...] = (
     Flag("task", str, "infinitetalk-14B", "model task (only infinitetalk-14B)", settable=False,
          choices=("infinitetalk-14B",)),
@@ -303,7 +304,7 @@ FLAGS: tuple[Flag, ...] = (
          settable=False, path=True),
     Flag("input_json", str, "examples.json", "the job file. " + JOB_HELP, settable=False, path=True),
     Flag("save_file", str, None, "output stem; .mp4 is appended", settable=False, path=True),
-    Flag("base_seed", int, 42, "random seed; negative: a random one", minimum=-1),
+    Flag("base_seed", int, 42, "random seed; negative: a random one", minimum=-1, maximum=MAX_TORCH_SEED),
     Flag("motion_frame", int, 9, "frames of the previous clip that anchor the next (streaming)", minimum=1),
     Flag("mode", str, "clip", "clip: one clip; streaming: as long as the audio", choices=("clip", "streaming")),
     Flag("sample_steps", int, None, f"denoising steps (default {DEFAULT_STEPS})", minimum=1),

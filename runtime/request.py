@@ -1,21 +1,27 @@
 """One generation request, typed: the generator's flag values checked as a whole, plus the job they name.
 
 `Request.from_flags` turns the parsed flags into this dataclass (combinations checked, the job read, the
-output path chosen) and raises BadInput with one line and a fix for anything unusable; `read_media` reads
-the reference image or video and the speech, turning decoder errors into BadInput too. The engine takes a
-Request and never sees a flag. Torch is imported only by `read_media`.
+output path chosen and checked writable) and raises BadInput with one line and a fix for anything unusable;
+`read_media` reads the reference image or video and the speech, turning decoder errors, images too large or
+too small and speech too short into BadInput too. All of it happens before any model loads, so a bad input
+costs seconds, not a generation. The engine takes a Request and never sees a flag. Torch is imported only
+by `read_media`.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
+import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from itk.runtime.protocol import DEFAULT_SHIFT, DEFAULT_STEPS, SAMPLE_RATE, BadInput, Job, read_job
+from itk.runtime.protocol import DEFAULT_SHIFT, DEFAULT_STEPS, FPS, SAMPLE_RATE, BadInput, Job, read_job
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,6 +29,11 @@ if TYPE_CHECKING:
     from itk.runtime.pipeline import ReferenceSource
 
 MAX_SEED = 99999999  # the official script draws a negative --base_seed's replacement from [0, this]
+# The smallest reference: one source pixel per token the DiT sees. A token covers 16x16 output pixels (the
+# VAE's 8x stride times the DiT's 2x2 patch), so a smaller image gives tokens made only of interpolation: a
+# 1x1 image becomes a flat colour and the model has no face to animate. The minimum follows the bucket the
+# image is resized to (40x40 for 480p's square bucket, 60x60 at 720p; a tiny test bucket needs a few pixels).
+OUTPUT_PIXELS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,10 @@ class Request:
             seed=f["base_seed"] if f["base_seed"] >= 0 else random.randint(0, MAX_SEED),
         )
         stem = f["save_file"] or default_stem(f["task"], f["size"], f["ulysses_size"], f["ring_size"], job.prompt)
+        output = Path(f"{stem}.mp4")
+        check_output(output, "--save_file" if f["save_file"] else "output (no --save_file)")
         return cls(
-            job=job, output=Path(f"{stem}.mp4"), size=f["size"], sampling=sampling,
+            job=job, output=output, size=f["size"], sampling=sampling,
             ckpt_dir=Path(f["ckpt_dir"]), wav2vec_dir=Path(f["wav2vec_dir"]),
             infinitetalk=Path(f["infinitetalk_dir"]) if f["infinitetalk_dir"] else None,
             quant=f["quant"], quant_file=Path(f["quant_dir"]) if f["quant_dir"] else None,
@@ -118,6 +131,27 @@ def _check_job(job: Job) -> None:
                            "file's folder)", "check the path in the job file")
 
 
+def check_output(path: Path, source: str) -> None:
+    """Refuse an output the finished video could not be written to, before any model loads: an existing
+    folder under the name, a folder that cannot be created (a file in its path), or a folder nothing can be
+    written in (permissions, a read-only mount). Writing is tried, not predicted from mode bits: root may
+    write into a 0500 folder but not onto a read-only mount. Raises BadInput naming `source` (the flag)."""
+    fix = "give --save_file a stem in a folder you can write (.mp4 is appended)"
+    if path.is_dir():
+        raise BadInput(f"{source}: {path} is a folder", f"give a file stem, e.g. --save_file {path / 'talk'}")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(f"{source}: cannot create the folder {path.parent}: {existing} is a file", fix)
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".itk-write-test-")
+    except OSError as exc:
+        raise BadInput(f"{source}: cannot write in {existing} ({exc.strerror or exc})", fix) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def default_stem(task: str, size: str, ulysses: int, ring: int, prompt: str) -> str:
     """The official output name when --save_file is not given."""
     text = prompt.replace(" ", "_").replace("/", "_")[:50]
@@ -138,17 +172,61 @@ def read_media(request: Request, table: dict[str, list[int]]) -> Media:
     from itk.runtime.pipeline import ReferenceSource
 
     path = request.job.cond_video
+    if not request.job.is_video:
+        check_image_size(path, table)  # from the header, before decoding a possibly enormous image
     try:
         reference = ReferenceSource(path, table)
     except Exception as exc:  # PIL / PyAV errors: an unreadable or non-image file
         raise BadInput(f"cond_video {path}: cannot read as image or video ({exc})",
                        "give a .png/.jpg image or a video (.mp4 ...)") from exc
+    if request.job.is_video:
+        check_reference_size(path, *reference.size, table)
     return Media(reference, read_speech(request.speech))
+
+
+def check_image_size(path: Path, table: dict[str, list[int]]) -> None:
+    """Refuse a decompression bomb (more pixels than PIL's limit, which PIL only warns about up to twice
+    the limit) and an image too small for its bucket, reading only the image's header."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                height, width = image.height, image.width
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadInput(f"cond_video {path}: the image has more pixels than the limit of {limit} "
+                       "(a decompression bomb, or a photo far larger than any output size)",
+                       "give a smaller image (a few megapixels is plenty)") from None
+    except Exception:
+        return  # not an image PIL can open: ReferenceSource reports it with the decoder's words
+    check_reference_size(path, height, width, table)
+
+
+def minimum_size(height: int, width: int, table: dict[str, list[int]]) -> tuple[int, int]:
+    """(h, w): the smallest reference for the bucket an image of this shape is resized to."""
+    from itk.runtime.buckets import choose_bucket
+
+    th, tw = choose_bucket(height, width, table)
+    return math.ceil(th / OUTPUT_PIXELS_PER_TOKEN), math.ceil(tw / OUTPUT_PIXELS_PER_TOKEN)
+
+
+def check_reference_size(path: Path, height: int, width: int, table: dict[str, list[int]]) -> None:
+    """Refuse a reference smaller than `minimum_size` (see OUTPUT_PIXELS_PER_TOKEN for why)."""
+    from itk.runtime.buckets import choose_bucket
+
+    low_h, low_w = minimum_size(height, width, table)
+    if height < low_h or width < low_w:
+        th, tw = choose_bucket(height, width, table)
+        raise BadInput(f"cond_video {path}: {width}x{height} pixels is too small; the minimum size is "
+                       f"{low_w}x{low_h} (width x height) for its {tw}x{th} output",
+                       f"give an image or video of at least {low_w}x{low_h} pixels")
 
 
 def read_speech(path: Path) -> np.ndarray:
     """16 kHz mono speech, loudness-normalised to -23 LUFS; silence is refused (nothing to lip-sync)."""
-    from itk.runtime.models.audio import load_speech, loudness_normalize
+    from itk.runtime.models.audio import frame_count, load_speech, loudness_normalize
 
     try:
         samples = load_speech(path)
@@ -157,6 +235,10 @@ def read_speech(path: Path) -> np.ndarray:
                        "give a speech recording (.wav, .flac, .mp3)") from exc
     if len(samples) == 0 or float(abs(samples).max()) < 1e-4:
         raise BadInput(f"cond_audio.person1 {path}: the audio is silent", "give a speech recording")
+    if frame_count(len(samples)) < 1:  # no video frame to animate; found here, before any model loads
+        seconds = len(samples) / SAMPLE_RATE
+        raise BadInput(f"cond_audio.person1 {path}: {seconds * 1000:.0f} ms of audio is shorter than one video "
+                       f"frame ({1000 // FPS} ms)", "give a longer speech recording")
     # Speech shorter than one 400 ms loudness block cannot be measured and stays as it is (the official rule
     # for unmeasurable tracks); loudness_normalize does that itself.
     return loudness_normalize(samples, SAMPLE_RATE)

@@ -91,6 +91,21 @@ def test_loudness_is_normalised_to_minus_23_lufs_as_in_the_official_run(golden):
     assert loudness == pytest.approx(meta["loudness"]["target"], abs=1e-4)
 
 
+def test_the_default_loudness_target_is_minus_23_lufs_on_the_path_the_generator_uses(golden, tmp_path):
+    # No target passed anywhere: the default itself must be the official -23 LUFS (BS.1770 integrated).
+    import pyloudnorm
+
+    from itk.runtime.request import read_speech
+
+    meta, tensors = golden
+    assert meta["loudness"]["target"] == -23.0
+    meter = pyloudnorm.Meter(16000)
+    waveform = tensors["input.waveform"].numpy()
+    assert meter.integrated_loudness(loudness_normalize(waveform)) == pytest.approx(-23.0, abs=1e-3)
+    speech = read_speech(write_wav(tmp_path / "speech.wav", 0.05 * waveform / np.abs(waveform).max()))
+    assert meter.integrated_loudness(speech) == pytest.approx(-23.0, abs=1e-3)
+
+
 def test_silent_audio_is_left_unchanged_by_the_loudness_step(tmp_path):
     silence = load_speech(write_wav(tmp_path / "silence.wav", np.zeros(16000)))
     assert np.array_equal(loudness_normalize(silence), silence)

@@ -32,3 +32,56 @@ def test_a_flat_channel_takes_the_reference_mean():
 def test_a_strength_outside_zero_to_one_is_refused():
     with pytest.raises(ValueError, match="strength"):
         match_colors(T["input.source"], T["input.reference"], 1.5)
+
+
+class _CastVAE:
+    """decode() gives a fixed video with a strong colour cast; encode() gives zero latents of the right shape."""
+
+    def __init__(self, video: torch.Tensor) -> None:
+        self.video = video  # [3, F, H, W] in [-1, 1]
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(16, (video.shape[1] - 1) // 4 + 1, video.shape[2] // 8, video.shape[3] // 8)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.video
+
+
+def _settings_from_the_command_line(tmp_path, strength: str):
+    """The engine's Settings for a run given `--color_correction_strength strength` (flags -> Request ->
+    engine.settings_of), as the generator builds them."""
+    import json
+
+    from itk.runtime.engine import settings_of
+    from itk.runtime.protocol import build_parser, check_values
+    from itk.runtime.request import Request
+
+    (tmp_path / "face.png").write_bytes(b"")
+    (tmp_path / "speech.wav").write_bytes(b"")
+    (tmp_path / "job.json").write_text(json.dumps({"prompt": "p", "cond_video": str(tmp_path / "face.png"),
+                                                   "cond_audio": {"person1": str(tmp_path / "speech.wav")}}))
+    flags = vars(build_parser().parse_args([
+        "--ckpt_dir", "w", "--wav2vec_dir", "w", "--infinitetalk_dir", "w/it.safetensors",
+        "--input_json", str(tmp_path / "job.json"), "--save_file", str(tmp_path / "talk"),
+        "--frame_num", "9", "--motion_frame", "5", "--sample_steps", "1",
+        "--color_correction_strength", strength]))
+    check_values(flags)
+    return settings_of(Request.from_flags(flags))
+
+
+def test_an_intermediate_strength_reaches_the_colour_step_of_a_generated_clip(tmp_path):
+    from itk.runtime.pipeline import SeededNoise, StreamingPipeline, plan_clips
+
+    settings = _settings_from_the_command_line(tmp_path, "0.3")
+    assert settings.color_correction_strength == 0.3
+    g = torch.Generator().manual_seed(0)
+    video = (torch.rand(3, 9, 16, 16, generator=g) * torch.tensor([0.4, 1.0, 0.2])[:, None, None, None]) * 2 - 1
+    reference = torch.rand(1, 3, 1, 16, 16, generator=g) * 2 - 1
+    plan = plan_clips(9, settings)
+    pipeline = StreamingPipeline(lambda x, t, context, clip_fea, y, audio: torch.zeros_like(x), _CastVAE(video),
+                                 settings, SeededNoise(0))
+    ours = pipeline.run([reference], [torch.zeros(1, 257, 8)], torch.zeros(1, 4, 8), torch.zeros(1, 4, 8),
+                        torch.zeros(9, 2, 4), plan)
+    expected = {s: match_colors(video[None], reference, s)[0] for s in (0.3, 1.0)}
+    assert torch.equal(ours, expected[0.3])
+    assert (ours - expected[1.0]).abs().max().item() > 1e-2  # the strength makes a visible difference here

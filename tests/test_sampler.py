@@ -58,3 +58,46 @@ def test_apg_with_momentum_carried_over_two_steps_matches():
     assert rel_err(one, T["output.apg.step_1"]) == 0.0
     assert rel_err(two, T["output.apg.step_2"]) == 0.0
     assert rel_err(plain, T["output.apg.no_momentum_no_threshold"]) == 0.0
+
+
+def _preds(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(1, 4, 2, 3, 3, generator=g) for k in ("cond", "drop_text", "uncond", "drop_audio")}
+
+
+@pytest.mark.parametrize("use_apg", [False, True])
+def test_the_text_scale_weighs_the_text_difference_and_the_audio_scale_the_audio_one(use_apg):
+    # Official (wan/multitalk.py): text = cond - drop_text, audio = drop_text - uncond. Distinct scales and
+    # APG's two momentum buffers carried over two steps: swapping either scales or buffers changes the result.
+    text_scale, audio_scale, momentum, threshold = 5.0, 2.0, -0.75, 55.0
+    sampler = Sampler(Guidance(text_scale, audio_scale, use_apg, momentum, threshold))
+    text_buffer, audio_buffer = MomentumBuffer(momentum), MomentumBuffer(momentum)
+    for step in range(2):
+        p = _preds(step)
+        text, audio = p["cond"] - p["drop_text"], p["drop_text"] - p["uncond"]
+        if use_apg:
+            text = apg(text, p["cond"], text_buffer, threshold)
+            audio = apg(audio, p["cond"], audio_buffer, threshold)
+            expected = p["cond"] + (text_scale - 1) * text + (audio_scale - 1) * audio
+        else:
+            expected = p["uncond"] + text_scale * text + audio_scale * audio
+        ours = sampler.velocity({k: p[k] for k in sampler.passes()})
+        assert torch.allclose(ours, expected, rtol=0, atol=1e-6), step
+
+
+@pytest.mark.parametrize("use_apg", [False, True])
+def test_with_an_audio_scale_of_one_the_audio_free_pass_has_no_effect_beyond_the_text_term(use_apg):
+    # audio_scale 1 means no extra audio guidance: the velocity may depend on `uncond` only through the
+    # text term, which does not contain it. A swapped scale would put (text_scale - 1) on the audio term.
+    p = _preds()
+    other = {**p, "uncond": p["uncond"] + 3.0 * torch.randn(p["uncond"].shape, generator=torch.Generator())}
+    guidance = Guidance(text_scale=5.0, audio_scale=1.0, use_apg=use_apg)
+    # (CFG: uncond + s_t (cond - drop_text) + s_a (drop_text - uncond) holds uncond with weight 1 - s_a.)
+    assert torch.allclose(Sampler(guidance).velocity(p), Sampler(guidance).velocity(other), atol=1e-5)
+
+
+def test_two_pass_apg_scales_the_audio_difference_by_the_audio_scale():
+    p = _preds()
+    sampler = Sampler(Guidance(text_scale=1.0, audio_scale=3.0, use_apg=True, apg_norm_threshold=0.0))
+    expected = p["cond"] + 2.0 * apg(p["cond"] - p["drop_audio"], p["cond"], MomentumBuffer(-0.75), 0.0)
+    assert torch.allclose(sampler.velocity({k: p[k] for k in sampler.passes()}), expected, atol=1e-6)
