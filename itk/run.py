@@ -270,13 +270,10 @@ class Plan:
 
 
 def duration(seconds: float) -> str:
-    """3 h 05 min / 12 min / 40 s: what a person plans around."""
-    seconds = max(0, round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds} s"
+    """1 h 05 min / 12 min 30 s / 40 s (the same form as the console's elapsed times)."""
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def plan_run(image: str | None = None, video: str | None = None, audio: str | None = None, prompt: str | None = None,
