@@ -171,13 +171,12 @@ class Plan:
     output: Path
     run_dir: Path
     argv: list[str]
-    missing: list[str]
+    unusable: list[FileStatus]  # weight files the run cannot start with (itk.verify's UNUSABLE states)
     fetch_command: str
+    doctor_command: str
     step_time: Measurement | None = None  # OUR runtime's measured step on this GPU class (itk.measured)
     gpu_name: str | None = None
-    unusable: list[FileStatus] = field(default_factory=list)
     resume: str | None = None  # the line saying this run continues an interrupted one (None: a fresh run)
-    doctor_command: str = ""
 
     @property
     def command_line(self) -> str:
@@ -230,6 +229,12 @@ class Plan:
         from itk.runtime.protocol import write_job
 
         return write_job(self.job, self.job_path)
+
+    @property
+    def missing(self) -> list[str]:
+        """Each unusable weight file as "label (state: detail)"."""
+        return [f"{st.label} ({st.state.replace('_', ' ')}{': ' + st.detail if st.detail else ''})"
+                for st in self.unusable]
 
     @property
     def weights_problem(self) -> str | None:
@@ -315,7 +320,6 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     # download fails here in milliseconds instead of after minutes of loading; a changed file is not trusted).
     statuses = check_files(wdir, load_manifest().files_for(preset.components), deep=False)
     unusable = [st for st in statuses if st.state in UNUSABLE]
-    missing = [f"{st.label} ({st.state.replace('_', ' ')}{': ' + st.detail if st.detail else ''})" for st in unusable]
     where = f" --weights-dir {shlex.quote(str(weights_dir))}" if weights_dir else ""
     fetch = f"itk fetch --preset {preset.name}{where}"
     doctor = f"itk doctor --deep --only weights --preset {preset.name}{where}"
@@ -328,8 +332,8 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     resume = resume_line(out) if "resume" in FLAG else None
     argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
                           out.with_suffix(""), resume=resume is not None)
-    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, missing, fetch,
-                expected_step_s(preset.name, gpu), gpu, unusable, resume, doctor)
+    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, unusable, fetch, doctor,
+                expected_step_s(preset.name, gpu), gpu, resume)
 
 
 def video_seconds(path: Path) -> float | None:
