@@ -8,21 +8,27 @@ Nothing here prints: `plan_run` returns a Plan, `run_job` a RunResult, and progr
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shlex
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from itk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_WEIGHTS, EXIT_OK, EXIT_USAGE, UserError
 from itk.inputs import MediaFacts
-from itk.runtime.protocol import DEFAULT_STEPS, Job, parse_setting, to_argv
+from itk.runtime.protocol import DEFAULT_STEPS, FLAG, Job, parse_setting, to_argv
 
 if TYPE_CHECKING:
     from itk.advice import Verdict
+    from itk.measured import Measurement
+    from itk.verify import FileStatus
 
 GENERATOR = [sys.executable, "-m", "itk.runtime.generate"]
 # A flag-compatible generator to drive instead (the official generate_infinitetalk.py, or a test double).
@@ -48,10 +54,13 @@ def generator_command() -> list[str]:
 
 
 def generator_argv(generator: list[str], path_flags: dict[str, Path], settings: dict[str, Any], job_path: Path,
-                   stem: Path) -> list[str]:
+                   stem: Path, resume: bool = False) -> list[str]:
     """The exact command line, spelled by the protocol's flag table: path flags, then the settings in the
-    preset's order (as the guide writes them), then the job and the output stem."""
+    preset's order (as the guide writes them), then the job and the output stem, then --resume (itk's own
+    flag; left out while the generator's flag table does not have it, which then could not parse it)."""
     values = [*path_flags.items(), *settings.items(), ("input_json", job_path), ("save_file", stem)]
+    if resume and "resume" in FLAG:
+        values.append(("resume", True))
     return [*generator, *(arg for name, value in values for arg in to_argv({name: value}))]
 
 
@@ -73,13 +82,81 @@ def setting_warnings(settings: dict[str, Any], vram_gb: float | None) -> list[st
 
 
 def output_path(output: str | Path | None) -> Path:
+    """The video to write. The default name is unique (time + a random suffix): two runs started in the
+    same second must not share a run folder."""
     if output is None:
-        return Path("outputs") / f"itk-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
+        return Path("outputs") / f"itk-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.mp4"
     path = Path(output).expanduser()
     if path.suffix.lower() != ".mp4":
         raise UserError(f"--output {output}: the video is written as mp4", f"--output {path.with_suffix('.mp4')}",
                         EXIT_USAGE)
     return path
+
+
+def check_output(out: Path) -> None:
+    """UserError (exit 2) when the video could not be written: found here, not after the whole generation.
+    Creates the output's folder (the run folder goes there anyway) and writes a probe file in it: permission
+    bits say nothing to root, a read-only mount or a file in the way says the truth to everyone."""
+    other = f"choose another --output, e.g. --output {Path.home() / 'itk-outputs' / out.name}"
+    if out.is_dir():
+        raise UserError(f"--output {out} is an existing folder", f"name a file in it: --output {out / 'talk.mp4'}",
+                        EXIT_USAGE)
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or type(exc).__name__
+        raise UserError(f"cannot create the folder {folder} for --output: {why}", other, EXIT_USAGE) from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".itk-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder} for --output ({exc.strerror or type(exc).__name__})", other,
+                        EXIT_USAGE) from None
+    run_dir = run_folder(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file: itk keeps the run's log in a folder of that name",
+                        f"move that file away or {other}", EXIT_USAGE)
+
+
+def run_folder(out: Path) -> Path:
+    """Where the job file, the generator's log, the verdict and the output's lock live."""
+    return out.parent / f"{out.stem}.run"
+
+
+def resume_folder(out: Path) -> Path:
+    """The generator's resume state for `out`, kept beside it while a run is unfinished."""
+    return out.with_name(out.name + ".itk-resume")
+
+
+STATE_FILES = ("state.json", "progress.json")
+DONE_KEYS = ("clips_done", "done_clips", "next_clip")  # next_clip: the 0-based index of the clip to make next
+TOTAL_KEYS = ("clips", "total_clips", "clips_total")
+
+
+def resume_line(out: Path) -> str | None:
+    """One line for a run that continues an interrupted one, or None when there is nothing to resume.
+    Counts come from the state folder's small JSON when it has one; otherwise the line says only that it
+    resumes (the generator checks the state itself and refuses a changed job)."""
+    folder = resume_folder(out)
+    if not folder.is_dir():
+        return None
+    candidates = [folder / n for n in STATE_FILES] + sorted(folder.glob("*.json"))
+    for path in candidates:
+        try:
+            if path.stat().st_size > 1 << 16:
+                continue
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        done = next((data[k] for k in DONE_KEYS if isinstance(data.get(k), int)), None)
+        total = next((data[k] for k in TOTAL_KEYS if isinstance(data.get(k), int)), None)
+        if done is not None and total:
+            return f"resuming {out}: {done} of {total} clips already done"
+    return f"resuming {out} from {folder}"
 
 
 @dataclass
@@ -94,13 +171,46 @@ class Plan:
     output: Path
     run_dir: Path
     argv: list[str]
-    missing: list[str]
+    unusable: list[FileStatus]  # weight files the run cannot start with (itk.verify's UNUSABLE states)
     fetch_command: str
-    expected_step_s: float | None = None
+    doctor_command: str
+    step_time: Measurement | None = None  # OUR runtime's measured step on this GPU class (itk.measured)
+    gpu_name: str | None = None
+    resume: str | None = None  # the line saying this run continues an interrupted one (None: a fresh run)
 
     @property
     def command_line(self) -> str:
         return shlex.join(self.argv)
+
+    @property
+    def expected_step_s(self) -> float | None:
+        """Seconds per step measured for this preset on this GPU class; None when nobody has measured it."""
+        return self.step_time.seconds if self.step_time else None
+
+    @property
+    def estimate_s(self) -> float | None:
+        return self.media.clips * self.steps * self.step_time.seconds if self.step_time else None
+
+    @property
+    def estimate(self) -> str:
+        """The run's time estimate in words, or why there is none (never a number nobody measured)."""
+        if self.step_time is None:
+            gpu = f"an {self.gpu_name}" if self.gpu_name else "this machine (no NVIDIA GPU found)"
+            return f"no time estimate: preset {self.preset_name}'s step time has not been measured on {gpu}"
+        return (f"about {duration(self.estimate_s or 0)} for {self.media.clips * self.steps} steps at "
+                f"{self.step_time.label}")
+
+    @property
+    def resume_folder(self) -> Path:
+        return resume_folder(self.output)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / "output.lock"
+
+    @property
+    def owner_path(self) -> Path:
+        return self.run_dir / "output.pid"
 
     @property
     def job_path(self) -> Path:
@@ -120,29 +230,68 @@ class Plan:
 
         return write_job(self.job, self.job_path)
 
+    @property
+    def missing(self) -> list[str]:
+        """Each unusable weight file as "label (state: detail)"."""
+        return [f"{st.label} ({st.state.replace('_', ' ')}{': ' + st.detail if st.detail else ''})"
+                for st in self.unusable]
+
+    @property
+    def weights_problem(self) -> str | None:
+        """One line naming each weight file this run cannot start with, and its state."""
+        if not self.missing:
+            return None
+        n = len(self.missing)
+        shown = ", ".join(self.missing[:3]) + (f" and {n - 3} more" if n > 3 else "")
+        return f"preset {self.preset_name}: {n} weight file(s) not usable: {shown}"
+
+    @property
+    def weights_fix(self) -> str:
+        """The fix for every unusable file: a link leading out of its folder has its own; fetch re-downloads
+        what is missing or damaged and re-hashes a changed file (downloading only if it differs); the doctor
+        re-hashes a changed file without downloading anything."""
+        states = {st.state for st in self.unusable}
+        fixes = list(dict.fromkeys(st.fix for st in self.unusable if st.state == "unsafe"))
+        if states - {"unsafe", "changed"}:
+            fixes.append(self.fetch_command)
+        if "changed" in states:
+            fetch = "" if states - {"unsafe", "changed"} else f"`{self.fetch_command}` or "
+            fixes.append(f"re-hash the changed file(s): {fetch}`{self.doctor_command}`")
+        return "; ".join(fixes) or self.fetch_command
+
     def require_weights(self) -> None:
-        """UserError (exit 3) with the fetch command when a weight file is missing or not whole."""
-        if self.missing:
-            n = len(self.missing)
-            shown = ", ".join(self.missing[:3]) + (f" and {n - 3} more" if n > 3 else "")
-            raise UserError(f"preset {self.preset_name} lacks {n} weight file(s): {shown}",
-                            self.fetch_command, EXIT_MISSING_WEIGHTS)
+        """UserError (exit 3) naming each unusable weight file with its state, and the fix."""
+        if problem := self.weights_problem:
+            raise UserError(problem, self.weights_fix, EXIT_MISSING_WEIGHTS)
 
     def to_json(self) -> dict[str, Any]:
         return {"preset": self.preset_name, "argv": self.argv, "command": self.command_line,
                 "job": self.job.to_json(), "clips": self.media.clips, "video_s": self.media.video_s,
-                "missing_weights": self.missing, "warnings": self.media.warnings}
+                "output": str(self.output), "missing_weights": self.missing,
+                "unusable_weights": [{"file": st.label, "state": st.state, "detail": st.detail, "fix": st.fix}
+                                     for st in self.unusable],
+                "estimate_s": self.estimate_s, "estimate": self.estimate, "resume": self.resume,
+                "warnings": self.media.warnings}
+
+
+def duration(seconds: float) -> str:
+    """1 h 05 min / 12 min 30 s / 40 s (the same form as the console's elapsed times)."""
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def plan_run(image: str | None = None, video: str | None = None, audio: str | None = None, prompt: str | None = None,
              output: str | Path | None = None, preset_name: str | None = None, input_json: str | None = None,
              sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
-             generator: list[str] | None = None) -> Plan:
-    """Check inputs, settings and weights and build the command line; launches nothing, prints nothing.
-    `generator`: the command to run (default: ours, or $ITK_GENERATOR)."""
+             generator: list[str] | None = None, gpu_name: str | None = None) -> Plan:
+    """Check inputs, output, settings and weights and build the command line; launches nothing, prints
+    nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
+    measured step time the estimate uses (default: this machine's)."""
     from itk import machine
     from itk.inputs import job_from_options, validate
     from itk.manifest import load_manifest
+    from itk.measured import expected_step_s
     from itk.paths import weights_dir as resolve_weights_dir
     from itk.presets import load_presets, resolve_preset
     from itk.runtime.protocol import read_job
@@ -150,6 +299,8 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
 
     preset, reason = resolve_preset(preset_name)
     settings = {**preset.generator, **parse_sets(sets)}
+    out = output_path(output).absolute()
+    check_output(out)
     if input_json:
         if image or video or audio:
             raise UserError("--input-json already names the image/video and audio",
@@ -160,27 +311,29 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     else:
         job = job_from_options(image, video, audio, prompt)
     media = validate(job, settings)
+    facts = machine.gather() if preset_name or gpu_name is None else None
     if preset_name:  # an automatic choice already fits this GPU
-        media.warnings += setting_warnings(settings, machine.gather().vram_gb)
+        media.warnings += setting_warnings(settings, facts.vram_gb if facts else None)
+    gpu = gpu_name or (facts.gpu_name if facts else None)
     wdir = resolve_weights_dir(weights_dir).absolute()
-    # The doctor's weights check without hashing: presence, recorded size, header (a truncated download
-    # fails here in milliseconds instead of after minutes of loading).
+    # The doctor's weights check without hashing: presence, recorded size and mtime, header (a truncated
+    # download fails here in milliseconds instead of after minutes of loading; a changed file is not trusted).
     statuses = check_files(wdir, load_manifest().files_for(preset.components), deep=False)
-    missing = [f"{st.label} ({st.state.replace('_', ' ')}{': ' + st.detail if st.detail else ''})"
-               for st in statuses if st.state in UNUSABLE]
-    fetch = f"itk fetch --preset {preset.name}" + (f" --weights-dir {shlex.quote(str(weights_dir))}"
-                                                    if weights_dir else "")
-    out = output_path(output).absolute()
-    run_dir = out.parent / f"{out.stem}.run"
+    unusable = [st for st in statuses if st.state in UNUSABLE]
+    where = f" --weights-dir {shlex.quote(str(weights_dir))}" if weights_dir else ""
+    fetch = f"itk fetch --preset {preset.name}{where}"
+    doctor = f"itk doctor --deep --only weights --preset {preset.name}{where}"
+    run_dir = run_folder(out)
     path_flags = preset.path_flags(wdir)
     if settings.get("quant") and "quant_dir" not in path_flags:
         quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths]
         raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
+    resume = resume_line(out) if "resume" in FLAG else None
     argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
-                          out.with_suffix(""))
-    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, missing, fetch,
-                preset.expected_step_s)
+                          out.with_suffix(""), resume=resume is not None)
+    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, unusable, fetch, doctor,
+                expected_step_s(preset.name, gpu), gpu, resume)
 
 
 def video_seconds(path: Path) -> float | None:
@@ -206,6 +359,7 @@ class RunResult:
     interrupted: bool = False
     verdict: Verdict | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    resumable: bool = False  # the generator kept its resume state: the same command continues the run
 
     @property
     def ok(self) -> bool:
@@ -213,30 +367,68 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         if self.interrupted:
-            return {"ok": False, "interrupted": True, "log": str(self.log)}
+            return {"ok": False, "interrupted": True, "resumable": self.resumable, "log": str(self.log)}
         if self.ok:
             return {"ok": True, "output": str(self.output), "video_s": self.video_s,
                     "elapsed_s": round(self.elapsed_s, 1), "gpu_peak_gb": self.gpu_peak_gb, "log": str(self.log)}
-        return {"ok": False, "verdict": self.verdict.to_json() if self.verdict else None, "log": str(self.log)}
+        return {"ok": False, "verdict": self.verdict.to_json() if self.verdict else None,
+                "resumable": self.resumable, "log": str(self.log)}
+
+
+@contextmanager
+def output_lock(plan: Plan) -> Iterator[None]:
+    """One run per output: an OS lock in the run folder (released by the kernel when its holder dies, so a
+    killed run never blocks the next) and, beside it, the holder's pid for the refusal to name. The pid file
+    is written after and removed before the lock changes hands, so it always names the holder."""
+    from filelock import FileLock, Timeout
+
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(plan.lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = f"pid {int(plan.owner_path.read_text().strip())}"
+        except (OSError, ValueError):
+            holder = "pid not yet recorded"
+        raise UserError(f"{plan.output} is being written by another itk run ({holder})",
+                        "wait for that run to finish (or stop it), or give this one another --output",
+                        EXIT_USAGE) from None
+    try:
+        plan.owner_path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        yield
+    finally:
+        plan.owner_path.unlink(missing_ok=True)
+        lock.release()
 
 
 def run_job(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Launch the plan under the Supervisor (progress goes to `on_event`), keep the log in the run folder,
-    and on failure diagnose it with the advice rules (verdict.json beside the log). Prints nothing."""
+    and on failure diagnose it with the advice rules (verdict.json beside the log). Prints nothing.
+    The output is locked for the whole run: a second run on it is refused, naming this one's pid. A run that
+    continues an interrupted one first sends `on_event` a `stage` event "resume" with the line to show."""
+    plan.require_weights()
+    with output_lock(plan):
+        if plan.resume and on_event is not None:
+            on_event({"event": "stage", "stage": "resume", "message": plan.resume, "origin": "itk"})
+        return _run_locked(plan, on_event)
+
+
+def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -> RunResult:
     from itk import machine
     from itk.advice import diagnose
     from itk.checks.ram import read_cgroup
     from itk.diagnose import write_verdict
     from itk.supervisor import Supervisor
 
-    plan.require_weights()
     plan.write_job()
     log_path = plan.log_path
     log_path.write_text(f"# itk run: {plan.command_line}\n", encoding="utf-8")
     kills_before = read_cgroup()[3]
     outcome = Supervisor(plan.argv, log_path, env=child_env(), on_event=on_event).run()
     if outcome.interrupted:
-        return RunResult(log_path, outcome.elapsed_s, EXIT_INTERRUPTED, interrupted=True, events=outcome.events)
+        return RunResult(log_path, outcome.elapsed_s, EXIT_INTERRUPTED, interrupted=True, events=outcome.events,
+                         resumable=plan.resume_folder.is_dir())
     video = Path(outcome.output or plan.output)
     if outcome.returncode == 0 and video.is_file():
         return RunResult(log_path, outcome.elapsed_s, EXIT_OK, video, video_seconds(video),
@@ -254,4 +446,5 @@ def run_job(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None = None
     verdict = diagnose(text, outcome.returncode if outcome.returncode else None, facts, str(log_path))
     write_verdict(verdict, plan.run_dir / "verdict.json")
     code = outcome.returncode if outcome.returncode in (EXIT_USAGE, EXIT_MISSING_WEIGHTS) else EXIT_FAILED
-    return RunResult(log_path, outcome.elapsed_s, code, verdict=verdict, events=outcome.events)
+    return RunResult(log_path, outcome.elapsed_s, code, verdict=verdict, events=outcome.events,
+                     resumable=plan.resume_folder.is_dir())

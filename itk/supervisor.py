@@ -4,7 +4,9 @@ module exists to prevent.
 
 The child gets its own session (start_new_session), so a Ctrl-C in the terminal reaches only itk; itk then
 stops the whole group in steps: SIGINT (the generator exits cleanly with 130), SIGTERM after a grace
-period, SIGKILL after another, and it waits until no process of the group is left.
+period, SIGKILL after another, and it waits until no process of the group is left. SIGTERM and SIGHUP (the
+terminal or the SSH session closed) to itk itself are handled the same way: the child's own session gets no
+SIGHUP of its own, so without this it would run on, an orphan holding the GPU.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ class Outcome:
 
 
 class _Stop(Exception):
-    """SIGTERM to itk itself: handled like Ctrl-C."""
+    """SIGTERM or SIGHUP to itk itself: handled like Ctrl-C."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -145,7 +150,7 @@ class Supervisor:
         events: list[dict[str, Any]] = []
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         interrupted = False
-        previous = self._trap_sigterm()
+        previous = self._trap_stops()
         leader_gone = 0.0
         try:
             while True:
@@ -171,7 +176,7 @@ class Supervisor:
             interrupted = True
             self.stop_group(signal.SIGINT)
         finally:
-            self._restore_sigterm(previous)
+            self._restore(previous)
         self.stop_group(signal.SIGTERM)  # no-op when the group is already gone
         reader.join(timeout=5)
         while not lines.empty():
@@ -184,16 +189,18 @@ class Supervisor:
         return Outcome(returncode, interrupted, time.monotonic() - start, self.log_path, events, list(tail))
 
     @staticmethod
-    def _trap_sigterm() -> Any:
+    def _trap_stops() -> dict[int, Any]:
+        """SIGTERM and SIGHUP raise _Stop in the main thread (signal handlers can only be set there; a web
+        page's worker thread keeps the process's own handling)."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def raise_stop(signum: int, frame: Any) -> None:
             raise _Stop()
 
-        return signal.signal(signal.SIGTERM, raise_stop)
+        return {sig: signal.signal(sig, raise_stop) for sig in STOP_SIGNALS}
 
     @staticmethod
-    def _restore_sigterm(previous: Any) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    def _restore(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -4,6 +4,8 @@ the official flags, exit codes 0/2/3/130) and fails on request, so the superviso
 FAKE_MODE: ok | sigkill | log (print FAKE_LOG, exit FAKE_EXIT) | decode-oom | hang (ignore SIGINT, start a
 grandchild that ignores it too, write both pids to FAKE_PIDS, then wait) | hang-hard (ignore SIGTERM too).
 FAKE_ARGV: a file to write the received argv to (JSON).
+FAKE_SIGNALS: a file the hanging child appends the name of every signal it receives to, one a line (so a
+test sees the supervisor's escalation itself, not only that the processes ended).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def event(kind: str, **fields) -> None:
@@ -38,10 +41,25 @@ def write_mp4(path: Path, frames: int = 10) -> None:
             container.mux(packet)
 
 
+def recorder(path: str | None, ends: bool) -> Any:
+    """A handler that appends the signal's name to `path` and then ignores it or (ends) exits as SIGTERM's
+    default would; without a path, plain SIG_IGN / SIG_DFL."""
+    if not path:
+        return signal.SIG_DFL if ends else signal.SIG_IGN
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def record(signum: int, frame: object) -> None:
+        os.write(fd, f"{signal.Signals(signum).name}\n".encode())
+        if ends:
+            os._exit(128 + signum)
+
+    return record
+
+
 def hang(ignore_term: bool) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if ignore_term:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    record = os.environ.get("FAKE_SIGNALS")
+    signal.signal(signal.SIGINT, recorder(record, ends=False))
+    signal.signal(signal.SIGTERM, recorder(record, ends=not ignore_term))
     code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
     grandchild = subprocess.Popen([sys.executable, "-c", code])
     Path(os.environ["FAKE_PIDS"]).write_text(json.dumps([os.getpid(), grandchild.pid]))

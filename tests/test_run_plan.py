@@ -96,7 +96,8 @@ def test_the_plain_output_of_dry_run_is_the_command_alone_on_stdout(tmp_path, me
     assert proc.returncode == 0, proc.stderr
     assert shlex.split(proc.stdout)[1:3] == ["-m", "itk.runtime.generate"]
     assert "itk fetch --preset rtx4090-24g" in proc.stderr
-    assert "2 clip(s) x 40 steps (about 1 h 33 min at the 70 s" in proc.stderr
+    assert "2 clip(s) x 40 steps" in proc.stderr
+    assert "70 s" not in proc.stderr  # the guide's step time for the official code is never our estimate
 
 
 def test_an_official_job_file_is_read_with_paths_relative_to_the_current_folder(tmp_path, media):
@@ -150,6 +151,17 @@ def test_audio_shorter_than_one_clip_is_one_short_clip_and_the_run_says_so(tmp_p
     assert "apad=whole_dur=4" in plan["warnings"][0]
 
 
+def test_audio_of_exactly_one_clip_is_still_the_short_case_and_one_frame_more_is_not(tmp_path, media):
+    """The boundary itself: audio of frame_num frames or fewer is refused by the official pipeline."""
+    image, _ = media
+    settings = {"frame_num": 25, "mode": "streaming"}  # 25 frames = 1.00 s, exact in samples and in floats
+    at_limit = validate(Job("p", image, {"person1": write_wav(tmp_path / "a.wav", 1.0)}), settings)
+    assert at_limit.frames == 25 and at_limit.clips == 1
+    assert "1.00 s, shorter than one clip of 25 frames" in at_limit.warnings[0]
+    above = validate(Job("p", image, {"person1": write_wav(tmp_path / "b.wav", 1.04)}), settings)
+    assert above.frames == 26 and above.clips == 2 and above.warnings == []
+
+
 def test_audio_shorter_than_one_frame_is_refused(tmp_path, media):
     image, _ = media
     blip = write_wav(tmp_path / "blip.wav", 0.02)
@@ -172,7 +184,7 @@ def test_missing_weights_stop_before_launch_with_the_exact_fetch_command(tmp_pat
     proc = itk("run", "--image", str(image), "--audio", str(audio), "--weights-dir", str(weights),
                env=fake_env("ok"), cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
-    assert "lacks 1 weight file(s): InfiniteTalk/quant_models/t5_fp8.safetensors (missing)" in proc.stderr
+    assert "1 weight file(s) not usable: InfiniteTalk/quant_models/t5_fp8.safetensors (missing)" in proc.stderr
     assert f"fix: itk fetch --preset rtx4090-24g --weights-dir {weights}" in proc.stderr
 
 
@@ -198,6 +210,7 @@ def test_bad_set_keys_and_values_are_usage_errors(tmp_path, media):
 def test_clip_counts_follow_the_streaming_loop():
     streaming = {"mode": "streaming"}
     assert clip_count(82, streaming) == 2  # the official loop always runs two clips in streaming mode
+    assert clip_count(81, streaming) == 1  # exactly one clip's frames: one clip
     assert clip_count(60, streaming) == 1  # audio under one clip: one shorter clip
     assert clip_count(81 + 72 * 3, streaming) == 4
     assert clip_count(5000, streaming) == 1 + 13  # capped at max_frame_num 1000

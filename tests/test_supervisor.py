@@ -131,11 +131,14 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize(("mode", "sig"), [("hang", signal.SIGINT), ("hang-hard", signal.SIGINT),
-                                           ("hang", signal.SIGTERM)])
+                                           ("hang", signal.SIGTERM), ("hang", signal.SIGHUP)])
 def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tmp_path, ready, mode, sig):
-    """hang: SIGTERM ends them; hang-hard: only SIGKILL does; a SIGTERM to itk itself is handled like Ctrl-C."""
-    pids_file = tmp_path / "pids.json"
-    env = {**os.environ, **fake_env(mode, FAKE_PIDS=str(pids_file)), "ITK_STOP_GRACE_S": "1"}
+    """hang: SIGTERM ends them; hang-hard: only SIGKILL does; a SIGTERM to itk itself, or a SIGHUP (the
+    terminal or SSH session closed), is handled like Ctrl-C. The child records the signals it receives: the
+    group is asked to stop with SIGINT, then SIGTERM, before any SIGKILL."""
+    pids_file, signals = tmp_path / "pids.json", tmp_path / "signals.txt"
+    env = {**os.environ, **fake_env(mode, FAKE_PIDS=str(pids_file), FAKE_SIGNALS=str(signals)),
+           "ITK_STOP_GRACE_S": "1"}
     itk_proc = subprocess.Popen([sys.executable, "-m", "itk", "run", *ready], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child, grandchild = wait_for(pids_file)
@@ -148,6 +151,7 @@ def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tm
     assert gone(child) and gone(grandchild)
     survivors = [p.pid for p in psutil.process_iter() if not gone(p.pid) and _pgid(p.pid) == pgid]
     assert survivors == []
+    assert signals.read_text().split() == ["SIGINT", "SIGTERM"]
 
 
 def _pgid(pid: int) -> int | None:
