@@ -87,8 +87,8 @@ def derived(facts: dict[str, Any], log_text: str,
 
     values = {k: v for k, v in facts.items() if v is not None}
     for key, pattern in log_facts.items():
-        if key not in values and (m := pattern.search(log_text)):
-            values[key] = m.group(1)
+        if key not in values and (found := pattern.findall(log_text)):
+            values[key] = found[-1]  # the latest: a log's last stage event is the stage it ended in
     if "preset" in values:
         preset = get_preset(values["preset"])
         values.setdefault("quant", preset.generator.get("quant", "None"))

@@ -138,7 +138,7 @@ def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, de
 @DEBUG
 def selftest(workdir, as_json, debug) -> None:
     """Generate a short video on tiny random weights the way `itk run` does (plan, supervisor, advice) with
-    the real generator; print the mp4 path."""
+    the real generator; print the mp4 path, and last what works on this machine and what to do next."""
     from itk.console import run_friendly, show_selftest
 
     run_friendly(lambda: show_selftest(workdir, as_json), debug, as_json)
