@@ -1,4 +1,6 @@
-"""flash-attn: optional for our runtime (it falls back to torch SDPA), so absent is a warn, broken a fail.
+"""flash-attn: optional for our runtime (it falls back to torch SDPA), so absent is a warn, broken a fail;
+and only where the runtime would use it: `preferred_attention` is the ONE per-GPU choice, read by this check
+and by the runtime's attention (torch-free, so both sides can import it).
 
 The classic break is `undefined symbol` after a torch upgrade: the wheel was built against another torch ABI.
 PyPI only has a source build that takes hours, so the fix names a prebuilt release wheel for this stack.
@@ -10,7 +12,17 @@ from itk.checks import gpu, probe
 from itk.checks.base import Context, Result, Status
 
 FA_RELEASE = "2.8.3"
-FA_MIN_CC = 8.0  # FlashAttention-2 supports Ampere, Ada and Hopper
+
+
+def preferred_attention(compute_capability: float | None) -> str:
+    """"flash" or "sdpa": the kernel the runtime's "auto" attention uses on a GPU of this compute capability.
+
+    flash-attn on Ampere and Ada (8.x), where it beats SDPA. SDPA elsewhere: on Hopper (9.0) SDPA's cuDNN
+    kernel beats the FlashAttention-2 the flash-attn package ships (40 vs 65 ms per 480p attention on an H200);
+    other GPUs FlashAttention-2 does not support, or no GPU."""
+    if compute_capability is None:
+        return "sdpa"
+    return "flash" if int(compute_capability) == 8 else "sdpa"
 
 
 def wheel_command(facts: dict) -> str:
@@ -32,6 +44,8 @@ def judge(facts: dict, gpu_facts: gpu.GpuFacts) -> Result:
         return Result("flash_attn", Status.SKIP, "not checked: " + facts["error"])
     fa = facts["flash-attn"]
     best = gpu_facts.best
+    if best is not None and preferred_attention(best.compute_capability) == "sdpa":
+        return _not_used_here(fa, best)
     if not fa["version"]:
         if best is None:
             return Result("flash_attn", Status.SKIP, "not installed (no GPU here: not used)")
@@ -49,13 +63,23 @@ def judge(facts: dict, gpu_facts: gpu.GpuFacts) -> Result:
             "flash_attn", Status.FAIL, summary,
             fix="pip uninstall -y flash-attn, then " + wheel_command(facts), facts=fa,
         )
-    if best is not None and best.compute_capability < FA_MIN_CC:
-        return Result(
-            "flash_attn", Status.WARN,
-            f"flash-attn {fa['version']} imports, but {best.name} (cc {best.compute_capability}) is not supported",
-            fix="nothing to do: the runtime falls back to torch SDPA on this GPU", facts=fa,
-        )
     return Result("flash_attn", Status.OK, f"flash-attn {fa['version']} imports", facts=fa)
+
+
+def _not_used_here(fa: dict, best: gpu.Gpu) -> Result:
+    """A GPU where the runtime uses SDPA: flash-attn is never advised; a broken one only matters to the
+    official scripts (which import it), so its fix is to remove it."""
+    why = (f"SDPA's cuDNN kernel is faster on {best.name} (cc {best.compute_capability})"
+           if best.compute_capability >= 9 else
+           f"{best.name} (cc {best.compute_capability}) is not supported by FlashAttention-2")
+    if fa.get("import_error"):
+        return Result("flash_attn", Status.WARN,
+                      f"flash-attn {fa['version']} does not import ({fa['import_error']}); itk's runtime does not "
+                      f"use it here: {why}",
+                      fix="pip uninstall -y flash-attn (the runtime uses torch SDPA on this GPU)", facts=fa)
+    state = f"flash-attn {fa['version']} installed" if fa["version"] else "not installed"
+    return Result("flash_attn", Status.OK, f"{state}; not needed: the runtime uses torch SDPA here ({why})",
+                  facts=fa)
 
 
 def check(ctx: Context) -> Result:

@@ -19,6 +19,7 @@ from typing import Any
 from itk.toml import read_toml
 
 RULES = Path(__file__).with_name("advice.toml")
+ITK_LOG_HEADER = "# itk run: "  # the first line itk.run writes into every generate.log
 ERROR_LINE = re.compile(r"(Error|Exception|error:|Killed|Traceback|FAILED|Assertion)")
 
 
@@ -28,8 +29,8 @@ class Rule:
     kind: str  # "cause" or "hint"
     title: str
     diagnosis: tuple[str, ...]
-    fixes: tuple[dict[str, str], ...]
-    details: tuple[dict[str, str], ...] = ()
+    fixes: tuple[dict[str, Any], ...]
+    details: tuple[dict[str, Any], ...] = ()
     check: str = ""
     exit_codes: tuple[int, ...] = ()
     signals: tuple[int, ...] = ()
@@ -39,12 +40,14 @@ class Rule:
     requires: tuple[str, ...] = ()
 
 
-def _lines(value: Any) -> tuple[dict[str, str], ...]:
+def _lines(value: Any) -> tuple[dict[str, Any], ...]:
     return tuple({"text": v} if isinstance(v, str) else dict(v) for v in value)
 
 
 @cache
 def load_rules(path: Path = RULES) -> tuple[tuple[Rule, ...], dict[str, re.Pattern[str]]]:
+    """The rules, and the log facts (named regexes; `official_log` among them, which tells an official
+    script's log from itk's)."""
     data = read_toml(path)
     rules = []
     for r in data["rules"]:
@@ -84,8 +87,8 @@ def derived(facts: dict[str, Any], log_text: str,
 
     values = {k: v for k, v in facts.items() if v is not None}
     for key, pattern in log_facts.items():
-        if key not in values and (m := pattern.search(log_text)):
-            values[key] = m.group(1)
+        if key not in values and (found := pattern.findall(log_text)):
+            values[key] = found[-1]  # the latest: a log's last stage event is the stage it ended in
     if "preset" in values:
         preset = get_preset(values["preset"])
         values.setdefault("quant", preset.generator.get("quant", "None"))
@@ -95,6 +98,7 @@ def derived(facts: dict[str, Any], log_text: str,
         values["preset_min_vram_gb"] = f"{preset.min_vram_gb:.0f}"
     fp8 = get_preset(FALLBACK)
     values.update(fp8_preset=fp8.name, fp8_min_ram_gb=f"{fp8.min_ram_gb:.0f}",
+                  fp8_quant_dir=str(fp8.path_flags(Path("weights"))["quant_dir"]),
                   fetch_fp8_command=f"itk fetch --preset {fp8.name}",
                   fetch_command=f"itk fetch --preset {values.get('preset', fp8.name)}")
     others = values.get("gpu_processes", [])
@@ -102,7 +106,14 @@ def derived(facts: dict[str, Any], log_text: str,
         values["gpu_process_list"] = ", ".join(f"pid {p['pid']} {p['name']} ({p['used_mib']} MiB)" for p in others)
         values["kill_commands"] = "; ".join(f"kill {p['pid']}  # {p['name']}" for p in others)
     cgroup, total = values.get("cgroup_limit_gb"), values.get("total_ram_gb")
+    usable = values.get("usable_ram_gb")
+    # Where the log came from decides the language of the fixes: official flags or itk commands.
+    official = not log_text.startswith(ITK_LOG_HEADER) and "official_log" in values
     conditions = {
+        "official_log": official,
+        "itk_log": not official,
+        # the FP8 preset's pinned streaming needs fp8_min_ram_gb; below it, only the mapped mode (ITK_PIN=0)
+        "ram_below_fp8": usable is not None and usable < fp8.min_ram_gb,
         "cgroup_limited": bool(cgroup and total and cgroup < total - 0.5),
         "container_oom_kill": bool(values.get("oom_kills_during_run")),
         "no_swap": values.get("swap_gb") == 0,
@@ -175,10 +186,15 @@ def _match(rule: Rule, text: str, exit_code: int | None, conditions: dict[str, b
 def _render(rule: Rule, values: dict[str, Any], conditions: dict[str, bool]) -> tuple[str, list[str], list[str]]:
     diagnosis = next((s for t in rule.diagnosis if (s := fill(t, values)) is not None), rule.title)
 
-    def shown(lines: tuple[dict[str, str], ...]) -> list[str]:
+    def holds(when: str | list[str]) -> bool:
+        """A line's `when`: one condition or a list that must all hold; `!name` means name does not hold."""
+        names = [when] if isinstance(when, str) else when
+        return all(conditions.get(n.lstrip("!"), False) != n.startswith("!") for n in names)
+
+    def shown(lines: tuple[dict[str, Any], ...]) -> list[str]:
         out = []
         for line in lines:
-            if "when" in line and not conditions.get(line["when"], False):
+            if "when" in line and not holds(line["when"]):
                 continue
             if (text := fill(line["text"], values)) is not None:
                 out.append(text)

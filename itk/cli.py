@@ -5,6 +5,8 @@ Nothing heavy is imported here: each command imports its module when it runs, so
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from itk import __version__
@@ -21,10 +23,17 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-reada
 DEBUG = click.option("--debug", is_flag=True, help="Show full tracebacks.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.version_option(__version__, prog_name="itk")
-def cli() -> None:
-    """From a bare GPU box to an InfiniteTalk talking-head video: doctor, fetch, run."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """From a bare GPU box to an InfiniteTalk talking-head video: doctor, fetch, run.
+
+    Shell completion: eval "$(_ITK_COMPLETE=bash_source itk)" in ~/.bashrc (zsh_source, fish_source).
+    """
+    if ctx.invoked_subcommand is None:  # bare `itk` is a question, not a mistake: help, exit 0
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 @cli.command()
@@ -41,7 +50,8 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
     from itk.doctor import run_doctor
 
     only_ids = [s.strip() for s in only.split(",") if s.strip()] if only else None
-    run_friendly(lambda: show_doctor(run_doctor(only_ids, deep, preset, weights_dir), as_json, verbose), debug)
+    run_friendly(lambda: show_doctor(run_doctor(only_ids, deep, preset, weights_dir), as_json, verbose), debug,
+                 as_json)
 
 
 @cli.command(context_settings={"max_content_width": 110})
@@ -67,21 +77,29 @@ def run(image, video, audio, prompt, output, preset, input_json, sets, dry_run, 
         plan = plan_run(image, video, audio, prompt, output, preset, input_json, sets, weights_dir)
         return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
 
-    run_friendly(go, debug)
+    run_friendly(go, debug, as_json)
 
 
 @cli.command()
-@click.argument("logfile", type=click.Path(dir_okay=False))
+@click.argument("logfile", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--exit-code", type=int, default=None, help="The run's exit status (137, -9, 1, ...) if known.")
 @PRESET
 @JSON
 @DEBUG
 def diagnose(logfile, exit_code, preset, as_json, debug) -> None:
-    """Explain a failed run from its log (itk's, or the official generate_infinitetalk.py / app.py)."""
+    """Explain a failed run from its log (itk's, or the official generate_infinitetalk.py / app.py);
+    LOGFILE `-` reads standard input.
+
+    \b
+    Exit codes:
+      0  the failure is recognised (or the log shows none)
+      1  itk does not recognise the failure (read the log's end)
+      2  the log cannot be read, or a bad option
+    """
     from itk.console import run_friendly, show_verdict
     from itk.diagnose import run_diagnose
 
-    run_friendly(lambda: show_verdict(run_diagnose(logfile, exit_code, preset), as_json), debug)
+    run_friendly(lambda: show_verdict(run_diagnose(logfile, exit_code, preset), as_json), debug, as_json)
 
 
 @cli.command()
@@ -92,7 +110,7 @@ def presets(as_json, debug) -> None:
     from itk.console import run_friendly, show_presets
     from itk.presets import run_presets
 
-    run_friendly(lambda: show_presets(run_presets(), as_json), debug)
+    run_friendly(lambda: show_presets(run_presets(), as_json), debug, as_json)
 
 
 @cli.command()
@@ -109,22 +127,39 @@ def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, de
     from itk.console import run_friendly
     from itk.fetch import run_fetch
 
-    run_friendly(lambda: run_fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json), debug)
+    run_friendly(lambda: run_fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json), debug,
+                 as_json)
 
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to write the tiny weights and the video (default: a new temp folder).")
+              help="Where to write the tiny weights and the video (default: ~/.cache/itk/selftest, reused).")
 @JSON
 @DEBUG
 def selftest(workdir, as_json, debug) -> None:
     """Generate a short video on tiny random weights the way `itk run` does (plan, supervisor, advice) with
-    the real generator; print the mp4 path."""
+    the real generator; print the mp4 path, and last what works on this machine and what to do next."""
     from itk.console import run_friendly, show_selftest
-    from itk.selftest import run_selftest
 
-    run_friendly(lambda: show_selftest(run_selftest(workdir), as_json), debug)
+    run_friendly(lambda: show_selftest(workdir, as_json), debug, as_json)
 
 
-def main() -> None:
-    cli()
+def main(argv: list[str] | None = None) -> None:
+    """click's own errors (a bad option, a missing argument) also come as JSON on stdout with --json."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = cli.main(args, prog_name="itk", standalone_mode=False)
+    except click.ClickException as exc:
+        if "--json" not in args:
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        from itk.console import show_error
+
+        raise SystemExit(show_error(exc.format_message(), "itk COMMAND --help lists the options", exc.exit_code,
+                                    as_json=True)) from None
+    except click.exceptions.Abort:
+        from itk.console import show_error
+        from itk.errors import EXIT_INTERRUPTED
+
+        raise SystemExit(show_error("interrupted", "", EXIT_INTERRUPTED, as_json="--json" in args)) from None
+    raise SystemExit(code or 0)

@@ -1,7 +1,7 @@
 """Rendering for people (rich) and machines (--json); exit codes; one-line errors instead of tracebacks.
 
 Commands return results (itk.doctor.DoctorReport, itk.presets.PresetListing, itk.advice.Verdict, itk.run.Plan
-and RunResult, itk.selftest.SelftestResult); the `show_*` functions here render one and return the exit code.
+and RunResult); the `show_*` functions here render one and return the exit code.
 Result modules are imported where used, so `itk --help` stays light.
 """
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from itk.doctor import DoctorReport
     from itk.presets import PresetListing
     from itk.run import Plan, RunResult
-    from itk.selftest import SelftestResult
 
 console = Console()
 err_console = Console(stderr=True)
@@ -40,36 +39,72 @@ def print_error(message: str, fix: str = "") -> None:
         err_console.print(f"[bold]fix:[/] {fix}", highlight=False, soft_wrap=True)
 
 
+def show_error(message: str, fix: str, exit_code: int, as_json: bool = False) -> int:
+    """One error, for people (two lines on stderr) or, with --json, as JSON on stdout; returns the exit code."""
+    if as_json:
+        print_json({"error": message, "fix": fix, "exit_code": exit_code})
+    else:
+        print_error(message, fix)
+    return exit_code
+
+
 def say(line: str, out: Console | None = None) -> None:
     (out or console).print(line, highlight=False, soft_wrap=True)
 
 
 @contextmanager
-def friendly_errors(debug: bool) -> Iterator[None]:
+def friendly_errors(debug: bool, as_json: bool = False) -> Iterator[None]:
     """Turn UserError / the protocol's BadInput (and, without --debug, any exception) into a one-line
-    message and an exit code."""
+    message and an exit code; with --json the error is JSON on stdout: {"error", "fix", "exit_code"}."""
     try:
         yield
+        return
     except UserError as exc:
-        print_error(exc.message, exc.fix)
-        raise SystemExit(exc.exit_code) from None
+        error = (exc.message, exc.fix, exc.exit_code)
     except BadInput as exc:
-        print_error(exc.message, exc.fix)
-        raise SystemExit(EXIT_USAGE) from None
+        error = (exc.message, exc.fix, EXIT_USAGE)
     except KeyboardInterrupt:
-        print_error("interrupted")
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        error = ("interrupted", "", EXIT_INTERRUPTED)
     except (SystemExit, Exception) as exc:
         if isinstance(exc, SystemExit) or debug:
             raise
-        print_error(f"{type(exc).__name__}: {exc}", "rerun with --debug for the full traceback")
-        raise SystemExit(EXIT_FAILED) from None
+        error = (f"{type(exc).__name__}: {exc}", "rerun with --debug for the full traceback", EXIT_FAILED)
+    raise SystemExit(show_error(*error, as_json=as_json))
 
 
-def run_friendly(fn: Callable[[], int | None], debug: bool) -> None:
-    with friendly_errors(debug):
+def run_friendly(fn: Callable[[], int | None], debug: bool, as_json: bool = False) -> None:
+    with friendly_errors(debug, as_json):
         code = fn() or EXIT_OK
     raise SystemExit(code)
+
+
+def table_or_lines(columns: list[str], rows: list[list[str]], out: Console | None = None) -> None:
+    """A table in a terminal; outside one (a pipe, a CI log, tee) each row as one soft-wrapped line, so no
+    cell (a path, a fix) is folded mid-word at rich's default 80 columns: "✓ check | result"."""
+    out = out or console
+    if not out.is_terminal:
+        marked = columns[0] == ""  # a first column of symbols (✓, →) leads the line
+        for row in rows:
+            lead = f"{row[0]} " if marked and row[0] else ""
+            say(lead + " | ".join(cell for cell in row[int(marked):] if cell), out)
+        return
+    from rich.table import Table
+
+    table = Table(show_header=any(columns), header_style="bold", box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")  # fold wraps on whitespace first; only a too-long word folds
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def clip_words(text: str, width: int) -> str:
+    """`text` cut to at most `width` characters at a word boundary, with an ellipsis when cut."""
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    head = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    return head.rstrip() + "…"
 
 
 def took(seconds: float) -> str:
@@ -82,27 +117,25 @@ def took(seconds: float) -> str:
 SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]", "skip": "[dim]-[/]"}
 
 
+DETAIL_LINES = 5  # details shown per problem without -v; the rest are counted
+
+
 def show_doctor(report: DoctorReport, as_json: bool, verbose: bool = False) -> int:
-    """flutter doctor's shape: one line per check, details only where something is wrong (all with -v),
-    every fix, and a closing summary line."""
+    """flutter doctor's shape: one line per check, details only where something is wrong (all with -v; a
+    long list, such as missing weight files, summarised), every fix, and a closing summary line."""
     if as_json:
         print_json(report.to_json())
         return report.exit_code
-    from rich.table import Table
-
     say(f"[bold]preset[/] {report.preset_reason}")
-    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    table.add_column("", width=1)
-    table.add_column("check")
-    table.add_column("result", overflow="fold")
-    for r in report.results:
-        table.add_row(SYMBOLS[r.status.value], r.id, r.summary)
-    console.print(table)
+    table_or_lines(["", "check", "result"], [[SYMBOLS[r.status.value], r.id, r.summary] for r in report.results])
     problems = [r for r in report.results if r.status.value in ("warn", "fail")]
     for r in report.results:
         if verbose or r in problems:
-            for line in r.details:
+            shown = r.details if verbose else r.details[:DETAIL_LINES]
+            for line in shown:
                 say(f"  [dim]{r.id}:[/] {line}")
+            if len(shown) < len(r.details):
+                say(f"  [dim]{r.id}: ... and {len(r.details) - len(shown)} more (itk doctor -v lists them all)[/]")
     for r in problems:
         if r.fix:
             say(f"{SYMBOLS[r.status.value]} [bold]{r.id}[/] fix: {r.fix}")
@@ -115,19 +148,17 @@ def show_presets(listing: PresetListing, as_json: bool) -> int:
     if as_json:
         print_json(listing.to_json())
         return EXIT_OK
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("", "preset", "status", "needs", "this machine", "what it is"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for row in listing.rows:
         fits = "fits" if not row["unmet"] else "lacks " + "; ".join(row["unmet"])
-        table.add_row("→" if row["chosen"] else "", row["name"], row["status"], row["requirements"], fits,
-                      row["summary"])
-    console.print(table)
+        rows.append(["→" if row["chosen"] else "", row["name"], row["status"], row["requirements"],
+                     f"{row['download_gb']:.1f} GB", fits, row["summary"]])
+    table_or_lines(["", "preset", "status", "needs", "download", "this machine", "what it is"], rows)
     for row in listing.rows:
         say(f"[dim]{row['name']}: {row['provenance']}[/]")
     say(f"[bold]this machine gets:[/] {listing.reason}")
+    for line in listing.alternatives:
+        say(f"  [dim]•[/] {line}")
     return EXIT_OK
 
 
@@ -137,7 +168,7 @@ def render_verdict(verdict: Verdict) -> None:
     say(f"[bold {colour}]{verdict.title}[/] [dim]({verdict.rule})[/]")
     say(f"  {verdict.diagnosis}")
     if verdict.evidence and verdict.rule != "unknown":
-        say(f"  [dim]seen: {verdict.evidence[:200]}[/]")
+        say(f"  [dim]seen: {clip_words(verdict.evidence, 200)}[/]")
     for line in verdict.details:
         say(f"  [dim]•[/] {line}")
     if verdict.fixes:
@@ -220,8 +251,27 @@ def show_run_result(result: RunResult, as_json: bool, out: Console | None = None
 
 
 # --- itk selftest ----------------------------------------------------------------------------------------
-def show_selftest(result: SelftestResult, as_json: bool) -> int:
-    """Passed: one line of what was checked, then the mp4's path alone as the last line of stdout."""
+def show_selftest(workdir: str | None, as_json: bool) -> int:
+    """Run the selftest with its stages on a status line; passed: what was checked, the mp4's path, and last
+    the closing line (what works on this machine, what does not, what to do next)."""
+    from itk import machine
+    from itk.selftest import closing_line, run_selftest
+
+    out = err_console if as_json else console
+    with out.status("selftest: starting", spinner="dots") as status:
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "step":
+                line = f"selftest: generator step {event.get('step')} of {event.get('steps')}"
+            elif event.get("stage"):
+                line = f"selftest: {event['stage']}"
+            else:
+                return
+            if out.is_terminal:
+                status.update(line)
+            else:  # a pipe or a CI log gets no live status line: one line per stage instead
+                say(f"[dim]{line}[/]", out)
+
+        result = run_selftest(workdir, on_event)
     if as_json:
         print_json(result.to_json())
         return result.exit_code
@@ -232,7 +282,8 @@ def show_selftest(result: SelftestResult, as_json: bool) -> int:
                     f"the generator's log is {result.run.log}; the files are in {result.workdir}")
         return result.exit_code
     video = result.video or {}
-    say(f"[green]selftest passed[/] in {result.seconds} s: {video['frames']} frames at {video['fps']:g} fps, "
-        f"{video['audio_s']} s of audio")
-    print(result.run.output)
+    say(f"checked in {result.seconds} s: {video['frames']} frames at {video['fps']:g} fps, {video['audio_s']} s of "
+        "audio")
+    say(f"video: {result.run.output}")
+    say(closing_line(machine.gather()))
     return EXIT_OK

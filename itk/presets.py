@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from itk.machine import MachineFacts
+from itk.measured import Measurement, for_preset
 from itk.toml import read_toml
 
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -54,6 +55,31 @@ class Preset:
             else:
                 raise KeyError(f"preset {self.name}: {ref} is not among its weight files")
         return flags
+
+    @property
+    def measured(self) -> list[Measurement]:
+        """Step times our runtime measured with this preset on real GPUs (itk/measured.toml)."""
+        return for_preset(self.name)
+
+    @property
+    def shown_status(self) -> str:
+        """"measured" once a device run has timed it, else the data's own "tested" / "derived"."""
+        return "measured" if self.measured and self.status != "tested" else self.status
+
+    @property
+    def shown_provenance(self) -> str:
+        """"derived, not yet tested" only until a device run has tested it; then that run's step time."""
+        if not self.measured:
+            return self.provenance
+        runs = "; ".join(m.label for m in self.measured)
+        return f"{runs} (itk's runtime)" + (f"; {self.provenance}" if self.status == "tested" else "")
+
+    @property
+    def download_bytes(self) -> int:
+        """What `itk fetch --preset NAME` downloads into an empty folder (the manifest's approximate sizes)."""
+        from itk.manifest import load_manifest
+
+        return sum(f.size for f in load_manifest().files_for(self.components))
 
     def unmet(self, facts: MachineFacts) -> list[str]:
         """What this machine lacks for the preset, in words; empty when it fits."""
@@ -148,10 +174,24 @@ class PresetListing:
     rows: list[dict[str, Any]]
     chosen: Preset
     reason: str
+    alternatives: list[str] = field(default_factory=list)  # other presets that fit, and what each costs
 
     def to_json(self) -> dict[str, Any]:
         return {"machine": self.machine.to_json(), "presets": self.rows, "chosen": self.chosen.name,
-                "reason": self.reason}
+                "reason": self.reason, "alternatives": self.alternatives}
+
+
+def cost_versus(other: Preset, chosen: Preset) -> str:
+    """What `other` costs next to the chosen preset: its download, and its step time on a GPU class where
+    both were measured."""
+    line = (f"{other.name} also fits: a {other.download_bytes / 1e9:.1f} GB download "
+            f"(vs {chosen.download_bytes / 1e9:.1f} GB)")
+    theirs = {m.gpu: m for m in chosen.measured}
+    for m in other.measured:
+        if m.gpu in theirs:
+            line += f", {m.seconds:g} vs {theirs[m.gpu].seconds:g} s per step on an {m.gpu}"
+            break
+    return f"{line}: --preset {other.name}"
 
 
 def listing(facts: MachineFacts) -> PresetListing:
@@ -160,16 +200,20 @@ def listing(facts: MachineFacts) -> PresetListing:
     rows = [
         {
             "name": p.name,
-            "status": p.status,
+            "status": p.shown_status,
             "summary": p.summary,
             "requirements": p.requirements,
-            "provenance": p.provenance,
+            "download_gb": round(p.download_bytes / 1e9, 1),
+            "provenance": p.shown_provenance,
+            "measured_step_s": {m.gpu: m.seconds for m in p.measured},
             "unmet": p.unmet(facts),
             "chosen": p.name == chosen.name,
         }
         for p in sorted(load_presets().values(), key=lambda p: -p.rank)
     ]
-    return PresetListing(facts, rows, chosen, why)
+    others = [cost_versus(p, chosen) for p in sorted(load_presets().values(), key=lambda p: -p.rank)
+              if p.name != chosen.name and not p.unmet(facts)]
+    return PresetListing(facts, rows, chosen, why, others)
 
 
 def run_presets(facts: MachineFacts | None = None) -> PresetListing:

@@ -7,11 +7,17 @@ weights, the REAL generator under the Supervisor, and the advice rules if it fai
 25 fps, one frame per 40 ms of speech, and an AAC track as long as the video. Everything a real run touches
 is exercised: the run plan, file formats, loaders, tokenizer, wav2vec2, the streaming loop, colour
 correction, the PyAV writer, the event protocol and the supervisor.
+
+By default it works in one cache folder (~/.cache/itk/selftest) with fixed names, so a run leaves nothing
+behind but the mp4 it prints: the tiny weights are written once per tiny-weights version and seed, into a
+partial folder renamed into place when complete (an interrupted write is never reused), and reused after.
 """
 
 from __future__ import annotations
 
-import tempfile
+import hashlib
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from itk.errors import EXIT_OK, UserError
+from itk.machine import MachineFacts
 from itk.run import GENERATOR, RunResult
 from itk.runtime.protocol import FPS, SAMPLE_RATE
 
@@ -26,6 +33,65 @@ SPEECH_SECONDS = 3.6
 PRESET = "rtx4090-24g"  # the tested low-VRAM path: FP8 + num_persistent_param_in_dit 0
 TINY_SETTINGS = ("sample_steps=4",)  # random tiny weights: more steps would prove nothing more
 PROMPT = "A person is talking to the camera."
+SEED = 0
+PARTIAL = ".partial-"  # a tiny-weights folder being written: <name>.partial-<pid>
+
+
+def cache_root() -> Path:
+    """$XDG_CACHE_HOME/itk/selftest, else ~/.cache/itk/selftest."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "itk" / "selftest"
+
+
+def tiny_key(seed: int = SEED) -> str:
+    """The tiny weights' version: their writer's source and the manifest they follow (both decide every byte),
+    and the seed. A toolkit update that changes either writes a fresh set; one that does not reuses it."""
+    from importlib.util import find_spec
+
+    from itk.manifest import MANIFEST
+
+    digest = hashlib.sha256()
+    for path in (find_spec("itk.runtime.tiny").origin, MANIFEST):
+        digest.update(Path(path).read_bytes())
+    return f"tiny-{digest.hexdigest()[:12]}-seed{seed}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cached_tiny_weights(root: Path, seed: int = SEED,
+                        on_stage: Callable[[str], None] = lambda _: None) -> Path:
+    """The tiny weights under `root`, written (and recorded as verified) only when this version is not there
+    yet: into `<key>.partial-<pid>`, renamed into place when complete. Older versions and partial folders
+    left by killed runs are removed; an interrupted write removes its own."""
+    from itk.runtime.tiny import write_tiny_weights
+
+    key = tiny_key(seed)
+    final = root / key
+    for old in root.glob("tiny-*"):
+        stale_partial = PARTIAL in old.name and not _alive(int(old.name.rsplit("-", 1)[1] or 0))
+        if old != final and (stale_partial or PARTIAL not in old.name):
+            shutil.rmtree(old, ignore_errors=True)
+    if final.is_dir():
+        on_stage("tiny weights: reusing the cached set")
+        return final
+    on_stage("tiny weights: writing them (once per version)")
+    partial = root / f"{key}{PARTIAL}{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        write_tiny_weights(partial, seed)
+        record_tiny_verdicts(partial)
+        partial.rename(final)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
 
 
 def write_portrait(path: Path) -> Path:
@@ -143,21 +209,56 @@ class SelftestResult:
 
 def run_selftest(workdir: str | Path | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None) -> SelftestResult:
-    """Run the whole check in `workdir` (a new temp folder by default); prints nothing."""
+    """Run the whole check in `workdir` (fresh tiny weights in workdir/weights), or by default in the cache
+    folder with cached tiny weights; prints nothing. Its own stages and the generator's events go to
+    `on_event`."""
     from itk.run import plan_run, run_job
-    from itk.runtime.tiny import write_tiny_weights
 
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="itk-selftest-"))
+    emit = on_event or (lambda _: None)
+
+    def stage(name: str) -> None:
+        emit({"event": "stage", "stage": name})
+
+    root = Path(workdir) if workdir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    weights = root / "weights"
-    write_tiny_weights(weights)
-    record_tiny_verdicts(weights)
+    if workdir:
+        from itk.runtime.tiny import write_tiny_weights
+
+        stage("tiny weights: writing them")
+        weights = root / "weights"
+        write_tiny_weights(weights)
+        record_tiny_verdicts(weights)
+    else:
+        weights = cached_tiny_weights(root, SEED, stage)
+        (root / "selftest.mp4").unlink(missing_ok=True)  # the last run's video: replaced, never piled up
+    stage("inputs: a drawn portrait and speech-like sound")
     image, speech = write_portrait(root / "portrait.png"), write_speech(root / "speech.wav")
     # The real generator even when $ITK_GENERATOR names another: this checks the install.
     plan = plan_run(image=str(image), audio=str(speech), prompt=PROMPT, output=root / "selftest.mp4",
                     preset_name=PRESET, sets=TINY_SETTINGS, weights_dir=weights, generator=GENERATOR)
+    stage("generator: loading the tiny models")
     result = run_job(plan, on_event)
+    stage("checking the video")
     frames = int(int(SPEECH_SECONDS * SAMPLE_RATE) / SAMPLE_RATE * FPS)  # the audio encoder's count
     video = check_mp4(result.output, frames) if result.ok and result.output else None
     return SelftestResult(root, result, video, round(time.monotonic() - started, 1))
+
+
+def closing_line(facts: MachineFacts) -> str:
+    """The one line `make setup` ends with: the selftest passed, what that means on this machine (no NVIDIA
+    GPU: real videos cannot run here; a GPU no preset fits; or ready), and what to do next."""
+    from itk.manifest import load_manifest
+    from itk.presets import choose_preset
+
+    if facts.vram_gb is None:
+        return ("selftest passed: the install works (generator, file formats, video writer), but there is no "
+                "NVIDIA GPU here, so real videos cannot be made on this machine: run `itk fetch` and `itk run` "
+                "on a machine with an NVIDIA GPU")
+    preset, _ = choose_preset(facts)
+    if lacks := preset.unmet(facts):
+        return (f"selftest passed on {facts.gpu_name}: the install works, but no preset fits this machine "
+                f"({'; '.join(lacks)}): `itk presets` says what each needs")
+    size = sum(f.size for f in load_manifest().files_for(preset.components)) / 1e9
+    return (f"selftest passed on {facts.gpu_name}: ready for real videos with preset {preset.name}; next: "
+            f"`itk fetch` ({size:.1f} GB), then `itk run --image portrait.png --audio speech.wav`")

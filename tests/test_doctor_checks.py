@@ -138,18 +138,37 @@ def test_the_wheel_variant_is_the_newest_the_driver_can_run():
     assert torch_cuda.wheel_for_driver("11.4") is None
 
 
-def test_flash_attn_undefined_symbol_is_a_failure_named_as_an_abi_break():
+def test_flash_attn_undefined_symbol_on_an_ada_card_is_a_failure_named_as_an_abi_break():
     err = "ImportError: flash_attn_2_cuda.cpython-312-x86_64-linux-gnu.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
-    result = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err), H100)
+    result = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err), RTX4090)
     assert result.status is Status.FAIL and "ABI break" in result.summary
     assert "pip uninstall -y flash-attn" in result.fix
     assert "flash_attn-2.8.3+cu12torch2.8cxx11abiTRUE-cp312-cp312-linux_x86_64.whl" in result.fix
 
 
-def test_flash_attn_absent_is_a_warning_on_a_gpu_and_skipped_without_one():
-    assert flash_attn.judge(_probe(), H100).status is Status.WARN
+def test_flash_attn_absent_is_a_warning_on_an_ada_card_with_the_wheel_and_skipped_without_a_gpu():
+    absent = flash_attn.judge(_probe(), RTX4090)
+    assert absent.status is Status.WARN and "pip install https://github.com/Dao-AILab" in absent.fix
     assert flash_attn.judge(_probe(), NO_DRIVER).status is Status.SKIP
-    assert flash_attn.judge(_probe(fa="2.8.3"), H100).status is Status.OK
+    assert flash_attn.judge(_probe(fa="2.8.3"), RTX4090).status is Status.OK
+
+
+def test_on_hopper_flash_attn_is_never_advised_because_the_runtime_uses_sdpa_there():
+    absent = flash_attn.judge(_probe(), H100)
+    assert absent.status is Status.OK and absent.fix == "" and "SDPA" in absent.summary
+    err = "ImportError: flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
+    broken = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err), H100)
+    assert broken.status is Status.WARN and broken.fix.startswith("pip uninstall -y flash-attn")
+    assert "pip install" not in broken.fix.replace("pip uninstall", "")
+
+
+def test_the_check_advises_flash_attn_exactly_where_the_runtime_prefers_it():
+    assert [flash_attn.preferred_attention(cc) for cc in (8.0, 8.6, 8.9, 9.0, 10.0, 12.0, 7.5, None)] == [
+        "flash", "flash", "flash", "sdpa", "sdpa", "sdpa", "sdpa", "sdpa"]
+    for cc in (8.6, 8.9, 9.0, 12.0):
+        facts = gpu.GpuFacts("570.0", "12.8", (gpu.Gpu(0, f"GPU cc {cc}", 81559, 81000, cc),))
+        advised = "pip install https://" in flash_attn.judge(_probe(), facts).fix
+        assert advised == (flash_attn.preferred_attention(cc) == "flash"), cc
 
 
 def test_numba_refusing_this_numpy_fails_and_explains_the_pin():
@@ -194,3 +213,20 @@ def test_a_busy_gradio_port_is_a_warning_that_names_the_port():
         result = port.check(port=busy)
     assert result.status is Status.WARN and f"port {busy} is in use" in result.summary
     assert port.check(port=busy).status is Status.OK
+
+
+def test_ram_exactly_at_the_preset_minimum_passes_and_a_byte_less_fails():
+    at = ram.RamFacts(total=32 * GiB, available=32 * GiB, swap_total=0)
+    below = ram.RamFacts(total=32 * GiB - 1, available=32 * GiB - 1, swap_total=0)
+    assert ram.judge(at, min_ram_gb=32, preset_name="rtx4090-24g").status is Status.OK
+    assert ram.judge(below, min_ram_gb=32, preset_name="rtx4090-24g").status is Status.FAIL
+    busy_at = ram.RamFacts(total=64 * GiB, available=32 * GiB, swap_total=0)
+    assert ram.judge(busy_at, min_ram_gb=32, preset_name="rtx4090-24g").status is Status.OK
+
+
+def test_vram_exactly_at_the_preset_minimum_passes_and_a_mib_less_fails():
+    def card(total_mib: int) -> gpu.GpuFacts:
+        return gpu.GpuFacts("570.0", "12.8", (gpu.Gpu(0, "NVIDIA L40S", total_mib, total_mib, 8.9),))
+
+    assert gpu.judge(card(20 * 1024), min_vram_gb=20, own_pid=1).status is Status.OK
+    assert gpu.judge(card(20 * 1024 - 1), min_vram_gb=20, own_pid=1).status is Status.FAIL
