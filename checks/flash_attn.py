@@ -10,19 +10,9 @@ from __future__ import annotations
 
 from itk.checks import gpu, probe
 from itk.checks.base import Context, Result, Status
+from itk.runtime.options import preferred_attention
 
 FA_RELEASE = "2.8.3"
-
-
-def preferred_attention(compute_capability: float | None) -> str:
-    """"flash" or "sdpa": the kernel the runtime's "auto" attention uses on a GPU of this compute capability.
-
-    flash-attn on Ampere and Ada (8.x), where it beats SDPA. SDPA elsewhere: on Hopper (9.0) SDPA's cuDNN
-    kernel beats the FlashAttention-2 the flash-attn package ships (40 vs 65 ms per 480p attention on an H200);
-    other GPUs FlashAttention-2 does not support, or no GPU."""
-    if compute_capability is None:
-        return "sdpa"
-    return "flash" if int(compute_capability) == 8 else "sdpa"
 
 
 def wheel_command(facts: dict) -> str:

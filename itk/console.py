@@ -196,12 +196,11 @@ def show_verdict(verdict: Verdict, as_json: bool) -> int:
 def plan_lines(plan: Plan) -> list[str]:
     m = plan.media
     audio = ", ".join(f"{k} {v:.1f} s" for k, v in m.audio_s.items())
-    estimate = (f" (about {took(m.clips * plan.steps * plan.expected_step_s)} at the {plan.expected_step_s:.0f} s "
-                "per step measured for this preset)") if plan.expected_step_s else ""
     return [
         f"preset {plan.preset_reason}",
         f"input: {m.kind} {m.width}x{m.height}, audio {audio} -> {m.video_s:.1f} s of video, "
-        f"{m.clips} clip(s) x {plan.steps} steps{estimate}",
+        f"{m.clips} clip(s) x {plan.steps} steps; {plan.estimate}",
+        *([plan.resume] if plan.resume else []),
         *(f"[yellow]warning:[/] {w}" for w in m.warnings),
     ]
 
@@ -215,8 +214,8 @@ def show_dry_run(plan: Plan, as_json: bool) -> int:
         return EXIT_OK
     for line in plan_lines(plan):
         say(line, err_console)
-    if plan.missing:
-        say(f"[yellow]note:[/] {len(plan.missing)} weight file(s) missing; {plan.fetch_command}", err_console)
+    if plan.weights_problem:
+        say(f"[yellow]note:[/] {plan.weights_problem}; {plan.weights_fix}", err_console)
     say(plan.command_line)
     return EXIT_OK
 
@@ -240,7 +239,9 @@ def show_run_result(result: RunResult, as_json: bool, out: Console | None = None
     if as_json:
         print_json(result.to_json())
     if result.interrupted:
-        say(f"[yellow]interrupted:[/] the generator and all its processes were stopped; log: {result.log}", out)
+        again = "; the same command resumes from the last finished clip" if result.resumable else ""
+        say(f"[yellow]interrupted:[/] the generator and all its processes were stopped{again}; log: {result.log}",
+            out)
     elif result.ok and not as_json:
         length = f"{result.video_s:.1f} s" if result.video_s else "unknown length"
         peak = f", GPU peak {result.gpu_peak_gb:.1f} GB" if result.gpu_peak_gb else ""

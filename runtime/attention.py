@@ -1,10 +1,9 @@
 """Attention in one place: flash-attn where it is installed and the faster choice, else torch SDPA.
 
 Layout everywhere: [B, L, heads, head_dim]; non-causal; scale 1/sqrt(head_dim); the same math either way.
-On Ampere/Ada (compute capability 8.x) the flash-attn package is used when it imports. On Hopper SDPA's
-cuDNN kernel beats the FlashAttention-2 that the flash-attn package ships (40 vs 66 ms per 480p block on
-an H100, perf-limit.md), so SDPA stays. The engine calls `configure_attention` once with the run's choice
-(RuntimeOptions.attention: ITK_ATTENTION=flash|sdpa overrides "auto").
+"auto" is options.preferred_attention, the one choice per GPU class that `itk doctor` reports too. The
+engine calls `configure_attention` once with the run's choice (RuntimeOptions.attention:
+ITK_ATTENTION=flash|sdpa overrides "auto").
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from itk.runtime.options import ATTENTION_CHOICES
+from itk.runtime.options import ATTENTION_CHOICES, preferred_attention
 
 _choice = "auto"
 
@@ -33,8 +32,8 @@ def configure_attention(choice: str) -> None:
 def _flash_attn_for(device_index: int) -> Callable | None:
     if _choice == "sdpa":
         return None
-    major, _ = torch.cuda.get_device_capability(device_index)
-    if _choice == "auto" and major != 8:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if _choice == "auto" and preferred_attention(major + minor / 10) != "flash":
         return None
     try:
         from flash_attn import flash_attn_func

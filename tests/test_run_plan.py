@@ -87,7 +87,8 @@ def test_fp8_on_a_preset_without_quantised_weights_is_refused(tmp_path, media):
     image, audio = media
     proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--preset", "gpu80g-480p",
                "--set", "quant=fp8", cwd=tmp_path)
-    assert proc.returncode == 2 and "--preset gpu80g-720p or --preset rtx4090-24g" in proc.stderr
+    wanted = "--preset gpu80g-720p or --preset gpu80g-fp8-480p or --preset rtx4090-24g"
+    assert proc.returncode == 2 and wanted in proc.stderr
 
 
 def test_the_plain_output_of_dry_run_is_the_command_alone_on_stdout(tmp_path, media):
@@ -237,7 +238,7 @@ def test_itk_presets_lists_every_preset_and_gives_this_gpu_less_machine_the_fall
     proc = itk("presets", "--json")
     assert proc.returncode == 0, proc.stderr
     listing = json.loads(proc.stdout)
-    assert [p["name"] for p in listing["presets"]] == ["gpu80g-480p", "gpu80g-720p", "rtx4090-24g"]
+    assert [p["name"] for p in listing["presets"]] == ["gpu80g-fp8-480p", "gpu80g-480p", "gpu80g-720p", "rtx4090-24g"]
     assert listing["chosen"] == "rtx4090-24g" and "no NVIDIA GPU" in listing["reason"]
     assert all(p["unmet"] == ["no NVIDIA GPU"] for p in listing["presets"])
     text = itk("presets").stdout
