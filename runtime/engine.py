@@ -1,5 +1,9 @@
 """The engine: loads what a Request needs, in the order that keeps memory low, runs the pipeline, writes the mp4.
 
+Each clip's new frames go to the H.264 encoder as soon as they are decoded and colour-corrected, and into
+the resume state beside the output: host memory stays flat in the video's length and a killed run can
+continue from its last finished clip (`run(..., resume=True)`).
+
 Order (each encoder freed before the next loads): the speech embedding (wav2vec2, on the CPU), the prompt
 (T5), the reference frames (CLIP), then the VAE and the DiT for the streaming loop. The device and dtype
 policy is `Placement`; the environment policy is `RuntimeOptions`, read once by the caller. The DiT is
@@ -9,18 +13,22 @@ placed, streamed and compiled by one `DiTRunner` the engine owns.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from itk.runtime.buckets import bucket_table
 from itk.runtime.configs import ModelConfig, load_model_config
 from itk.runtime.options import RuntimeOptions
-from itk.runtime.pipeline import ClipPlan, SeededNoise, Settings, StreamingPipeline, plan_clips
+from itk.runtime.pipeline import ClipOutput, ClipPlan, SeededNoise, Settings, StreamingPipeline, plan_clips
 from itk.runtime.protocol import BadInput, Events
 from itk.runtime.request import Media, Request, read_media
+from itk.runtime.resume import ResumeState, fingerprint, settings_facts
 from itk.runtime.sampler import Guidance
+from itk.runtime.video import stale_partials, to_uint8_frames, write_mp4_stream
 from itk.runtime.weights import QuantFile, WeightPaths, resolve
 
 # The official default negative prompt (wan/configs/wan_multitalk_14B.py): CFG's "null text".
@@ -81,17 +89,31 @@ def settings_of(request: Request) -> Settings:
     )
 
 
-def run(request: Request, events: Events, options: RuntimeOptions) -> Path:
-    """Generate the request's video; returns the mp4 written (atomically) at request.output."""
-    from itk.runtime.video import to_uint8_frames, write_mp4
+def run(request: Request, events: Events, options: RuntimeOptions, resume: bool = False) -> Path:
+    """Generate the request's video; returns the mp4 written (atomically) at request.output.
 
+    resume: continue from the state folder an interrupted run of the same request left beside the output
+    (see runtime/resume.py); without it an old state folder is replaced.
+    """
     cfg = model_config(request)
     events.stage("read_inputs")
     media = read_media(request, bucket_table(request.size, cfg.buckets))
     files = weight_paths(request)
-    frames = Engine(request, cfg, files, Placement.choose(request.t5_cpu), options, events).generate(media)
-    events.stage("write_video", path=str(request.output))
-    return write_mp4(to_uint8_frames(frames), media.speech, media.sample_rate, request.output)
+    state = ResumeState.prepare(request.output, run_fingerprint(request, cfg, files), resume)
+    for stale in stale_partials(request.output):  # a killed writer's temporary mp4 (SIGKILL skips clean-up)
+        stale.unlink(missing_ok=True)
+    if state.done:
+        events.stage("resume", from_clip=state.done + 1, clips=state.clips, clips_done=state.done,
+                     video_s=state.video_s)
+    engine = Engine(request, cfg, files, Placement.choose(request.t5_cpu), options, events)
+    return engine.generate(media, state)
+
+
+def run_fingerprint(request: Request, cfg: ModelConfig, files: WeightPaths) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one: settings, the job's files, the weights."""
+    inputs = {"cond_video": request.job.cond_video, **request.job.audio_files()}
+    weights = [*files.files(), files.wav2vec_weights]
+    return fingerprint(settings_facts(request, cfg), inputs, weights)
 
 
 def release() -> None:
@@ -113,15 +135,33 @@ class Engine:
     events: Events
 
     @torch.no_grad()
-    def generate(self, media: Media) -> torch.Tensor:
-        """[3, T, H, W] float32 in [-1, 1]: the talk's frames."""
+    def generate(self, media: Media, state: ResumeState) -> Path:
+        """Write the talk to request.output clip by clip, saving `state` after each; returns the mp4."""
         settings = settings_of(self.request)
         embedding = self.embed_speech(media)
         plan = plan_clips(embedding.shape[0], settings)
+        state.check_plan(len(plan.starts))
         context, context_null = self.encode_prompt()
         references = media.reference.frames_for(plan.starts)
         clip_features = self.encode_references(references)
-        return self.sample(settings, plan, references, clip_features, context, context_null, embedding)
+        pipeline = self.pipeline(settings, plan)
+        clips = pipeline.clips(references, clip_features, context, context_null, embedding, plan, state.carry())
+        path = write_mp4_stream(self.request.output, self._frames(clips, state), plan.length, media.speech,
+                                media.sample_rate)
+        state.remove()
+        return path
+
+    def _frames(self, clips: Iterator[ClipOutput], state: ResumeState) -> Iterator[np.ndarray]:
+        """uint8 frames for the encoder: the saved clips first, then each new clip as it finishes (saved
+        to the state before it is handed on, so a kill after the hand-off loses nothing)."""
+        yield from state.replay()
+        for out in clips:
+            frames = to_uint8_frames(out.frames)
+            if out.carry is None:
+                self.events.stage("write_video", path=str(self.request.output))
+            else:
+                state.save(out.index, frames, out.carry)
+            yield frames
 
     def embed_speech(self, media: Media) -> torch.Tensor:
         from itk.runtime.models.audio import AudioEncoder
@@ -193,9 +233,8 @@ class Engine:
         return DiTRunner(dit, p.device, budget, compile=p.gpu and self.options.compile, mapped=mapped,
                          pin=self.options.pin)
 
-    def sample(self, settings: Settings, plan: ClipPlan, references: list[torch.Tensor],
-               clip_features: list[torch.Tensor], context: torch.Tensor, context_null: torch.Tensor,
-               embedding: torch.Tensor) -> torch.Tensor:
+    def pipeline(self, settings: Settings, plan: ClipPlan) -> StreamingPipeline:
+        """The VAE and the DiT loaded, behind the streaming loop."""
         from itk.runtime.models.vae import load_vae
 
         self.events.stage("load_models")
@@ -205,4 +244,4 @@ class Engine:
         pipeline = StreamingPipeline(runner, vae, settings, SeededNoise(self.request.sampling.seed, p.device),
                                      self.events, p.device, p.low)
         self.events.stage("generate", clips=len(plan.starts), frames=plan.length)
-        return pipeline.run(references, clip_features, context, context_null, embedding, plan)
+        return pipeline

@@ -12,7 +12,7 @@ can replay the official run's recorded draws.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,16 +22,21 @@ import torch
 from itk.runtime.buckets import choose_bucket, resized_size
 from itk.runtime.color import match_colors
 from itk.runtime.models.audio import audio_windows
-from itk.runtime.protocol import Events
+from itk.runtime.protocol import FPS, Events
 from itk.runtime.sampler import Guidance, Sampler, euler_step, shifted_timesteps
 
 
 class Noise(Protocol):
-    """Where the run's random draws come from, in the official order."""
+    """Where the run's random draws come from, in the official order; `state`/`restore` let a resumed run
+    continue the stream exactly where the interrupted one stood."""
 
     def randn(self, shape: Sequence[int], device: torch.device) -> torch.Tensor: ...
 
     def randn_like(self, like: torch.Tensor) -> torch.Tensor: ...
+
+    def state(self) -> torch.Tensor: ...
+
+    def restore(self, state: torch.Tensor) -> None: ...
 
 
 class SeededNoise:
@@ -45,6 +50,12 @@ class SeededNoise:
 
     def randn_like(self, like: torch.Tensor) -> torch.Tensor:
         return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state.cpu())
 
 
 @dataclass(frozen=True)
@@ -173,8 +184,30 @@ ClipHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
+class Carry:
+    """Everything the loop carries from one clip to the next: with it a run continues at `clip` exactly as if
+    it had never stopped (the resume state saves it after each clip)."""
+
+    clip: int  # index of the next clip
+    frames: int  # video frames emitted so far
+    motion: torch.Tensor  # [16, T_motion, h, w]: the latent of the frames the next clip is anchored on
+    color_ref: torch.Tensor  # [1, 3, 1, H, W]: the frame every clip's colours are matched to
+    noise: torch.Tensor  # the random stream's state
+
+
+@dataclass
+class ClipOutput:
+    """One finished clip: its new frames [3, N, H, W] in [-1, 1] (cut at the video's length) and, unless it
+    was the last clip, what the next one needs."""
+
+    index: int
+    frames: torch.Tensor
+    carry: Carry | None
+
+
+@dataclass
 class StreamingPipeline:
-    """Generates the frames of one talk: `run` returns [3, T, H, W] float32 in [-1, 1]."""
+    """Generates the frames of one talk, clip by clip (`clips`), or all at once (`run`)."""
 
     dit: DiT
     vae: VAE
@@ -197,35 +230,56 @@ class StreamingPipeline:
         audio: torch.Tensor,
         plan: ClipPlan,
     ) -> torch.Tensor:
-        """Every clip of `plan`; references/clip_features hold one entry per clip (see ReferenceSource)."""
+        """The whole video [3, T, H, W] float32 in [-1, 1] in memory: for tests and short talks (the engine
+        streams `clips` to the encoder instead)."""
+        outputs = self.clips(references, clip_features, context, context_null, audio, plan)
+        return torch.cat([out.frames for out in outputs], dim=1).float()
+
+    def clips(
+        self,
+        references: Sequence[torch.Tensor],
+        clip_features: Sequence[torch.Tensor],
+        context: torch.Tensor,
+        context_null: torch.Tensor,
+        audio: torch.Tensor,
+        plan: ClipPlan,
+        start: Carry | None = None,
+    ) -> Iterator[ClipOutput]:
+        """Each clip of `plan` as it finishes (from `start.clip` when resuming); references/clip_features hold
+        one entry per clip (see ReferenceSource). Only one clip's frames are alive at a time."""
         s, frames = self.settings, plan.frames
-        color_ref = references[0]
         timesteps = [t.to(self.device) for t in shifted_timesteps(s.steps, s.shift)]
-        pieces: list[torch.Tensor] = []
-        motion_pixels: torch.Tensor | None = None
-        y_cache: dict[int, torch.Tensor] = {}
-        for k, start in enumerate(plan.starts):
+        if start is None:
+            color_ref, written = references[0], 0
+            motion = self.vae.encode(references[0].to(self.device)[0].float())
+        else:
+            color_ref, written, motion = start.color_ref, start.frames, start.motion.to(self.device)
+            self.noise.restore(start.noise)
+        y_for: tuple[int, torch.Tensor] | None = None  # the last reference's y: an image's one is reused
+        first = 0 if start is None else start.clip
+        for k in range(first, len(plan.starts)):
             last = k == len(plan.starts) - 1
-            if last:
-                audio = mirror_pad(audio, plan.pad)
             if self.events:
-                self.events.emit("clip", clip=k + 1, clips=len(plan.starts))
+                self.events.emit("clip", clip=k + 1, clips=len(plan.starts), clips_done=k,
+                                 video_s=round(written / FPS, 2))
             ref = references[k].to(self.device)
             noise = self.noise.randn((16, (frames - 1) // 4 + 1, ref.shape[-2] // 8, ref.shape[-1] // 8), self.device)
-            y = y_cache.get(id(references[k]))
-            if y is None:
-                y = self._y(ref, frames)
-                y_cache[id(references[k])] = y
-            motion = self.vae.encode((ref if motion_pixels is None else motion_pixels)[0].float())
-            window = audio_windows(audio, start, frames)[None].to(self.device, self.dtype)
-            latent = self._denoise(k, noise, motion, y, window, clip_features[k], context, context_null,
+            if y_for is None or y_for[0] != id(references[k]):
+                y_for = (id(references[k]), self._y(ref, frames))
+            window = audio_windows(mirror_pad(audio, plan.pad) if last else audio, plan.starts[k], frames)
+            window = window[None].to(self.device, self.dtype)
+            latent = self._denoise(k, noise, motion, y_for[1], window, clip_features[k], context, context_null,
                                    timesteps)
             video = self.vae.decode(latent)[None].float().cpu()
             video = match_colors(video, color_ref.cpu(), s.color_correction_strength)
-            pieces.append(video if k == 0 else video[:, :, s.motion_frame:])
+            new = (video if k == 0 else video[:, :, s.motion_frame:])[0, :, : plan.length - written]
+            written += new.shape[1]
             anchor = self.on_clip(k, video) if self.on_clip else video
-            motion_pixels = anchor[:, :, -s.motion_frame:].to(self.device)
-        return torch.cat(pieces, dim=2)[0, :, : plan.length].float()
+            carry = None
+            if not last:
+                motion = self.vae.encode(anchor[:, :, -s.motion_frame:].to(self.device)[0].float())
+                carry = Carry(k + 1, written, motion, color_ref, self.noise.state())
+            yield ClipOutput(k, new, carry)
 
     def _y(self, ref: torch.Tensor, frames: int) -> torch.Tensor:
         """[1, 20, T_lat, h, w]: the first-frame mask and the latent of (reference + grey frames)."""

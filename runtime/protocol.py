@@ -188,7 +188,8 @@ EVENT_KINDS = ("stage", "clip", "step", "done", "error")
 
 def format_event(event: str, **fields: Any) -> str:
     """One protocol line (without the newline). Fields: stage, clip/clips, step/steps, elapsed_s,
-    gpu_peak_gb, path (done), message/exit_code (error), and what a stage adds."""
+    gpu_peak_gb, path (done), message/exit_code (error), and what a stage adds. A clip event also carries
+    clips_done and video_s (seconds of video written so far); the "resume" stage carries from_clip."""
     if event not in EVENT_KINDS:
         raise ValueError(f"unknown event {event!r}")
     return EVENT_PREFIX + json.dumps({"event": event, **fields}, ensure_ascii=False)
@@ -336,6 +337,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dit_fsdp", bool, False, "shard the DiT with FSDP", refused=NOT_YET),
     Flag("t5_fsdp", bool, False, "shard the T5 with FSDP", refused=NOT_YET),
     Flag("scene_seg", bool, False, "split a source video into shots", refused=NOT_YET),
+    Flag("resume", bool, False, "itk only (not an official flag): continue an interrupted run from the state "
+         "folder beside the output (<save_file>.mp4.itk-resume); refused when the job, settings or weights "
+         "changed", settable=False),
 )
 FLAG = {f.name: f for f in FLAGS}
 # Refused values of otherwise supported flags: (flag, value) -> why.

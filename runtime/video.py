@@ -4,12 +4,15 @@ PyAV was chosen over imageio-ffmpeg because it bundles the ffmpeg libraries insi
 direct access to streams, timestamps and encoders: no external ffmpeg binary, no temp wav, no shelling out.
 The official script writes the video, then crops the audio and muxes with two ffmpeg calls (runtime-spec
 §5.8); here one encoder pass writes both streams into a temporary file beside the target, which is renamed
-only when complete, so an interrupted run never leaves a partial mp4 under the final name.
+only when complete, so an interrupted run never leaves a partial mp4 under the final name. Frames arrive
+in chunks (one clip's new frames at a time) and go to the encoder at once: memory stays flat in the length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import glob
+import itertools
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import numpy as np
 
 from itk.atomic import atomic_write
 from itk.runtime.protocol import FPS, VIDEO_EXTENSIONS
+
+PARTIAL_SUFFIX = ".partial.mp4"  # the temporary name's end: the muxer picks the format from it
 
 
 class VideoError(Exception):
@@ -55,34 +60,60 @@ def _encode_audio(container, samples: np.ndarray, sample_rate: int) -> None:
         container.mux(packet)
 
 
-def write_mp4(
-    frames: np.ndarray, audio: np.ndarray | None, sample_rate: int, path: str | Path, crf: int = 23
+def write_mp4_stream(
+    path: str | Path, chunks: Iterable[np.ndarray], count: int, audio: np.ndarray | None, sample_rate: int,
+    crf: int = 23,
 ) -> Path:
-    """Write [T, H, W, 3] uint8 frames at 25 fps (libx264, yuv420p) plus mono audio as AAC, atomically.
+    """Write `count` frames arriving as [N, H, W, 3] uint8 chunks at 25 fps (libx264, yuv420p) plus mono
+    audio as AAC, atomically: the file appears under `path` only when the last chunk is encoded.
 
-    The audio is cut to the video's duration (T/25 s). The file appears under `path` only when complete.
+    Each chunk is encoded as it arrives, so the caller never holds the whole video. The first chunk gives
+    the frame size; the audio, cut to the video's duration (count/25 s), is muxed right after it, exactly
+    as the whole-video writer did, so a streamed file holds the same streams as one written at the end.
     """
     import av
 
     path = Path(path)
-    count, height, width = frames.shape[:3]
-    if count == 0 or height % 2 or width % 2:
-        raise VideoError(f"{path}: cannot encode {count} frames of {width}x{height} (yuv420p needs even sides)")
 
     def encode(tmp: Path) -> None:
+        pending = iter(chunks)
+        first = next(pending, None)
+        height, width = (0, 0) if first is None else first.shape[1:3]
+        if count < 1 or first is None or height % 2 or width % 2:
+            raise VideoError(f"{path}: cannot encode {count} frames of {width}x{height} (yuv420p needs even sides)")
+        written = 0
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=FPS)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf)}
             if audio is not None:
                 _encode_audio(container, audio[: round(count / FPS * sample_rate)], sample_rate)
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
+            for chunk in itertools.chain([first], pending):
+                written += len(chunk)
+                if written > count:
+                    raise VideoError(f"{path}: more than the {count} frames announced")
+                for frame in chunk:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                        container.mux(packet)
+            if written != count:
+                raise VideoError(f"{path}: {written} frames written, {count} announced")
             for packet in stream.encode(None):
                 container.mux(packet)
 
-    return atomic_write(path, encode, suffix=".partial.mp4")
+    return atomic_write(path, encode, suffix=PARTIAL_SUFFIX)
+
+
+def write_mp4(
+    frames: np.ndarray, audio: np.ndarray | None, sample_rate: int, path: str | Path, crf: int = 23
+) -> Path:
+    """Write [T, H, W, 3] uint8 frames at 25 fps plus mono audio as AAC, atomically (see write_mp4_stream)."""
+    return write_mp4_stream(path, [frames], len(frames), audio, sample_rate, crf)
+
+
+def stale_partials(path: str | Path) -> list[Path]:
+    """Temporary files an earlier, killed writer of `path` left beside it (SIGKILL skips the clean-up)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"))
 
 
 def _decoded(path: Path) -> Iterator[tuple[float, np.ndarray]]:

@@ -55,6 +55,12 @@ class RecordedNoise:
     def randn_like(self, like):
         return self._next("randn_like", like.shape)
 
+    def state(self):
+        return torch.tensor(self.used)
+
+    def restore(self, state):
+        self.used = int(state)
+
 
 class RecordedVAE:
     """Answers each encode with the output of the recorded call whose input it equals, decodes in order."""

@@ -1,0 +1,242 @@
+"""Long videos: frames streamed to the mp4 clip by clip (flat host memory), and an interrupted run resumed.
+
+End-to-end runs are real `python -m itk.runtime.generate`-style subprocesses on tiny weights in the official
+layout; each reports its own peak RSS, and a SIGKILL lands right after a clip's `clip` event (the event that
+follows a committed resume state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import wave
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from itk.runtime.protocol import SAMPLE_RATE, parse_event
+from itk.runtime.video import write_mp4_stream
+
+FRAME_NUM, MOTION = 9, 5  # each clip after the first adds FRAME_NUM - MOTION = 4 new frames
+
+# Runs the generator's main with --resume handed to the engine (the flag is parsed from the protocol's
+# table; the engine takes it as an argument). Reports the peak RSS of the clip loop in KiB: Linux's peak
+# (VmHWM) is reset once the models are loaded, so loading's larger peak does not hide the loop's growth.
+DRIVER = """
+import sys
+from pathlib import Path
+from itk.runtime import engine
+from itk.runtime.generate import main
+real, resume = engine.run, "--resume" in sys.argv[1:]
+engine.run = lambda *a, **kw: real(*a, **{**kw, "resume": resume})
+loaded = engine.Engine.pipeline
+def pipeline(*a, **kw):
+    made = loaded(*a, **kw)
+    Path("/proc/self/clear_refs").write_text("5")
+    return made
+engine.Engine.pipeline = pipeline
+code = main(sys.argv[1:])
+peak = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")][0]
+print("ITK-TEST-MAXRSS", peak.split()[1], file=sys.stderr)
+sys.exit(code)
+"""
+
+
+# --- the streamed writer against the old whole-video writer ---
+
+def _write_old_way(frames: np.ndarray, audio: np.ndarray, sample_rate: int, path) -> None:
+    """The writer before streaming: every frame in memory, the AAC track first, then the video."""
+    with av.open(str(path), mode="w", format="mp4") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        video.options = {"crf": "23"}
+        stream = container.add_stream("aac", rate=sample_rate)
+        stream.layout = "mono"
+        size, pts = stream.codec_context.frame_size or 1024, 0
+        samples = audio[: round(len(frames) / 25 * sample_rate)]
+        for start in range(0, len(samples), size):
+            chunk = np.ascontiguousarray(samples[start:start + size], dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = sample_rate, pts, Fraction(1, sample_rate)
+            pts += len(chunk)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+        for image in frames:
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+
+
+def _decoded(path) -> tuple[np.ndarray, np.ndarray]:
+    with av.open(str(path)) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    with av.open(str(path)) as c:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])
+    return frames, audio
+
+
+def test_the_streamed_mp4_equals_the_whole_video_writer_frame_by_frame_and_sample_by_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (23, 32, 48, 3), dtype=np.uint8)
+    audio = (0.3 * np.sin(np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE * 2 * np.pi * 220)).astype(np.float32)
+    _write_old_way(frames, audio, SAMPLE_RATE, tmp_path / "old.mp4")
+    chunks = [frames[:9], frames[9:13], frames[13:17], frames[17:21], frames[21:]]
+    write_mp4_stream(tmp_path / "new.mp4", iter(chunks), len(frames), audio, SAMPLE_RATE)
+    (old_v, old_a), (new_v, new_a) = _decoded(tmp_path / "old.mp4"), _decoded(tmp_path / "new.mp4")
+    assert old_v.shape == new_v.shape == (23, 32, 48, 3) and np.array_equal(old_v, new_v)
+    assert old_a.shape == new_a.shape and np.array_equal(old_a, new_a)
+
+
+def test_a_stream_that_ends_short_of_its_announced_frames_leaves_no_file(tmp_path):
+    frames = np.zeros((4, 16, 16, 3), np.uint8)
+    with pytest.raises(Exception, match="announced"):
+        write_mp4_stream(tmp_path / "short.mp4", iter([frames]), 9, None, SAMPLE_RATE)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- end to end on tiny weights ---
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    for module in ("dit", "vae", "t5", "clip", "audio"):
+        pytest.importorskip(f"itk.runtime.models.{module}")
+    from itk.runtime.tiny import write_tiny_weights
+
+    return write_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+def _wav(path, seconds: float) -> None:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    speech = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(SAMPLE_RATE)
+        f.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def _job(folder, weights, side: int, seconds: float = 3.0):
+    """A square face, speech long enough for 16 clips, and a model config whose one bucket is side x side."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(1).integers(60, 200, (side, side, 3), dtype=np.uint8)).save(
+        folder / "face.png")
+    _wav(folder / "speech.wav", seconds)
+    (folder / "job.json").write_text(json.dumps({
+        "prompt": "a person talking", "cond_video": str(folder / "face.png"),
+        "cond_audio": {"person1": str(folder / "speech.wav")}}))
+    config = json.loads((weights.ckpt_dir / "itk_model_config.json").read_text())
+    config["buckets"] = {size: {"1.00": [side, side]} for size in config["buckets"]}
+    (folder / "model.json").write_text(json.dumps(config))
+    return folder
+
+
+def _argv(weights, job, *extra: str) -> list[str]:
+    return [sys.executable, "-c", DRIVER, "--ckpt_dir", str(weights.ckpt_dir),
+            "--wav2vec_dir", str(weights.wav2vec_dir), "--infinitetalk_dir", str(weights.infinitetalk),
+            "--model_config", str(job / "model.json"), "--input_json", str(job / "job.json"),
+            "--save_file", str(job / "out" / "talk"), "--sample_steps", "2", "--mode", "streaming",
+            "--frame_num", str(FRAME_NUM), "--motion_frame", str(MOTION), *extra]
+
+
+def _generate(argv: list[str]) -> tuple[list[dict], int]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rss = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("ITK-TEST-MAXRSS")]
+    return [e for e in map(parse_event, proc.stderr.splitlines()) if e], rss[0] * 1024
+
+
+def _frames_for(clips: int) -> str:
+    return str(FRAME_NUM + (clips - 1) * (FRAME_NUM - MOTION))
+
+
+def test_peak_host_memory_stays_flat_from_4_to_16_clips(weights, tmp_path):
+    side = 128
+    job = _job(tmp_path / "job", weights, side)
+    peaks = {}
+    for clips in (4, 16):
+        events, peaks[clips] = _generate(_argv(weights, job, "--max_frame_num", _frames_for(clips)))
+        assert [e["clips"] for e in events if e["event"] == "clip"][-1] == clips
+    one_clip = 3 * FRAME_NUM * side * side * 4  # one clip's decoded float32 frames
+    assert peaks[16] - peaks[4] < one_clip, (peaks, one_clip)
+
+
+def test_clip_events_count_clips_done_and_seconds_of_video_written(weights, tmp_path):
+    job = _job(tmp_path / "job", weights, 32, seconds=1.0)
+    events, _ = _generate(_argv(weights, job))
+    clips = [e for e in events if e["event"] == "clip"]
+    assert [e["clips_done"] for e in clips] == list(range(len(clips)))
+    assert [e["video_s"] for e in clips] == [0.0] + [(FRAME_NUM + k * (FRAME_NUM - MOTION)) / 25
+                                                     for k in range(len(clips) - 1)]
+
+
+def _kill_after_clip(argv: list[str], done: int, output) -> None:
+    """Start the run, SIGKILL it once the state of `done` clips is committed; no mp4 under the final name."""
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:
+            event = parse_event(line)
+            assert not output.exists()
+            if event and event["event"] == "clip" and event["clips_done"] == done:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        else:
+            pytest.fail("the run ended before the clip to kill it after")
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not output.exists()
+
+
+def test_a_run_killed_after_clip_3_resumes_there_and_writes_the_identical_video(weights, tmp_path):
+    job = _job(tmp_path / "job", weights, 32)
+    output, state = job / "out" / "talk.mp4", job / "out" / "talk.mp4.itk-resume"
+    argv = _argv(weights, job, "--max_frame_num", _frames_for(6))
+    _generate(argv)
+    whole = _decoded(output)
+    output.unlink()
+    assert not state.exists()
+
+    _kill_after_clip(argv, 3, output)
+    saved = json.loads((state / "state.json").read_text())
+    assert (saved["clips"], saved["clips_done"]) == (6, 3)
+
+    events, _ = _generate([*argv, "--resume"])
+    resumed = [e for e in events if e["event"] == "stage" and e["stage"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["from_clip"] == 4
+    assert [e["clip"] for e in events if e["event"] == "clip"] == [4, 5, 6]
+    frames, audio = _decoded(output)
+    assert np.array_equal(frames, whole[0]) and np.array_equal(audio, whole[1])
+    assert not state.exists() and sorted(p.name for p in output.parent.iterdir()) == ["talk.mp4"]
+
+
+def test_resume_refuses_a_changed_job_naming_what_changed(weights, tmp_path):
+    job = _job(tmp_path / "job", weights, 32)
+    output = job / "out" / "talk.mp4"
+    argv = _argv(weights, job, "--max_frame_num", _frames_for(4))
+    _kill_after_clip(argv, 1, output)
+    _wav(job / "speech.wav", 3.5)
+    proc = subprocess.run([*argv, "--resume", "--sample_steps", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error:")][0]
+    assert "cannot resume" in line and "input person1" in line and "setting steps" in line
+    assert (job / "out" / "talk.mp4.itk-resume" / "state.json").is_file() and not output.exists()
+
+
+def test_without_resume_an_old_state_folder_is_replaced_and_removed_on_success(weights, tmp_path):
+    job = _job(tmp_path / "job", weights, 32)
+    output = job / "out" / "talk.mp4"
+    argv = _argv(weights, job, "--max_frame_num", _frames_for(4))
+    _kill_after_clip(argv, 2, output)
+    events, _ = _generate(argv)
+    assert not any(e["event"] == "stage" and e["stage"] == "resume" for e in events)
+    assert [e["clip"] for e in events if e["event"] == "clip"] == [1, 2, 3, 4]
+    assert sorted(p.name for p in output.parent.iterdir()) == ["talk.mp4"]
