@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from itk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_WEIGHTS, EXIT_OK, EXIT_USAGE, UserError
 from itk.inputs import MediaFacts
-from itk.runtime.protocol import DEFAULT_STEPS, FLAG, Job, parse_setting, to_argv
+from itk.runtime.protocol import DEFAULT_STEPS, RESUME_STATE, Job, parse_setting, resume_folder, to_argv
 
 if TYPE_CHECKING:
     from itk.advice import Verdict
@@ -59,7 +59,7 @@ def generator_argv(generator: list[str], path_flags: dict[str, Path], settings: 
     preset's order (as the guide writes them), then the job and the output stem, then --resume (itk's own
     flag; left out while the generator's flag table does not have it, which then could not parse it)."""
     values = [*path_flags.items(), *settings.items(), ("input_json", job_path), ("save_file", stem)]
-    if resume and "resume" in FLAG:
+    if resume:
         values.append(("resume", True))
     return [*generator, *(arg for name, value in values for arg in to_argv({name: value}))]
 
@@ -125,38 +125,17 @@ def run_folder(out: Path) -> Path:
     return out.parent / f"{out.stem}.run"
 
 
-def resume_folder(out: Path) -> Path:
-    """The generator's resume state for `out`, kept beside it while a run is unfinished."""
-    return out.with_name(out.name + ".itk-resume")
-
-
-STATE_FILES = ("state.json", "progress.json")
-DONE_KEYS = ("clips_done", "done_clips", "next_clip")  # next_clip: the 0-based index of the clip to make next
-TOTAL_KEYS = ("clips", "total_clips", "clips_total")
-
-
 def resume_line(out: Path) -> str | None:
-    """One line for a run that continues an interrupted one, or None when there is nothing to resume.
-    Counts come from the state folder's small JSON when it has one; otherwise the line says only that it
-    resumes (the generator checks the state itself and refuses a changed job)."""
+    """One line for a run that continues an interrupted one, or None when there is nothing to resume. The
+    counts come from the state the generator keeps (the generator itself checks it and refuses a changed job)."""
     folder = resume_folder(out)
     if not folder.is_dir():
         return None
-    candidates = [folder / n for n in STATE_FILES] + sorted(folder.glob("*.json"))
-    for path in candidates:
-        try:
-            if path.stat().st_size > 1 << 16:
-                continue
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict):
-            continue
-        done = next((data[k] for k in DONE_KEYS if isinstance(data.get(k), int)), None)
-        total = next((data[k] for k in TOTAL_KEYS if isinstance(data.get(k), int)), None)
-        if done is not None and total:
-            return f"resuming {out}: {done} of {total} clips already done"
-    return f"resuming {out} from {folder}"
+    try:
+        state = json.loads((folder / RESUME_STATE).read_text(encoding="utf-8"))
+        return f"resuming {out}: {int(state['clips_done'])} of {int(state['clips'])} clips already done"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"resuming {out} from {folder}"
 
 
 @dataclass
@@ -329,7 +308,7 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
         quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths]
         raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
-    resume = resume_line(out) if "resume" in FLAG else None
+    resume = resume_line(out)
     argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
                           out.with_suffix(""), resume=resume is not None)
     return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, unusable, fetch, doctor,

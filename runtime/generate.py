@@ -23,10 +23,12 @@ from itk.runtime.protocol import (
     EXIT_INTERRUPTED,
     EXIT_MISSING_WEIGHTS,
     EXIT_OK,
+    RESUME_STATE,
     BadInput,
     Events,
     build_parser,
     check_values,
+    resume_folder,
 )
 from itk.runtime.request import Request
 from itk.runtime.weights import MissingWeights
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
         signal.signal(sig, _stop)
     events = Events()
     started = time.monotonic()
+    request: Request | None = None
     try:
         if lifeline and not die_with_parent():
             raise KeyboardInterrupt  # the parent died while this process started: nobody wants the video
@@ -63,12 +66,16 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
         options = _options()
         from itk.runtime import engine  # torch: only once the flags and the job are known to be usable
 
-        output = engine.run(request, events, options)
+        output = engine.run(request, events, options, resume=bool(flags.get("resume")))
     except BadInput as exc:
         return _fail(events, EXIT_BAD_INPUT, exc.message, exc.fix)
     except MissingWeights as exc:
         return _fail(events, EXIT_MISSING_WEIGHTS, str(exc))
     except KeyboardInterrupt:
+        state = resume_folder(request.output) if request is not None else None
+        if state is not None and (state / RESUME_STATE).is_file():
+            return _fail(events, EXIT_INTERRUPTED, f"interrupted; the finished clips are kept in {state}",
+                         "run the same command with --resume to continue (itk run does so by itself)")
         return _fail(events, EXIT_INTERRUPTED, "interrupted; no video was written")
     events.emit("done", path=str(output), seconds=round(time.monotonic() - started, 2))
     print(output)

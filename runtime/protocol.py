@@ -40,6 +40,14 @@ AUDIO_TYPES = ("add", "para")
 SILENT_SPEAKER = "None"  # the official job format's placeholder for a speaker without a track
 
 
+RESUME_STATE = "state.json"  # in the resume folder: {"clips_done": int, "clips": int, "video_s": float, ...}
+
+
+def resume_folder(output: Path) -> Path:
+    """Where an unfinished run keeps its resume state: `talk.mp4` -> `talk.mp4.itk-resume/` (both sides)."""
+    return output.with_name(output.name + ".itk-resume")
+
+
 class BadInput(Exception):
     """Exit 2: a flag, the job file or an input file cannot be used. `fix` says what to do instead."""
 

@@ -25,21 +25,14 @@ import numpy as np
 
 from itk.atomic import atomic_write, atomic_write_text
 from itk.runtime.pipeline import Carry
-from itk.runtime.protocol import FPS, BadInput
+from itk.runtime.protocol import FPS, RESUME_STATE, BadInput, resume_folder
 
 if TYPE_CHECKING:
     from itk.runtime.configs import ModelConfig
     from itk.runtime.request import Request
 
-SUFFIX = ".itk-resume"
-STATE_FILE = "state.json"
 VERSION = 1
 CARRY_TENSORS = ("motion", "color_ref", "noise")
-
-
-def state_folder(output: Path) -> Path:
-    """`talk.mp4` -> `talk.mp4.itk-resume` (the toolkit looks for the same name)."""
-    return output.with_name(output.name + SUFFIX)
 
 
 def file_facts(path: Path) -> str:
@@ -107,14 +100,14 @@ class ResumeState:
     def prepare(cls, output: Path, facts: dict[str, str], resume: bool) -> ResumeState:
         """The state to continue (resume and a matching folder) or a fresh one (an old folder is removed).
         Raises BadInput when the folder belongs to a different job, settings or weights."""
-        folder = state_folder(output)
-        if resume and (folder / STATE_FILE).is_file():
+        folder = resume_folder(output)
+        if resume and (folder / RESUME_STATE).is_file():
             try:
-                saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+                saved = json.loads((folder / RESUME_STATE).read_text(encoding="utf-8"))
                 state = cls(folder, saved["fingerprint"], saved["clips"], saved["clips_done"], saved["frames"],
                             saved["carry"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise BadInput(f"cannot resume {output}: {folder / STATE_FILE} is unreadable ({exc})",
+                raise BadInput(f"cannot resume {output}: {folder / RESUME_STATE} is unreadable ({exc})",
                                "run without --resume to start over") from None
             changed = changes(state.facts, facts)
             if changed:
@@ -161,7 +154,7 @@ class ResumeState:
         atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp)), suffix=".safetensors")
         old = self.carry_file
         self.done, self.frames, self.carry_file = carry.clip, carry.frames, name
-        atomic_write_text(self.folder / STATE_FILE, json.dumps(self._record(), indent=1) + "\n")
+        atomic_write_text(self.folder / RESUME_STATE, json.dumps(self._record(), indent=1) + "\n")
         if old and old != name:
             (self.folder / old).unlink(missing_ok=True)
 

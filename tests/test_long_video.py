@@ -25,16 +25,13 @@ from itk.runtime.video import write_mp4_stream
 
 FRAME_NUM, MOTION = 9, 5  # each clip after the first adds FRAME_NUM - MOTION = 4 new frames
 
-# Runs the generator's main with --resume handed to the engine (the flag is parsed from the protocol's
-# table; the engine takes it as an argument). Reports the peak RSS of the clip loop in KiB: Linux's peak
-# (VmHWM) is reset once the models are loaded, so loading's larger peak does not hide the loop's growth.
+# Runs the generator's main and reports the peak RSS of the clip loop in KiB: Linux's peak (VmHWM) is reset
+# once the models are loaded, so loading's larger peak does not hide the loop's growth.
 DRIVER = """
 import sys
 from pathlib import Path
 from itk.runtime import engine
 from itk.runtime.generate import main
-real, resume = engine.run, "--resume" in sys.argv[1:]
-engine.run = lambda *a, **kw: real(*a, **{**kw, "resume": resume})
 loaded = engine.Engine.pipeline
 def pipeline(*a, **kw):
     made = loaded(*a, **kw)

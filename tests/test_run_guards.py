@@ -19,7 +19,6 @@ from itk.manifest import load_manifest
 from itk.measured import expected_step_s
 from itk.presets import get_preset
 from itk.run import output_path, plan_run, resume_folder, run_job
-from itk.runtime import protocol
 from itk.verify import Record, VerdictStore
 
 
@@ -179,24 +178,7 @@ def test_without_a_measurement_for_this_gpu_the_estimate_says_so(tmp_path, media
 
 
 # --- resume ----------------------------------------------------------------------------------------------
-@pytest.fixture()
-def resume_flag(monkeypatch):
-    """The generator's --resume flag, whether or not the protocol's table has it yet."""
-    if "resume" not in protocol.FLAG:
-        flag = protocol.Flag("resume", bool, False, "itk only: continue from the state folder", settable=False)
-        monkeypatch.setattr(protocol, "FLAGS", (*protocol.FLAGS, flag))
-        monkeypatch.setitem(protocol.FLAG, "resume", flag)
-
-
-@pytest.fixture()
-def no_resume_flag(monkeypatch):
-    if "resume" in protocol.FLAG:
-        monkeypatch.setattr(protocol, "FLAGS", tuple(f for f in protocol.FLAGS if f.name != "resume"))
-        monkeypatch.delitem(protocol.FLAG, "resume")
-
-
-def test_a_state_folder_beside_the_output_makes_the_run_resume_and_say_so_first(tmp_path, media, resume_flag,
-                                                                                monkeypatch):
+def test_a_state_folder_beside_the_output_makes_the_run_resume_and_say_so_first(tmp_path, media, monkeypatch):
     image, audio = media
     weights = tmp_path / "w"
     write_weights(weights)
@@ -204,7 +186,7 @@ def test_a_state_folder_beside_the_output_makes_the_run_resume_and_say_so_first(
     state = resume_folder(out)
     assert state == tmp_path / "talk.mp4.itk-resume"
     state.mkdir()
-    (state / "state.json").write_text(json.dumps({"clips_done": 3, "clips": 5, "next_clip": 3}))
+    (state / "state.json").write_text(json.dumps({"clips_done": 3, "clips": 5, "video_s": 12.5}))
     argv_file = tmp_path / "argv.json"
     plan = plan_run(str(image), None, str(audio), None, out, "rtx4090-24g", weights_dir=weights,
                     generator=[sys.executable, str(FAKE)])
@@ -218,7 +200,7 @@ def test_a_state_folder_beside_the_output_makes_the_run_resume_and_say_so_first(
     assert "--resume" in json.loads(argv_file.read_text())
 
 
-def test_a_state_folder_without_counts_still_resumes_and_no_folder_means_a_fresh_run(tmp_path, media, resume_flag):
+def test_a_state_folder_without_counts_still_resumes_and_no_folder_means_a_fresh_run(tmp_path, media):
     image, audio = media
     out = tmp_path / "talk.mp4"
     fresh = plan_run(str(image), None, str(audio), None, out)
@@ -227,11 +209,3 @@ def test_a_state_folder_without_counts_still_resumes_and_no_folder_means_a_fresh
     (resume_folder(out) / "motion.npy").write_bytes(b"\0" * 16)
     plan = plan_run(str(image), None, str(audio), None, out)
     assert plan.resume == f"resuming {out} from {resume_folder(out)}" and "--resume" in plan.argv
-
-
-def test_resume_is_not_passed_to_a_generator_without_the_flag(tmp_path, media, no_resume_flag):
-    image, audio = media
-    out = tmp_path / "talk.mp4"
-    resume_folder(out).mkdir()
-    plan = plan_run(str(image), None, str(audio), None, out)
-    assert plan.resume is None and "--resume" not in plan.argv
