@@ -1,6 +1,9 @@
-"""flash-attn: optional for our runtime (it falls back to torch SDPA), so absent is a warn, broken a fail;
-and only where the runtime would use it: `preferred_attention` is the ONE per-GPU choice, read by this check
-and by the runtime's attention (torch-free, so both sides can import it).
+"""The attention kernel: which one this machine's runtime uses, and flash-attn's health where it matters.
+
+flash-attn and SageAttention are optional for our runtime (it falls back to torch SDPA), so absent is a warn,
+broken a fail; and only where the runtime would use them: `preferred_attention` is the ONE per-GPU choice,
+read by this check and by the runtime's attention (torch-free, so both sides can import it). Every summary
+names the kernel the runtime will use here.
 
 The classic break is `undefined symbol` after a torch upgrade: the wheel was built against another torch ABI.
 PyPI only has a source build that takes hours, so the fix names a prebuilt release wheel for this stack.
@@ -8,11 +11,15 @@ PyPI only has a source build that takes hours, so the fix names a prebuilt relea
 
 from __future__ import annotations
 
+from importlib import metadata
+
 from itk.checks import gpu, probe
 from itk.checks.base import Context, Result, Status
-from itk.runtime.options import preferred_attention
+from itk.runtime.options import attention_order, preferred_attention
 
 FA_RELEASE = "2.8.3"
+SAGE_INSTALL = "pip install sageattention==1.0.6 (Triton only: nothing to compile)"
+KERNEL_NAMES = {"flash": "flash-attn", "sage": "SageAttention (8-bit)", "sdpa": "torch SDPA"}
 
 
 def wheel_command(facts: dict) -> str:
@@ -29,19 +36,29 @@ def wheel_command(facts: dict) -> str:
     )
 
 
+def installed_kernels(facts: dict) -> set[str]:
+    """The optional kernels that import here, from the probe's facts (sageattention's version read by check)."""
+    kernels = {"sage"} if facts.get("sageattention", {}).get("version") else set()
+    fa = facts["flash-attn"]
+    return kernels | ({"flash"} if fa["version"] and not fa.get("import_error") else set())
+
+
 def judge(facts: dict, gpu_facts: gpu.GpuFacts) -> Result:
     if "error" in facts:
         return Result("flash_attn", Status.SKIP, "not checked: " + facts["error"])
     fa = facts["flash-attn"]
     best = gpu_facts.best
-    if best is not None and preferred_attention(best.compute_capability) == "sdpa":
+    if best is not None and "flash" not in attention_order(best.compute_capability):
         return _not_used_here(fa, best)
+    if best is not None and preferred_attention(best.compute_capability, installed_kernels(facts)) == "sage":
+        return _sage_used(facts, best)
     if not fa["version"]:
         if best is None:
             return Result("flash_attn", Status.SKIP, "not installed (no GPU here: not used)")
+        sage = "sage" in attention_order(best.compute_capability)
         return Result(
             "flash_attn", Status.WARN, "not installed: the runtime uses torch SDPA (same math, often slower)",
-            fix=wheel_command(facts), facts=fa,
+            fix=(SAGE_INSTALL + ", the fastest here; or " if sage else "") + wheel_command(facts), facts=fa,
         )
     if fa.get("import_error"):
         abi = "undefined symbol" in fa["import_error"]
@@ -53,7 +70,19 @@ def judge(facts: dict, gpu_facts: gpu.GpuFacts) -> Result:
             "flash_attn", Status.FAIL, summary,
             fix="pip uninstall -y flash-attn, then " + wheel_command(facts), facts=fa,
         )
-    return Result("flash_attn", Status.OK, f"flash-attn {fa['version']} imports", facts=fa)
+    return Result("flash_attn", Status.OK, f"flash-attn {fa['version']} imports: the runtime uses it here",
+                  facts=fa)
+
+
+def _sage_used(facts: dict, best: gpu.Gpu) -> Result:
+    """An Ada GPU with SageAttention installed: the runtime's kernel; a broken flash-attn only matters to the
+    official scripts (which import it)."""
+    fa, version = facts["flash-attn"], facts["sageattention"]["version"]
+    summary = f"the runtime uses SageAttention {version} (8-bit) on {best.name} (cc {best.compute_capability})"
+    if fa.get("import_error"):
+        return Result("flash_attn", Status.WARN, f"{summary}; flash-attn {fa['version']} does not import "
+                      f"({fa['import_error']})", fix="pip uninstall -y flash-attn", facts=fa)
+    return Result("flash_attn", Status.OK, summary, facts=fa)
 
 
 def _not_used_here(fa: dict, best: gpu.Gpu) -> Result:
@@ -72,5 +101,15 @@ def _not_used_here(fa: dict, best: gpu.Gpu) -> Result:
                   facts=fa)
 
 
+def _sage_version() -> str | None:
+    try:
+        return metadata.version("sageattention")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def check(ctx: Context) -> Result:
-    return judge(probe.run_probe(), gpu.gather())
+    facts = probe.run_probe()
+    if "error" not in facts:
+        facts["sageattention"] = {"version": _sage_version()}
+    return judge(facts, gpu.gather())

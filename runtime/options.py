@@ -7,10 +7,12 @@ passes what each part needs (the FP8 kernel, the attention backend, compilation,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-ATTENTION_CHOICES = ("auto", "flash", "sdpa")
+ATTENTION_CHOICES = ("auto", "flash", "sage", "sdpa")
+# The optional kernels and the Python module each needs (torch SDPA is always there).
+ATTENTION_MODULES = {"flash": "flash_attn", "sage": "sageattention"}
 
 
 def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -22,7 +24,7 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
 class RuntimeOptions:
     """compile: torch.compile the DiT blocks on a GPU (ITK_COMPILE, default on).
     fp8_matmul: FP8 tensor-core matmuls where the GPU has them (ITK_FP8_MATMUL, default on); off = weights
-    dequantised per layer. attention: ITK_ATTENTION auto | flash | sdpa. pin: ITK_PIN forces (1) or forbids
+    dequantised per layer. attention: ITK_ATTENTION auto | flash | sage | sdpa. pin: ITK_PIN forces (1) or forbids
     (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM."""
 
     compile: bool = True
@@ -45,12 +47,22 @@ class RuntimeOptions:
         )
 
 
-def preferred_attention(compute_capability: float | None) -> str:
-    """"flash" or "sdpa": the kernel the runtime's "auto" attention uses on a GPU of this compute capability.
+def attention_order(compute_capability: float | None) -> tuple[str, ...]:
+    """The kernels worth using on a GPU of this compute capability, fastest first; always ends in "sdpa".
 
-    flash-attn on Ampere and Ada (8.x), where it beats SDPA. SDPA elsewhere: on Hopper (9.0) SDPA's cuDNN
-    kernel beats the FlashAttention-2 the flash-attn package ships (40 vs 65 ms per 480p attention on an H200);
-    other GPUs FlashAttention-2 does not support, or no GPU."""
+    Ada (8.9, the RTX 4090): SageAttention (pip `sageattention`, Triton, INT8 Q.K^T with fp16 P.V; about
+    2x FlashAttention-2 on a 4090 as published), then flash-attn. Ampere (8.0, 8.6): flash-attn beats SDPA
+    there. Hopper (9.x) and newer: SDPA, whose cuDNN kernel beats FlashAttention-2 (40 vs 65 ms per 480p
+    attention on an H200) and SageAttention 1's Triton kernel (52 ms); no GPU or older GPUs: SDPA."""
     if compute_capability is None:
-        return "sdpa"
-    return "flash" if int(compute_capability) == 8 else "sdpa"
+        return ("sdpa",)
+    if round(compute_capability, 1) == 8.9:
+        return ("sage", "flash", "sdpa")
+    return ("flash", "sdpa") if int(compute_capability) == 8 else ("sdpa",)
+
+
+def preferred_attention(compute_capability: float | None, installed: Collection[str] | None = None) -> str:
+    """The kernel the runtime's "auto" attention uses on a GPU of this compute capability: the first of
+    `attention_order` that is `installed` (None: as if every optional kernel were). Torch-free, so the
+    runtime (runtime/attention.py) and the doctor (checks/flash_attn.py) share this ONE choice."""
+    return next(k for k in attention_order(compute_capability) if k == "sdpa" or installed is None or k in installed)

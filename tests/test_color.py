@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from itk.runtime.color import match_colors
+from itk.runtime.color import lab_to_rgb, match_colors, match_colors_torch, rgb_to_lab
 
 from golden import load_golden
 
@@ -85,3 +85,32 @@ def test_an_intermediate_strength_reaches_the_colour_step_of_a_generated_clip(tm
     expected = {s: match_colors(video[None], reference, s)[0] for s in (0.3, 1.0)}
     assert torch.equal(ours, expected[0.3])
     assert (ours - expected[1.0]).abs().max().item() > 1e-2  # the strength makes a visible difference here
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_the_gpu_path_math_matches_the_official_output_within_float32_rounding(strength):
+    ours = match_colors_torch(T["input.source"], T["input.reference"], strength)
+    assert ours.dtype == torch.float32 and ours.shape == T["input.source"].shape
+    assert (ours - T[f"output.strength_{strength}"]).abs().max().item() < 1e-5
+
+
+def test_the_gpu_path_math_gives_a_flat_channel_the_reference_mean():
+    ours = match_colors_torch(T["input.source_flat_channel"], T["input.reference"], 1.0)
+    assert (ours - T["output.flat_channel_strength_1.0"]).abs().max().item() < 1e-5
+
+
+def test_the_torch_lab_conversions_equal_scikit_image_including_out_of_gamut_colours():
+    import warnings
+
+    import numpy as np
+    from skimage import color
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(64, 3, generator=g, dtype=torch.float64)
+    assert np.allclose(rgb_to_lab(rgb).numpy(), color.rgb2lab(rgb.numpy()), atol=1e-10)
+    lab = torch.stack([torch.rand(64, generator=g) * 100, torch.randn(64, generator=g) * 80,
+                       torch.randn(64, generator=g) * 80], dim=-1).double()  # many outside the sRGB gamut
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = np.clip(color.lab2rgb(lab.numpy()), 0, 1)
+    assert np.allclose(lab_to_rgb(lab).numpy(), expected, atol=1e-10)

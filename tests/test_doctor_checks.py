@@ -162,13 +162,23 @@ def test_on_hopper_flash_attn_is_never_advised_because_the_runtime_uses_sdpa_the
     assert "pip install" not in broken.fix.replace("pip uninstall", "")
 
 
-def test_the_check_advises_flash_attn_exactly_where_the_runtime_prefers_it():
-    assert [flash_attn.preferred_attention(cc) for cc in (8.0, 8.6, 8.9, 9.0, 10.0, 12.0, 7.5, None)] == [
-        "flash", "flash", "flash", "sdpa", "sdpa", "sdpa", "sdpa", "sdpa"]
+def test_the_check_advises_each_kernel_exactly_where_the_runtime_would_use_it():
     for cc in (8.6, 8.9, 9.0, 12.0):
         facts = gpu.GpuFacts("570.0", "12.8", (gpu.Gpu(0, f"GPU cc {cc}", 81559, 81000, cc),))
-        advised = "pip install https://" in flash_attn.judge(_probe(), facts).fix
-        assert advised == (flash_attn.preferred_attention(cc) == "flash"), cc
+        fix = flash_attn.judge(_probe(), facts).fix
+        assert ("pip install https://" in fix) == ("flash" in flash_attn.attention_order(cc)), cc
+        assert ("pip install sageattention" in fix) == (flash_attn.preferred_attention(cc) == "sage"), cc
+
+
+def test_an_ada_card_with_sageattention_reports_it_as_the_kernel_in_use():
+    facts = _probe() | {"sageattention": {"version": "1.0.6"}}
+    result = flash_attn.judge(facts, RTX4090)
+    assert result.status is Status.OK and "the runtime uses SageAttention 1.0.6" in result.summary
+    err = "ImportError: flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
+    broken = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err) | {"sageattention": {"version": "1.0.6"}},
+                              RTX4090)
+    assert broken.status is Status.WARN and broken.fix == "pip uninstall -y flash-attn"
+    assert "SDPA's cuDNN kernel" in flash_attn.judge(facts, H100).summary  # Hopper: SDPA even with Sage here
 
 
 def test_numba_refusing_this_numpy_fails_and_explains_the_pin():

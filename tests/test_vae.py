@@ -83,3 +83,14 @@ def test_frames_past_the_last_whole_chunk_are_dropped_as_officially(vae_a):
     latent = vae.encode(video)
     assert latent.shape == (16, 2, 2, 3)
     assert torch.equal(latent, vae.encode(video[:, :5]))
+
+
+def test_a_bf16_vae_stays_within_its_measured_error_but_outside_the_goldens_tolerance(vae_a):
+    """bf16 (the engine's `dtype` choice) measured on vae_A: encode ~1.2e-2, decode ~3.4e-2 of the output scale,
+    far past the 1e-4 the goldens allow, so float32 stays the default."""
+    _, t, cfg, path, _ = vae_a
+    vae = load_vae(path, cfg, dtype=torch.bfloat16)
+    latent, video = vae.encode(t["input.video"]), vae.decode(t["input.latent"])
+    assert latent.dtype == video.dtype == torch.float32
+    assert TOL < rel_err(latent, t["output.latent"]) < 3e-2
+    assert TOL < rel_err(video, t["output.video"]) < 6e-2

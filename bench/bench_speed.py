@@ -1,0 +1,383 @@
+"""Where the time goes at 480p (issue 17): one full-size DiT block per op, the attention kernels, one clip
+outside the DiT, and a model of the RTX 4090 built from those numbers.
+
+Sections, each written to --out as soon as it is measured (a failure later loses nothing):
+- peaks: 8192^3 bf16 and FP8 row-wise matmul rates, device-to-device copy bandwidth (the ceilings).
+- attention: [1, L, 40, 128] bf16 at 480p (L = 33,600) and 720p (L = 75,600): SDPA default, cuDNN, flash,
+  and every optional kernel that imports (SageAttention, flash-attn, FA3's flash_attn_interface); median
+  ms, TFLOP/s and output cosine vs SDPA.
+- block: one full-size block (FP8 weights, tensor-core FP8 matmuls as the runtime uses them, bf16
+  activations) eager, split by CUDA events into FP8 linears, self / cross / audio attention, norms, RoPE,
+  and the rest (modulation, gating, residuals, casts); then the whole block per attention kernel with its
+  output cosine vs SDPA, also of the block's update (output - input), kept only if that is >= 0.999;
+  and the block under torch.compile.
+- clip: the full-size VAE (random weights) encoding 81 frames 640x640 and decoding 21 latent frames in
+  float32 and bf16 (time, peak memory, bf16 error vs float32), colour correction of 81 frames on the CPU
+  (scikit-image) vs the GPU (match_colors_torch), CLIP on one reference frame.
+- rtx4090_model: each measured op scaled by the RTX 4090's published peaks, giving a step time for the
+  rtx4090-24g preset next to the guide's ~70 s, and what the model leaves out.
+
+Run on the device:  python bench/bench_speed.py --out $OUT/speed-h200.json   (about 5 minutes on an H200)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHAPES = {"480p": (21, 40, 40), "720p": (21, 60, 60)}  # latent frames x token rows x token columns
+HEADS, HEAD_DIM, DIM = 40, 128, 5120
+PASSES, BLOCKS = 3, 40
+FP8_DIT_GB = 19.5  # the official FP8 DiT file: what a budget-0 pass streams over PCIe
+# RTX 4090 (AD102) published peaks: dense tensor throughput with fp32 accumulation, GDDR6X bandwidth, and
+# what a PCIe 4.0 x16 link moves in practice from pinned memory.
+RTX4090 = {"bf16_tflops": 165.2, "fp8_tflops": 330.3, "int8_tops": 660.6, "fp32_tflops": 82.6,
+           "memory_gbps": 1008.0, "pcie_gbps": 25.0}
+GUIDE_4090_STEP_S = 70.0
+SAGE_OVER_FA2_ON_4090 = 2.0  # SageAttention 1's published speed-up over FlashAttention-2 on a 4090
+
+
+def median_ms(fn, repeats: int = 10, warmup: int = 2) -> float:
+    """Median of `repeats` CUDA-event timings of fn() after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def peaks() -> dict:
+    from itk.runtime.quant import FP8, quantize_activations
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bf16 = 2 * n**3 / median_ms(lambda: a @ b) / 1e9
+    aq, sa = quantize_activations(a)
+    bq, sb = quantize_activations(b)
+    fp8 = 2 * n**3 / median_ms(lambda: torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(),
+                                                         out_dtype=torch.bfloat16)) / 1e9
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() / median_ms(lambda: y.copy_(x)) / 1e6
+    assert aq.dtype == FP8
+    return {"bf16_tflops": round(bf16, 1), "fp8_rowwise_tflops": round(fp8, 1), "copy_gbps": round(copy, 1)}
+
+
+def attention_kernels() -> dict:
+    """name -> fn(q, k, v) over [B, L, N, d]: SDPA backends plus each optional kernel that imports."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend=None):
+        def run(q, k, v):
+            ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
+            with ctx:
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
+        return run
+
+    kernels = {"sdpa_default": sdpa(), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+               "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+    with contextlib.suppress(Exception):
+        from sageattention import sageattn
+        kernels["sage"] = lambda q, k, v: sageattn(q, k - k.mean(1, keepdim=True), v, tensor_layout="NHD",
+                                                   smooth_k=False)
+    with contextlib.suppress(Exception):
+        from flash_attn import flash_attn_func
+        kernels["flash_attn"] = flash_attn_func
+    with contextlib.suppress(Exception):
+        from flash_attn_interface import flash_attn_func as fa3
+
+        def fa3_out(q, k, v):
+            out = fa3(q, k, v)
+            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        kernels["fa3"] = fa3_out
+    return kernels
+
+
+def attention_section(result: dict, save) -> None:
+    out = result.setdefault("attention", {})
+    for res, (t, h, w) in SHAPES.items():
+        seq = t * h * w
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(3))
+        ref = attention_kernels()["sdpa_default"](q, k, v)
+        flops = 4 * seq * seq * HEADS * HEAD_DIM
+        for name, fn in attention_kernels().items():
+            try:
+                ms = median_ms(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v), repeats=5 if res == "720p" else 10)
+                out[f"{res}.{name}"] = {"L": seq, "ms": round(ms, 2), "tflops": round(flops / ms / 1e9, 1),
+                                        "cosine_vs_sdpa": round(cosine(fn(q, k, v), ref), 6)}
+            except Exception as exc:  # noqa: BLE001 - a kernel that refuses this GPU: record it, go on
+                out[f"{res}.{name}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            save()
+        q = k = v = ref = None
+        torch.cuda.empty_cache()
+
+
+class OpTimer:
+    """CUDA events around the leaves of one block forward, summed per label (no host sync inside)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.context = ["block"]
+
+    @contextlib.contextmanager
+    def span(self, label: str):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.spans.append((label, start, end))
+
+    def totals(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        sums: dict[str, float] = defaultdict(float)
+        for label, start, end in self.spans:
+            sums[label] += start.elapsed_time(end)
+        return dict(sums)
+
+
+def instrument(block, timer: OpTimer):
+    """Time every FP8 linear, norm, attention call and RoPE of `block`; returns an undo function."""
+    import itk.runtime.models.dit as dit
+    from itk.runtime.quant import FP8Linear
+
+    undo = []
+    for module in block.modules():
+        if isinstance(module, FP8Linear | dit.LayerNorm | dit.RMSNorm):
+            label = "fp8_linears" if isinstance(module, FP8Linear) else "norms"
+            original = module.forward
+
+            def timed(*a, _f=original, _l=label, **kw):
+                with timer.span(_l):
+                    return _f(*a, **kw)
+            module.forward = timed
+            undo.append(lambda m=module: m.__dict__.pop("forward"))
+    for name in ("self_attn", "cross_attn", "audio_cross_attn"):
+        sub = getattr(block, name)
+        pre = sub.register_forward_pre_hook(lambda m, a, _n=name: timer.context.append(_n))
+        post = sub.register_forward_hook(lambda m, a, o: timer.context.pop())
+        undo += [pre.remove, post.remove]
+    for fname, label in (("attention", None), ("rope_apply", "rope")):
+        original = getattr(dit, fname)
+
+        def wrapped(*a, _f=original, _l=label, **kw):
+            with timer.span(_l or f"attention.{timer.context[-1]}"):
+                return _f(*a, **kw)
+        setattr(dit, fname, wrapped)
+        undo.append(lambda _n=fname, _f=original: setattr(dit, _n, _f))
+    return lambda: [u() for u in undo]
+
+
+def block_section(result: dict, save, compile_block: bool) -> dict:
+    from bench_dit_step import inputs, random_dit
+
+    from itk.runtime.attention import configure_attention, kernel_for
+    from itk.runtime.configs import DiTConfig
+    from itk.runtime.models.dit import rope_angles
+    from itk.runtime.quant import FP8Kernel
+
+    out = result.setdefault("block", {})
+    model = random_dit(DiTConfig(num_layers=1), FP8Kernel(), "cuda")
+    with torch.no_grad():
+        tokens, grid, _, e0, ctx, audio = model.embed(*inputs(DiTConfig(), "cuda"))
+        rope = rope_angles(grid, model.rope, tokens.device)
+        block = model.blocks[0]
+        args = (tokens, e0, ctx, audio, grid, rope)
+        configure_attention("sdpa")
+        ref = block(*args)
+        out["eager_sdpa_ms"] = round(median_ms(lambda: block(*args)), 2)
+        timer = OpTimer()
+        undo = instrument(block, timer)
+        block(*args)
+        timer.spans.clear()
+        with timer.span("block_total"):
+            block(*args)
+        undo()
+        parts = timer.totals()
+        total = parts.pop("block_total")
+        parts["other (modulation, gating, residuals, casts)"] = total - sum(parts.values())
+        out["ops_ms_eager_sdpa"] = {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+        out["ops_share_eager_sdpa"] = {k: round(v / total, 3) for k, v in out["ops_ms_eager_sdpa"].items()}
+        save()
+        for choice in ("flash", "sage"):
+            configure_attention(choice)
+            name, _ = kernel_for(0)
+            if name != choice:
+                out[f"eager_{choice}"] = "not installed here"
+                continue
+            try:
+                ours = block(*args)
+                update = cosine(ours - tokens, ref - tokens)  # the residual stream alone would hide errors
+                out[f"eager_{choice}"] = {"ms": round(median_ms(lambda: block(*args)), 2),
+                                          "cosine_vs_sdpa": round(cosine(ours, ref), 6),
+                                          "update_cosine_vs_sdpa": round(update, 6), "kept": update >= 0.999}
+            except Exception as exc:  # noqa: BLE001
+                out[f"eager_{choice}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            save()
+        configure_attention("sdpa")
+        if compile_block:
+            try:
+                compiled = torch.compile(block)
+                t0 = time.perf_counter()
+                compiled(*args)
+                torch.cuda.synchronize()
+                out["compile_s"] = round(time.perf_counter() - t0, 1)
+                out["compiled_sdpa_ms"] = round(median_ms(lambda: compiled(*args)), 2)
+                out["compiled_cosine_vs_eager"] = round(cosine(compiled(*args), ref), 6)
+            except Exception as exc:  # noqa: BLE001
+                out["compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            save()
+    configure_attention("auto")
+    return out
+
+
+def clip_section(result: dict, save) -> None:
+    from itk.runtime.color import match_colors
+    from itk.runtime.configs import CLIPConfig, VAEConfig
+    from itk.runtime.models.clip import CLIPVision
+    from itk.runtime.models.vae import WanVAE
+
+    out = result.setdefault("clip", {})
+    g = torch.Generator(device="cuda").manual_seed(3)
+    video = torch.rand(3, 81, 640, 640, device="cuda", generator=g) * 2 - 1
+    torch.manual_seed(0)
+    vae32 = WanVAE(VAEConfig()).cuda().eval().requires_grad_(False)
+    for module in vae32.modules():  # default init explodes through 30 residual blocks: keep activations O(1)
+        if isinstance(module, torch.nn.Conv3d | torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=(2.0 / module.weight[0].numel()) ** 0.5 * 0.5)
+    latents = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = vae32 if dtype == torch.float32 else WanVAE(VAEConfig()).cuda().eval().requires_grad_(False)
+        if dtype != torch.float32:
+            vae.load_state_dict(vae32.state_dict())
+            vae = vae.to(dtype)
+        key = str(dtype).split(".")[-1]
+        for op, run in (("encode_81f", lambda vae=vae: vae.encode(video)),
+                        ("decode_21lat", lambda vae=vae: vae.decode(latents["float32"]))):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            ms = median_ms(run, repeats=2, warmup=1)
+            value = run()
+            entry = {"s": round(ms / 1000, 3), "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+            if op == "encode_81f":
+                latents[key] = value
+            else:
+                latents[f"{key}.video"] = value
+            if key == "bfloat16":
+                ref = latents["float32" if op == "encode_81f" else "float32.video"]
+                entry["rel_err_vs_float32"] = ((value - ref).abs().max() / ref.abs().max()).item()
+                entry["cosine_vs_float32"] = round(cosine(value, ref), 6)
+            out[f"vae_{op}_{key}"] = entry
+            save()
+        vae = None
+        torch.cuda.empty_cache()
+    clip = video[None].clamp(-1, 1)
+    reference = clip[:, :, :1]
+    t0 = time.perf_counter()
+    on_cpu = match_colors(clip.cpu(), reference.cpu(), 1.0)
+    out["color_correction_cpu_skimage_s"] = round(time.perf_counter() - t0, 2)
+    ms = median_ms(lambda: match_colors(clip, reference, 1.0), repeats=3, warmup=1)
+    on_gpu = match_colors(clip, reference, 1.0)
+    out["color_correction_gpu_s"] = round(ms / 1000, 3)
+    out["color_correction_gpu_vs_cpu_max_abs"] = (on_gpu.cpu() - on_cpu).abs().max().item()
+    save()
+    cfg = CLIPConfig()
+    with torch.device("cuda"):
+        encoder = CLIPVision(cfg)
+    encoder.init_non_persistent("cuda")
+    encoder = encoder.to(torch.float16).eval()
+    out["clip_one_frame_fp16_s"] = round(median_ms(lambda: encoder.encode(reference), repeats=5) / 1000, 4)
+    save()
+
+
+def rtx4090_model(result: dict) -> dict:
+    """Scale each measured H200 op by the 4090/H200 ratio of the unit that bounds it."""
+    p, blk = result["peaks"], result["block"]["ops_ms_eager_sdpa"]
+    linear = blk.get("fp8_linears", 0.0) * p["fp8_rowwise_tflops"] / RTX4090["fp8_tflops"]
+    attn_h200 = sum(v for k, v in blk.items() if k.startswith("attention."))
+    attn_bf16 = attn_h200 * p["bf16_tflops"] / RTX4090["bf16_tflops"]
+    rest_h200 = sum(v for k, v in blk.items() if k == "norms" or k == "rope" or k.startswith("other"))
+    rest = rest_h200 * p["copy_gbps"] / RTX4090["memory_gbps"]
+    stream_s = FP8_DIT_GB / RTX4090["pcie_gbps"]
+    model = {"per_block_ms": {"fp8_linears": round(linear, 1), "attention_bf16_fa2_class": round(attn_bf16, 1),
+                              "attention_8bit_sage": round(attn_bf16 / SAGE_OVER_FA2_ON_4090, 1),
+                              "memory_bound_rest": round(rest, 1)}}
+    for name, attn in (("bf16_attention", attn_bf16), ("sage_attention", attn_bf16 / SAGE_OVER_FA2_ON_4090)):
+        compute_pass = BLOCKS * (linear + attn + rest) / 1000
+        model[name] = {"compute_per_pass_s": round(compute_pass, 2), "stream_per_pass_s": round(stream_s, 2),
+                       "step_s_streaming_overlapped": round(PASSES * max(compute_pass, stream_s), 1),
+                       "step_s_streaming_serial": round(PASSES * (compute_pass + stream_s), 1)}
+    model["guide_official_step_s"] = GUIDE_4090_STEP_S
+    model["leaves_out"] = (
+        "the 4090's sustained clocks under its 450 W limit (peaks assume boost), kernel efficiency on Ada (the "
+        "H200's measured efficiency is carried over unchanged), the smaller L2 and SM count, launch overhead, "
+        "host RAM too small to pin 19.5 GB (a pageable ring is slower), torch.compile fusion differences, the "
+        "embedding and head outside the blocks (<1%), and everything outside the DiT (VAE, CLIP, colour, T5). "
+        "SageAttention's factor is the published 4090 speed-up, not measured here.")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench/results/speed-h200.json")
+    parser.add_argument("--only", default="", help="comma-separated sections: peaks,attention,block,clip")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd block")
+    opts = parser.parse_args()
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "shape_480p": "1 x 33600 tokens x 40 heads x 128, 769 context tokens, 640x640 81 frames"}
+
+    def save() -> None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+
+    sections = opts.only.split(",") if opts.only else ["peaks", "attention", "block", "clip"]
+    for section in sections:
+        t0 = time.perf_counter()
+        try:
+            if section == "peaks":
+                result["peaks"] = peaks()
+            elif section == "attention":
+                attention_section(result, save)
+            elif section == "block":
+                block_section(result, save, not opts.no_compile)
+            elif section == "clip":
+                clip_section(result, save)
+        except Exception as exc:  # noqa: BLE001 - keep the other sections
+            result[f"{section}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        result.setdefault("section_s", {})[section] = round(time.perf_counter() - t0, 1)
+        save()
+        torch.cuda.empty_cache()
+    with contextlib.suppress(KeyError):
+        result["rtx4090_model"] = rtx4090_model(result)
+    save()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
