@@ -161,7 +161,8 @@ DEFAULT_LORA_SCALE = 1.0  # the README's distill-LoRA scale; the official script
 # Key endings of every LoRA convention the generator merges (official/Kijai, diffusers/PEFT, full deltas);
 # the generator maps the module names and checks the shapes against the model.
 LORA_KEY_ENDINGS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".diff", ".diff_b")
-LORA_FIX = "a LoRA for Wan2.1 14B is a .safetensors file with keys like diffusion_model.blocks.0.self_attn.q.lora_down.weight"
+LORA_FIX = ("a LoRA for Wan2.1 14B is a .safetensors file with keys like "
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight")
 
 
 @dataclass(frozen=True)

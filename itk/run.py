@@ -95,7 +95,7 @@ def lora_pairs(preset_loras: list[tuple[Path, float]], user_loras: list[tuple[Pa
         names = ", ".join(path.name for path, _ in pairs) or "none"
         raise UserError(f"--set lora_scale gives {len(set_scales)} scale(s) for {len(pairs)} LoRA file(s) ({names})",
                         "give one scale per file, the preset's first, or set each with --lora FILE:SCALE", EXIT_USAGE)
-    return [(path, scale) for (path, _), scale in zip(pairs, set_scales)]
+    return [(path, scale) for (path, _), scale in zip(pairs, set_scales, strict=True)]
 
 
 def output_path(output: str | Path | None) -> Path:
