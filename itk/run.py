@@ -218,20 +218,16 @@ class Plan:
 
     @property
     def recipe(self) -> str:
-        """What one clip costs and what is merged into the DiT: "4 steps x 2 passes, LoRA a.safetensors x1"."""
-        loras = " + ".join(f"{path.name} x{scale:g}" for path, scale in self.loras)
-        return f"{self.steps} steps x {self.passes} passes" + (f", LoRA {loras}" if loras else "")
+        return recipe(self.settings, self.loras)
 
     @property
     def estimate(self) -> str:
-        """The run's cost (steps x passes, LoRAs) and time estimate in words, or why there is no estimate
-        (never a number nobody measured)."""
+        """The run's time estimate in words, or why there is none (never a number nobody measured)."""
         if self.step_time is None:
             gpu = f"an {self.gpu_name}" if self.gpu_name else "this machine (no NVIDIA GPU found)"
-            return (f"{self.recipe}; no time estimate: preset {self.preset_name}'s step time has not been "
-                    f"measured on {gpu}")
-        return (f"{self.recipe}; about {duration(self.estimate_s or 0)} for {self.media.clips * self.steps} steps "
-                f"at {self.step_time.label}")
+            return f"no time estimate: preset {self.preset_name}'s step time has not been measured on {gpu}"
+        return (f"about {duration(self.estimate_s or 0)} for {self.media.clips * self.steps} steps at "
+                f"{self.step_time.label}")
 
     @property
     def resume_folder(self) -> Path:
@@ -309,6 +305,14 @@ class Plan:
                 "warnings": self.media.warnings}
 
 
+def recipe(settings: dict[str, Any], loras: list[tuple[Path, float]]) -> str:
+    """What one clip costs and what is merged into the DiT: "4 steps x 2 passes, LoRA a.safetensors x1"."""
+    from itk.presets import guidance_passes, steps_of
+
+    merged = " + ".join(f"{path.name} x{scale:g}" for path, scale in loras)
+    return f"{steps_of(settings)} steps x {guidance_passes(settings)} passes" + (f", LoRA {merged}" if merged else "")
+
+
 def duration(seconds: float) -> str:
     """1 h 05 min / 12 min 30 s / 40 s (the same form as the console's elapsed times)."""
     minutes, secs = divmod(max(0, round(seconds)), 60)
@@ -374,8 +378,9 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
     argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
                           out.with_suffix(""), resume=resume is not None, loras=pairs)
-    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, unusable, fetch, doctor,
-                expected_step_s(preset.name, gpu), gpu, resume, pairs)
+    # the preset line of a dry run says what a clip costs and which LoRAs are merged
+    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}", job, media, settings, out, run_dir, argv,
+                unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs)
 
 
 def video_seconds(path: Path) -> float | None:

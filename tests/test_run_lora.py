@@ -132,8 +132,8 @@ def test_dry_run_shows_the_steps_x_passes_and_every_lora(tmp_path, media):
     mine = write_lora(tmp_path / "mine.safetensors")
     proc = itk("run", "--dry-run", *media, "--preset", "rtx4090-24g-fast", "--lora", f"{mine}:0.8", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert ("2 clip(s) x 4 steps; 4 steps x 2 passes, LoRA wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors x1 "
-            "+ mine.safetensors x0.8") in proc.stderr
+    assert ("preset rtx4090-24g-fast (chosen with --preset); 4 steps x 2 passes, LoRA "
+            "wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors x1 + mine.safetensors x0.8") in proc.stderr
     assert "--lora_dir" in proc.stdout and str(mine) in proc.stdout
     data = json.loads(itk("run", "--dry-run", "--json", *media, "--preset", "rtx4090-24g-fast", "--lora",
                           f"{mine}:0.8", cwd=tmp_path).stdout)
