@@ -184,13 +184,14 @@ def resolve_commits(api, pairs: set[tuple[Repo, str]], ep: str) -> dict[tuple[st
 
 
 def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
-    """--all: what the guide's whole-repo downloads get (every file of each repo at its revision), plus the
-    manifest's files from other revisions (wav2vec2's model.safetensors from refs/pr/1). Each listing is taken
+    """--all: what the guide's whole-repo downloads get (every file of each of its repos at its revision; the
+    LoRA collections are left out: fetch a LoRA with its preset or --component), plus the manifest's files
+    from other revisions (wav2vec2's model.safetensors from refs/pr/1). Each listing is taken
     at the commit its revision resolves to; resolving first also fails fast when the hub cannot be reached
     (the listing call has the client's own long backoff)."""
-    commits = resolve_commits(api, {(r, r.revision) for r in manifest.repos.values()}, ep)
+    commits = resolve_commits(api, {(r, r.revision) for r in manifest.whole_repos}, ep)
     files = []
-    for repo in manifest.repos.values():
+    for repo in manifest.whole_repos:
         commit = commits[(repo.key, repo.revision)]
         try:
             tree = with_retries(lambda r=repo, c=commit: list(api.list_repo_tree(r.id, revision=c, recursive=True)))
@@ -201,7 +202,7 @@ def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
     listed = {(f.repo.key, f.path, f.revision) for f in files}
     for comp in manifest.components.values():
         for f in comp.files:
-            if (f.repo.key, f.path, f.revision) not in listed:
+            if f.repo.whole and (f.repo.key, f.path, f.revision) not in listed:
                 files.append(f)
                 listed.add((f.repo.key, f.path, f.revision))
     return files
@@ -441,7 +442,7 @@ def select_files(preset: str | None, components: tuple[str, ...], all_files: boo
     """offline: --all without the hub can only name the manifest's files (the full listing is the hub's)."""
     manifest = load_manifest()
     if all_files and offline:
-        return (manifest.files_for(list(manifest.components)),
+        return ([f for f in manifest.files_for(list(manifest.components)) if f.repo.whole],
                 "--all (only the manifest's files: listing every file of the three repos needs the hub)")
     if all_files:
         return full_repo_files(hub_api(), manifest, endpoint()), "--all: every file of the three repos"

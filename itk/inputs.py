@@ -154,3 +154,65 @@ def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
         warnings.append(f"{frames / FPS:.0f} s of video: colours may drift after about {COLOUR_DRIFT_S} s")
     return MediaFacts("video" if job.is_video else "image", width, height, audio_s, frames,
                       clip_count(frames, settings), warnings)
+
+
+# --- a user's own LoRA (`itk run --lora FILE[:SCALE]`) --------------------------------------------------------
+DEFAULT_LORA_SCALE = 1.0  # the README's distill-LoRA scale; the official script's default without --lora_scale is 1.2
+# Key endings of every LoRA convention the generator merges (official/Kijai, diffusers/PEFT, full deltas);
+# the generator maps the module names and checks the shapes against the model.
+LORA_KEY_ENDINGS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight", ".diff", ".diff_b")
+LORA_FIX = ("a LoRA for Wan2.1 14B is a .safetensors file with keys like "
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight")
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    path: Path
+    scale: float
+    tensors: int  # LoRA-looking tensors in the file
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} x{self.scale:g}"
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` -> (path, scale). The scale is what follows the last colon, unless the whole text names
+    an existing file (a file name may hold a colon)."""
+    path, sep, tail = text.rpartition(":")
+    if not sep or Path(text).expanduser().exists() or "/" in tail or "\\" in tail:
+        return Path(text).expanduser().absolute(), DEFAULT_LORA_SCALE
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise bad_input(f"--lora {text}: the scale {tail!r} is not a number",
+                        f"--lora {path}:0.8 (FILE:SCALE; without :SCALE the scale is {DEFAULT_LORA_SCALE:g})") from None
+    if not math.isfinite(scale):
+        raise bad_input(f"--lora {text}: the scale must be a finite number", f"--lora {path}:1")
+    return Path(path).expanduser().absolute(), scale
+
+
+def check_lora(text: str) -> LoraFile:
+    """A user's LoRA, checked before the model loads: the file exists and is a readable safetensors file with
+    LoRA-looking keys. Reads only the header (no torch); the generator checks the shapes against the model."""
+    from itk.safetensors_header import HeaderError, read_header
+
+    path, scale = parse_lora(text)
+    if path.is_dir():
+        raise bad_input(f"--lora {path} is a folder", "give the LoRA's .safetensors file inside it")
+    if not path.is_file():
+        raise bad_input(f"--lora {path}: no such file", "check the path (relative paths: the current folder)")
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        raise bad_input(f"--lora {path} is not a safetensors file: {exc}",
+                        "itk loads LoRAs only as .safetensors (a pickled .ckpt/.pt can run code: convert it)") from None
+    except OSError as exc:
+        raise bad_input(f"--lora {path} cannot be read ({exc.strerror or type(exc).__name__})",
+                        "check the file's permissions") from None
+    lora_keys = [k for k in header.tensors if k.endswith(LORA_KEY_ENDINGS)]
+    if not lora_keys:
+        first = ", ".join(list(header.tensors)[:2]) or "none"
+        raise bad_input(f"--lora {path} has {len(header.tensors)} tensors but no LoRA keys (first: {first})",
+                        LORA_FIX)
+    return LoraFile(path, scale, len(lora_keys))

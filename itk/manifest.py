@@ -22,6 +22,7 @@ class Repo:
     id: str
     revision: str
     local_dir: str
+    whole: bool = True  # `itk fetch --all` downloads every file of it (the guide's repos); False: listed files only
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class Component:
 class Manifest:
     repos: dict[str, Repo]
     components: dict[str, Component]
+
+    @property
+    def whole_repos(self) -> list[Repo]:
+        """The repos `itk fetch --all` downloads whole, as the guide does (not the LoRA collections)."""
+        return [r for r in self.repos.values() if r.whole]
 
     def component(self, name: str) -> Component:
         if name not in self.components:

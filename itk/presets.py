@@ -4,6 +4,8 @@ Every command that needs a preset (doctor, fetch, run, diagnose, presets, selfte
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -15,6 +17,35 @@ from itk.toml import read_toml
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 FALLBACK = "rtx4090-24g"
+
+
+def guidance_passes(settings: Mapping[str, Any]) -> int:
+    """DiT calls per denoising step under our runtime's rule: 3 (conditional, no text, no audio); 2 when the
+    text scale is 1 (the text pass changes nothing); 1 when the audio scale is 1 too. The official code
+    compares with math.isclose, and still runs 2 when both are 1."""
+    from itk.runtime.protocol import FLAG
+
+    def is_one(name: str) -> bool:
+        return math.isclose(float(settings.get(name, FLAG[name].default)), 1.0)
+
+    if not is_one("sample_text_guide_scale"):
+        return 3
+    return 1 if is_one("sample_audio_guide_scale") else 2
+
+
+def steps_of(settings: Mapping[str, Any]) -> int:
+    from itk.runtime.protocol import DEFAULT_STEPS
+
+    return int(settings.get("sample_steps") or DEFAULT_STEPS)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA a preset merges into the DiT: one of its manifest files (`repo:path`, role lora) and its
+    multiplier (the generator's --lora_dir / --lora_scale, paired in the order the preset lists them)."""
+
+    file: str
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -31,6 +62,30 @@ class Preset:
     generator: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)  # generator flag -> "repo" or "repo:file"
     expected_step_s: float | None = None  # measured, where a preset has been run
+    auto: bool = True  # False: only with --preset (fast presets trade fidelity; the default stays faithful)
+    trade: str = ""  # what a preset gives up for its speed, in words
+    long_video_warning: str = ""  # said by `itk run` when the video is past a minute
+    loras: tuple[Lora, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        return steps_of(self.generator)
+
+    @property
+    def passes(self) -> int:
+        return guidance_passes(self.generator)
+
+    @property
+    def cost(self) -> str:
+        """"40 steps x 3 passes": the DiT calls per clip, the number a step time multiplies."""
+        return f"{self.steps} steps x {self.passes} passes"
+
+    def lora_files(self, weights_dir: Path) -> list[tuple[Path, float]]:
+        """This preset's LoRA files under `weights_dir` with their scales, in the preset's order."""
+        from itk.manifest import load_manifest
+
+        files = {f"{f.repo.key}:{f.path}": f for f in load_manifest().files_for(self.components)}
+        return [(files[lora.file].local_path(weights_dir), lora.scale) for lora in self.loras]
 
     @property
     def requirements(self) -> str:
@@ -102,6 +157,9 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
         data = read_toml(path)
         hw = data["hardware"]
         _check_settings(path, data["generator"])
+        components = tuple(data["weights"]["components"])
+        loras = tuple(Lora(str(item["file"]), float(item["scale"])) for item in data.get("lora", []))
+        _check_loras(path, loras, components)
         presets[data["name"]] = Preset(
             name=data["name"],
             summary=data["summary"],
@@ -111,10 +169,14 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
             min_vram_gb=float(hw["min_vram_gb"]),
             min_ram_gb=float(hw["min_ram_gb"]),
             min_compute_capability=float(hw["min_compute_capability"]),
-            components=tuple(data["weights"]["components"]),
+            components=components,
             generator=dict(data["generator"]),
             paths=dict(data.get("paths", {})),
             expected_step_s=data.get("expected_step_s"),
+            auto=bool(data.get("auto", True)),
+            trade=data.get("trade", ""),
+            long_video_warning=data.get("long_video_warning", ""),
+            loras=loras,
         )
     return presets
 
@@ -133,6 +195,19 @@ def _check_settings(path: Path, generator: dict[str, Any]) -> None:
         raise ValueError(f"{path.name}: [generator] {exc.message}") from None
 
 
+def _check_loras(path: Path, loras: tuple[Lora, ...], components: tuple[str, ...]) -> None:
+    """Each [[lora]] names a LoRA file of the preset's own components, with a finite scale."""
+    from itk.manifest import load_manifest
+
+    files = {f"{f.repo.key}:{f.path}": f for f in load_manifest().files_for(components)}
+    for lora in loras:
+        f = files.get(lora.file)
+        if f is None or f.role != "lora":
+            raise ValueError(f"{path.name}: [[lora]] {lora.file} is not a LoRA file of its [weights] components")
+        if not math.isfinite(lora.scale):
+            raise ValueError(f"{path.name}: [[lora]] {lora.file}: scale {lora.scale} is not a finite number")
+
+
 def get_preset(name: str) -> Preset:
     presets = load_presets()
     if name not in presets:
@@ -141,8 +216,9 @@ def get_preset(name: str) -> Preset:
 
 
 def choose_preset(facts: MachineFacts) -> tuple[Preset, str]:
-    """The best-ranked preset this machine meets, and one line saying why."""
-    presets = sorted(load_presets().values(), key=lambda p: -p.rank)
+    """The best-ranked preset this machine meets, and one line saying why. Presets with auto = false (the fast
+    ones: fewer steps, a distill LoRA) are never chosen here, only with --preset."""
+    presets = sorted((p for p in load_presets().values() if p.auto), key=lambda p: -p.rank)
     for preset in presets:
         if not preset.unmet(facts):
             return preset, f"{preset.name}: this machine meets its requirements ({preset.summary})"
@@ -186,11 +262,15 @@ def cost_versus(other: Preset, chosen: Preset) -> str:
     both were measured."""
     line = (f"{other.name} also fits: a {other.download_bytes / 1e9:.1f} GB download "
             f"(vs {chosen.download_bytes / 1e9:.1f} GB)")
+    if other.cost != chosen.cost:
+        line += f", {other.cost} (vs {chosen.cost})"
     theirs = {m.gpu: m for m in chosen.measured}
     for m in other.measured:
         if m.gpu in theirs:
             line += f", {m.seconds:g} vs {theirs[m.gpu].seconds:g} s per step on an {m.gpu}"
             break
+    if other.trade:
+        line += f"; trades: {other.trade}"
     return f"{line}: --preset {other.name}"
 
 
@@ -201,11 +281,17 @@ def listing(facts: MachineFacts) -> PresetListing:
         {
             "name": p.name,
             "status": p.shown_status,
-            "summary": p.summary,
+            "summary": f"{p.summary}; {p.cost}",  # the table's one text column says what a clip costs
             "requirements": p.requirements,
             "download_gb": round(p.download_bytes / 1e9, 1),
-            "provenance": p.shown_provenance,
+            "provenance": p.shown_provenance + (f"; trades: {p.trade}" if p.trade else ""),
             "measured_step_s": {m.gpu: m.seconds for m in p.measured},
+            "steps": p.steps,
+            "passes": p.passes,
+            "cost": p.cost,
+            "trade": p.trade,
+            "auto": p.auto,
+            "loras": [{"file": lora.file, "scale": lora.scale} for lora in p.loras],
             "unmet": p.unmet(facts),
             "chosen": p.name == chosen.name,
         }

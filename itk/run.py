@@ -54,11 +54,14 @@ def generator_command() -> list[str]:
 
 
 def generator_argv(generator: list[str], path_flags: dict[str, Path], settings: dict[str, Any], job_path: Path,
-                   stem: Path, resume: bool = False) -> list[str]:
-    """The exact command line, spelled by the protocol's flag table: path flags, then the settings in the
-    preset's order (as the guide writes them), then the job and the output stem, then --resume (itk's own
-    flag; left out while the generator's flag table does not have it, which then could not parse it)."""
-    values = [*path_flags.items(), *settings.items(), ("input_json", job_path), ("save_file", stem)]
+                   stem: Path, resume: bool = False, loras: list[tuple[Path, float]] | None = None) -> list[str]:
+    """The exact command line, spelled by the protocol's flag table: path flags (then --lora_dir), then the
+    settings in the preset's order (as the guide writes them; then --lora_scale, one per file: the generator
+    pairs them with zip, as the official one does), then the job and the output stem, then --resume (itk's own
+    flag)."""
+    files = [("lora_dir", [path for path, _ in loras])] if loras else []
+    scales = [("lora_scale", [scale for _, scale in loras])] if loras else []
+    values = [*path_flags.items(), *files, *settings.items(), *scales, ("input_json", job_path), ("save_file", stem)]
     if resume:
         values.append(("resume", True))
     return [*generator, *(arg for name, value in values for arg in to_argv({name: value}))]
@@ -79,6 +82,20 @@ def setting_warnings(settings: dict[str, Any], vram_gb: float | None) -> list[st
         return [f"this GPU has {vram_gb:.0f} GB: without num_persistent_param_in_dit=0 the whole DiT is put on it "
                 "and the run ends in CUDA out of memory; add --set num_persistent_param_in_dit=0"]
     return []
+
+
+def lora_pairs(preset_loras: list[tuple[Path, float]], user_loras: list[tuple[Path, float]],
+               set_scales: list[float] | None) -> list[tuple[Path, float]]:
+    """The run's LoRA files and scales, in zip order: the preset's, then the user's `--lora`s. `--set lora_scale`
+    replaces the scales, one per file (the official zip would silently drop files beyond the scales)."""
+    pairs = [*preset_loras, *user_loras]
+    if set_scales is None:
+        return pairs
+    if len(set_scales) != len(pairs):
+        names = ", ".join(path.name for path, _ in pairs) or "none"
+        raise UserError(f"--set lora_scale gives {len(set_scales)} scale(s) for {len(pairs)} LoRA file(s) ({names})",
+                        "give one scale per file, the preset's first, or set each with --lora FILE:SCALE", EXIT_USAGE)
+    return [(path, scale) for (path, _), scale in zip(pairs, set_scales, strict=True)]
 
 
 def output_path(output: str | Path | None) -> Path:
@@ -156,6 +173,7 @@ class Plan:
     step_time: Measurement | None = None  # OUR runtime's measured step on this GPU class (itk.measured)
     gpu_name: str | None = None
     resume: str | None = None  # the line saying this run continues an interrupted one (None: a fresh run)
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # --lora_dir/--lora_scale, in zip order
 
     @property
     def command_line(self) -> str:
@@ -169,6 +187,17 @@ class Plan:
     @property
     def estimate_s(self) -> float | None:
         return self.media.clips * self.steps * self.step_time.seconds if self.step_time else None
+
+    @property
+    def passes(self) -> int:
+        """DiT calls per step under these guidance settings (3, 2 with text guidance 1, 1 with both at 1)."""
+        from itk.presets import guidance_passes
+
+        return guidance_passes(self.settings)
+
+    @property
+    def recipe(self) -> str:
+        return recipe(self.settings, self.loras)
 
     @property
     def estimate(self) -> str:
@@ -250,7 +279,17 @@ class Plan:
                 "unusable_weights": [{"file": st.label, "state": st.state, "detail": st.detail, "fix": st.fix}
                                      for st in self.unusable],
                 "estimate_s": self.estimate_s, "estimate": self.estimate, "resume": self.resume,
+                "steps": self.steps, "passes": self.passes,
+                "loras": [{"file": str(path), "scale": scale} for path, scale in self.loras],
                 "warnings": self.media.warnings}
+
+
+def recipe(settings: dict[str, Any], loras: list[tuple[Path, float]]) -> str:
+    """What one clip costs and what is merged into the DiT: "4 steps x 2 passes, LoRA a.safetensors x1"."""
+    from itk.presets import guidance_passes, steps_of
+
+    merged = " + ".join(f"{path.name} x{scale:g}" for path, scale in loras)
+    return f"{steps_of(settings)} steps x {guidance_passes(settings)} passes" + (f", LoRA {merged}" if merged else "")
 
 
 def duration(seconds: float) -> str:
@@ -263,12 +302,14 @@ def duration(seconds: float) -> str:
 def plan_run(image: str | None = None, video: str | None = None, audio: str | None = None, prompt: str | None = None,
              output: str | Path | None = None, preset_name: str | None = None, input_json: str | None = None,
              sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
-             generator: list[str] | None = None, gpu_name: str | None = None) -> Plan:
+             generator: list[str] | None = None, gpu_name: str | None = None,
+             loras: tuple[str, ...] | list[str] = ()) -> Plan:
     """Check inputs, output, settings and weights and build the command line; launches nothing, prints
     nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
-    measured step time the estimate uses (default: this machine's)."""
+    measured step time the estimate uses (default: this machine's). `loras`: the user's own LoRA files as
+    `FILE[:SCALE]`, each checked here and merged after the preset's own."""
     from itk import machine
-    from itk.inputs import job_from_options, validate
+    from itk.inputs import COLOUR_DRIFT_S, check_lora, job_from_options, validate
     from itk.manifest import load_manifest
     from itk.measured import expected_step_s
     from itk.paths import weights_dir as resolve_weights_dir
@@ -278,6 +319,8 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
 
     preset, reason = resolve_preset(preset_name)
     settings = {**preset.generator, **parse_sets(sets)}
+    set_scales = settings.pop("lora_scale", None)
+    user_loras = [(f.path, f.scale) for f in map(check_lora, loras)]
     out = output_path(output).absolute()
     check_output(out)
     if input_json:
@@ -290,6 +333,8 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     else:
         job = job_from_options(image, video, audio, prompt)
     media = validate(job, settings)
+    if preset.long_video_warning and media.video_s > COLOUR_DRIFT_S:
+        media.warnings.append(preset.long_video_warning)
     facts = machine.gather() if preset_name or gpu_name is None else None
     if preset_name:  # an automatic choice already fits this GPU
         media.warnings += setting_warnings(settings, facts.vram_gb if facts else None)
@@ -305,14 +350,16 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     run_dir = run_folder(out)
     path_flags = preset.path_flags(wdir)
     if settings.get("quant") and "quant_dir" not in path_flags:
-        quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths]
+        quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths and p.auto]
         raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
     resume = resume_line(out)
+    pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
     argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
-                          out.with_suffix(""), resume=resume is not None)
-    return Plan(preset.name, reason, job, media, settings, out, run_dir, argv, unusable, fetch, doctor,
-                expected_step_s(preset.name, gpu), gpu, resume)
+                          out.with_suffix(""), resume=resume is not None, loras=pairs)
+    # the preset line of a dry run says what a clip costs and which LoRAs are merged
+    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}", job, media, settings, out, run_dir, argv,
+                unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs)
 
 
 def video_seconds(path: Path) -> float | None:

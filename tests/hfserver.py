@@ -288,6 +288,19 @@ def tiny_safetensors(n_floats: int, seed: int) -> bytes:
     return struct.pack("<Q", len(header)) + header + random.Random(seed).randbytes(4 * n_floats)
 
 
+def tiny_lora(rank: int, seed: int, dim: int = 8) -> bytes:
+    """A safetensors file shaped like a LoRA (official/Kijai keys: lora_down [rank, dim], lora_up [dim, rank])."""
+    names = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": [rank, dim],
+             "diffusion_model.blocks.0.self_attn.q.lora_up.weight": [dim, rank]}
+    header, offset = {}, 0
+    for name, shape in names.items():
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * rank * dim]}
+        offset += 4 * rank * dim
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + random.Random(seed).randbytes(offset)
+
+
 def tiny_pth(seed: int, n: int = 2048) -> bytes:
     """A zip archive shaped like torch.save's (archive/data.pkl + archive/data/0)."""
     buf = io.BytesIO()
@@ -305,10 +318,18 @@ WAN = "Wan-AI/Wan2.1-I2V-14B-480P"
 W2V = "TencentGameMate/chinese-wav2vec2-base"
 ITK = "MeiGen-AI/InfiniteTalk"
 BIG = "quant_models/infinitetalk_single_fp8.safetensors"
+# The LoRA collections: itk takes only the manifest's file from each (never the whole repo).
+KIJAI = "Kijai/WanVideo_comfy"
+LIGHTX2V = "lightx2v/Wan2.1-Distill-Loras"
+FUSIONX = "vrgamedevgirl84/Wan14BT2VFusioniX"
+LORAS = {KIJAI: "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors",
+         LIGHTX2V: "wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors",
+         FUSIONX: "FusionX_LoRa/Wan2.1_I2V_14B_FusionX_LoRA.safetensors"}
 
 
 def standard_hub(big_floats: int = 1 << 18) -> Hub:
-    """The three repos with the real ids, paths and branches, tiny contents (BIG is 1 MiB by default)."""
+    """The three repos and the three LoRA collections with the real ids, paths and branches, tiny contents (BIG
+    is 1 MiB by default)."""
     hub = Hub()
     wan: dict[str, bytes | Path] = {
         ".gitattributes": text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n"),
@@ -349,6 +370,9 @@ def standard_hub(big_floats: int = 1 << 18) -> Hub:
         "quant_models/infinitetalk_multi_fp8.safetensors": tiny_safetensors(1024, 24),
         "quant_models/infinitetalk_multi_fp8.json": text(json.dumps({"blocks.0.q": "fp8"})),
     })
+    for i, (repo_id, path) in enumerate(LORAS.items()):
+        hub.add(repo_id, "main", {"README.md": text(f"# {repo_id} (test hub)\n"), path: tiny_lora(4 + 4 * i, 30 + i),
+                                  "other/not_for_itk.safetensors": tiny_safetensors(64, 40 + i)})
     return hub
 
 

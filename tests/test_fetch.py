@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hfserver import BIG, ITK, W2V, WAN, HubServer, standard_hub
+from hfserver import BIG, ITK, LIGHTX2V, LORAS, W2V, WAN, HubServer, standard_hub
 from hubcli import LOCAL_DIRS, hub_bytes, itk_cmd, itk_env, run_itk
 
 PRESET = "rtx4090-24g"
@@ -106,6 +106,19 @@ def test_all_reproduces_the_guides_full_download_of_every_repo(hub, tmp_path, we
             assert (weights / local / path).read_bytes() == hub_bytes(hub, repo_id, path)
     assert (weights / "chinese-wav2vec2-base/model.safetensors").is_file()
     assert (weights / "Wan2.1-I2V-14B-480P/diffusion_pytorch_model-00007-of-00007.safetensors").is_file()
+    # the LoRA collections are never listed nor taken whole (Kijai's holds hundreds of GB)
+    assert not [e for e in hub.log if any(repo_id in e["url"] for repo_id in LORAS)]
+
+
+def test_a_fast_preset_fetch_pulls_its_lora_file_and_nothing_else_of_the_lora_repo(hub, tmp_path, weights):
+    proc = fetch(hub, tmp_path, "--preset", "rtx4090-24g-fast", "--weights-dir", str(weights))
+    assert proc.returncode == 0, proc.stderr
+    lora = LORAS[LIGHTX2V]
+    assert (weights / "Wan2.1-Distill-Loras" / lora).read_bytes() == hub_bytes(hub, LIGHTX2V, lora)
+    assert downloads(hub).count(lora) == 1 and "other/not_for_itk.safetensors" not in downloads(hub)
+    record = json.loads((weights / ".itk" / "verified.json").read_text())["files"]
+    assert record[f"Wan2.1-Distill-Loras/{lora}"]["verdict"] == "ok"
+    assert BIG in downloads(hub)  # and the rest of the FP8 preset's files with it
 
 
 def start_slow_fetch(hub, tmp_path, weights) -> subprocess.Popen:
@@ -227,7 +240,7 @@ def test_a_dry_run_without_network_shows_the_plan_from_the_manifests_approximate
     plan = json.loads(proc.stdout)
     assert plan["approximate"] is True and plan["files"] and {f["state"] for f in plan["files"]} == {"download"}
     manifest = load_manifest()
-    manifest_sizes = {f.label: f.size for f in manifest.files_for(list(manifest.components))}
+    manifest_sizes = {f.label: f.size for f in manifest.files_for(list(manifest.components)) if f.repo.whole}
     assert {f["file"]: f["size"] for f in plan["files"]} == manifest_sizes
 
 

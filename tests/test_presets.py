@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from itk.machine import MachineFacts
-from itk.presets import choose_preset, get_preset, listing
+from itk.presets import choose_preset, get_preset, guidance_passes, listing, load_presets
 
 RTX4090_64G = MachineFacts(vram_gb=24564 / 1024, compute_capability=8.9, usable_ram_gb=62.7)
 H100_80G = MachineFacts(vram_gb=81559 / 1024, compute_capability=9.0, usable_ram_gb=251.0)
@@ -79,7 +79,9 @@ def test_the_listing_marks_the_chosen_preset_and_says_what_each_one_lacks():
     by_name = {r["name"]: r for r in rows}
     assert chosen.name == "rtx4090-24g" and by_name["rtx4090-24g"]["chosen"]
     assert by_name["gpu80g-480p"]["unmet"] == ["12 GB VRAM < 70 GB", "32 GB RAM < 64 GB"]
-    assert [r["name"] for r in rows] == ["gpu80g-fp8-480p", "gpu80g-480p", "gpu80g-720p", "rtx4090-24g"]  # best first
+    assert [r["name"] for r in rows] == ["gpu80g-fp8-480p", "gpu80g-fp8-480p-fast", "gpu80g-fp8-480p-fusionx",
+                                         "gpu80g-480p", "gpu80g-720p", "rtx4090-24g", "rtx4090-24g-fast",
+                                         "rtx4090-24g-fusionx"]  # best first, each fast variant after its base
     assert result.alternatives == []  # nothing else fits a 12 GB card
 
 
@@ -101,3 +103,88 @@ def test_a_preset_path_outside_its_own_weights_is_refused():
     broken = dataclasses.replace(get_preset("rtx4090-24g"), paths=outside)
     with pytest.raises(KeyError, match="not among its weight files"):
         broken.path_flags(Path("/w"))
+
+
+FAST = {"rtx4090-24g-fast": ("rtx4090-24g", 4, "lightx2v:wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors"),
+        "rtx4090-24g-fusionx": ("rtx4090-24g", 8, "fusionx:FusionX_LoRa/Wan2.1_I2V_14B_FusionX_LoRA.safetensors"),
+        "gpu80g-fp8-480p-fast": ("gpu80g-fp8-480p", 4, "lightx2v:wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors"),
+        "gpu80g-fp8-480p-fusionx": ("gpu80g-fp8-480p", 8,
+                                    "fusionx:FusionX_LoRa/Wan2.1_I2V_14B_FusionX_LoRA.safetensors")}
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_a_fast_preset_is_its_base_preset_with_the_readmes_distill_lora_settings(name):
+    base_name, steps, lora = FAST[name]
+    fast, base = get_preset(name), get_preset(base_name)
+    assert fast.generator == {**base.generator, "sample_steps": steps, "sample_shift": 2.0,
+                              "sample_text_guide_scale": 1.0, "sample_audio_guide_scale": 2.0}
+    assert [(lo.file, lo.scale) for lo in fast.loras] == [(lora, 1.0)] and not base.loras
+    assert set(base.components) < set(fast.components) and fast.paths == base.paths
+    assert (fast.min_vram_gb, fast.min_ram_gb) == (base.min_vram_gb, base.min_ram_gb)
+    assert fast.cost == f"{steps} steps x 2 passes" and base.cost == "40 steps x 3 passes"
+    assert not fast.auto and fast.trade and base.auto and not base.trade
+    repo, _, path = lora.partition(":")
+    folder = {"lightx2v": "Wan2.1-Distill-Loras", "fusionx": "Wan14BT2VFusioniX"}[repo]
+    assert fast.lora_files(Path("/w")) == [(Path("/w") / folder / path, 1.0)]
+
+
+def test_the_fusionx_presets_say_they_worsen_the_colour_shift_past_a_minute():
+    for name in ("rtx4090-24g-fusionx", "gpu80g-fp8-480p-fusionx"):
+        p = get_preset(name)
+        assert "colour shift past a minute" in p.trade and "colour shift" in p.long_video_warning
+    assert "less faithful" in get_preset("rtx4090-24g-fast").trade
+
+
+@pytest.mark.parametrize("facts", [RTX4090_64G, H100_80G, RTX3060_12G, CPU_ONLY])
+def test_a_fast_preset_never_wins_the_automatic_choice(facts):
+    preset, _ = choose_preset(facts)
+    assert preset.auto and preset.steps == 40 and preset.passes == 3 and not preset.loras
+
+
+def test_the_listing_shows_steps_x_passes_the_trade_and_offers_the_fast_presets_as_alternatives():
+    result = listing(RTX4090_64G)
+    rows = {r["name"]: r for r in result.rows}
+    fast = rows["rtx4090-24g-fast"]
+    assert (fast["steps"], fast["passes"], fast["cost"]) == (4, 2, "4 steps x 2 passes") and not fast["auto"]
+    assert fast["summary"].endswith("4 steps x 2 passes") and "less faithful" in fast["trade"]
+    assert "trades: distilled 4-step output is less faithful" in fast["provenance"]
+    assert fast["loras"] == [{"file": "lightx2v:wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors", "scale": 1.0}]
+    assert rows["rtx4090-24g"]["cost"] == "40 steps x 3 passes" and rows["rtx4090-24g"]["trade"] == ""
+    assert result.chosen.name == "rtx4090-24g"
+    line = next(a for a in result.alternatives if a.startswith("rtx4090-24g-fusionx"))
+    assert "8 steps x 2 passes (vs 40 steps x 3 passes)" in line and "colour shift" in line
+    assert line.endswith("--preset rtx4090-24g-fusionx")
+
+
+def test_a_measured_fast_preset_shows_its_step_time_in_the_listing(monkeypatch):
+    from itk import measured
+
+    row = measured.Measurement("rtx4090-24g-fast", "RTX 4090", 1.5, "fp8_streamed_budget0", "test", "2026-12-01")
+    monkeypatch.setattr(measured, "load_measurements", lambda: (row,))
+    fast = {r["name"]: r for r in listing(RTX4090_64G).rows}["rtx4090-24g-fast"]
+    assert fast["measured_step_s"] == {"RTX 4090": 1.5} and fast["status"] == "measured"
+    assert "1.5 s per step measured on an RTX 4090" in fast["provenance"]
+
+
+@pytest.mark.parametrize(("text", "audio", "passes"), [(5.0, 4.0, 3), (1.0, 2.0, 2), (1.0, 1.0, 1), (2.0, 1.0, 3),
+                                                       (1.0 + 1e-12, 1.0, 1)])
+def test_guidance_passes_follow_the_runtimes_rule(text, audio, passes):
+    assert guidance_passes({"sample_text_guide_scale": text, "sample_audio_guide_scale": audio}) == passes
+
+
+def test_the_default_guidance_is_three_passes():
+    assert guidance_passes({}) == 3
+
+
+def test_a_preset_lora_outside_its_own_components_or_not_a_lora_fails_when_presets_load(tmp_path):
+    from itk.presets import PRESETS_DIR
+
+    text = (PRESETS_DIR / "rtx4090-24g-fast.toml").read_text()
+    for wrong in ('"fusionx:FusionX_LoRa/Wan2.1_I2V_14B_FusionX_LoRA.safetensors"',  # not in its components
+                  '"infinitetalk:quant_models/infinitetalk_single_fp8.safetensors"'):  # not a LoRA
+        bad = tmp_path / wrong[1:9]
+        bad.mkdir()
+        (bad / "x.toml").write_text(text.replace(
+            '"lightx2v:wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors"', wrong))
+        with pytest.raises(ValueError, match=r"x.toml: \[\[lora\]\] .* is not a LoRA file of its"):
+            load_presets(bad)

@@ -79,7 +79,10 @@ def test_every_preset_turns_into_its_path_flags_and_settings_in_order(tmp_path, 
     argv = dry_run("--image", str(image), "--audio", str(audio), "--preset", name, "--weights-dir", "/m",
                    cwd=tmp_path)["argv"][3:]
     expected = [x for flag, path in preset.path_flags(Path("/m")).items() for x in (f"--{flag}", str(path))]
+    loras = preset.lora_files(Path("/m"))
+    expected += ["--lora_dir", *(str(path) for path, _ in loras)] if loras else []
     expected += [x for key, value in preset.generator.items() for x in (f"--{key}", str(value))]
+    expected += ["--lora_scale", *(str(scale) for _, scale in loras)] if loras else []
     assert argv[:-4] == expected and argv[-4::2] == ["--input_json", "--save_file"]
 
 
@@ -238,9 +241,12 @@ def test_itk_presets_lists_every_preset_and_gives_this_gpu_less_machine_the_fall
     proc = itk("presets", "--json")
     assert proc.returncode == 0, proc.stderr
     listing = json.loads(proc.stdout)
-    assert [p["name"] for p in listing["presets"]] == ["gpu80g-fp8-480p", "gpu80g-480p", "gpu80g-720p", "rtx4090-24g"]
+    assert [p["name"] for p in listing["presets"]] == [
+        "gpu80g-fp8-480p", "gpu80g-fp8-480p-fast", "gpu80g-fp8-480p-fusionx", "gpu80g-480p", "gpu80g-720p",
+        "rtx4090-24g", "rtx4090-24g-fast", "rtx4090-24g-fusionx"]
     assert listing["chosen"] == "rtx4090-24g" and "no NVIDIA GPU" in listing["reason"]
     assert all(p["unmet"] == ["no NVIDIA GPU"] for p in listing["presets"])
     text = itk("presets").stdout
     assert "tested on RTX 4090 24 GB / 64 GB RAM" in text and "derived, not yet tested" in text
     assert "this machine gets: rtx4090-24g (fallback)" in text
+    assert "4 steps x 2 passes" in text and "40 steps x 3 passes" in text and "trades: FusionX increases" in text
