@@ -77,7 +77,7 @@ class Page:
     def sets(self, seed: Any, values: list[Any]) -> list[str]:
         """The page's fields as `--set` items (blank = the preset's value); checked by plan_run."""
         items = [] if seed in (None, "") else [f"{SEED_FLAG}={int(seed)}"]
-        for flag, value in zip(advanced_flags(), values):
+        for flag, value in zip(advanced_flags(), values, strict=True):
             text = str(value).strip() if value is not None else ""
             if text:
                 items.append(f"{flag.name}={text}")
@@ -157,9 +157,10 @@ class Page:
 
         files = load_manifest().files_for(get_preset(preset).components)
         statuses = check_files(self.weights_dir, files, deep=False)
-        missing = sum(f.size for f, st in zip(files, statuses) if st.state != "ok")
+        pairs = list(zip(files, statuses, strict=True))
+        missing = sum(f.size for f, st in pairs if st.state != "ok")
         rows = "".join(f"<tr><td>{html.escape(st.label)}</td><td>{f.size / 1e9:.2f} GB</td>"
-                       f"<td>{html.escape(st.state.replace('_', ' '))}</td></tr>" for f, st in zip(files, statuses))
+                       f"<td>{html.escape(st.state.replace('_', ' '))}</td></tr>" for f, st in pairs)
         return (f"<p>preset {html.escape(preset)} into {html.escape(str(self.weights_dir))}: "
                 f"{missing / 1e9:.1f} GB to download</p><table id='itk-weights-table'><thead><tr><th>file</th>"
                 f"<th>size</th><th>state</th></tr></thead><tbody>{rows}</tbody></table>"), missing

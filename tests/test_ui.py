@@ -134,7 +134,7 @@ def upload(driver: Any, component: str, path: Path) -> None:
     wait_for(f"{component}'s file input", lambda: css(driver, f"#{component} input[type=file]"), 30)[0] \
         .send_keys(str(path))
     wait_for(f"{path.name} shown in {component}",
-             lambda: path.name in (css(driver, f"#{component}") or [None])[0].text, 60)
+             lambda: path.name in css(driver, f"#{component}")[0].text.replace("\n", ""), 60)
 
 
 def open_page(driver: Any, url: str) -> None:
@@ -163,7 +163,9 @@ def video_seconds(driver: Any) -> float:
     return float(value or 0)
 
 
-def shot(driver: Any, folder: Path, name: str) -> Path:
+def shot(driver: Any, folder: Path, name: str, at: str = "body") -> Path:
+    """A screenshot of the page scrolled to `at` (the view's result, not wherever the last click left it)."""
+    driver.execute_script("document.querySelector(arguments[0]).scrollIntoView({block: 'start'});", at)
     path = folder / f"{name}.png"
     driver.save_screenshot(str(path))
     print(f"screenshot: {path}")
@@ -180,7 +182,7 @@ def test_the_page_turns_a_portrait_and_speech_into_a_playable_video_and_shows_th
     seconds = wait_for("a playable video", lambda: video_seconds(browser), RUN_S, every=1.0)
     assert seconds > 0
     assert "itk run --input-json" in css(browser, "#itk-repeat")[0].text
-    shot(browser, tmp_path, "generate")
+    shot(browser, tmp_path, "generate", "#itk-status")
     job_files = list(server.outputs.glob("*/job.json"))
     assert len(job_files) == 1 and (job_files[0].parent / "image.png").is_file()
     assert list(job_files[0].parent.glob("*.mp4"))
@@ -200,7 +202,7 @@ def test_a_text_file_named_png_is_refused_with_one_line_before_any_run(
     click(browser, "#itk-generate")
     message = wait_for("the error line", lambda: [e.text for e in css(browser, "#itk-error .itk-message")
                                                   if e.text], 60)[0]
-    shot(browser, tmp_path, "error")
+    shot(browser, tmp_path, "error", "#itk-error")
     assert "notes.png is not a readable image" in message and "\n" not in message
     assert str(server.outputs) not in message  # named as uploaded, not by the staged copy
     assert "Traceback" not in browser.page_source
@@ -240,7 +242,7 @@ def test_cancel_stops_every_process_of_the_running_job(tiny: dict[str, Path], br
         click(browser, "#itk-cancel")
         line = wait_for("the cancelled line", lambda: [e.text for e in css(browser, "#itk-cancelled") if e.text],
                         60)[0]
-        shot(browser, tmp_path, "cancelled")
+        shot(browser, tmp_path, "cancelled", "#itk-cancelled")
         assert "no process of the job is left" in line
         alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert alive == []
