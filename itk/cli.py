@@ -147,6 +147,23 @@ def selftest(workdir, as_json, debug) -> None:
     run_friendly(lambda: show_selftest(workdir, as_json), debug, as_json)
 
 
+@cli.command()
+@click.option("--port", default=8418, show_default=True, type=click.IntRange(1, 65535), help="Port to serve on.")
+@click.option("--listen", is_flag=True,
+              help="Serve on every network interface (default: 127.0.0.1 only); anyone who reaches it can use the GPU.")
+@click.option("--auth", default=None, metavar="USER:PASS", help="Ask for this user name and password.")
+@click.option("--output-dir", default="outputs", show_default=True, type=click.Path(file_okay=False),
+              help="Where every job's uploads, job file, log and video go.")
+@WEIGHTS_DIR
+@DEBUG
+def ui(port, listen, auth, output_dir, weights_dir, debug) -> None:
+    """A web page for doctor, fetch and run: open it in a browser, drop in a portrait and speech, get a video."""
+    from itk.console import run_friendly
+    from itk.ui import serve
+
+    run_friendly(lambda: serve(port, listen, auth, output_dir, weights_dir), debug)
+
+
 def main(argv: list[str] | None = None) -> None:
     """click's own errors (a bad option, a missing argument) also come as JSON on stdout with --json."""
     args = sys.argv[1:] if argv is None else argv

@@ -1,0 +1,61 @@
+"""The page's work without a browser: uploads staged inside the output folder whatever their browser
+names, the progress line from events, the busy-port line, and the second speaker's control text."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from itk.runtime.protocol import read_job
+from itk.ui import port_in_use
+from itk.ui_jobs import Progress, multi_speaker, stage_job, stage_upload
+
+
+def test_a_browser_file_name_never_chooses_a_path_outside_the_job_folder(tmp_path: Path) -> None:
+    evil = tmp_path / "up" / "..%2f..%2fetc" / "passwd.PNG"
+    evil.parent.mkdir(parents=True)
+    evil.write_bytes(b"x")
+    folder = tmp_path / "job"
+    folder.mkdir()
+    assert stage_upload(evil, folder, "image") == folder / "image.png"
+    odd = tmp_path / "up" / "speech.wav;rm -rf"
+    odd.write_bytes(b"x")
+    assert stage_upload(odd, folder, "speech1") == folder / "speech1"
+    assert sorted(os.listdir(folder)) == ["image.png", "speech1"]
+
+
+def test_a_staged_job_file_repeats_the_job_from_copies_in_the_output_folder(tmp_path: Path) -> None:
+    face, speech = tmp_path / "me.jpg", tmp_path / "talk.mp3"
+    face.write_bytes(b"j")
+    speech.write_bytes(b"m")
+    staged = stage_job(tmp_path / "outputs", str(face), [str(speech), None], "")
+    job = read_job(staged.job_file)
+    assert job.cond_video == staged.folder / "image.jpg"
+    assert job.cond_audio == {"person1": staged.folder / "speech1.mp3"}
+    assert staged.output.parent == staged.folder and staged.output.suffix == ".mp4"
+
+
+def test_progress_reads_clip_step_eta_and_gpu_memory_from_events() -> None:
+    progress = Progress()
+    progress.add({"event": "stage", "stage": "generate", "clips": 2}, 0.0)
+    progress.add({"event": "clip", "clip": 1, "clips": 2}, 0.0)
+    for step, now in ((1, 1.0), (2, 3.0), (3, 5.0)):
+        progress.add({"event": "step", "clip": 1, "step": step, "steps": 4, "gpu_peak_gb": 12.25}, now)
+    assert progress.line == "clip 1 of 2 · step 3 of 4 · ETA 10 s · GPU memory peak 12.2 GB"
+    assert progress.fraction == 3 / 8
+
+
+def test_a_busy_port_is_one_line_naming_the_process_that_holds_it() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        error = port_in_use(port, "127.0.0.1")
+    assert error is not None and f"port {port} is in use by pid {os.getpid()}" in error.message
+    assert f"--port {port + 1}" in error.fix
+
+
+def test_the_second_speaker_control_names_the_fetch_that_adds_its_weights(tmp_path: Path) -> None:
+    enabled, note = multi_speaker(tmp_path)
+    assert not enabled and f"itk fetch --component infinitetalk-multi --weights-dir {tmp_path}" in note
