@@ -178,3 +178,36 @@ def load_dit_copy(model: InfiniteTalkDiT) -> InfiniteTalkDiT:
     clone = InfiniteTalkDiT(model.cfg)
     clone.load_state_dict(model.state_dict())
     return clone.eval()
+
+
+def test_bf16_weights_take_the_same_two_speaker_path_and_agree_with_float32(golden, tmp_path):
+    meta, t, _ = golden
+    path = tmp_path / "bf16.safetensors"
+    save_file({k: v.bfloat16() for k, v in weights_of(meta, t).items()}, str(path))
+    bf16 = load_dit([path], golden_config(meta), dtype=torch.bfloat16)
+    out = call(bf16, t, t["input.audio"], token_masks(t))
+    cos = torch.nn.functional.cosine_similarity(out.flatten().double(), t["output.noise_pred"].flatten().double(), 0)
+    assert out.dtype == torch.float32 and cos > 0.99
+
+
+def test_fp8_blocks_take_the_same_two_speaker_path_and_equal_float_on_dequantised_weights(golden, tmp_path):
+    from itk.runtime.loading import load_strict
+    from itk.runtime.quant import FP8Kernel, linear_names, quantize_rowwise, write_quantized
+
+    meta, t, _ = golden
+    cfg = golden_config(meta)
+    with torch.device("meta"):
+        names = [n for n in linear_names(InfiniteTalkDiT(cfg)) if n.startswith("blocks.")]
+    path = tmp_path / "multi_fp8.safetensors"
+    write_quantized(weights_of(meta, t), names, path, tmp_path / "multi_fp8.json")
+    fp8 = dit_module.load_dit_fp8(path, tmp_path / "multi_fp8.json", cfg, torch.float32, "cpu", FP8Kernel())[0]
+    state = weights_of(meta, t)
+    for name in names:
+        data, scale = quantize_rowwise(state[f"{name}.weight"])
+        state[f"{name}.weight"] = data.float() * scale.float()
+    with torch.device("meta"):
+        ref = InfiniteTalkDiT(cfg)
+    load_strict(ref, state, "dequantised", dtype=torch.float32)
+    ref.rope = dit_module.rope_table(cfg.head_dim)
+    ours = call(fp8, t, t["input.audio"], token_masks(t))
+    assert rel_err(ours, call(ref.eval(), t, t["input.audio"], token_masks(t))) < 1e-5
