@@ -34,12 +34,18 @@ def dit_a(tmp_path_factory):
     return meta, tensors, model, path
 
 
+def record(seen: dict[str, object], name: str, args: tuple, out: object) -> None:
+    """Keep a module's inputs and its output (for self_attn the attention output: it also returns the
+    two-speaker reference-target map)."""
+    seen[name] = (args, out[0] if name.endswith("self_attn") else out)
+
+
 def run_with_hooks(model: InfiniteTalkDiT, tensors: dict) -> tuple[torch.Tensor, dict[str, object]]:
     seen: dict[str, object] = {}
     modules = dict(model.named_modules())
     modules["img_emb"] = model.img_emb.proj
     handles = [
-        m.register_forward_hook(lambda mod, args, out, name=name: seen.update({name: (args, out)}))
+        m.register_forward_hook(lambda mod, args, out, name=name: record(seen, name, args, out))
         for name, m in modules.items()
     ]
     with torch.no_grad():

@@ -4,17 +4,22 @@ The steps: librosa loads the track at 16 kHz mono; pyloudnorm brings it to -23 L
 Wav2Vec2FeatureExtractor prepares the waveform; chinese-wav2vec2-base (transformers' Wav2Vec2Model) turns it
 into one `[layers, hidden]` row per 25 fps video frame; `audio_windows` then gives each video frame its
 5-frame neighbourhood, which is what the DiT's audio adapter consumes.
+
+Two speakers (`combine_speakers`, as the official `audio_prepare_multi`): each track is loudness-normalised
+on its own, then `add` puts the turns one after the other (each track padded with the other's silence) and
+`para` plays them together; each speaker's padded track is embedded on its own (`embed_speakers`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from itk.runtime.configs import AudioConfig
-from itk.runtime.protocol import SAMPLE_RATE
+from itk.runtime.protocol import AUDIO_TYPES, SAMPLE_RATE, SILENT_SPEAKER
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,6 +96,79 @@ def loudness_normalize(samples: np.ndarray, sr: int = SAMPLE_RATE, target: float
 def frame_count(num_samples: int, cfg: AudioConfig = OFFICIAL) -> int:
     """S, the video frames (25 fps) a track of `num_samples` covers, floored like the official code."""
     return int(num_samples / cfg.sample_rate * cfg.fps)
+
+
+@dataclass(frozen=True)
+class SpeakerTracks:
+    """Two speakers' speech laid out for the video: `first` and `second` (equal lengths) are what wav2vec2
+    embeds per speaker, `mix` is the video's sound track (their sum, the official sum.wav); `notes` say what
+    was done beyond the official preparation (for the run's log and dry run)."""
+
+    first: np.ndarray
+    second: np.ndarray
+    mix: np.ndarray
+    notes: tuple[str, ...] = ()
+
+
+def combine_speakers(first: np.ndarray | None, second: np.ndarray | None, mode: str,
+                     sample_rate: int = SAMPLE_RATE) -> SpeakerTracks:
+    """Two loudness-normalised tracks (None: a silent speaker, the official "None") laid out as officially.
+
+    add: [track 1 | silence as long as track 2] and [silence as long as track 1 | track 2], both len1 + len2,
+    in float64 as the official np.zeros padding makes them. para: both as given (float32), played together.
+    A silent speaker is zeros as long as the other track (float64, no loudness step). Where the official
+    code stops with an error (`para` with tracks of different lengths: its sum fails), the shorter track
+    is padded with silence at its end and a note says so.
+    """
+    import numpy as np
+
+    if mode not in AUDIO_TYPES:
+        raise ValueError(f"audio mode {mode!r}: expected one of {', '.join(AUDIO_TYPES)}")
+    if first is None and second is None:
+        raise ValueError("both speakers are silent: give at least one speech track")
+    if first is None:
+        first = np.zeros(second.shape[0])
+    if second is None:
+        second = np.zeros(first.shape[0])
+    notes: list[str] = []
+    if mode == "add":
+        first, second = (np.concatenate([first, np.zeros(second.shape[0])]),
+                         np.concatenate([np.zeros(first.shape[0]), second]))
+    elif len(first) != len(second):
+        short, long = (1, 2) if len(first) < len(second) else (2, 1)
+        length = max(len(first), len(second))
+        seconds = {1: len(first) / sample_rate, 2: len(second) / sample_rate}
+        notes.append(
+            f"speaker {short}'s track ({seconds[short]:.2f} s) is shorter than speaker {long}'s"
+            f" ({seconds[long]:.2f} s): padded with {seconds[long] - seconds[short]:.2f} s of silence"
+            " (the official code stops with an error here)")
+        first, second = (np.pad(track, (0, length - len(track))) for track in (first, second))
+    return SpeakerTracks(first, second, first + second, tuple(notes))
+
+
+def prepare_speakers(first: str | Path, second: str | Path, mode: str, cfg: AudioConfig = OFFICIAL) -> SpeakerTracks:
+    """`combine_speakers` of two files, each loaded and loudness-normalised on its own ("None": silent)."""
+
+    def read(path: str | Path):
+        if str(path) == SILENT_SPEAKER:
+            return None
+        return loudness_normalize(load_speech(path, cfg), cfg.sample_rate)
+
+    return combine_speakers(read(first), read(second), mode, cfg.sample_rate)
+
+
+def two_speaker_frames(first_samples: int, second_samples: int, mode: str, cfg: AudioConfig = OFFICIAL) -> int:
+    """The video length (25 fps frames) of a two-speaker run: until both speakers are done.
+
+    add: len1 + len2 (the turns follow each other); para: the longer track. The official stop rule looks
+    only at speaker 1's embedding; that agrees wherever the official code runs (add: speaker 1's padded
+    track is len1 + len2; para: the tracks must be equal) and differs only for `para` tracks of different
+    lengths, which the official code refuses and we pad.
+    """
+    if mode not in AUDIO_TYPES:
+        raise ValueError(f"audio mode {mode!r}: expected one of {', '.join(AUDIO_TYPES)}")
+    total = first_samples + second_samples if mode == "add" else max(first_samples, second_samples)
+    return frame_count(total, cfg)
 
 
 def checkpoint_to_model_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -235,3 +313,14 @@ class AudioEncoder:
             raise AudioError(f"speech of {len(samples)} samples is shorter than one video frame (40 ms)")
         states = self.hidden_states(self.input_values(samples), frames)
         return torch.stack(states[1:], dim=1)
+
+    def embed_speakers(self, tracks: Sequence[np.ndarray]) -> torch.Tensor:
+        """[S, frames, layers, hidden]: each speaker's track embedded on its own (the feature extractor's
+        normalisation runs over the whole padded track, as officially); the tracks have equal lengths
+        (`combine_speakers` makes them so)."""
+        import torch
+
+        lengths = {len(track) for track in tracks}
+        if len(lengths) != 1:
+            raise AudioError(f"speaker tracks of different lengths ({sorted(lengths)} samples): combine them first")
+        return torch.stack([self.embed(track) for track in tracks])

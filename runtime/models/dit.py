@@ -30,8 +30,17 @@ from itk.runtime.loading import (
 )
 from itk.runtime.quant import FP8Kernel, swap_linears
 
-# (tokens, e0, context, audio tokens, grid, rope) -> tokens: what runs the blocks of one forward.
+# (tokens, e0, context, audio tokens, grid, rope, speaker masks) -> tokens: what runs the blocks of one forward.
 BlockRunner = Callable[..., torch.Tensor]
+
+# Two-speaker L-RoPE (runtime-spec §3.8): each visual token gets a 1-D position inside its speaker's range
+# (from the reference-target map), the background sits between them, and each speaker's audio tokens sit at
+# the centre of their range, so a query attends most to the audio of the speaker it belongs to.
+SPEAKER_RANGES = ((0.0, 4.0), (20.0, 24.0))
+BACKGROUND_POSITION = 12.0
+# Visual queries per chunk of the reference-target map: bounds its transient (the official code holds the
+# whole [heads/2, L, N_h*N_w] softmax: 2-11 GB at 480p-720p); at 480p this is ~84 MB per chunk in bf16.
+MAP_QUERY_CHUNK = 8192
 
 
 class RMSNorm(nn.Module):
@@ -128,13 +137,41 @@ class SelfAttention(nn.Module):
         self.norm_q = qk_norm(dim, eps, norm)
         self.norm_k = qk_norm(dim, eps, norm)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], speaker_masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output [B, L, D], and with `speaker_masks` [3, N_h*N_w] the reference-target map
+        [3, L] of the rotated q and k (None otherwise: one speaker does no extra work)."""
         b, seq, dim = x.shape
         q = self.norm_q(self.q(x)).view(b, seq, self.num_heads, -1)
         k = self.norm_k(self.k(x)).view(b, seq, self.num_heads, -1)
         v = self.v(x).view(b, seq, self.num_heads, -1)
         q, k = rope_apply(q, *rope).type_as(v), rope_apply(k, *rope).type_as(v)
-        return self.o(attention(q, k, v).flatten(2))
+        out = self.o(attention(q, k, v).flatten(2))
+        return out, (None if speaker_masks is None else reference_target_map(q, k, speaker_masks))
+
+
+def reference_target_map(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor,
+                         chunk: int = MAP_QUERY_CHUNK) -> torch.Tensor:
+    """[3, L] float32: for every visual token and class c of `masks` [3, F] (speaker 1, speaker 2,
+    background over the F = N_h*N_w tokens of latent frame 0), the softmax mass its query puts on the class's
+    keys of frame 0, divided by the class size and averaged over the heads (runtime-spec §3.9).
+
+    q, k: [1, L, N, d] after RoPE. The official code materialises softmax(q k^T) per half of the heads;
+    the sum of softmax weights over masked keys is an attention whose values are the masks, so this runs
+    the ordinary attention kernel with values [F, N, d] holding the three masks in channels 0..2 (zero
+    elsewhere: kernels want one head size), over chunks of `chunk` queries. Its transient is the chunk's
+    output, and the head split of the official code (a mean of per-half means) is the same mean.
+    A class without tokens gets 0 (the official code divides by zero).
+    """
+    frame0 = masks.shape[1]
+    n, d = q.shape[2], q.shape[3]
+    values = masks.new_zeros(1, frame0, n, d, dtype=q.dtype)
+    values[..., :3] = masks.T.to(q.dtype)[None, :, None, :]
+    keys = k[:, :frame0]
+    size = masks.float().sum(dim=1).clamp_min(1)
+    parts = [attention(part, keys, values)[0, :, :, :3].float().mean(dim=1) for part in q.split(chunk, dim=1)]
+    return (torch.cat(parts) / size).T
 
 
 class ImageTextCrossAttention(nn.Module):
@@ -171,7 +208,10 @@ class AudioCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(audio_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, frames: int,
+                ref_map: torch.Tensor | None = None) -> torch.Tensor:
+        """ref_map: the reference-target map [3, L] of a two-speaker call (audio_tokens then hold speaker 1's
+        tokens followed by speaker 2's in each frame); None for one speaker (no positional terms)."""
         # x [1, L, D] -> [T, L/T, D]; audio_tokens [1, T, M, audio_dim] -> [T, M, audio_dim]
         b, seq, dim = x.shape
         n, d = self.num_heads, dim // self.num_heads
@@ -179,8 +219,45 @@ class AudioCrossAttention(nn.Module):
         af = audio_tokens.flatten(0, 1)
         q = self.q_linear(xf).view(xf.shape[0], xf.shape[1], n, d)
         kv = self.kv_linear(af).view(af.shape[0], af.shape[1], 2, n, d)
-        out = attention(q, kv[:, :, 0], kv[:, :, 1]).flatten(2)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if ref_map is not None:
+            q = rope_1d(q, query_positions(ref_map).view(frames, -1)).type_as(v)
+            k = rope_1d(k, key_positions(af.shape[1], k.device)[None]).type_as(v)
+        out = attention(q, k, v).flatten(2)
         return self.proj(out).reshape(b, seq, dim)
+
+
+def query_positions(ref_map: torch.Tensor) -> torch.Tensor:
+    """[L] float32 L-RoPE positions of the visual tokens from the reference-target map [3, L]: the speaker
+    maps min-max scaled to their ranges (over all tokens, eps 1e-8 as officially), the background fixed;
+    each token takes the value of the class with the largest raw map value."""
+    ref_map = ref_map.float()
+    scaled = []
+    for values, (low, high) in zip(ref_map[:2], SPEAKER_RANGES, strict=True):
+        lo, hi = values.min(), values.max()
+        scaled.append((values - lo) / (hi - lo + 1e-8) * (high - low) + low)
+    scaled.append(torch.full_like(ref_map[0], BACKGROUND_POSITION))
+    return torch.stack(scaled, dim=1).gather(1, ref_map.argmax(dim=0, keepdim=True).T)[:, 0]
+
+
+def key_positions(tokens_per_frame: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[M] L-RoPE positions of one frame's audio tokens: speaker 1's half at the centre of its range (2),
+    speaker 2's half at the centre of its own (22)."""
+    centres = [(low + high) / 2 for low, high in SPEAKER_RANGES]
+    half = tokens_per_frame // 2
+    return torch.tensor([centres[0]] * half + [centres[1]] * (tokens_per_frame - half), device=device)
+
+
+def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The official 1-D RoPE (base 10000, over the whole head, interleaved pairs), float32.
+
+    x [..., S, N, d]; positions [..., S] broadcastable to x's leading dims. Pair j of a token at position p
+    turns by p * 10000^(-2j/d), the same rotation `rope_apply` does for the 3-D case.
+    """
+    d = x.shape[-1]
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=x.device).float() / d))
+    angles = (positions.float()[..., None] * inv)[..., None, :]  # [..., S, 1, d/2]
+    return rope_apply(x, torch.cos(angles), torch.sin(angles))
 
 
 class Block(nn.Module):
@@ -205,12 +282,13 @@ class Block(nn.Module):
         audio_tokens: torch.Tensor,  # [1, T, M, audio_dim]
         grid: tuple[int, int, int],
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [L, 1, d/2]
+        speaker_masks: torch.Tensor | None = None,  # [3, N_h*N_w] for two speakers, else None
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope)
+        y, ref_map = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope, speaker_masks)
         x = (x.float() + y.float() * gate1).type_as(x)
         x = x + self.cross_attn(self.norm3(x), context)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[0])
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[0], ref_map)
         y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).type_as(x))
         return (x.float() + y.float() * gate2).type_as(x)
 
@@ -318,18 +396,42 @@ class InfiniteTalkDiT(nn.Module):
         return torch.einsum("fhwpqrc->cfphqwr", u).reshape(c, f * pt, h * ph, w * pw)
 
     def run_blocks(self, tokens: torch.Tensor, *args) -> torch.Tensor:
-        """Every block in place, in order (args: e0, context, audio tokens, grid, rope)."""
+        """Every block in place, in order (args: e0, context, audio tokens, grid, rope, speaker masks)."""
         for block in self.blocks:
             tokens = block(tokens, *args)
         return tokens
 
-    def forward(self, x, t, context, clip_fea, y, audio, *, run_blocks: BlockRunner | None = None) -> torch.Tensor:
+    def forward(self, x, t, context, clip_fea, y, audio, *, speaker_masks: torch.Tensor | None = None,
+                run_blocks: BlockRunner | None = None) -> torch.Tensor:
         """One denoising prediction. `run_blocks` runs the blocks instead of `self.run_blocks` when given
-        (runtime/offload.py's streamer, which moves and compiles them from outside the model)."""
+        (runtime/offload.py's streamer, which moves and compiles them from outside the model).
+
+        audio: [H, F, window, blocks, C] for H = 1 or 2 speakers (speaker 1 first). speaker_masks:
+        [3, N_h*N_w] (speaker 1, speaker 2, background on the token grid of one latent frame, from
+        runtime/speakers.py), needed when H = 2 and ignored when H = 1: a one-speaker call, including the
+        single zero speaker of a two-speaker run's uncond / drop-audio pass, takes the one-speaker path
+        and computes no reference-target map.
+        """
         tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
+        masks = two_speaker_masks(audio.shape[0], speaker_masks, grid, tokens.device)
         rope = rope_angles(grid, self.rope, tokens.device)
-        tokens = (run_blocks or self.run_blocks)(tokens, e0, ctx, audio_tokens, grid, rope)
+        tokens = (run_blocks or self.run_blocks)(tokens, e0, ctx, audio_tokens, grid, rope, masks)
         return self.unpatchify(self.head(tokens, e).float(), grid)
+
+
+def two_speaker_masks(speakers: int, masks: torch.Tensor | None, grid: tuple[int, int, int],
+                      device: torch.device) -> torch.Tensor | None:
+    """The masks the blocks get: None for one speaker, the checked [3, N_h*N_w] masks for two."""
+    if speakers == 1:
+        return None
+    if speakers != 2:
+        raise ValueError(f"audio for {speakers} speakers: InfiniteTalk takes one or two")
+    expected = (3, grid[1] * grid[2])
+    if masks is None or tuple(masks.shape) != expected:
+        got = "none" if masks is None else list(masks.shape)
+        raise ValueError(f"two speakers need speaker_masks of shape {list(expected)} (got {got});"
+                         " build them with itk.runtime.speakers")
+    return masks.to(device)
 
 
 def load_dit(paths: list[Path], cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device="cpu") -> InfiniteTalkDiT:
