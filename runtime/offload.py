@@ -275,12 +275,13 @@ class DiTRunner:
         plan = [True] * len(dit.blocks) if budget is None else resident_plan(dit, budget)[0]
         wrap: Compiler = lambda module: module  # noqa: E731
         if compile and self.device.type == "cuda":
-            # One compiled graph per block instance and slot; leave room so none falls back to eager.
-            limit = len(dit.blocks) + 2 + 8
+            # One compiled graph per block instance and slot, and per speaker layout (one speaker, or two with
+            # their masks); leave room so none falls back to eager.
+            limit = 2 * (len(dit.blocks) + 2) + 8
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
             wrap = compiled
         self.streamer = BlockStreamer(dit.blocks, plan, self.device, pin, mapped, wrap)
         self.mode = self.streamer.mode
 
-    def __call__(self, x, t, context, clip_fea, y, audio) -> torch.Tensor:
-        return self.dit(x, t, context, clip_fea, y, audio, run_blocks=self.streamer)
+    def __call__(self, x, t, context, clip_fea, y, audio, *, speaker_masks=None) -> torch.Tensor:
+        return self.dit(x, t, context, clip_fea, y, audio, speaker_masks=speaker_masks, run_blocks=self.streamer)

@@ -174,6 +174,19 @@ def test_a_streamed_runner_passes_the_masks_to_every_block_like_the_resident_mod
     assert torch.equal(out, reference)
 
 
+def test_the_engines_runner_takes_the_masks_and_streams_like_the_resident_model(golden):
+    from itk.runtime.offload import DiTRunner
+
+    _, t, model = golden
+    reference = call(model, t, t["input.audio"], token_masks(t))
+    runner = DiTRunner(load_dit_copy(model), torch.device("cpu"), budget=0, compile=False, pin=False)
+    with torch.no_grad():
+        out = runner(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"], t["input.y"],
+                     t["input.audio"], speaker_masks=token_masks(t))
+    assert runner.mode != "resident"  # budget 0: every block streamed
+    assert torch.equal(out, reference)
+
+
 def load_dit_copy(model: InfiniteTalkDiT) -> InfiniteTalkDiT:
     clone = InfiniteTalkDiT(model.cfg)
     clone.load_state_dict(model.state_dict())
