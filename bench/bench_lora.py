@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_dit_step import inputs, random_dit, timed
 from safetensors.torch import save_file
 from torch import nn
 
-from bench_dit_step import inputs, random_dit, timed
 from itk.runtime.configs import DiTConfig
 from itk.runtime.lora import apply_loras
 from itk.runtime.offload import DiTRunner
@@ -75,7 +75,7 @@ def step_times(name: str, model: nn.Module, budget: int | None, args: tuple, rep
     run = {"mode": name, "forward_s": round(forward, 4), "step_s_2_passes": round(2 * forward, 3),
            "step_s_3_passes": round(3 * forward, 3), "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
            "host_memory": runner.mode}
-    del runner
+    runner = None
     free()
     return run
 

@@ -114,8 +114,9 @@ def _resolve(module: str, leaf: str, shapes: dict[str, torch.Size]) -> str | Non
     """Our tensor name for `module`.`leaf` (ours or diffusers' spelling), or None."""
     if f"{module}.{leaf}" in shapes:
         return f"{module}.{leaf}"
-    if module.endswith("scale_shift_table") or module == "scale_shift_table":
-        name = "head.modulation" if module == "scale_shift_table" else module[: -len("scale_shift_table")] + "modulation"
+    if module.endswith("scale_shift_table"):  # diffusers' modulation: the head's at the top level
+        owner = module.removesuffix("scale_shift_table")
+        name = f"{owner}modulation" if owner else "head.modulation"
         return name if name in shapes else None
     head = BLOCK.match(module)
     prefix, rest = (head.group(0), module[head.end():]) if head else ("", module)

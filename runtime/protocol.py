@@ -393,7 +393,7 @@ def check_values(values: Mapping[str, Value]) -> None:
         if flag.refused and value != flag.default:
             raise BadInput(f"--{name}: {flag.refused}" if not flag.refused.startswith("--") else flag.refused,
                            f"leave out --{name}")
-        why = REFUSED_VALUES.get((name, value))
+        why = None if isinstance(value, list) else REFUSED_VALUES.get((name, value))  # nargs values: no refusals
         if why:
             raise BadInput(why, f"leave out --{name}")
         problem = flag.check(value)

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from test_dit import golden_config
+from test_generate import _tiny_args, _video_facts, job, weights  # noqa: F401 - fixtures reused
 
 from itk.runtime.lora import apply_loras
 from itk.runtime.models.dit import InfiniteTalkDiT, load_dit, load_dit_fp8
@@ -17,7 +19,6 @@ from itk.runtime.protocol import BadInput, pair_loras
 from itk.runtime.quant import FP8Kernel, FP8Linear, linear_names, write_quantized
 
 from golden import load_golden, weights_of
-from test_dit import golden_config
 
 D, FFN = 64, 128  # dit_A's dim and ffn_dim
 GEN = torch.Generator().manual_seed(7)
@@ -58,7 +59,7 @@ def run(model, t) -> torch.Tensor:
 
 
 def write(path, tensors: dict[str, torch.Tensor]):
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path))
     return path
 
 
@@ -251,3 +252,48 @@ def test_a_side_path_on_some_blocks_streams_with_every_block_the_same_shape(file
     runner = DiTRunner(streamed, torch.device("cpu"), budget=0, compile=False)
     assert runner.mode == "mmap"
     torch.testing.assert_close(run(runner, t), run(resident, t), rtol=0, atol=0)
+
+
+# --- the generator end to end on tiny weights (itk.runtime.tiny) with a tiny LoRA file -----------------------
+
+
+def tiny_lora(path, dim: int = 64, ffn: int = 128):
+    return write(path, {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": rand(4, dim),
+                        "diffusion_model.blocks.0.self_attn.q.lora_up.weight": rand(dim, 4),
+                        "transformer.blocks.1.ffn.net.0.proj.lora_A.weight": rand(4, dim),
+                        "transformer.blocks.1.ffn.net.0.proj.lora_B.weight": rand(ffn, 4),
+                        "diffusion_model.blocks.9.self_attn.q.lora_down.weight": rand(4, dim),
+                        "diffusion_model.blocks.9.self_attn.q.lora_up.weight": rand(dim, 4)})
+
+
+FAST = ("--sample_text_guide_scale", "1", "--sample_audio_guide_scale", "2", "--sample_shift", "2",
+        "--lora_scale", "1", "--use_teacache", "--mode", "streaming")
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8-streamed"])
+def test_a_fast_preset_run_on_tiny_weights_applies_the_lora_and_writes_the_video(weights, job, fp8):  # noqa: F811
+    import subprocess
+
+    tmp_path, _ = job
+    lora = tiny_lora(tmp_path / "tiny_lora.safetensors")
+    args = _tiny_args(weights, tmp_path, *FAST, "--lora_dir", str(lora))
+    if fp8:
+        args.remove("--infinitetalk_dir")
+        args.remove(str(weights.infinitetalk))
+        args += ["--quant", "fp8", "--quant_dir", str(weights.fp8_dit), "--num_persistent_param_in_dit", "0"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 of 3 modules match this model; not in it: blocks.9.self_attn.q" in proc.stderr
+    assert "TeaCache: never skips within the first 5 steps" in proc.stderr
+    assert _video_facts(tmp_path / "out" / "talk.mp4")[:2] == (25.0, 25)
+
+
+def test_a_lora_for_another_model_stops_the_generator_with_exit_2_naming_the_file(weights, job):  # noqa: F811
+    import subprocess
+
+    tmp_path, _ = job
+    lora = tiny_lora(tmp_path / "big_lora.safetensors", dim=96)
+    proc = subprocess.run(_tiny_args(weights, tmp_path, "--lora_dir", str(lora)), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 2 and "big_lora.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "talk.mp4").exists()

@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from test_dit import golden_config
 
 from itk.runtime.models.audio import audio_windows
 from itk.runtime.models.dit import InfiniteTalkDiT, load_dit
@@ -14,7 +15,6 @@ from itk.runtime.sampler import Guidance, Sampler, shifted_timesteps
 from itk.runtime.teacache import TeaCache, TeaCachedDiT
 
 from golden import load_golden, rel_err, weights_of
-from test_dit import golden_config
 
 TOL = 1e-4
 
