@@ -13,6 +13,7 @@ placed, streamed and compiled by one `DiTRunner` the engine owns.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,11 @@ from itk.runtime.pipeline import ClipOutput, ClipPlan, SeededNoise, Settings, St
 from itk.runtime.protocol import BadInput, Events
 from itk.runtime.request import Media, Request, read_media
 from itk.runtime.resume import ResumeState, fingerprint, settings_facts
-from itk.runtime.sampler import Guidance
+from itk.runtime.sampler import Guidance, Sampler
 from itk.runtime.video import stale_partials, to_uint8_frames, write_mp4_stream
 from itk.runtime.weights import QuantFile, WeightPaths, resolve
 
+log = logging.getLogger(__name__)
 # The official default negative prompt (wan/configs/wan_multitalk_14B.py): CFG's "null text".
 NEGATIVE_PROMPT = (
     "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
@@ -112,8 +114,10 @@ def run(request: Request, events: Events, options: RuntimeOptions, resume: bool 
 def run_fingerprint(request: Request, cfg: ModelConfig, files: WeightPaths) -> dict[str, str]:
     """What a resumed run must share with the interrupted one: settings, the job's files, the weights."""
     inputs = {"cond_video": request.job.cond_video, **request.job.audio_files()}
-    weights = [*files.files(), files.wav2vec_weights]
-    return fingerprint(settings_facts(request, cfg), inputs, weights)
+    weights = [*files.files(), files.wav2vec_weights, *(path for path, _ in request.loras)]
+    settings = {**settings_facts(request, cfg), "loras": [(str(p), s) for p, s in request.loras],
+                "lora_alpha": request.lora_alpha}
+    return fingerprint(settings, inputs, weights)
 
 
 def release() -> None:
@@ -228,10 +232,20 @@ class Engine:
             from itk.runtime.models.dit import load_dit
 
             dit = load_dit(list(self.files.dit), self.cfg.dit, p.low, load_device)
+        if self.request.loras:
+            self.apply_loras(dit)
         # Compiling fuses the float32 norm/modulation/RoPE steps and the FP8 activation quantiser: 1.3-1.6x
         # per step on the H100 (bench/results/dit-step-h100*.json); ITK_COMPILE=0 runs eagerly.
         return DiTRunner(dit, p.device, budget, compile=p.gpu and self.options.compile, mapped=mapped,
                          pin=self.options.pin)
+
+    def apply_loras(self, dit) -> None:
+        """The request's LoRA files into the DiT, before it is placed or streamed (runtime/lora.py)."""
+        from itk.runtime.lora import FP8_DEFAULT, apply_loras
+
+        applied = apply_loras(dit, self.request.loras, self.request.lora_alpha, FP8_DEFAULT, self.place.low)
+        for path, modules in applied.files:
+            log.info("LoRA %s: %d modules applied", path.name, modules)
 
     def pipeline(self, settings: Settings, plan: ClipPlan) -> StreamingPipeline:
         """The VAE and the DiT loaded, behind the streaming loop."""
@@ -241,7 +255,14 @@ class Engine:
         p = self.place
         vae = load_vae(self.files.vae, self.cfg.vae, torch.float32, p.device)
         runner = self.load_dit()
-        pipeline = StreamingPipeline(runner, vae, settings, SeededNoise(self.request.sampling.seed, p.device),
+        dit = runner
+        if self.request.sampling.use_teacache:
+            from itk.runtime.teacache import TeaCache, TeaCachedDiT
+
+            passes = len(Sampler(settings.guidance).passes())
+            cache = TeaCache(self.request.size, self.request.sampling.teacache_thresh, settings.steps, cycle=passes)
+            dit = TeaCachedDiT(runner.dit, runner.streamer, cache)
+        pipeline = StreamingPipeline(dit, vae, settings, SeededNoise(self.request.sampling.seed, p.device),
                                      self.events, p.device, p.low)
         self.events.stage("generate", clips=len(plan.starts), frames=plan.length)
         return pipeline

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -335,11 +336,18 @@ FLAGS: tuple[Flag, ...] = (
          refused="--audio_mode tts is not supported yet; give a speech file in cond_audio"),
     Flag("quant", str, None, "fp8: the quantised DiT and T5 from --quant_dir's folder", choices=("fp8", "int8")),
     Flag("dit_path", str, None, "an alternative full DiT checkpoint", settable=False, refused=NOT_YET, path=True),
-    Flag("lora_dir", str, None, "LoRA files merged into the DiT", settable=False, refused=NOT_YET, nargs="+",
-         path=True),
-    Flag("lora_scale", float, None, "one multiplier per LoRA file", refused=NOT_YET, nargs="+"),
-    Flag("use_teacache", bool, False, "TeaCache step skipping", refused=NOT_YET),
-    Flag("teacache_thresh", float, 0.2, "TeaCache threshold", refused=NOT_YET, above=0),
+    Flag("lora_dir", str, None, "LoRA files applied to the DiT (bf16 and FP8 alike; the official script ignores "
+         "them with --quant)", settable=False, nargs="+", path=True),
+    Flag("lora_scale", float, None, "one multiplier per LoRA file, paired with --lora_dir as the official zip "
+         "(files beyond the scales are dropped, with a warning); default 1.2 as officially (the README uses 1 "
+         "with a distill LoRA)", nargs="+"),
+    Flag("lora_alpha", str, "ignore", "itk only: a LoRA file's alpha keys. ignore (default): as the official "
+         "merge, so --lora_scale means what it means there and in the README's recipes; scale: multiply each "
+         "delta by alpha/rank (LightX2V, diffusers)", choices=("ignore", "scale")),
+    Flag("use_teacache", bool, False, "TeaCache step skipping, as officially (coefficients per --size; never "
+         "skips in the first 5 steps). With text guidance 1 each pass keeps its own cache slot, fixing the "
+         "official code's slot drift (its decisions differ there)"),
+    Flag("teacache_thresh", float, 0.2, "TeaCache threshold", above=0),
     Flag("ulysses_size", int, 1, "sequence-parallel degree", refused=NOT_YET, minimum=1),
     Flag("ring_size", int, 1, "ring-attention degree", refused=NOT_YET, minimum=1),
     Flag("dit_fsdp", bool, False, "shard the DiT with FSDP", refused=NOT_YET),
@@ -385,7 +393,7 @@ def check_values(values: Mapping[str, Value]) -> None:
         if flag.refused and value != flag.default:
             raise BadInput(f"--{name}: {flag.refused}" if not flag.refused.startswith("--") else flag.refused,
                            f"leave out --{name}")
-        why = REFUSED_VALUES.get((name, value))
+        why = None if isinstance(value, list) else REFUSED_VALUES.get((name, value))  # nargs values: no refusals
         if why:
             raise BadInput(why, f"leave out --{name}")
         problem = flag.check(value)
@@ -437,6 +445,20 @@ def to_argv(values: Mapping[str, Value]) -> list[str]:
         else:
             argv += [f"--{f.name}", str(value)]
     return argv
+
+
+OFFICIAL_LORA_SCALE = 1.2  # --lora_scale's default in generate_infinitetalk.py
+
+
+def pair_loras(files: Iterable[str | Path] | None, scales: Iterable[float] | None) -> list[tuple[Path, float]]:
+    """--lora_dir and --lora_scale as the official script pairs them: zip, scales defaulting to [1.2]. Files
+    beyond the scales are dropped as officially, but with a warning (silence would hide a LoRA asked for)."""
+    files, scales = list(files or []), list(scales or [OFFICIAL_LORA_SCALE])
+    if len(files) > len(scales):
+        logging.getLogger(__name__).warning(
+            "--lora_dir gives %d files but --lora_scale %d scale(s): as in the official script only the first %d "
+            "applied; give one scale per file", len(files), len(scales), len(scales))
+    return [(Path(f), float(s)) for f, s in zip(files, scales, strict=False)]
 
 
 def unknown_names(names: Iterable[str]) -> list[str]:

@@ -147,7 +147,11 @@ class FP8Kernel:
 
 
 class FP8Linear(nn.Module):
-    """A Linear whose weight is float8_e4m3fn with one scale per output row, computed by `kernel`."""
+    """A Linear whose weight is float8_e4m3fn with one scale per output row, computed by `kernel`.
+
+    `lora_down` [r, in] / `lora_up` [out, r] (None unless a LoRA is applied as a side path, runtime/lora.py):
+    the layer adds x @ down^T @ up^T in the activation dtype, leaving the FP8 weight untouched.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, kernel: FP8Kernel,
                  scale_dtype: torch.dtype = torch.bfloat16):
@@ -157,12 +161,17 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8))
         self.register_buffer("scale", torch.empty(out_features, 1, dtype=scale_dtype))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_buffer("lora_down", None)
+        self.register_buffer("lora_up", None)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel.forward(self, x)
+        out = self.kernel.forward(self, x)
+        if self.lora_down is not None:
+            out = out + F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
+        return out
 
 
 def quantize_rowwise(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from itk.runtime.protocol import DEFAULT_SHIFT, DEFAULT_STEPS, FPS, SAMPLE_RATE, BadInput, Job, read_job
+from itk.runtime.protocol import DEFAULT_SHIFT, DEFAULT_STEPS, FPS, SAMPLE_RATE, BadInput, Job, pair_loras, read_job
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,6 +53,8 @@ class Sampling:
     apg_norm_threshold: float
     color_correction_strength: float
     seed: int
+    use_teacache: bool = False
+    teacache_thresh: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Request:
     t5_cpu: bool
     persistent_params: int | None  # None: the DiT stays resident; N: N parameters on the GPU, the rest streamed
     variant: str = "single"  # the InfiniteTalk weights for the job's speakers (single | multi)
+    loras: tuple[tuple[Path, float], ...] = ()  # (file, scale): --lora_dir zipped with --lora_scale
+    lora_alpha: str = "ignore"  # --lora_alpha
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> Request:
@@ -101,6 +105,7 @@ class Request:
             use_apg=f["use_apg"], apg_momentum=f["apg_momentum"], apg_norm_threshold=f["apg_norm_threshold"],
             color_correction_strength=f["color_correction_strength"],
             seed=f["base_seed"] if f["base_seed"] >= 0 else random.randint(0, MAX_SEED),
+            use_teacache=f["use_teacache"], teacache_thresh=f["teacache_thresh"],
         )
         stem = f["save_file"] or default_stem(f["task"], f["size"], f["ulysses_size"], f["ring_size"], job.prompt)
         output = Path(f"{stem}.mp4")
@@ -112,6 +117,8 @@ class Request:
             quant=f["quant"], quant_file=Path(f["quant_dir"]) if f["quant_dir"] else None,
             model_config=Path(f["model_config"]) if f["model_config"] else None, t5_cpu=f["t5_cpu"],
             persistent_params=f["num_persistent_param_in_dit"],
+            loras=tuple(pair_loras(f["lora_dir"], f["lora_scale"])),
+            lora_alpha=f["lora_alpha"],
         )
 
     @property

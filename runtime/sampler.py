@@ -48,6 +48,11 @@ def two_pass(text_scale: float) -> bool:
     return math.isclose(text_scale, 1.0)
 
 
+def one_pass(text_scale: float, audio_scale: float) -> bool:
+    """Both scales 1 (math.isclose, as the official text-scale switch): no guidance term remains."""
+    return two_pass(text_scale) and math.isclose(audio_scale, 1.0)
+
+
 def guide(
     cond: torch.Tensor,
     text_scale: float,
@@ -116,10 +121,17 @@ class Sampler:
         self.audio_buffer = MomentumBuffer(guidance.apg_momentum) if guidance.use_apg else None
 
     def passes(self) -> tuple[str, ...]:
+        """The DiT calls of one step. Both scales 1: the guided velocity is `cond` itself (two-pass rule:
+        drop_audio + 1 * (cond - drop_audio); APG: cond + 0 * ...), so one call. The official code still
+        runs cond and drop_audio there and throws the second away. Text scale 1: two; otherwise three."""
+        if one_pass(self.g.text_scale, self.g.audio_scale):
+            return ("cond",)
         return ("cond", "drop_audio") if two_pass(self.g.text_scale) else ("cond", "drop_text", "uncond")
 
     def velocity(self, preds: dict[str, torch.Tensor]) -> torch.Tensor:
         g = self.g
+        if one_pass(g.text_scale, g.audio_scale):
+            return preds["cond"]
         if not g.use_apg:
             return guide(preds["cond"], g.text_scale, g.audio_scale, preds.get("drop_text"),
                          preds.get("uncond"), preds.get("drop_audio"))

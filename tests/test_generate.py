@@ -105,8 +105,8 @@ def test_a_json_without_cond_audio_is_a_one_line_error(job, capsys):
 
 def test_an_official_flag_we_do_not_implement_is_refused_by_name(job, capsys):
     tmp_path, _ = job
-    _fails(capsys, _run(tmp_path, "--lora_dir", "x.safetensors"), 2, "--lora_dir", "not supported yet")
-    _fails(capsys, _run(tmp_path, "--use_teacache"), 2, "--use_teacache", "not supported yet")
+    _fails(capsys, _run(tmp_path, "--dit_path", "x.pth"), 2, "--dit_path", "not supported yet")
+    _fails(capsys, _run(tmp_path, "--scene_seg"), 2, "--scene_seg", "not supported yet")
 
 
 def test_quant_without_its_file_is_refused_naming_quant_dir(job, capsys):

@@ -143,8 +143,8 @@ def test_the_parser_refuses_an_unknown_flag_and_a_bad_choice_as_bad_input():
 
 
 @pytest.mark.parametrize("values, words", [
-    ({"use_teacache": True}, "--use_teacache"),
-    ({"lora_dir": ["x.safetensors"]}, "--lora_dir"),
+    ({"scene_seg": True}, "--scene_seg"),
+    ({"dit_path": "x.pth"}, "--dit_path"),
     ({"audio_mode": "tts"}, "tts"),
     ({"quant": "int8"}, "int8"),
     ({"color_correction_strength": 1.5}, "at most 1"),
@@ -174,7 +174,7 @@ def test_parse_setting_types_and_checks_a_set_value():
     with pytest.raises(BadInput, match="at least 1"):
         parse_setting("sample_steps", "0")
     with pytest.raises(BadInput, match="not supported yet"):
-        parse_setting("use_teacache", "true")
+        parse_setting("scene_seg", "true")
 
 
 def test_to_argv_is_read_back_by_the_parser_to_the_same_values():

@@ -67,9 +67,9 @@ def test_a_setting_the_generator_refuses_is_refused_up_front_with_the_generators
     from itk.runtime.protocol import FLAG
 
     image, audio = media
-    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--set", "use_teacache=true",
+    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--set", "scene_seg=true",
                cwd=tmp_path)
-    assert proc.returncode == 2 and FLAG["use_teacache"].refused in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and FLAG["scene_seg"].refused in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("name", sorted(load_presets()))

@@ -101,3 +101,26 @@ def test_two_pass_apg_scales_the_audio_difference_by_the_audio_scale():
     sampler = Sampler(Guidance(text_scale=1.0, audio_scale=3.0, use_apg=True, apg_norm_threshold=0.0))
     expected = p["cond"] + 2.0 * apg(p["cond"] - p["drop_audio"], p["cond"], MomentumBuffer(-0.75), 0.0)
     assert torch.allclose(sampler.velocity({k: p[k] for k in sampler.passes()}), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("text_scale,audio_scale,calls", [(1.0, 1.0, 1), (1.0, 2.0, 2), (5.0, 1.0, 3), (5.0, 4.0, 3)])
+def test_each_step_runs_one_dit_call_per_needed_pass(text_scale, audio_scale, calls):
+    """Both scales 1: one call (the official code runs two and discards one); text 1: two; otherwise three."""
+    from itk.runtime.pipeline import Settings, StreamingPipeline
+
+    seen: list[torch.Tensor] = []
+
+    def dit(x, t, context, clip_fea, y, audio):
+        seen.append(audio)
+        return x * 0.5 + context.mean()
+
+    steps = 4
+    settings = Settings(steps=steps, shift=2.0, guidance=Guidance(text_scale, audio_scale))
+    pipeline = StreamingPipeline(dit, vae=None, settings=settings, noise=None)
+    window = torch.ones(1, 9, 5, 2, 3)
+    latent = pipeline._denoise(0, torch.randn(16, 3, 2, 2), torch.zeros(16, 1, 2, 2), torch.zeros(1, 20, 3, 2, 2),
+                               window, torch.zeros(1, 4, 8), torch.ones(3, 8), torch.zeros(3, 8),
+                               shifted_timesteps(steps, 2.0))
+    assert len(seen) == steps * calls and torch.isfinite(latent).all()
+    if calls == 1:  # the one call is the conditional one, and its prediction is the velocity
+        assert all(torch.equal(a, window) for a in seen)
