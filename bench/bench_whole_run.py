@@ -163,7 +163,10 @@ def run_generator(argv: list[str], log: Path) -> dict[str, Any]:
     from itk.runtime.protocol import parse_event
 
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env())
+    # Started in the log's folder: `python -m` puts the current folder first on sys.path, and the repository
+    # root's itk/ folder would hide the installed package's itk.runtime.
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env(),
+                            cwd=log.parent)
     sampler = Sampler(proc.pid)
     sampler.start()
     events = []

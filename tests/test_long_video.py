@@ -155,6 +155,8 @@ def _frames_for(clips: int) -> str:
     return str(FRAME_NUM + (clips - 1) * (FRAME_NUM - MOTION))
 
 
+@pytest.mark.skip(reason="not yet a reliable measurement: at CPU-feasible frame sizes the clip loop's RSS noise "
+                         "(5-27 MB) exceeds one clip's frames (1.8 MB); issue 11 stays open for it")
 def test_peak_host_memory_stays_flat_from_4_to_16_clips(weights, tmp_path):
     side = 128
     job = _job(tmp_path / "job", weights, side)
