@@ -459,7 +459,3 @@ def pair_loras(files: Iterable[str | Path] | None, scales: Iterable[float] | Non
             "--lora_dir gives %d files but --lora_scale %d scale(s): as in the official script only the first %d "
             "applied; give one scale per file", len(files), len(scales), len(scales))
     return [(Path(f), float(s)) for f, s in zip(files, scales, strict=False)]
-
-
-def unknown_names(names: Iterable[str]) -> list[str]:
-    return [n for n in names if n not in FLAG]
