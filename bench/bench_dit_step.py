@@ -74,8 +74,10 @@ def inputs(cfg: DiTConfig, device: str) -> tuple:
             r(1, frames, cfg.audio_window, cfg.audio_blocks, cfg.audio_channels))
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (kernel selection, allocator)
+def timed(fn, repeats: int, warm_up: bool = True) -> float:
+    """Median seconds of `repeats` calls, after one warm-up call (compilation, kernel selection) if asked."""
+    if warm_up:
+        fn()
     torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):

@@ -24,11 +24,10 @@ import argparse
 import gc
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
-from bench_dit_step import FULL_LAYERS, GRID, inputs, random_dit
+from bench_dit_step import FULL_LAYERS, GRID, inputs, random_dit, timed
 
 from itk.runtime.configs import DiTConfig
 from itk.runtime.offload import DiTRunner
@@ -45,20 +44,6 @@ def passes(args: tuple, speakers: int, masks: torch.Tensor) -> dict[str, tuple[t
     audio = one if speakers == 1 else torch.cat([one, torch.roll(one, 7, dims=1)])
     given = masks if speakers == 2 else None
     return {"cond": (audio, given), "drop_text": (audio, given), "uncond": (torch.zeros_like(one), None)}
-
-
-def timed(fn, repeats: int, warm_up: bool = True) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call (compilation, kernel selection) if asked."""
-    if warm_up:
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
 
 
 def measure(runner: DiTRunner, args: tuple, speakers: int, masks: torch.Tensor, repeats: int) -> dict:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,13 @@ def itk(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
 
 def fake_env(mode: str, **extra: str) -> dict[str, str]:
     return {"ITK_GENERATOR": f"{sys.executable} {FAKE}", "FAKE_MODE": mode, **extra}
+
+
+def wait_for_json(path: Path, seconds: float = 30) -> list[int]:
+    """The JSON a child process writes (its pids, say), polled until it appears; bounded."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from run_media import FAKE, fake_env, itk, write_image, write_wav, write_weights
+from run_media import FAKE, fake_env, itk, wait_for_json, write_image, write_wav, write_weights
 
 from itk.manifest import load_manifest
 from itk.measured import expected_step_s
@@ -27,13 +27,6 @@ def media(tmp_path):
     return write_image(tmp_path / "face.png"), write_wav(tmp_path / "speech.wav", 6.0)
 
 
-def wait_for_json(path: Path, seconds: float = 30) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return json.loads(path.read_text())
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
 
 
 # --- one run per output ----------------------------------------------------------------------------------

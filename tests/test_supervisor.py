@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
-from run_media import FAKE, LOGS, fake_env, itk, write_image, write_wav, write_weights
+from run_media import FAKE, LOGS, fake_env, itk, wait_for_json, write_image, write_wav, write_weights
 
 from itk.advice import diagnose
 from itk.runtime.protocol import parse_event
@@ -114,13 +113,6 @@ def test_itk_run_passes_the_generators_missing_weights_exit_code_through(tmp_pat
     assert "missing: /w/Wan2.1-I2V-14B-480P/Wan2.1_VAE.pth." in proc.stdout
 
 
-def wait_for(path, seconds: float = 20) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return json.loads(path.read_text())
-        time.sleep(0.05)
-    raise AssertionError(f"{path} never appeared")
 
 
 def gone(pid: int) -> bool:
@@ -141,7 +133,7 @@ def test_ctrl_c_stops_a_child_and_grandchild_that_ignore_sigint_and_exits_130(tm
            "ITK_STOP_GRACE_S": "1"}
     itk_proc = subprocess.Popen([sys.executable, "-m", "itk", "run", *ready], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    child, grandchild = wait_for(pids_file)
+    child, grandchild = wait_for_json(pids_file)
     pgid = os.getpgid(child)
     assert pgid != os.getpgid(itk_proc.pid) and os.getpgid(grandchild) == pgid  # its own group
     itk_proc.send_signal(sig)
