@@ -12,6 +12,8 @@ placed, streamed and compiled by one `DiTRunner` the engine owns.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 from collections.abc import Iterator
@@ -121,10 +123,19 @@ def run_fingerprint(request: Request, cfg: ModelConfig, files: WeightPaths) -> d
 
 
 def release() -> None:
-    """Return freed model memory now (callers `del` their last reference first)."""
+    """Return freed model memory now (callers `del` their last reference first): to the GPU, and to the
+    OS, since glibc keeps freed heap memory (a model loaded and dropped stays in the process's RSS, which
+    is what the kernel's OOM killer counts) until asked to trim."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0); nothing where the C library is not glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -240,12 +251,20 @@ class Engine:
                          pin=self.options.pin)
 
     def apply_loras(self, dit) -> None:
-        """The request's LoRA files into the DiT, before it is placed or streamed (runtime/lora.py)."""
-        from itk.runtime.lora import FP8_DEFAULT, apply_loras
+        """The request's LoRA files into the DiT, before it is placed or streamed (runtime/lora.py), merged on
+        the GPU. FP8 layers are merged unless the streamed blocks will be read from the memory-mapped file
+        (too little RAM to pin them): there a merge would copy the file into process memory, so the layers
+        take the low-rank side path instead."""
+        from itk.runtime.lora import apply_loras
+        from itk.runtime.offload import host_mode
 
-        applied = apply_loras(dit, self.request.loras, self.request.lora_alpha, FP8_DEFAULT, self.place.low)
+        p = self.place
+        mode = host_mode(dit, p.device, self.request.persistent_params, self.options.pin)
+        method = "side" if mode == "mmap" else "merge"
+        applied = apply_loras(dit, self.request.loras, self.request.lora_alpha, method, p.low, device=p.device)
         for path, modules in applied.files:
-            log.info("LoRA %s: %d modules applied", path.name, modules)
+            log.info("LoRA %s: %d modules applied (FP8 layers: %d merged, %d side path)", path.name, modules,
+                     applied.merged_fp8, applied.side)
 
     def pipeline(self, settings: Settings, plan: ClipPlan) -> StreamingPipeline:
         """The VAE and the DiT loaded, behind the streaming loop."""

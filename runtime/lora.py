@@ -12,15 +12,20 @@ reported, never dropped silently; a file that matches nothing is an error; a del
 its layer refuses the file by name.
 
 Where the delta goes:
-- plain weights (the bf16 model, and every non-FP8 tensor of the FP8 model): added in float32, once;
-- FP8 layers, `method="side"` (the default): the low-rank factors stay beside the FP8 weight and the layer
-  adds `x @ down^T @ up^T` in the activation dtype. The FP8 weight (and, when streamed, its memory-mapped
-  file) is untouched, the delta keeps bf16 precision (a merge would round it onto the FP8 grid, where a
-  small delta largely vanishes), and loading costs nothing; each streamed block carries its factors
-  (~2 MB per block at rank 32) through the same copies. Cost: two thin matmuls per layer per call.
-- FP8 layers, `method="merge"`: dequantise, add, re-quantise per row, once at load (no per-step cost;
-  the merged layers are no longer views of the file, so a streamed model then lives in process RAM).
-  bench/bench_lora.py measures both on the device.
+- plain weights (the bf16 model, and every non-FP8 tensor of the FP8 model): added in float32, once, on
+  `device` (the GPU when there is one: a 14B bf16 model merged on two CPU cores takes minutes);
+- FP8 layers, `method="merge"` (the default): dequantise, add every file's delta, re-quantise per row, once
+  at load, on `device`. No per-step cost (the H200 measured 1.00x the no-LoRA step, against 1.045x/1.047x
+  for the side path at rank 32/64: bench/results/lora-h200.json); on the GPU the 40 blocks merge in seconds
+  (59-68 s on the CPU). The merged layers are no longer views of the memory-mapped file: they are copied
+  into the streamer's pinned buffers (or onto the GPU) like every other block, so this costs nothing there.
+- FP8 layers, `method="side"`: the low-rank factors stay beside the FP8 weight and the layer adds
+  `x @ down^T @ up^T` in the activation dtype. The FP8 weight and its memory-mapped file stay untouched, so
+  the engine picks it when the streamed blocks are read from the page cache rather than pinned (a merge
+  would move 17 GB of mapped file into process memory on exactly the machines that lack it); each streamed
+  block carries its factors (~2 MB per block at rank 32) through the same copies.
+Output agreement with a bf16 merge: cosine 0.99973 for both methods on the H200 (the FP8 rounding of the
+base weight dominates; bench/results/lora-h200.json).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 
 ALPHA_MODES = ("ignore", "scale")
 FP8_METHODS = ("side", "merge")
-FP8_DEFAULT = "side"  # see the module docstring; bench/bench_lora.py measures both
+FP8_DEFAULT = "merge"  # see the module docstring; bench/bench_lora.py measures both
 PREFIXES = ("diffusion_model.", "transformer.")
 LOW_RANK = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up"}
 FULL = {"diff": "weight", "diff_b": "bias"}
@@ -224,10 +229,12 @@ def _report(path: Path, parsed: Parsed, alpha_mode: str) -> None:
 
 
 def apply_loras(model: nn.Module, files: Sequence[tuple[Path, float]], alpha_mode: str = "ignore",
-                fp8_method: str = "side", dtype: torch.dtype | None = None) -> Applied:
+                fp8_method: str = FP8_DEFAULT, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> Applied:
     """Apply every (file, scale) to `model` in place (before it is placed or streamed; see
-    protocol.pair_loras for the official pairing of the flags). `dtype`: the side path's
-    compute dtype (default: each FP8 layer's scale dtype)."""
+    protocol.pair_loras for the official pairing of the flags). `dtype`: the side path's compute dtype
+    (default: each FP8 layer's scale dtype). `device`: where merges are computed (None: where each tensor
+    is); every tensor stays where it was."""
     if alpha_mode not in ALPHA_MODES or fp8_method not in FP8_METHODS:
         raise ValueError(f"alpha_mode {alpha_mode!r} / fp8_method {fp8_method!r}")
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -237,6 +244,8 @@ def apply_loras(model: nn.Module, files: Sequence[tuple[Path, float]], alpha_mod
     shapes.update({f"{n}.bias": m.bias.shape for n, m in fp8.items() if m.bias is not None})
     applied = Applied()
     side: dict[str, list[Delta]] = {}
+    merge: dict[str, list[Delta]] = {}
+    plain: dict[str, list[Delta]] = {}
     for path, scale in files:
         path = Path(path)
         parsed = parse(path, scale, shapes, alpha_mode)
@@ -244,29 +253,41 @@ def apply_loras(model: nn.Module, files: Sequence[tuple[Path, float]], alpha_mod
         applied.files.append((path, parsed.modules - len(parsed.unmatched)))
         for delta in parsed.deltas:
             module, _, leaf = delta.target.rpartition(".")
-            layer = fp8.get(module)
-            if layer is not None and leaf == "weight":
-                if fp8_method == "side" and delta.down is not None:
-                    side.setdefault(module, []).append(delta)
-                else:
-                    merge_fp8(layer, delta)
-                    applied.merged_fp8 += 1
+            if module in fp8 and leaf == "weight":
+                to_side = fp8_method == "side" and delta.down is not None
+                (side if to_side else merge).setdefault(module, []).append(delta)
             else:
-                target = tensors[delta.target]
-                with torch.no_grad():
-                    target.copy_((target.float() + delta.dense(target)).to(target.dtype))
+                plain.setdefault(delta.target, []).append(delta)
+    with torch.no_grad():
+        for name, deltas in plain.items():
+            add_deltas(tensors[name], deltas, device)
+        for module, deltas in merge.items():
+            merge_fp8(fp8[module], deltas, device)
     for module, deltas in side.items():
         attach_side(fp8[module], deltas, dtype)
-    applied.side = len(side)
+    applied.side, applied.merged_fp8 = len(side), len(merge)
     pad_blocks(fp8)
     return applied
 
 
-def merge_fp8(layer: FP8Linear, delta: Delta) -> None:
-    """Dequantise the FP8 weight, add the delta, re-quantise per row (quanto's absmax scheme)."""
-    weight = layer.weight.float() * layer.scale.float()
-    data, scale = quantize_rowwise(weight + delta.dense(weight), layer.scale.dtype)
-    layer.weight, layer.scale = data, scale
+def add_deltas(target: torch.Tensor, deltas: Sequence[Delta], device: torch.device | str | None) -> None:
+    """target += every delta, summed in float32 on `device` and rounded once to the target's dtype."""
+    total = target.to(device or target.device, torch.float32)
+    for delta in deltas:
+        total += delta.dense(total)
+    target.copy_(total.to(target.device, target.dtype))
+
+
+def merge_fp8(layer: FP8Linear, deltas: Sequence[Delta], device: torch.device | str | None = None) -> None:
+    """Dequantise the FP8 weight, add every delta, re-quantise per row (quanto's absmax scheme) once, on
+    `device`; the new weight and scale go back where the old ones were."""
+    home = layer.weight.device
+    work = device or home
+    weight = layer.weight.to(work).float() * layer.scale.to(work).float()
+    for delta in deltas:
+        weight += delta.dense(weight)
+    data, scale = quantize_rowwise(weight, layer.scale.dtype)
+    layer.weight, layer.scale = data.to(home), scale.to(home)
 
 
 def attach_side(layer: FP8Linear, deltas: Sequence[Delta], dtype: torch.dtype | None) -> None:

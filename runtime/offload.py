@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,7 @@ from itk.runtime.loading import MappedFile
 from itk.runtime.models.dit import InfiniteTalkDiT
 
 log = logging.getLogger(__name__)
+FILL_THREADS = 8  # parallel preads into the pinned buffers: one thread reads ~3-5 GB/s from the page cache
 PIN_HEADROOM = 8 * 2**30  # RAM left free after pinning, for activations, the VAE and the OS
 ALIGN = 64  # byte alignment of each tensor inside a block's flat host buffer
 
@@ -59,18 +61,45 @@ def flat_bytes(tensors: Sequence[torch.Tensor]) -> int:
 
 
 def flat_views(like: Sequence[torch.Tensor], pin: bool) -> list[torch.Tensor]:
-    """Empty host tensors shaped like `like`, all views of ONE allocation (pinned when asked).
+    """Empty host tensors shaped like `like`, all views of ONE allocation (pinned when asked)."""
+    return views_of(torch.empty(flat_bytes(like), dtype=torch.uint8, pin_memory=pin), like)
 
-    Why one allocation per block: torch's pinned allocator rounds every allocation up to a power of two, so
-    pinning tensor by tensor wastes ~40% of a block (the 71 MB FFN weights take 128 MB); per block it is 12%.
-    """
-    flat = torch.empty(flat_bytes(like), dtype=torch.uint8, pin_memory=pin)
+
+def views_of(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Tensors shaped like `like`, laid out one after another (ALIGN-aligned) in the uint8 tensor `flat`."""
     views, offset = [], 0
     for t in like:
         size = t.numel() * t.element_size()
         views.append(flat[offset:offset + size].view(t.dtype).view(t.shape))
         offset += -(-size // ALIGN) * ALIGN
     return views
+
+
+def pow2_groups(sizes: Sequence[int]) -> list[list[int]]:
+    """Consecutive block indices grouped into allocations that waste little of a power of two.
+
+    Why: torch's pinned allocator rounds every allocation up to a power of two. One allocation per block
+    (0.47 GB at 480p FP8) takes 512 MiB each, 2.6 GB more than the 40 blocks' 18.9 GB; one for all of them
+    would take 32 GiB. Each group here fills the largest power of two that what is left can fill (a block
+    larger than that gets its own), so the waste is at most one block per group, and the groups are few
+    (16 GiB + 1 GiB + 512 MiB + 512 MiB for the 480p model: 0.45 GB over).
+    """
+    groups, i = [], 0
+    while i < len(sizes):
+        left = sum(sizes[i:])
+        cap = max(1 << (left.bit_length() - 1), 1 << max(sizes[i] - 1, 0).bit_length())
+        group, total = [], 0
+        while i < len(sizes) and total + sizes[i] <= cap:
+            group.append(i)
+            total += sizes[i]
+            i += 1
+        groups.append(group)
+    return groups
+
+
+def pinned_bytes(sizes: Sequence[int]) -> int:
+    """What `pow2_groups` allocations of these block sizes take in pinned memory."""
+    return sum(1 << max(sum(sizes[i] for i in g) - 1, 0).bit_length() for g in pow2_groups(sizes))
 
 
 def empty_copy(block: nn.Module, device: torch.device) -> nn.Module:
@@ -90,6 +119,22 @@ def can_pin(nbytes: int) -> bool:
     import psutil
 
     return psutil.virtual_memory().available - nbytes > PIN_HEADROOM
+
+
+def pins(sizes: Sequence[int], cuda: bool, pin: bool | None) -> bool:
+    """Whether streamed blocks of these flat sizes go to pinned host memory: on CUDA, when asked (`pin`)
+    or, unset, when free RAM holds them and the headroom."""
+    return cuda and bool(sizes) and (can_pin(pinned_bytes(sizes)) if pin is None else pin)
+
+
+def host_mode(dit: nn.Module, device: torch.device | str, budget: int | None, pin: bool | None) -> str:
+    """The `DiTRunner.mode` a runner of these arguments will have, known before it is built (the engine
+    chooses how to apply a LoRA from it): "resident" | "pinned" | "mmap"."""
+    plan = [True] * len(dit.blocks) if budget is None else resident_plan(dit, budget)[0]
+    sizes = [flat_bytes(tensors_of(b)) for b, keep in zip(dit.blocks, plan, strict=True) if not keep]
+    if not sizes:
+        return "resident"
+    return "pinned" if pins(sizes, torch.device(device).type == "cuda", pin) else "mmap"
 
 
 def _replace(block: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -157,16 +202,16 @@ class BlockStreamer:
         for block, keep in zip(self.blocks, self.resident, strict=True):
             if keep:
                 block.to(self.device)
-        nbytes = sum(flat_bytes(tensors_of(b)) for b in streamed)
-        pinned_bytes = len(streamed) * (1 << (flat_bytes(tensors_of(streamed[0])) - 1).bit_length()) if streamed else 0
-        self.pinned = self.cuda and (can_pin(pinned_bytes) if pin is None else pin)
+        sizes = [flat_bytes(tensors_of(b)) for b in streamed]
+        nbytes = sum(sizes)
+        self.pinned = pins(sizes, self.cuda, pin)
         self.mode = "resident" if not streamed else ("pinned" if self.pinned else "mmap")
         if streamed:
             source = ("pinned host memory" if self.pinned else
                       "host memory as loaded (the memory-mapped file for FP8) through a 2-block pinned ring")
             log.info("DiT streaming: %d of %d blocks (%.1f GB) streamed from %s",
                      len(streamed), len(self.blocks), nbytes / 1e9, source)
-        self.host = [self._to_host(b) if not r else None for b, r in zip(self.blocks, self.resident, strict=True)]
+        self.host = self._to_host(self.blocks, self.resident)
         # Two reusable device buffers shaped like a block; they alternate between consecutive streamed blocks.
         self.slots = [empty_copy(streamed[0], self.device) for _ in range(min(2, len(streamed)))]
         self.staging = (
@@ -180,19 +225,37 @@ class BlockStreamer:
         self.block_calls = [wrap(b) if r else None for b, r in zip(self.blocks, self.resident, strict=True)]
         self.slot_calls = [wrap(slot) for slot in self.slots]
 
-    def _to_host(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's tensors on the host: copied into one pinned buffer when pinning was chosen, else left
-        where they are (views of the mapped file for FP8). Each module tensor is replaced by its host copy, so
-        the loaded original is released block by block: host memory never holds the DiT twice."""
-        named = named_tensors(block)
+    def _to_host(self, blocks: Sequence[nn.Module], resident: Sequence[bool]) -> list[list[torch.Tensor] | None]:
+        """The streamed blocks' tensors on the host: copied into pinned buffers (few allocations, see
+        `pow2_groups`; blocks filled in parallel threads, since pread and tensor copies release the GIL) when
+        pinning was chosen, else left where they are (views of the mapped file for FP8). Each module tensor
+        is replaced by its host copy block by block, so host memory never holds the DiT twice."""
+        streamed = [b for b, r in zip(blocks, resident, strict=True) if not r]
         if self.pinned:
-            for (name, t), view in zip(named, flat_views([t for _, t in named], pin=True), strict=True):
-                _replace(block, name, self._fill(view, t.detach()))
+            named = [named_tensors(b) for b in streamed]
+            sizes = [flat_bytes([t for _, t in n]) for n in named]
+            views: list[list[torch.Tensor]] = [[] for _ in streamed]
+            for group in pow2_groups(sizes):
+                flat = torch.empty(sum(sizes[i] for i in group), dtype=torch.uint8, pin_memory=True)
+                offset = 0
+                for i in group:
+                    views[i] = views_of(flat[offset:offset + sizes[i]], [t for _, t in named[i]])
+                    offset += sizes[i]
+
+            def fill(i: int) -> None:
+                for (_, t), view in zip(named[i], views[i], strict=True):
+                    self._fill(view, t.detach())
+                for (name, _), view in zip(named[i], views[i], strict=True):
+                    _replace(streamed[i], name, view)
+
+            with ThreadPoolExecutor(max_workers=FILL_THREADS) as pool:
+                list(pool.map(fill, range(len(streamed))))
         else:
-            for name, t in named:
-                if t.device.type != "cpu":
-                    _replace(block, name, t.detach().cpu())
-        return tensors_of(block)
+            for block in streamed:
+                for name, t in named_tensors(block):
+                    if t.device.type != "cpu":
+                        _replace(block, name, t.detach().cpu())
+        return [None if r else tensors_of(b) for b, r in zip(blocks, resident, strict=True)]
 
     def _fill(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """dst <- src on the host; bytes of the memory-mapped file are read with pread, not through the mapping."""

@@ -175,11 +175,13 @@ def test_several_files_are_applied_each_with_its_scale(files, tmp_path):
     model, before = plain_model(files), plain_model(files).blocks[0].self_attn.v.weight.clone()
     apply_loras(model, pair_loras([one, two], [0.5, 2.0]))
     torch.testing.assert_close(model.blocks[0].self_attn.v.weight, before + 0.5 * u1 @ d1 + 2.0 * u2 @ d2)
-    fp8, ref = fp8_model(files), fp8_model(files).blocks[0].self_attn.v
-    apply_loras(fp8, pair_loras([one, two], [0.5, 2.0]))
+    side, merged, ref = fp8_model(files), fp8_model(files), fp8_model(files).blocks[0].self_attn.v
+    apply_loras(side, pair_loras([one, two], [0.5, 2.0]), fp8_method="side")
+    apply_loras(merged, pair_loras([one, two], [0.5, 2.0]))  # the default: merged, re-quantised once
     x = torch.randn(3, D, generator=GEN)
     expected = F.linear(x, ref.dequantized(torch.float32) + 0.5 * u1 @ d1 + 2.0 * u2 @ d2, ref.bias)
-    torch.testing.assert_close(fp8.blocks[0].self_attn.v(x), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(side.blocks[0].self_attn.v(x), expected, rtol=1e-5, atol=1e-6)
+    assert F.cosine_similarity(merged.blocks[0].self_attn.v(x).flatten(), expected.flatten(), dim=0) >= 0.999
 
 
 def test_the_official_pairing_zips_files_with_scales_defaulting_to_1_2(caplog):
@@ -246,13 +248,29 @@ def test_a_side_path_on_some_blocks_streams_with_every_block_the_same_shape(file
     lora = write(tmp_path / "b0.safetensors", {f"{k}.lora_down.weight": rand(4, D), f"{k}.lora_up.weight": rand(D, 4)})
     resident, streamed = fp8_model(files), fp8_model(files)
     for model in (resident, streamed):
-        apply_loras(model, [(lora, 1.0)])
+        apply_loras(model, [(lora, 1.0)], fp8_method="side")
     assert streamed.blocks[1].cross_attn.q.lora_down.abs().sum() == 0
     assert streamed.blocks[1].cross_attn.q.lora_down.shape == (4, D)
     runner = DiTRunner(streamed, torch.device("cpu"), budget=0, compile=False)
     assert runner.mode == "mmap"
     torch.testing.assert_close(run(runner, t), run(resident, t), rtol=0, atol=0)
 
+
+
+def test_a_merged_fp8_layer_keeps_its_place_and_streams_like_any_other_block(files, tmp_path):
+    """The default FP8 method merges: no side factors, the merged weight is FP8 on the layer's own device,
+    and the streamed model (budget 0) computes exactly what the resident merged model does."""
+    _, t, _, _ = files
+    k = "diffusion_model.blocks.0.cross_attn.q"
+    lora = write(tmp_path / "b0.safetensors", {f"{k}.lora_down.weight": rand(4, D), f"{k}.lora_up.weight": rand(D, 4)})
+    resident, streamed = fp8_model(files), fp8_model(files)
+    for model in (resident, streamed):
+        applied = apply_loras(model, [(lora, 1.0)], device="cpu")
+        assert (applied.merged_fp8, applied.side) == (1, 0)
+    layer = streamed.blocks[0].cross_attn.q
+    assert layer.lora_down is None and layer.weight.dtype == torch.float8_e4m3fn and layer.weight.device.type == "cpu"
+    runner = DiTRunner(streamed, torch.device("cpu"), budget=0, compile=False)
+    torch.testing.assert_close(run(runner, t), run(resident, t), rtol=0, atol=0)
 
 # --- the generator end to end on tiny weights (itk.runtime.tiny) with a tiny LoRA file -----------------------
 

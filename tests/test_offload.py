@@ -154,3 +154,16 @@ def test_the_runner_attaches_nothing_to_the_dit_and_ignores_compile_off_the_gpu(
     assert runner.mode == "resident" and runner.streamer.block_calls == list(model.blocks)
     assert {name: id(value) for name, value in vars(model).items()} == attributes
     assert torch.equal(forward(runner, t), reference)
+
+
+def test_pinned_groups_cover_every_block_in_order_and_waste_at_most_a_few_percent_of_the_480p_model():
+    from itk.runtime.offload import pinned_bytes, pow2_groups
+
+    block = 472_000_000  # one 480p FP8 block's flat bytes
+    for sizes in ([block] * 40, [block] * 7, [3, 900, 5, 70, 70, 70], [block * 3] + [block] * 5):
+        groups = pow2_groups(sizes)
+        assert [i for g in groups for i in g] == list(range(len(sizes)))
+        assert all(g for g in groups)
+    sizes = [block] * 40
+    per_block = 40 * (1 << (block - 1).bit_length())  # one power-of-two allocation per block
+    assert pinned_bytes(sizes) <= 1.03 * sum(sizes) < per_block
