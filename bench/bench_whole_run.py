@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 PRESET = "rtx4090-24g"
-STEPS, FULL_STEPS = 2, 40
+STEPS, FULL_STEPS = 2, 40  # steps run for a preset of many; the 40-step fallback when a preset names none
 SPEECH_S = 4.0  # 100 video frames: clips start at 0 and 72 (81 frames, motion 9), so exactly 2 clips
 TARGETS = {"gpu_peak_gb": 12.0, "peak_rss_gb": 24.0, "overhead_share_of_40_step_clip": 0.15}
 
@@ -99,15 +99,41 @@ def write_inputs(folder: Path) -> Path:
     return job
 
 
-def preset_command(weights: Path, job: Path, stem: Path) -> list[str]:
-    """Exactly what `itk run --preset rtx4090-24g` starts (the preset's path flags and settings, in its
-    order), with sample_steps lowered to STEPS."""
+def preset_command(weights: Path, job: Path, stem: Path, preset_name: str, steps: int) -> list[str]:
+    """Exactly what `itk run --preset NAME` starts (the preset's path flags, LoRA files and settings, in its
+    order), with sample_steps set to `steps`."""
     from itk.presets import get_preset
     from itk.run import generator_argv, generator_command
 
-    preset = get_preset(PRESET)
-    settings = {**preset.generator, "sample_steps": STEPS}
-    return generator_argv(generator_command(), preset.path_flags(weights), settings, job, stem)
+    preset = get_preset(preset_name)
+    settings = {**preset.generator, "sample_steps": steps}
+    return generator_argv(generator_command(), preset.path_flags(weights), settings, job, stem,
+                          loras=preset.lora_files(weights))
+
+
+def write_loras(weights: Path, preset_name: str) -> dict[str, Any]:
+    """Random full-size LoRA files (lightx2v layout: every block's 12 Linears, rank from the file name, else
+    64) where the preset expects its LoRAs."""
+    import re
+
+    import torch
+    from bench_lora import lora_file  # noqa: PLC0415 - beside this file
+
+    from itk.presets import get_preset
+    from itk.runtime.configs import DiTConfig
+    from itk.runtime.models.dit import InfiniteTalkDiT
+
+    written = {}
+    for path, _ in get_preset(preset_name).lora_files(weights):
+        if path.is_file():
+            continue
+        rank = int(m.group(1)) if (m := re.search(r"rank(\d+)", path.name)) else 64
+        with torch.device("meta"):
+            model = InfiniteTalkDiT(DiTConfig())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(lora_file(model, rank, path.parent, 40), path)
+        written[path.name] = {"rank": rank, "bytes": path.stat().st_size}
+    return written
 
 
 # --- watching the run ----------------------------------------------------------------------------------------
@@ -120,6 +146,8 @@ class Sampler(threading.Thread):
         self.pid, self.stopped = pid, threading.Event()
         self.peak = {"rss": 0, "anon_rss": 0, "gpu_process_used": 0, "gpu_device_used_increase": 0}
         self.nvml_note = ""
+        self.started = time.monotonic()
+        self.timeline: list[tuple[float, int, int]] = []  # (t on the bench's clock, rss, anon rss)
 
     def run(self) -> None:
         import psutil
@@ -133,8 +161,10 @@ class Sampler(threading.Thread):
                 infos = [p.memory_info() for p in procs]
             except psutil.Error:
                 continue
-            self._max("rss", sum(i.rss for i in infos))
-            self._max("anon_rss", sum(i.rss - i.shared for i in infos))
+            rss, anon = sum(i.rss for i in infos), sum(i.rss - i.shared for i in infos)
+            self._max("rss", rss)
+            self._max("anon_rss", anon)
+            self.timeline.append((time.monotonic() - self.started, rss, anon))
             if gpu:
                 nvml, handle = gpu
                 self._max("gpu_device_used_increase", nvml.nvmlDeviceGetMemoryInfo(handle).used - baseline)
@@ -168,6 +198,7 @@ def run_generator(argv: list[str], log: Path) -> dict[str, Any]:
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=child_env(),
                             cwd=log.parent)
     sampler = Sampler(proc.pid)
+    sampler.started = started
     sampler.start()
     events = []
     assert proc.stderr is not None
@@ -181,7 +212,16 @@ def run_generator(argv: list[str], log: Path) -> dict[str, Any]:
     sampler.stopped.set()
     sampler.join()
     return {"exit_code": code, "wall_s": round(time.monotonic() - started, 2), "events": events,
-            "peak": sampler.peak, "nvml_note": sampler.nvml_note}
+            "peak": sampler.peak, "nvml_note": sampler.nvml_note, "timeline": sampler.timeline}
+
+
+def add_rss(spans: list[dict[str, Any]], timeline: list[tuple[float, int, int]]) -> None:
+    """Each phase's peak RSS and peak anonymous RSS (GB) from the samples taken inside it."""
+    for span in spans:
+        inside = [(r, a) for t, r, a in timeline if span["start_s"] <= t <= span["start_s"] + span["s"]]
+        if inside:
+            span["rss_peak_gb"] = round(max(r for r, _ in inside) / 1e9, 2)
+            span["anon_rss_peak_gb"] = round(max(a for _, a in inside) / 1e9, 2)
 
 
 # --- the phases ----------------------------------------------------------------------------------------------
@@ -215,10 +255,12 @@ def phases(events: list[dict[str, Any]], wall_s: float) -> list[dict[str, Any]]:
     return out
 
 
-def summarize(run: dict[str, Any]) -> dict[str, Any]:
-    """Step time, the extrapolated 40-step clip, the overhead outside the steps, and where the GPU peak is."""
+def summarize(run: dict[str, Any], steps_run: int, full_steps: int) -> dict[str, Any]:
+    """Step time, the extrapolated full clip, the overhead outside the steps, each clip's sampling and
+    whole-clip time, and where the GPU and RSS peaks are."""
     events, wall = run["events"], run["wall_s"]
     spans = phases(events, wall)
+    add_rss(spans, run["timeline"])
     steps = [e for e in events if e["event"] == "step"]
     # A step's time is the gap between two step events of one clip; the first step of each clip also holds
     # the clip's set-up (noise, VAE encode) and, in the first clip, torch.compile: counted as overhead.
@@ -227,14 +269,30 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"phases": spans, "steps_run": len(steps), "step_s_measured": step_s and round(step_s, 3)}
     if step_s:
         dit_s = step_s * len(steps)
-        clip40 = step_s * FULL_STEPS
+        clip_full = step_s * full_steps
         result.update({
             "dit_steps_s": round(dit_s, 2), "overhead_outside_dit_steps_s": round(wall - dit_s, 2),
-            "clip_40_steps_dit_s_extrapolated": round(clip40, 2),
-            "overhead_share_of_40_step_clip": round((wall - dit_s) / clip40, 4),
-            "whole_run_40_steps_s_extrapolated": round(wall + step_s * (FULL_STEPS - STEPS) * len(
+            f"clip_{full_steps}_steps_dit_s_extrapolated": round(clip_full, 2),
+            f"overhead_share_of_{full_steps}_step_clip": round((wall - dit_s) / clip_full, 4),
+            f"whole_run_{full_steps}_steps_s_extrapolated": round(wall + step_s * (full_steps - steps_run) * len(
                 {e["clip"] for e in steps}), 1),
         })
+    # Per clip: sampling = from its clip event (noise, VAE encode, then the steps) to its last step event;
+    # whole clip = to the next clip event (decode, colour, encode) or, for the last clip, to the done event.
+    marks = [e for e in events if e["event"] in ("clip", "step", "done")]
+    clips = []
+    for i, e in enumerate(marks):
+        if e["event"] != "clip":
+            continue
+        own = [m for m in marks[i + 1:] if m["event"] == "step" and m["clip"] == e["clip"]]
+        after = next((m for m in marks[i + 1:] if m["event"] in ("clip", "done")), None)
+        clips.append({"clip": e["clip"], "sampling_s": round(own[-1]["t"] - e["t"], 2) if own else None,
+                      "whole_clip_s": round(after["t"] - e["t"], 2) if after else None})
+    result["clips"] = clips
+    rss = [s for s in spans if "rss_peak_gb" in s]
+    if rss:
+        top = max(rss, key=lambda s: s["rss_peak_gb"])
+        result.update({"rss_peak_phase": top["phase"], "rss_peak_phase_anon_gb": top["anon_rss_peak_gb"]})
     peaks = [e.get("gpu_peak_gb") for e in events if e.get("gpu_peak_gb") is not None]
     if peaks:
         final = peaks[-1]
@@ -246,6 +304,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
 def verdicts(summary: dict[str, Any], peak_rss_gb: float) -> dict[str, Any]:
     measured = {"gpu_peak_gb": summary.get("gpu_peak_gb"), "peak_rss_gb": peak_rss_gb,
                 "overhead_share_of_40_step_clip": summary.get("overhead_share_of_40_step_clip")}
+    measured = {k: v for k, v in measured.items() if v is not None}
     return {k: {"target": f"<= {TARGETS[k]}", "measured": v, "met": None if v is None else v <= TARGETS[k]}
             for k, v in measured.items()}
 
@@ -254,18 +313,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/itk-whole", help="scratch folder for the weights (~31 GB)")
     parser.add_argument("--out", default="bench/results/whole-run-h200.json")
+    parser.add_argument("--preset", default=PRESET, help="the itk preset whose command is run (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"sampling steps run (default: {STEPS} for presets of more than 8 steps, extrapolated "
+                             "to the preset's steps; else the preset's own)")
+    parser.add_argument("--pin", choices=("auto", "0", "1"), default="auto",
+                        help="ITK_PIN for the generator: pin the streamed DiT blocks (1), read them from the page "
+                             "cache (0), or decide from free RAM (auto)")
     parser.add_argument("--tiny", action="store_true", help="tiny weights instead of full-size files (CPU check)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (a later run reuses it)")
     opts = parser.parse_args(argv)
+    from itk.presets import get_preset
+
+    preset = get_preset(opts.preset)
+    full_steps = int(preset.generator.get("sample_steps", FULL_STEPS))
+    steps = opts.steps or (STEPS if full_steps > 8 else full_steps)
     folder, out = Path(opts.dir), Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    ready = folder / "weights" / ".bench-weights-complete"
+    if not ready.is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    flags = " ".join(f"--{k} {v}" for k, v in preset.generator.items())
     result: dict[str, Any] = {
-        "preset": f"{PRESET}: --quant fp8 --num_persistent_param_in_dit 0, 480p (640x640 bucket), frame_num 81, "
-                  "motion_frame 9, streaming",
-        "sampling": f"--sample_steps {STEPS} measured; a {FULL_STEPS}-step clip extrapolated from the median step "
-                    "time (gaps between step events of one clip)",
+        "preset": f"{preset.name}: {flags}; frame_num 81, 640x640 bucket",
+        "pin": {"auto": "ITK_PIN unset: pinned when free RAM holds the streamed blocks",
+                "1": "ITK_PIN=1: streamed blocks pinned in host memory",
+                "0": "ITK_PIN=0: streamed blocks read from the page cache (pread) through a 2-block pinned ring"
+                }[opts.pin],
+        "sampling": (f"--sample_steps {steps} measured; a {full_steps}-step clip extrapolated from the median step "
+                     "time (gaps between step events of one clip)") if steps != full_steps
+        else f"--sample_steps {steps}: the preset's whole clip, nothing extrapolated",
         "inputs": f"640x640 generated portrait, {SPEECH_S} s speech-like wav (2 clips, 100 frames)",
         "targets": {k: f"<= {v}" for k, v in TARGETS.items()},
         "phases_note": "intervals between the generator's events on the bench's clock. No event separates the "
@@ -273,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                        "minus step_s_measured), nor a clip's VAE decode from its colour correction, resume-state "
                        "save and mp4 encode (clipN_vae_decode_colour_mp4_encode; for the last clip the decode "
                        "ends at the write_video stage and the mp4 encode follows). Step 1 of clip 1 also holds "
-                       "torch.compile.",
+                       "torch.compile. rss_peak_gb / anon_rss_peak_gb per phase: the process tree's RSS "
+                       "(psutil, every 50 ms; pinned host memory counts as shared, not anonymous).",
     }
 
     def save() -> None:
@@ -285,11 +364,19 @@ def main(argv: list[str] | None = None) -> int:
 
     result.update({"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
                    "torch": torch.__version__, "disk_free_gb_before": round(shutil.disk_usage(folder).free / 1e9, 1)})
-    result.update(write_weights(folder / "weights", opts.tiny))
+    if ready.is_file():
+        result["weights"] = json.loads(ready.read_text())
+    else:
+        result.update(write_weights(folder / "weights", opts.tiny))
+        ready.write_text(json.dumps({k: result[k] for k in ("weights", "files") if k in result}))
+    if preset.loras and not opts.tiny:
+        result["loras_written"] = write_loras(folder / "weights", preset.name)
     save()
     job = write_inputs(folder / "inputs")
-    argv_run = preset_command(folder / "weights", job, folder / "out" / "talk")
+    argv_run = preset_command(folder / "weights", job, folder / "out" / "talk", preset.name, steps)
     result["command"] = " ".join(map(str, argv_run))
+    if opts.pin != "auto":
+        os.environ["ITK_PIN"] = opts.pin
     run = run_generator(argv_run, out.with_suffix(".log"))
     peak_rss_gb = round(run["peak"]["rss"] / 1e9, 2)
     result.update({"exit_code": run["exit_code"], "wall_s": run["wall_s"], "log": str(out.with_suffix(".log")),
@@ -299,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                    "gpu_peak_gb_note": "gpu_peak_gb is torch.cuda.max_memory_allocated at the last event (GiB); "
                                        "nvml_* add the CUDA context and the allocator's cache (GB)",
                    **({"nvml_note": run["nvml_note"]} if run["nvml_note"] else {})})
-    summary = summarize(run)
+    summary = summarize(run, steps, full_steps)
     result.update(summary)
     result["verdicts"] = verdicts(summary, peak_rss_gb)
     result["events"] = run["events"]

@@ -182,8 +182,11 @@ class Engine:
         from itk.runtime.models.audio import AudioEncoder
 
         self.events.stage("audio_embedding")
-        encoder = AudioEncoder.from_folder(self.files.wav2vec, device="cpu")
-        embedding = encoder.embed(media.speech).float().cpu()
+        # On the GPU when there is one (the official script runs wav2vec2 on the CPU: minutes of speech then
+        # take a minute there), in true float32: cuDNN's TF32 convolutions would round the features at 1e-3.
+        encoder = AudioEncoder.from_folder(self.files.wav2vec, device=self.place.device)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            embedding = encoder.embed(media.speech).float().cpu()
         del encoder
         release()
         if embedding.shape[0] < 1:

@@ -11,6 +11,7 @@ interrupted (Ctrl-C, SIGTERM, SIGHUP, or the parent process dying); progress goe
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -90,5 +91,17 @@ def _fail(events: Events, code: int, message: str, fix: str = "") -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """End the process with `code` once stdout and stderr are flushed, skipping the interpreter's teardown.
+
+    Why: by then the mp4 is in place (or the error reported) and nothing is left to clean, but tearing down
+    frees ~19 GB of pinned DiT blocks page by page and the CUDA context: 6.5 s measured on an H200 after the
+    video was done (bench/results/whole-run-h200.json), time the user waits for nothing."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(lifeline=True))
+    exit_now(main(lifeline=True))
