@@ -177,8 +177,9 @@ def instrument(block, timer: OpTimer):
             undo.append(lambda m=module: m.__dict__.pop("forward"))
     for name in ("self_attn", "cross_attn", "audio_cross_attn"):
         sub = getattr(block, name)
-        pre = sub.register_forward_pre_hook(lambda m, a, _n=name: timer.context.append(_n))
-        post = sub.register_forward_hook(lambda m, a, o: timer.context.pop())
+        # Hooks return None: a forward hook's return value would replace the module's output.
+        pre = sub.register_forward_pre_hook(lambda m, a, _n=name: timer.context.append(_n) and None)
+        post = sub.register_forward_hook(lambda m, a, o: timer.context.pop() and None)
         undo += [pre.remove, post.remove]
     for fname, label in (("attention", None), ("rope_apply", "rope")):
         original = getattr(dit, fname)
@@ -189,6 +190,42 @@ def instrument(block, timer: OpTimer):
         setattr(dit, fname, wrapped)
         undo.append(lambda _n=fname, _f=original: setattr(dit, _n, _f))
     return lambda: [u() for u in undo]
+
+
+# Kernel name fragments -> what the kernel does, first match wins (cuDNN / flash attention, cuBLASLt / CUTLASS
+# matmuls (Hopper's are "nvjet_*"), Inductor's fused element-wise kernels "triton_*").
+KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "f8f8")),
+                ("fused_elementwise_triton", ("triton",)),
+                ("copy", ("memcpy", "memset", "copy")))
+
+
+def kernel_profile(fn, repeats: int = 5) -> dict:
+    """GPU time per kind of kernel in `fn` (torch.profiler, `repeats` calls after a warm-up): where a
+    compiled block's time goes, which CUDA events around eager ops cannot tell once the ops are fused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        ms = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)) / 1000 / repeats
+        if ms <= 0 or event.key.startswith("ProfilerStep"):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, frags in KERNEL_KINDS if any(f in name for f in frags)), "other")
+        kinds[kind] += ms
+        kernels[event.key[:120]] += ms
+    total = sum(kinds.values())
+    return {"total_gpu_ms": round(total, 2),
+            "ms": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k: round(v, 3) for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:20]}}
 
 
 def block_section(result: dict, save, compile_block: bool) -> dict:
@@ -247,6 +284,7 @@ def block_section(result: dict, save, compile_block: bool) -> dict:
                 out["compile_s"] = round(time.perf_counter() - t0, 1)
                 out["compiled_sdpa_ms"] = round(median_ms(lambda: compiled(*args)), 2)
                 out["compiled_cosine_vs_eager"] = round(cosine(compiled(*args), ref), 6)
+                out["compiled_kernels"] = kernel_profile(lambda: compiled(*args))
             except Exception as exc:  # noqa: BLE001
                 out["compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
             save()
@@ -315,14 +353,22 @@ def clip_section(result: dict, save) -> None:
 
 def rtx4090_model(result: dict) -> dict:
     """Scale each measured H200 op by the 4090/H200 ratio of the unit that bounds it."""
-    p, blk = result["peaks"], result["block"]["ops_ms_eager_sdpa"]
-    linear = blk.get("fp8_linears", 0.0) * p["fp8_rowwise_tflops"] / RTX4090["fp8_tflops"]
-    attn_h200 = sum(v for k, v in blk.items() if k.startswith("attention."))
+    p = result["peaks"]
+    kernels = result["block"].get("compiled_kernels", {}).get("ms")
+    if kernels:  # the compiled block as the runtime runs it, by kernel kind
+        linear_h200, attn_h200 = kernels.get("matmul", 0.0), kernels.get("attention", 0.0)
+        rest_h200 = sum(v for k, v in kernels.items() if k not in ("matmul", "attention"))
+    else:  # the eager block's CUDA-event split
+        blk = result["block"]["ops_ms_eager_sdpa"]
+        linear_h200 = blk.get("fp8_linears", 0.0)
+        attn_h200 = sum(v for k, v in blk.items() if k.startswith("attention."))
+        rest_h200 = sum(v for k, v in blk.items() if k == "norms" or k == "rope" or k.startswith("other"))
+    linear = linear_h200 * p["fp8_rowwise_tflops"] / RTX4090["fp8_tflops"]
     attn_bf16 = attn_h200 * p["bf16_tflops"] / RTX4090["bf16_tflops"]
-    rest_h200 = sum(v for k, v in blk.items() if k == "norms" or k == "rope" or k.startswith("other"))
     rest = rest_h200 * p["copy_gbps"] / RTX4090["memory_gbps"]
     stream_s = FP8_DIT_GB / RTX4090["pcie_gbps"]
-    model = {"per_block_ms": {"fp8_linears": round(linear, 1), "attention_bf16_fa2_class": round(attn_bf16, 1),
+    model = {"source": "compiled block kernels" if kernels else "eager block ops",
+             "per_block_ms": {"fp8_linears": round(linear, 1), "attention_bf16_fa2_class": round(attn_bf16, 1),
                               "attention_8bit_sage": round(attn_bf16 / SAGE_OVER_FA2_ON_4090, 1),
                               "memory_bound_rest": round(rest, 1)}}
     for name, attn in (("bf16_attention", attn_bf16), ("sage_attention", attn_bf16 / SAGE_OVER_FA2_ON_4090)):
