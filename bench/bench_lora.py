@@ -122,6 +122,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--cpu-merge", action="store_true", help="also time the merge on the CPU (~1 min per rank)")
+    parser.add_argument("--runs", default="", help="comma-separated run names to time (default: all), e.g. "
+                        "no_lora,merge_rank64")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the merge-cost and cosine sections")
     parser.add_argument("--out", default="bench/results/lora-h200.json")
     opts = parser.parse_args()
     out = Path(opts.out)
@@ -141,7 +144,7 @@ def main() -> None:
     compile = not opts.no_compile
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for rank in (32, 64):
+        for rank in () if opts.no_agreement else (32, 64):
             for device in ("cpu", "cuda") if opts.cpu_merge else ("cuda",):
                 result["merge_load_s"][f"rank{rank}_{device}"] = merge_cost(rank, folder, device)
                 free()
@@ -155,6 +158,8 @@ def main() -> None:
         for name, rank in (("fp8_streamed_budget0_no_lora", None), ("fp8_streamed_budget0_side_rank32", 32),
                            ("fp8_streamed_budget0_side_rank64", 64), ("fp8_streamed_budget0_merge_rank32", 32),
                            ("fp8_streamed_budget0_merge_rank64", 64)):
+            if opts.runs and name.removeprefix("fp8_streamed_budget0_") not in opts.runs.split(","):
+                continue
             drop_side(model)
             method = "merge" if "merge" in name else "side"
             if rank:
