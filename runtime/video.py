@@ -10,9 +10,11 @@ in chunks (one clip's new frames at a time) and go to the encoder at once: memor
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -60,6 +62,69 @@ def _encode_audio(container, samples: np.ndarray, sample_rate: int) -> None:
         container.mux(packet)
 
 
+class _Encoder:
+    """The mp4 being written, on a worker thread of its own: encoding a clip overlaps making the next.
+
+    PyAV releases the GIL while libx264 encodes. Every PyAV call runs on the one worker, in order (open,
+    audio, clips, flush, close), so the container is never touched by two threads. `send` first waits for
+    the previous clip, so at most two clips' frames are alive: the one encoding and the one just made. An
+    error on the worker comes back, with its own type, from the next `send` or `finish`; leaving the
+    `with` block (normally, on any error, on Ctrl-C) closes the container and joins the worker.
+    """
+
+    def __init__(self, tmp: Path, width: int, height: int, crf: int, audio: np.ndarray | None,
+                 sample_rate: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itk-mp4")
+        self._container = self._stream = None
+        self._last: Future[None] = self._pool.submit(self._open, tmp, width, height, crf, audio, sample_rate)
+
+    def _open(self, tmp: Path, width: int, height: int, crf: int, audio: np.ndarray | None,
+              sample_rate: int) -> None:
+        import av
+
+        self._container = av.open(str(tmp), mode="w", format="mp4")
+        self._stream = self._container.add_stream("libx264", rate=FPS)
+        self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
+        self._stream.options = {"crf": str(crf)}
+        if audio is not None:
+            _encode_audio(self._container, audio, sample_rate)
+
+    def _encode(self, frames: np.ndarray | None) -> None:
+        import av
+
+        images = [None] if frames is None else (av.VideoFrame.from_ndarray(f, format="rgb24") for f in frames)
+        for image in images:
+            for packet in self._stream.encode(image):
+                self._container.mux(packet)
+
+    def _close(self) -> None:
+        container, self._container = self._container, None
+        if container is not None:
+            container.close()
+
+    def send(self, frames: np.ndarray | None) -> None:
+        """Queue a clip (None: flush) once the previous one is encoded."""
+        self._last.result()
+        self._last = self._pool.submit(self._encode, frames)
+
+    def finish(self) -> None:
+        """Flush the encoder and close the file: complete once this returns."""
+        self.send(None)
+        self._last.result()
+        self._pool.submit(self._close).result()
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.submit(self._abort)  # after whatever the worker still has to do; a no-op once finished
+        self._pool.shutdown(wait=True)
+
+    def _abort(self) -> None:
+        with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
+            self._close()
+
+
 def write_mp4_stream(
     path: str | Path, chunks: Iterable[np.ndarray], count: int, audio: np.ndarray | None, sample_rate: int,
     crf: int = 23,
@@ -67,12 +132,11 @@ def write_mp4_stream(
     """Write `count` frames arriving as [N, H, W, 3] uint8 chunks at 25 fps (libx264, yuv420p) plus mono
     audio as AAC, atomically: the file appears under `path` only when the last chunk is encoded.
 
-    Each chunk is encoded as it arrives, so the caller never holds the whole video. The first chunk gives
-    the frame size; the audio, cut to the video's duration (count/25 s), is muxed right after it, exactly
-    as the whole-video writer did, so a streamed file holds the same streams as one written at the end.
+    Each chunk is encoded as it arrives, on a worker thread while the caller makes the next one (see
+    `_Encoder`), so the caller never holds the whole video. The first chunk gives the frame size; the audio,
+    cut to the video's duration (count/25 s), is muxed right after it, exactly as the whole-video writer
+    did, so a streamed file holds the same streams as one written at the end.
     """
-    import av
-
     path = Path(path)
 
     def encode(tmp: Path) -> None:
@@ -81,24 +145,18 @@ def write_mp4_stream(
         height, width = (0, 0) if first is None else first.shape[1:3]
         if count < 1 or first is None or height % 2 or width % 2:
             raise VideoError(f"{path}: cannot encode {count} frames of {width}x{height} (yuv420p needs even sides)")
+        cut = None if audio is None else audio[: round(count / FPS * sample_rate)]
         written = 0
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            if audio is not None:
-                _encode_audio(container, audio[: round(count / FPS * sample_rate)], sample_rate)
-            for chunk in itertools.chain([first], pending):
+        with _Encoder(tmp, width, height, crf, cut, sample_rate) as encoder:
+            clips, first = itertools.chain([first], pending), None  # keep no reference to the first clip
+            for chunk in clips:
                 written += len(chunk)
                 if written > count:
                     raise VideoError(f"{path}: more than the {count} frames announced")
-                for frame in chunk:
-                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                        container.mux(packet)
+                encoder.send(chunk)
             if written != count:
                 raise VideoError(f"{path}: {written} frames written, {count} announced")
-            for packet in stream.encode(None):
-                container.mux(packet)
+            encoder.finish()
 
     return atomic_write(path, encode, suffix=PARTIAL_SUFFIX)
 

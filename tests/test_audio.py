@@ -7,6 +7,8 @@ generate_infinitetalk.py's audio functions on a 2 s sweep.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -128,6 +130,57 @@ def test_a_text_file_given_as_audio_is_a_one_line_error_naming_it(tmp_path):
 def test_a_missing_audio_file_is_a_one_line_error_naming_it(tmp_path):
     with pytest.raises(AudioError, match=r"nothing\.wav: audio file not found$"):
         load_speech(tmp_path / "nothing.wav")
+
+
+# (rate, channels, file format, sample type): what people hand in, at rates librosa resamples and not.
+RECORDINGS = {
+    "44.1 kHz stereo float wav": (44100, 2, "WAV", "FLOAT"),
+    "16 kHz mono 24-bit wav": (16000, 1, "WAV", "PCM_24"),
+    "22.05 kHz mono flac": (22050, 1, "FLAC", "PCM_16"),
+    "8 kHz mono int16 wav": (8000, 1, "WAV", "PCM_16"),
+}
+
+
+def write_recording(path: Path, rate: int, channels: int, container: str, subtype: str) -> Path:
+    import soundfile
+
+    t = np.arange(int(1.37 * rate)) / rate  # a length no rate divides evenly: librosa's length fix matters
+    rng = np.random.default_rng(rate)
+    voice = 0.3 * np.sin(2 * np.pi * 190 * t) * (1 + np.sin(2 * np.pi * 4 * t)) / 2
+    tracks = [voice + 0.05 * rng.standard_normal(len(t)) for _ in range(channels)]
+    soundfile.write(str(path), np.stack(tracks, axis=1), rate, subtype=subtype, format=container)
+    return path
+
+
+@pytest.mark.parametrize("name", RECORDINGS)
+def test_speech_loads_sample_for_sample_as_librosa_loads_it(tmp_path, name):
+    import librosa
+
+    rate, channels, container, subtype = RECORDINGS[name]
+    path = write_recording(tmp_path / f"speech.{container.lower()}", rate, channels, container, subtype)
+    expected, _ = librosa.load(str(path), sr=16000, mono=True)
+    samples = load_speech(path)
+    assert samples.dtype == expected.dtype == np.float32
+    assert samples.shape == expected.shape and np.array_equal(samples, expected)
+
+
+def test_loading_a_wav_imports_neither_librosa_nor_numba(tmp_path):
+    path = write_recording(tmp_path / "speech.wav", 44100, 2, "WAV", "PCM_16")
+    code = ("import sys; from itk.runtime.models.audio import load_speech; load_speech(sys.argv[1]); "
+            "print(sorted(m for m in ('librosa', 'numba', 'audioread') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_an_audio_file_without_samples_is_a_one_line_error_naming_it(tmp_path):
+    import soundfile
+
+    for rate in (16000, 44100):
+        path = tmp_path / f"empty{rate}.wav"
+        soundfile.write(str(path), np.zeros((0, 2)), rate, subtype="PCM_16")
+        with pytest.raises(AudioError, match=rf"empty{rate}\.wav: the audio file holds no samples; give a speech"):
+            load_speech(path)
 
 
 def test_the_frame_count_is_the_floored_number_of_25_fps_frames():

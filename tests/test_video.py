@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 
 import av
@@ -9,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from itk.runtime.video import VideoError, VideoFrames, frames_at_25fps, is_video, to_uint8_frames, write_mp4
+from itk.runtime.video import (
+    VideoError,
+    VideoFrames,
+    frames_at_25fps,
+    is_video,
+    to_uint8_frames,
+    write_mp4,
+    write_mp4_stream,
+)
 
 SR = 16000
 
@@ -69,6 +78,56 @@ def test_an_existing_file_is_replaced_only_by_a_complete_one(tmp_path):
     with pytest.raises(VideoError):
         write_mp4(_frames(0), None, SR, target)
     assert target.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+def _encoder_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("itk-mp4")]
+
+
+def test_clips_are_encoded_on_a_worker_thread_that_is_gone_when_the_file_is_written(tmp_path):
+    seen = []
+
+    def clips():
+        for start in range(0, 12, 4):
+            seen.append(_encoder_threads())
+            yield _frames(12)[start:start + 4]
+
+    threads = threading.active_count()
+    out = write_mp4_stream(tmp_path / "talk.mp4", clips(), 12, None, SR)
+    assert all(seen[1:]) and _encoder_threads() == [] and threading.active_count() == threads
+    assert len(list(frames_at_25fps(out))) == 12
+
+
+class ProducerFailed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [ProducerFailed, KeyboardInterrupt])
+def test_an_error_while_making_a_clip_stops_the_encoder_leaving_no_file_and_no_thread(tmp_path, error):
+    def clips():
+        yield _frames(4)
+        raise error("the sampler stopped")
+
+    threads = threading.active_count()
+    with pytest.raises(error, match="the sampler stopped"):
+        write_mp4_stream(tmp_path / "talk.mp4", clips(), 8, np.zeros(SR, np.float32), SR)
+    assert list(tmp_path.iterdir()) == [] and threading.active_count() == threads
+
+
+def test_an_error_in_the_encoder_reaches_the_caller_with_its_own_type_leaving_no_file_and_no_thread(tmp_path):
+    made = []
+
+    def clips():
+        yield _frames(4)
+        yield _frames(4).astype(np.float32)  # not rgb24: PyAV refuses it on the encoder's thread
+        made.append("after the bad clip")
+        yield _frames(4)
+
+    threads = threading.active_count()
+    with pytest.raises(ValueError):
+        write_mp4_stream(tmp_path / "talk.mp4", clips(), 12, None, SR)
+    assert list(tmp_path.iterdir()) == [] and threading.active_count() == threads
+    assert made == ["after the bad clip"]  # found when the next clip is handed on
 
 
 def test_a_25_fps_source_is_read_frame_for_frame(tmp_path):

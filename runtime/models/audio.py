@@ -48,27 +48,72 @@ class AudioError(Exception):
 
 
 def load_speech(path: str | Path, cfg: AudioConfig = OFFICIAL) -> np.ndarray:
-    """Mono float32 samples at 16 kHz: librosa resamples and downmixes whatever the file holds."""
-    import audioread
-    import librosa
+    """Mono float32 samples at 16 kHz, sample for sample what the official `librosa.load(sr=16000)` gives.
+
+    librosa reads with soundfile and resamples with soxr; importing librosa also imports numba and
+    scipy.signal (most of a run's input reading). `_soundfile_load` makes the same calls without them, and
+    librosa itself reads only what it alone can (a file libsndfile cannot open, e.g. m4a, via audioread).
+    """
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
     try:
-        with warnings.catch_warnings():
-            # librosa warns before falling back from soundfile to audioread; our error says it all.
-            warnings.simplefilter("ignore")
-            samples, _ = librosa.load(str(path), sr=cfg.sample_rate, mono=True)
-    except (OSError, EOFError, RuntimeError, ValueError, audioread.exceptions.DecodeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AudioError(
-            f"{path}: not a readable audio file ({detail}); give a speech recording (.wav, .flac, .mp3)"
-        ) from exc
+        samples = _soundfile_load(path, cfg.sample_rate)
+        if samples is None:
+            samples = _librosa_load(path, cfg.sample_rate)
+    except (OSError, EOFError, RuntimeError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
     if samples.size == 0:
         raise AudioError(f"{path}: the audio file holds no samples; give a speech recording")
     return samples.astype(np.float32, copy=False)
+
+
+def _unreadable(path: Path, exc: Exception) -> AudioError:
+    detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return AudioError(f"{path}: not a readable audio file ({detail}); give a speech recording (.wav, .flac, .mp3)")
+
+
+def _soundfile_load(path: Path, sr: int) -> np.ndarray | None:
+    """librosa 0.11's load(sr=sr, mono=True) for what soundfile reads: the same read, downmix, soxr call and
+    length fix (librosa.core.audio: __soundfile_load, to_mono, resample with res_type="soxr_hq"); None
+    where librosa would go on to audioread (soundfile cannot read it) or stop (samples not finite)."""
+    import numpy as np
+    import soundfile
+    import soxr
+
+    try:
+        with soundfile.SoundFile(path) as file:
+            native = file.samplerate
+            y = file.read(frames=-1, dtype=np.float32, always_2d=False).T
+    except soundfile.SoundFileRuntimeError:
+        return None
+    if not np.isfinite(y).all():
+        return None  # librosa refuses it (ParameterError): let it say so itself
+    if y.ndim > 1:
+        y = np.mean(y, axis=tuple(range(y.ndim - 1)))
+    if native == sr:
+        return y
+    size = int(np.ceil(y.shape[-1] * float(sr) / native))
+    # librosa maps soxr over the last axis with np.apply_along_axis; for one channel that is one call.
+    y_hat = soxr.resample(y, in_rate=native, out_rate=sr, quality="soxr_hq")
+    y_hat = y_hat[:size] if len(y_hat) >= size else np.pad(y_hat, (0, size - len(y_hat)))
+    return np.asarray(y_hat, dtype=y.dtype)
+
+
+def _librosa_load(path: Path, sr: int) -> np.ndarray:
+    """librosa.load itself, for files only its audioread fallback decodes."""
+    import audioread
+    import librosa
+
+    try:
+        with warnings.catch_warnings():
+            # librosa warns before falling back from soundfile to audioread; our error says it all.
+            warnings.simplefilter("ignore")
+            return librosa.load(str(path), sr=sr, mono=True)[0]
+    except audioread.exceptions.DecodeError as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def loudness_normalize(samples: np.ndarray, sr: int = SAMPLE_RATE, target: float = -23.0) -> np.ndarray:
