@@ -230,7 +230,7 @@ class Engine:
         """The DiT behind its runner. Low-VRAM mode (persistent_params N): loaded into host memory, N
         parameters on the GPU and the other blocks streamed in per forward."""
         from itk.runtime.attention import configure_attention
-        from itk.runtime.offload import DiTRunner
+        from itk.runtime.offload import DiTRunner, host_mode
 
         p, budget = self.place, self.request.persistent_params
         configure_attention(self.options.attention)
@@ -246,24 +246,25 @@ class Engine:
             from itk.runtime.models.dit import load_dit
 
             dit = load_dit(list(self.files.dit), self.cfg.dit, p.low, load_device)
-        if self.request.loras:
-            self.apply_loras(dit)
+        mode = host_mode(dit, p.device, budget, self.options.pin)
+        if self.request.loras and mode == "mmap":
+            self.apply_loras(dit, "side")  # before placing: the side factors travel with each block
         # Compiling fuses the float32 norm/modulation/RoPE steps and the FP8 activation quantiser: 1.3-1.6x
         # per step on the H100 (bench/results/dit-step-h100*.json); ITK_COMPILE=0 runs eagerly.
-        return DiTRunner(dit, p.device, budget, compile=p.gpu and self.options.compile, mapped=mapped,
-                         pin=self.options.pin)
+        runner = DiTRunner(dit, p.device, budget, compile=p.gpu and self.options.compile, mapped=mapped,
+                           pin=self.options.pin, compile_threads=self.options.compile_threads)
+        if self.request.loras and mode != "mmap":
+            self.apply_loras(dit, "merge")  # in place, into the pinned or GPU-resident blocks
+        return runner
 
-    def apply_loras(self, dit) -> None:
-        """The request's LoRA files into the DiT, before it is placed or streamed (runtime/lora.py), merged on
-        the GPU. FP8 layers are merged unless the streamed blocks will be read from the memory-mapped file
+    def apply_loras(self, dit, method: str) -> None:
+        """The request's LoRA files into the DiT (runtime/lora.py), computed on the GPU. FP8 layers are
+        merged ("merge", once the DiT is placed) unless the streamed blocks stay in the memory-mapped file
         (too little RAM to pin them): there a merge would copy the file into process memory, so the layers
-        take the low-rank side path instead."""
+        take the low-rank side path ("side", before placing) instead."""
         from itk.runtime.lora import apply_loras
-        from itk.runtime.offload import host_mode
 
         p = self.place
-        mode = host_mode(dit, p.device, self.request.persistent_params, self.options.pin)
-        method = "side" if mode == "mmap" else "merge"
         applied = apply_loras(dit, self.request.loras, self.request.lora_alpha, method, p.low, device=p.device)
         for path, modules in applied.files:
             log.info("LoRA %s: %d modules applied (FP8 layers: %d merged, %d side path)", path.name, modules,

@@ -39,7 +39,7 @@ def _options() -> RuntimeOptions:
     try:
         return RuntimeOptions.from_env()
     except ValueError as exc:
-        raise BadInput(str(exc), "unset ITK_ATTENTION or set it to auto") from None
+        raise BadInput(str(exc), f"unset {str(exc).split('=')[0]} or give it one of the values named") from None
 
 
 def _stop(signum: int, frame: Any) -> None:

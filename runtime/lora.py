@@ -15,10 +15,11 @@ Where the delta goes:
 - plain weights (the bf16 model, and every non-FP8 tensor of the FP8 model): added in float32, once, on
   `device` (the GPU when there is one: a 14B bf16 model merged on two CPU cores takes minutes);
 - FP8 layers, `method="merge"` (the default): dequantise, add every file's delta, re-quantise per row, once
-  at load, on `device`. No per-step cost (the H200 measured 1.00x the no-LoRA step, against 1.045x/1.047x
-  for the side path at rank 32/64: bench/results/lora-h200.json); on the GPU the 40 blocks merge in seconds
-  (59-68 s on the CPU). The merged layers are no longer views of the memory-mapped file: they are copied
-  into the streamer's pinned buffers (or onto the GPU) like every other block, so this costs nothing there.
+  at load, on `device`, written over the layer's weight in place. No per-step cost (the H200 measured
+  0.996x the no-LoRA step, against 1.045x/1.047x for the side path at rank 32/64:
+  bench/results/lora-h200.json); on the GPU the 40 blocks merge in seconds (59-68 s on the CPU). The engine
+  merges after the DiT is placed, into the streamer's pinned blocks or the GPU-resident ones, so a merge
+  takes no memory beyond what the model already holds.
 - FP8 layers, `method="side"`: the low-rank factors stay beside the FP8 weight and the layer adds
   `x @ down^T @ up^T` in the activation dtype. The FP8 weight and its memory-mapped file stay untouched, so
   the engine picks it when the streamed blocks are read from the page cache rather than pinned (a merge
@@ -280,14 +281,15 @@ def add_deltas(target: torch.Tensor, deltas: Sequence[Delta], device: torch.devi
 
 def merge_fp8(layer: FP8Linear, deltas: Sequence[Delta], device: torch.device | str | None = None) -> None:
     """Dequantise the FP8 weight, add every delta, re-quantise per row (quanto's absmax scheme) once, on
-    `device`; the new weight and scale go back where the old ones were."""
-    home = layer.weight.device
-    work = device or home
+    `device`; the result is written over the old weight and scale in place, so a layer already placed
+    (pinned host memory, the GPU) stays there and takes no new memory."""
+    work = device or layer.weight.device
     weight = layer.weight.to(work).float() * layer.scale.to(work).float()
     for delta in deltas:
         weight += delta.dense(weight)
     data, scale = quantize_rowwise(weight, layer.scale.dtype)
-    layer.weight, layer.scale = data.to(home), scale.to(home)
+    layer.weight.copy_(data)
+    layer.scale.copy_(scale)
 
 
 def attach_side(layer: FP8Linear, deltas: Sequence[Delta], dtype: torch.dtype | None) -> None:

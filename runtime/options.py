@@ -20,17 +20,30 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     return default if value is None or value == "" else value.strip().lower() not in ("0", "false", "no", "off")
 
 
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = (env.get(name) or "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={value}: expected a whole number of at least 1")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """compile: torch.compile the DiT blocks on a GPU (ITK_COMPILE, default on).
     fp8_matmul: FP8 tensor-core matmuls where the GPU has them (ITK_FP8_MATMUL, default on); off = weights
     dequantised per layer. attention: ITK_ATTENTION auto | flash | sage | sdpa. pin: ITK_PIN forces (1) or forbids
-    (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM."""
+    (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM. compile_threads:
+    ITK_COMPILE_THREADS, torch.compile's worker processes (default 1: compile in the generator itself, since
+    each worker holds ~0.45 GB for the whole run, 7 GB on a 16-core machine (bench/results/whole-run-h200.json);
+    the compiled kernels are cached on disk, so only a machine's first run compiles at all)."""
 
     compile: bool = True
     fp8_matmul: bool = True
     attention: str = "auto"
     pin: bool | None = None
+    compile_threads: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RuntimeOptions:
@@ -44,6 +57,7 @@ class RuntimeOptions:
             fp8_matmul=_switch(env, "ITK_FP8_MATMUL", True),
             attention=attention,
             pin=None if pin in (None, "") else _switch(env, "ITK_PIN", True),
+            compile_threads=_count(env, "ITK_COMPILE_THREADS", 1),
         )
 
 
