@@ -200,6 +200,7 @@ def plan_lines(plan: Plan) -> list[str]:
         f"preset {plan.preset_reason}",
         f"input: {m.kind} {m.width}x{m.height}, audio {audio} -> {m.video_s:.1f} s of video, "
         f"{m.clips} clip(s) x {plan.steps} steps; {plan.estimate}",
+        *plan.speaker_layout,
         *([plan.resume] if plan.resume else []),
         *(f"[yellow]warning:[/] {w}" for w in m.warnings),
     ]
@@ -252,7 +253,7 @@ def show_run_result(result: RunResult, as_json: bool, out: Console | None = None
 
 
 # --- itk selftest ----------------------------------------------------------------------------------------
-def show_selftest(workdir: str | None, as_json: bool) -> int:
+def show_selftest(workdir: str | None, as_json: bool, two_speakers: bool = False) -> int:
     """Run the selftest with its stages on a status line; passed: what was checked, the mp4's path, and last
     the closing line (what works on this machine, what does not, what to do next)."""
     from itk import machine
@@ -272,7 +273,7 @@ def show_selftest(workdir: str | None, as_json: bool) -> int:
             else:  # a pipe or a CI log gets no live status line: one line per stage instead
                 say(f"[dim]{line}[/]", out)
 
-        result = run_selftest(workdir, on_event)
+        result = run_selftest(workdir, on_event, two_speakers)
     if as_json:
         print_json(result.to_json())
         return result.exit_code
