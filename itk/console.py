@@ -159,6 +159,8 @@ def show_presets(listing: PresetListing, as_json: bool) -> int:
     say(f"[bold]this machine gets:[/] {listing.reason}")
     for line in listing.alternatives:
         say(f"  [dim]•[/] {line}")
+    say("[dim]two speakers (itk run --audio2): every preset runs them on its multi-speaker DiT; "
+        "`itk fetch --preset NAME --variant multi` adds it[/]")
     return EXIT_OK
 
 
