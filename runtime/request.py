@@ -164,7 +164,7 @@ def _check_job(job: Job) -> None:
 
 def dit_variant(path: Path | None) -> str | None:
     """single / multi when `path` is one of the manifest's variant DiT files by name (the unquantised adapters
-    of both variants are both infinitetalk.safetensors: their folder single/ or multi/ tells them apart),
+    of both variants share one file name: their folder tells them apart),
     else None (a file of the user's own, taken as given)."""
     from itk.manifest import load_manifest
 
