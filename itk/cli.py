@@ -58,6 +58,17 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @click.option("--image", type=click.Path(dir_okay=False), help="Portrait image (PNG/JPEG).")
 @click.option("--video", type=click.Path(dir_okay=False), help="Source video to dub instead of an image.")
 @click.option("--audio", type=click.Path(dir_okay=False), help="Speech track (wav/mp3/m4a, or a video's audio).")
+@click.option("--audio2", type=click.Path(dir_okay=False),
+              help="A second speaker's track: two people talk (uses the preset's multi-speaker weights: "
+                   "itk fetch --variant multi). The video lasts until both are done: the official code stops at "
+                   "speaker 1's end.")
+@click.option("--audio-mode", type=click.Choice(["add", "para"]), default=None,
+              help="Two speakers: add = taking turns, speaker 2 after speaker 1 (default); para = both tracks play "
+                   "at once (a shorter one is padded with silence).")
+@click.option("--bbox1", default=None, metavar="Y0,X0,Y1,X1",
+              help="Two speakers: speaker 1's box in pixels of the image, ROWS FIRST: row_min,col_min,row_max,col_max "
+                   "(the official bbox order); without boxes speaker 1 is the left half, speaker 2 the right.")
+@click.option("--bbox2", default=None, metavar="Y0,X0,Y1,X1", help="Two speakers: speaker 2's box, as --bbox1.")
 @click.option("--prompt", default=None, help="Text prompt (default: a neutral talking-person prompt).")
 @click.option("--output", default=None, metavar="FILE.mp4", help="Video to write (default: outputs/itk-<time>.mp4).")
 @PRESET
@@ -70,14 +81,15 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @WEIGHTS_DIR
 @JSON
 @DEBUG
-def run(image, video, audio, prompt, output, preset, input_json, sets, loras, dry_run, weights_dir, as_json,
-        debug) -> None:
+def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, prompt, output, preset, input_json, sets, loras,
+        dry_run, weights_dir, as_json, debug) -> None:
     """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
     from itk.console import run_friendly, show_dry_run, show_run
     from itk.run import plan_run
 
     def go() -> int:
-        plan = plan_run(image, video, audio, prompt, output, preset, input_json, sets, weights_dir, loras=loras)
+        plan = plan_run(image, video, audio, prompt, output, preset, input_json, sets, weights_dir, loras=loras,
+                        audio2=audio2, audio_mode=audio_mode, bboxes=(bbox1, bbox2))
         return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
 
     run_friendly(go, debug, as_json)
@@ -120,31 +132,35 @@ def presets(as_json, debug) -> None:
 @PRESET
 @click.option("--component", "components", multiple=True, help="Fetch only this manifest component (repeatable).")
 @click.option("--all", "all_files", is_flag=True, help="Every file of the three repos, like the guide's downloads.")
+@click.option("--variant", type=click.Choice(["single", "multi"]), default="single", show_default=True,
+              help="The InfiniteTalk DiT: single speaker, or multi for two speakers (itk run --audio2).")
 @click.option("--dry-run", is_flag=True, help="Show the plan (files, sizes, what is missing, free disk) and stop.")
 @WEIGHTS_DIR
 @click.option("--jobs", default=4, show_default=True, type=click.IntRange(1, 32), help="Files downloaded at once.")
 @JSON
 @DEBUG
-def fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, debug) -> None:
+def fetch(preset, components, all_files, variant, dry_run, weights_dir, jobs, as_json, debug) -> None:
     """Download exactly the weights a preset needs from Hugging Face, verified; a rerun keeps finished files."""
     from itk.console import run_friendly
     from itk.fetch import run_fetch
 
-    run_friendly(lambda: run_fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json), debug,
-                 as_json)
+    run_friendly(lambda: run_fetch(preset, components, all_files, dry_run, weights_dir, jobs, as_json, variant),
+                 debug, as_json)
 
 
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the tiny weights and the video (default: ~/.cache/itk/selftest, reused).")
+@click.option("--two-speakers", is_flag=True,
+              help="Two speakers on tiny multi-speaker weights (itk run --audio2 ...), instead of one.")
 @JSON
 @DEBUG
-def selftest(workdir, as_json, debug) -> None:
+def selftest(workdir, two_speakers, as_json, debug) -> None:
     """Generate a short video on tiny random weights the way `itk run` does (plan, supervisor, advice) with
     the real generator; print the mp4 path, and last what works on this machine and what to do next."""
     from itk.console import run_friendly, show_selftest
 
-    run_friendly(lambda: show_selftest(workdir, as_json), debug, as_json)
+    run_friendly(lambda: show_selftest(workdir, as_json, two_speakers), debug, as_json)
 
 
 @cli.command()

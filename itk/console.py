@@ -159,6 +159,8 @@ def show_presets(listing: PresetListing, as_json: bool) -> int:
     say(f"[bold]this machine gets:[/] {listing.reason}")
     for line in listing.alternatives:
         say(f"  [dim]•[/] {line}")
+    say("[dim]two speakers (itk run --audio2): every preset runs them on its multi-speaker DiT; "
+        "`itk fetch --preset NAME --variant multi` adds it[/]")
     return EXIT_OK
 
 
@@ -200,6 +202,7 @@ def plan_lines(plan: Plan) -> list[str]:
         f"preset {plan.preset_reason}",
         f"input: {m.kind} {m.width}x{m.height}, audio {audio} -> {m.video_s:.1f} s of video, "
         f"{m.clips} clip(s) x {plan.steps} steps; {plan.estimate}",
+        *plan.speaker_layout,
         *([plan.resume] if plan.resume else []),
         *(f"[yellow]warning:[/] {w}" for w in m.warnings),
     ]
@@ -252,7 +255,7 @@ def show_run_result(result: RunResult, as_json: bool, out: Console | None = None
 
 
 # --- itk selftest ----------------------------------------------------------------------------------------
-def show_selftest(workdir: str | None, as_json: bool) -> int:
+def show_selftest(workdir: str | None, as_json: bool, two_speakers: bool = False) -> int:
     """Run the selftest with its stages on a status line; passed: what was checked, the mp4's path, and last
     the closing line (what works on this machine, what does not, what to do next)."""
     from itk import machine
@@ -272,7 +275,7 @@ def show_selftest(workdir: str | None, as_json: bool) -> int:
             else:  # a pipe or a CI log gets no live status line: one line per stage instead
                 say(f"[dim]{line}[/]", out)
 
-        result = run_selftest(workdir, on_event)
+        result = run_selftest(workdir, on_event, two_speakers)
     if as_json:
         print_json(result.to_json())
         return result.exit_code

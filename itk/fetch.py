@@ -438,8 +438,9 @@ def execute(plan: Plan, jobs: int, progress: Callable[[str, str, int], None],
 
 
 def select_files(preset: str | None, components: tuple[str, ...], all_files: bool,
-                 offline: bool = False) -> tuple[list[WeightFile], str]:
-    """offline: --all without the hub can only name the manifest's files (the full listing is the hub's)."""
+                 offline: bool = False, variant: str = "single") -> tuple[list[WeightFile], str]:
+    """offline: --all without the hub can only name the manifest's files (the full listing is the hub's).
+    variant: a preset's InfiniteTalk DiT in that variant (multi: two speakers), the rest of its files as they are."""
     manifest = load_manifest()
     if all_files and offline:
         return ([f for f in manifest.files_for(list(manifest.components)) if f.repo.whole],
@@ -452,9 +453,12 @@ def select_files(preset: str | None, components: tuple[str, ...], all_files: boo
         except KeyError as exc:
             raise UserError(str(exc.args[0]), "see itk/manifest.toml for the components", EXIT_USAGE) from None
     from itk.presets import resolve_preset
+    from itk.variants import swap_components
 
     chosen, line = resolve_preset(preset)
-    return manifest.files_for(chosen.components), f"preset {line}"
+    wanted = swap_components(chosen.components, variant, manifest)
+    suffix = f" ({variant}-speaker DiT)" if variant != "single" else ""
+    return manifest.files_for(wanted), f"preset {line}{suffix}"
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -523,18 +527,18 @@ class LiveProgress:
 
 
 def run_fetch(preset: str | None, components: tuple[str, ...], all_files: bool, dry_run: bool,
-              weights_dir_option: str | None, jobs: int, as_json: bool) -> int:
+              weights_dir_option: str | None, jobs: int, as_json: bool, variant: str = "single") -> int:
     from itk.console import console, print_json
     from itk.paths import weights_dir as resolve_weights_dir
 
     weights_dir = resolve_weights_dir(weights_dir_option)
     try:
-        files, source = select_files(preset, components, all_files)
+        files, source = select_files(preset, components, all_files, variant=variant)
         plan = make_plan(files, weights_dir, source)
     except Unreachable as exc:
         if not dry_run:
             raise
-        files, source = select_files(preset, components, all_files, offline=True)
+        files, source = select_files(preset, components, all_files, offline=True, variant=variant)
         plan = offline_plan(files, weights_dir, source, exc.message)
     if not as_json:
         render_plan(plan)

@@ -155,6 +155,60 @@ def resume_line(out: Path) -> str | None:
         return f"resuming {out} from {folder}"
 
 
+# --- two speakers ---------------------------------------------------------------------------------------------
+DEFAULT_AUDIO_MODE = "add"  # two recordings given one after the other read as turns; "para" plays them together
+MODE_WORDS = {"add": "taking turns (speaker 2 after speaker 1)", "para": "together (both tracks at once)"}
+LENGTH_RULE = {"add": "both tracks one after the other (add)",
+               "para": "the longer track (para; the official code stops at speaker 1's end)"}
+
+
+def parse_box(text: str, option: str) -> list[float]:
+    """`--bbox1 y0,x0,y1,x1` -> four numbers: rows first, as the official job file's bbox is read."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4:
+        raise UserError(f"{option} {text}: expected four numbers row_min,col_min,row_max,col_max (pixels)",
+                        f"e.g. {option} 40,20,300,200 (rows first, as the official bbox)", EXIT_USAGE)
+    return numbers
+
+
+def add_second_speaker(job: Job, audio2: str | None, mode: str | None, boxes: tuple[str | None, str | None]) -> Job:
+    """The command-line job with `--audio2` (and its mode and boxes) folded in, as a job file would hold them."""
+    if not audio2:
+        stray = [name for name, value in (("--audio-mode", mode), ("--bbox1", boxes[0]), ("--bbox2", boxes[1]))
+                 if value]
+        if stray:
+            raise UserError(f"{stray[0]} is for two speakers, and there is no --audio2",
+                            "add --audio2 SECOND.wav, or leave out " + " and ".join(stray), EXIT_USAGE)
+        return job
+    if bool(boxes[0]) != bool(boxes[1]):
+        raise UserError("give both --bbox1 and --bbox2, or neither (the official left/right split)",
+                        "add the other speaker's box: --bbox2 row_min,col_min,row_max,col_max", EXIT_USAGE)
+    job.cond_audio["person2"] = Path(audio2).expanduser().absolute()
+    job.audio_type = mode or DEFAULT_AUDIO_MODE
+    if boxes[0] and boxes[1]:
+        job.bbox = {"person1": parse_box(boxes[0], "--bbox1"), "person2": parse_box(boxes[1], "--bbox2")}
+    return job
+
+
+def check_speaker_boxes(job: Job, media: MediaFacts) -> None:
+    """A box outside the picture is refused here (exit 2); overlapping boxes are allowed with a warning."""
+    if job.speakers < 2 or not job.bbox:
+        return
+    from itk.runtime.speakers import check_boxes
+
+    boxes = [job.bbox.get("person1", []), job.bbox.get("person2", [])]
+    try:
+        media.warnings += check_boxes(boxes, (media.height, media.width))
+    except ValueError as exc:
+        what, _, fix = str(exc).partition(": give ")
+        raise UserError(f"bbox: {what}", f"give {fix}" if fix else "draw the box inside the picture",
+                        EXIT_USAGE) from None
+
+
 @dataclass
 class Plan:
     """Everything decided before launch: the job, what its inputs make, the settings and the command line."""
@@ -174,6 +228,8 @@ class Plan:
     gpu_name: str | None = None
     resume: str | None = None  # the line saying this run continues an interrupted one (None: a fresh run)
     loras: list[tuple[Path, float]] = field(default_factory=list)  # --lora_dir/--lora_scale, in zip order
+    variant: str = "single"  # the InfiniteTalk DiT the job's speakers need (itk.variants)
+    variant_missing: list[str] = field(default_factory=list)  # multi files absent where the single ones are usable
 
     @property
     def command_line(self) -> str:
@@ -239,6 +295,19 @@ class Plan:
         return write_job(self.job, self.job_path)
 
     @property
+    def speaker_layout(self) -> list[str]:
+        """Two speakers in words: who, the mode, the boxes or the official split, the length and its rule."""
+        job = self.job
+        if job.speakers < 2 or job.audio_type is None:
+            return []
+        who = " + ".join(f"{key} {p.name} ({self.media.audio_s[key]:.1f} s)" if p is not None else f"{key} silent"
+                         for key, p in job.cond_audio.items())
+        masks = (f"boxes person1 {job.bbox['person1']}, person2 {job.bbox['person2']} (row_min, col_min, row_max, "
+                 "col_max)" if job.bbox else "official split (speaker 1 left half, speaker 2 right half)")
+        return [f"speakers: {who}, {job.audio_type}: {MODE_WORDS[job.audio_type]}",
+                f"where: {masks}; video {self.media.video_s:.1f} s = {LENGTH_RULE[job.audio_type]}"]
+
+    @property
     def missing(self) -> list[str]:
         """Each unusable weight file as "label (state: detail)"."""
         return [f"{st.label} ({st.state.replace('_', ' ')}{': ' + st.detail if st.detail else ''})"
@@ -268,7 +337,11 @@ class Plan:
         return "; ".join(fixes) or self.fetch_command
 
     def require_weights(self) -> None:
-        """UserError (exit 3) naming each unusable weight file with its state, and the fix."""
+        """UserError naming each unusable weight file with its state, and the fix: exit 2 for two speakers on
+        a folder that has only the single-speaker DiT (the job asks for what these weights cannot do), else 3."""
+        if self.variant_missing:
+            raise UserError(f"two speakers need the multi-speaker InfiniteTalk DiT: {', '.join(self.variant_missing)}"
+                            " is missing (only the single-speaker one is here)", self.fetch_command, EXIT_USAGE)
         if problem := self.weights_problem:
             raise UserError(problem, self.weights_fix, EXIT_MISSING_WEIGHTS)
 
@@ -281,7 +354,8 @@ class Plan:
                 "estimate_s": self.estimate_s, "estimate": self.estimate, "resume": self.resume,
                 "steps": self.steps, "passes": self.passes,
                 "loras": [{"file": str(path), "scale": scale} for path, scale in self.loras],
-                "warnings": self.media.warnings}
+                "warnings": self.media.warnings, "variant": self.variant,
+                "speakers": self.speaker_layout}
 
 
 def recipe(settings: dict[str, Any], loras: list[tuple[Path, float]]) -> str:
@@ -303,11 +377,14 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
              output: str | Path | None = None, preset_name: str | None = None, input_json: str | None = None,
              sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
              generator: list[str] | None = None, gpu_name: str | None = None,
-             loras: tuple[str, ...] | list[str] = ()) -> Plan:
+             loras: tuple[str, ...] | list[str] = (), audio2: str | None = None, audio_mode: str | None = None,
+             bboxes: tuple[str | None, str | None] = (None, None)) -> Plan:
     """Check inputs, output, settings and weights and build the command line; launches nothing, prints
     nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
     measured step time the estimate uses (default: this machine's). `loras`: the user's own LoRA files as
-    `FILE[:SCALE]`, each checked here and merged after the preset's own."""
+    `FILE[:SCALE]`, each checked here and merged after the preset's own. `audio2`, `audio_mode`, `bboxes`: a
+    second speaker (`itk run --audio2 --audio-mode --bbox1 --bbox2`; a job file holds them itself): the run then
+    takes the preset's weights in their multi-speaker variant (itk.variants)."""
     from itk import machine
     from itk.inputs import COLOUR_DRIFT_S, check_lora, job_from_options, validate
     from itk.manifest import load_manifest
@@ -315,6 +392,7 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     from itk.paths import weights_dir as resolve_weights_dir
     from itk.presets import load_presets, resolve_preset
     from itk.runtime.protocol import read_job
+    from itk.variants import swap_components, swap_paths, variant_for
     from itk.verify import UNUSABLE, check_files
 
     preset, reason = resolve_preset(preset_name)
@@ -324,15 +402,16 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     out = output_path(output).absolute()
     check_output(out)
     if input_json:
-        if image or video or audio:
+        if image or video or audio or audio2:
             raise UserError("--input-json already names the image/video and audio",
                             "give either --input-json FILE or --image/--video with --audio", EXIT_USAGE)
         job = read_job(input_json)
         if prompt:
             job.prompt = prompt
     else:
-        job = job_from_options(image, video, audio, prompt)
+        job = add_second_speaker(job_from_options(image, video, audio, prompt), audio2, audio_mode, bboxes)
     media = validate(job, settings)
+    check_speaker_boxes(job, media)
     if preset.long_video_warning and media.video_s > COLOUR_DRIFT_S:
         media.warnings.append(preset.long_video_warning)
     facts = machine.gather() if preset_name or gpu_name is None else None
@@ -342,13 +421,16 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     wdir = resolve_weights_dir(weights_dir).absolute()
     # The doctor's weights check without hashing: presence, recorded size and mtime, header (a truncated
     # download fails here in milliseconds instead of after minutes of loading; a changed file is not trusted).
-    statuses = check_files(wdir, load_manifest().files_for(preset.components), deep=False)
+    variant = variant_for(job.speakers)
+    components = swap_components(preset.components, variant)
+    statuses = check_files(wdir, load_manifest().files_for(components), deep=False)
     unusable = [st for st in statuses if st.state in UNUSABLE]
+    variant_missing = missing_variant(statuses, preset.components, components, wdir, variant)
     where = f" --weights-dir {shlex.quote(str(weights_dir))}" if weights_dir else ""
-    fetch = f"itk fetch --preset {preset.name}{where}"
+    fetch = f"itk fetch --preset {preset.name}{' --variant multi' if variant == 'multi' else ''}{where}"
     doctor = f"itk doctor --deep --only weights --preset {preset.name}{where}"
     run_dir = run_folder(out)
-    path_flags = preset.path_flags(wdir)
+    path_flags = swap_paths(preset.path_flags(wdir), preset.components, wdir, variant)
     if settings.get("quant") and "quant_dir" not in path_flags:
         quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths and p.auto]
         raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
@@ -359,7 +441,25 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
                           out.with_suffix(""), resume=resume is not None, loras=pairs)
     # the preset line of a dry run says what a clip costs and which LoRAs are merged
     return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}", job, media, settings, out, run_dir, argv,
-                unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs)
+                unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs, variant,
+                variant_missing)
+
+
+def missing_variant(statuses: list[FileStatus], preset_components: tuple[str, ...], components: tuple[str, ...],
+                    weights_dir: Path, variant: str) -> list[str]:
+    """The `variant` DiT files (labels) that are unusable while the preset's own (single-speaker) ones are
+    fine: the case where the fix is `--variant multi`, not a fresh download of everything."""
+    from itk.variants import variant_files
+    from itk.verify import UNUSABLE, check_files
+
+    if variant == "single":
+        return []
+    wanted = {f.label for f in variant_files(components, variant)}
+    absent = [st.label for st in statuses if st.label in wanted and st.state in UNUSABLE]
+    own = variant_files(preset_components, "single")
+    if absent and own and all(st.state not in UNUSABLE for st in check_files(weights_dir, own, deep=False)):
+        return absent
+    return []
 
 
 def video_seconds(path: Path) -> float | None:

@@ -30,6 +30,8 @@ from itk.run import GENERATOR, RunResult
 from itk.runtime.protocol import FPS, SAMPLE_RATE
 
 SPEECH_SECONDS = 3.6
+# --two-speakers: two turns (`add`) as long as the one speaker's track together, on tiny multi-speaker weights
+TWO_SPEAKER_SECONDS = (2.0, 1.6)
 PRESET = "rtx4090-24g"  # the tested low-VRAM path: FP8 + num_persistent_param_in_dit 0
 TINY_SETTINGS = ("sample_steps=4",)  # random tiny weights: more steps would prove nothing more
 PROMPT = "A person is talking to the camera."
@@ -43,7 +45,7 @@ def cache_root() -> Path:
     return Path(base) / "itk" / "selftest"
 
 
-def tiny_key(seed: int = SEED) -> str:
+def tiny_key(seed: int = SEED, multi: bool = False) -> str:
     """The tiny weights' version: their writer's source and the manifest they follow (both decide every byte),
     and the seed. A toolkit update that changes either writes a fresh set; one that does not reuses it."""
     from importlib.util import find_spec
@@ -53,7 +55,7 @@ def tiny_key(seed: int = SEED) -> str:
     digest = hashlib.sha256()
     for path in (find_spec("itk.runtime.tiny").origin, MANIFEST):
         digest.update(Path(path).read_bytes())
-    return f"tiny-{digest.hexdigest()[:12]}-seed{seed}"
+    return f"tiny-{digest.hexdigest()[:12]}-seed{seed}" + ("-multi" if multi else "")
 
 
 def _alive(pid: int) -> bool:
@@ -67,13 +69,13 @@ def _alive(pid: int) -> bool:
 
 
 def cached_tiny_weights(root: Path, seed: int = SEED,
-                        on_stage: Callable[[str], None] = lambda _: None) -> Path:
+                        on_stage: Callable[[str], None] = lambda _: None, multi: bool = False) -> Path:
     """The tiny weights under `root`, written (and recorded as verified) only when this version is not there
     yet: into `<key>.partial-<pid>`, renamed into place when complete. Older versions and partial folders
     left by killed runs are removed; an interrupted write removes its own."""
     from itk.runtime.tiny import write_tiny_weights
 
-    key = tiny_key(seed)
+    key = tiny_key(seed, multi)
     final = root / key
     for old in root.glob("tiny-*"):
         stale_partial = PARTIAL in old.name and not _alive(int(old.name.rsplit("-", 1)[1] or 0))
@@ -86,12 +88,25 @@ def cached_tiny_weights(root: Path, seed: int = SEED,
     partial = root / f"{key}{PARTIAL}{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        write_tiny_weights(partial, seed)
-        record_tiny_verdicts(partial)
+        write_tiny_weights(partial, seed, multi)
+        record_tiny_verdicts(partial, multi=multi)
         partial.rename(final)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return final
+
+
+def write_two_portraits(path: Path) -> Path:
+    """Two people side by side (speaker 1 left, speaker 2 right, as the official split without boxes): a
+    landscape picture, so each half still spans whole tokens in the tiny bucket."""
+    from PIL import Image
+
+    one = Image.open(write_portrait(path))
+    both = Image.new("RGB", (one.width * 2, one.height))
+    both.paste(one, (0, 0))
+    both.paste(one, (one.width, 0))
+    both.save(path)
+    return path
 
 
 def write_portrait(path: Path) -> Path:
@@ -133,18 +148,23 @@ def write_speech(path: Path, seconds: float = SPEECH_SECONDS) -> Path:
     return path
 
 
-def record_tiny_verdicts(weights_dir: Path, preset: str = PRESET) -> int:
+def record_tiny_verdicts(weights_dir: Path, preset: str = PRESET, multi: bool = False) -> int:
     """Record the files the selftest just wrote as verified, hashed as written: they are not the hub's files
     (so no hub checksum or size applies), and the run's weights check then judges them like fetched ones
     instead of passing them as "never verified". A file the tiny writer did not make stays missing, and
-    the plan refuses to start, as it would for a real run. Returns the number recorded."""
+    the plan refuses to start, as it would for a real run. multi: the preset's multi-speaker files too.
+    Returns the number recorded."""
     from itk.manifest import load_manifest
     from itk.presets import get_preset
+    from itk.variants import swap_components
     from itk.verify import Record, VerdictStore, file_digest
 
     store = VerdictStore(weights_dir)
     recorded = 0
-    for f in load_manifest().files_for(get_preset(preset).components):
+    components = get_preset(preset).components
+    if multi:
+        components = (*components, *swap_components(components, "multi"))
+    for f in load_manifest().files_for(components):
         path = f.local_path(weights_dir)
         if not path.is_file():
             continue
@@ -208,10 +228,11 @@ class SelftestResult:
 
 
 def run_selftest(workdir: str | Path | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> SelftestResult:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 two_speakers: bool = False) -> SelftestResult:
     """Run the whole check in `workdir` (fresh tiny weights in workdir/weights), or by default in the cache
     folder with cached tiny weights; prints nothing. Its own stages and the generator's events go to
-    `on_event`."""
+    `on_event`. two_speakers: two turns (`add`, official left/right split) on tiny multi-speaker weights."""
     from itk.run import plan_run, run_job
 
     emit = on_event or (lambda _: None)
@@ -227,20 +248,24 @@ def run_selftest(workdir: str | Path | None = None,
 
         stage("tiny weights: writing them")
         weights = root / "weights"
-        write_tiny_weights(weights)
-        record_tiny_verdicts(weights)
+        write_tiny_weights(weights, multi=two_speakers)
+        record_tiny_verdicts(weights, multi=two_speakers)
     else:
-        weights = cached_tiny_weights(root, SEED, stage)
+        weights = cached_tiny_weights(root, SEED, stage, two_speakers)
         (root / "selftest.mp4").unlink(missing_ok=True)  # the last run's video: replaced, never piled up
     stage("inputs: a drawn portrait and speech-like sound")
-    image, speech = write_portrait(root / "portrait.png"), write_speech(root / "speech.wav")
+    image = (write_two_portraits if two_speakers else write_portrait)(root / "portrait.png")
+    seconds = TWO_SPEAKER_SECONDS if two_speakers else (SPEECH_SECONDS,)
+    tracks = [write_speech(root / f"speech{n or ''}.wav", s) for n, s in enumerate(seconds)]
+    second = {"audio2": str(tracks[1]), "audio_mode": "add"} if two_speakers else {}
     # The real generator even when $ITK_GENERATOR names another: this checks the install.
-    plan = plan_run(image=str(image), audio=str(speech), prompt=PROMPT, output=root / "selftest.mp4",
-                    preset_name=PRESET, sets=TINY_SETTINGS, weights_dir=weights, generator=GENERATOR)
+    plan = plan_run(image=str(image), audio=str(tracks[0]), prompt=PROMPT, output=root / "selftest.mp4",
+                    preset_name=PRESET, sets=TINY_SETTINGS, weights_dir=weights, generator=GENERATOR, **second)
     stage("generator: loading the tiny models")
     result = run_job(plan, on_event)
     stage("checking the video")
-    frames = int(int(SPEECH_SECONDS * SAMPLE_RATE) / SAMPLE_RATE * FPS)  # the audio encoder's count
+    # the audio encoder's count; two turns (add) last as long as both tracks together
+    frames = int(sum(int(s * SAMPLE_RATE) for s in seconds) / SAMPLE_RATE * FPS)
     video = check_mp4(result.output, frames) if result.ok and result.output else None
     return SelftestResult(root, result, video, round(time.monotonic() - started, 1))
 

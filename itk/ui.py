@@ -83,14 +83,15 @@ class Page:
                 items.append(f"{flag.name}={text}")
         return items
 
-    def generate(self, face: str | None, speech1: str | None, speech2: str | None, prompt: str, preset: str,
-                 seed: Any, *values: Any) -> Iterator[tuple[str, str, Any, Any, str]]:
+    def generate(self, face: str | None, speech1: str | None, speech2: str | None, mode: str, box1: str | None,
+                 box2: str | None, prompt: str, preset: str, seed: Any,
+                 *values: Any) -> Iterator[tuple[str, str, Any, Any, str]]:
         """Stage, plan and run one job; yields (progress, error, video, download, repeat line)."""
         from itk.run import plan_run
 
         staged: Staged | None = None
         try:
-            staged = stage_job(self.output_dir, face, [speech1, speech2], prompt or "")
+            staged = stage_job(self.output_dir, face, [speech1, speech2], prompt or "", mode or "add", (box1, box2))
             sets = self.sets(seed, list(values))
             plan = plan_run(input_json=str(staged.job_file), output=staged.output, preset_name=preset, sets=sets,
                             weights_dir=self.weights_dir)
@@ -233,7 +234,7 @@ def build(page: Page) -> Any:
     choices, chosen = page.presets()
     preset_values = page.preset_settings(chosen)
     flags = advanced_flags()
-    _, multi_note = multi_speaker(page.weights_dir)
+    multi, multi_note = multi_speaker(page.weights_dir)
     with gr.Blocks(title="itk: InfiniteTalk") as demo:
         gr.Markdown("# itk: talking-head videos with InfiniteTalk")
         with gr.Tab("Generate", elem_id="itk-tab-generate"):
@@ -242,9 +243,16 @@ def build(page: Page) -> Any:
                     face = gr.File(label="Portrait image (PNG/JPEG) or source video (mp4) to dub", type="filepath",
                                    elem_id="itk-face")
                     speech1 = gr.File(label="Speech (wav/mp3/m4a)", type="filepath", elem_id="itk-speech1")
-                    speech2 = gr.File(label="Second speaker's speech", type="filepath", interactive=False,
+                    speech2 = gr.File(label="Second speaker's speech", type="filepath", interactive=multi,
                                       elem_id="itk-speech2")
                     gr.Markdown(multi_note, elem_id="itk-multi-note")
+                    with gr.Row():
+                        mode = gr.Radio(["add", "para"], value="add", label="Two speakers: add (turns) / para "
+                                        "(together)", interactive=multi, elem_id="itk-audio-mode")
+                        box1 = gr.Textbox(label="Speaker 1's box (optional)", placeholder="row_min,col_min,row_max,"
+                                          "col_max", interactive=multi, elem_id="itk-bbox1")
+                        box2 = gr.Textbox(label="Speaker 2's box (optional)", placeholder="row_min,col_min,row_max,"
+                                          "col_max", interactive=multi, elem_id="itk-bbox2")
                     prompt = gr.Textbox(label="Prompt", placeholder="A person is talking.", elem_id="itk-prompt")
                     preset = gr.Dropdown(choices=choices, value=chosen, label="Preset", elem_id="itk-preset")
                     seed = gr.Number(label="Seed", value=42, precision=0, elem_id="itk-seed")
@@ -274,7 +282,7 @@ def build(page: Page) -> Any:
 
         preset.change(lambda name: [gr.update(placeholder=placeholder(f, page.preset_settings(name))) for f in flags],
                       preset, fields, queue=False)
-        go.click(page.generate, [face, speech1, speech2, prompt, preset, seed, *fields],
+        go.click(page.generate, [face, speech1, speech2, mode, box1, box2, prompt, preset, seed, *fields],
                  [status, error, video, download, repeat], concurrency_limit=1, concurrency_id="gpu",
                  api_name="generate")
         stop.click(page.cancel, None, cancel_note, queue=False, api_name="cancel")

@@ -26,7 +26,7 @@ from itk.errors import EXIT_FAILED, EXIT_USAGE, UserError
 from itk.runtime.protocol import VIDEO_EXTENSIONS, BadInput, Job, write_job
 
 SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
-MULTI_COMPONENT = "infinitetalk-multi"
+MULTI_COMPONENTS = ("infinitetalk-multi-fp8", "infinitetalk-multi")  # either variant DiT enables a second speaker
 
 
 def page_error(exc: BaseException) -> UserError:
@@ -72,15 +72,24 @@ def stage_upload(source: str | Path, folder: Path, role: str) -> Path:
     return dest
 
 
-def stage_job(output_dir: Path, face: str | None, speech: list[str | None], prompt: str) -> Staged:
+def stage_job(output_dir: Path, face: str | None, speech: list[str | None], prompt: str, mode: str = "add",
+              boxes: tuple[str | None, str | None] = (None, None)) -> Staged:
     """The job folder with copies of the uploads and the job file `itk run --input-json` repeats it from.
-    UserError (exit 2) when the portrait or the speech is missing."""
+    UserError (exit 2) when the portrait or the speech is missing. mode and boxes (`--bbox1` text): two speakers."""
     if not face:
         raise UserError("no portrait image or source video", "upload a PNG/JPEG portrait or an mp4 to dub",
                         EXIT_USAGE)
     tracks = [s for s in speech if s]
     if not tracks:
         raise UserError("no speech track", "upload the speech to lip-sync (wav/mp3/m4a)", EXIT_USAGE)
+    bbox = None
+    if len(tracks) > 1 and any(b and b.strip() for b in boxes):
+        from itk.run import parse_box
+
+        if not all(b and b.strip() for b in boxes):
+            raise UserError("give both speakers' boxes, or neither (the official left/right split)",
+                            "fill in the other box: row_min,col_min,row_max,col_max", EXIT_USAGE)
+        bbox = {f"person{n}": parse_box(str(b), f"box {n}") for n, b in enumerate(boxes, 1)}
     stem = job_stem()
     folder = (output_dir / stem).absolute()
     folder.mkdir(parents=True, exist_ok=False)
@@ -94,7 +103,7 @@ def stage_job(output_dir: Path, face: str | None, speech: list[str | None], prom
         names[staged] = Path(track).name
         audio[f"person{n}"] = staged
     job = Job(prompt=prompt.strip() or "A person is talking.", cond_video=cond, cond_audio=audio,
-              audio_type="add" if len(audio) > 1 else None)
+              audio_type=mode if len(audio) > 1 else None, bbox=bbox)
     job_file = write_job(job, folder / "job.json")
     return Staged(folder, job_file, folder / f"{stem}.mp4", names)
 
@@ -109,16 +118,19 @@ def repeat_command(staged: Staged, preset: str, sets: list[str], weights_dir: Pa
 
 
 def multi_speaker(weights_dir: Path) -> tuple[bool, str]:
-    """Whether a second speech track can be given, and the line the page shows under that control. Two
-    speakers need the multi-speaker weights AND a generator that implements them; itk's does not yet."""
+    """Whether a second speech track can be given (the multi-speaker DiT of either precision is here), and the
+    line the page shows under that control."""
     from itk.manifest import load_manifest
     from itk.verify import UNUSABLE, check_files
 
-    statuses = check_files(weights_dir, load_manifest().files_for([MULTI_COMPONENT]), deep=False)
-    if any(st.state in UNUSABLE for st in statuses):
-        return False, (f"a second speaker needs the multi-speaker weights: `itk fetch --component {MULTI_COMPONENT} "
-                       f"--weights-dir {weights_dir}` adds them (itk's generator does not run two speakers yet)")
-    return False, "the multi-speaker weights are here, but itk's generator does not run two speakers yet"
+    for component in MULTI_COMPONENTS:
+        statuses = check_files(weights_dir, load_manifest().files_for([component]), deep=False)
+        if not any(st.state in UNUSABLE for st in statuses):
+            return True, ("two speakers: add the second speaker's track; `add` = taking turns, `para` = together; "
+                          "boxes (optional, rows first: row_min,col_min,row_max,col_max) say where each one is, "
+                          "else speaker 1 is the left half and speaker 2 the right")
+    return False, (f"a second speaker needs the multi-speaker weights: `itk fetch --variant multi --weights-dir "
+                   f"{weights_dir}` adds them (with your --preset)")
 
 
 # -- stopping a process group ------------------------------------------------------------------------------

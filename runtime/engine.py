@@ -119,6 +119,8 @@ def run_fingerprint(request: Request, cfg: ModelConfig, files: WeightPaths) -> d
     weights = [*files.files(), files.wav2vec_weights, *(path for path, _ in request.loras)]
     settings = {**settings_facts(request, cfg), "loras": [(str(p), s) for p, s in request.loras],
                 "lora_alpha": request.lora_alpha}
+    if request.job.speakers > 1:  # how the two tracks are laid out and where each speaker is decide the frames
+        settings.update(audio_type=request.job.audio_type, bbox=request.job.bbox)
     return fingerprint(settings, inputs, weights)
 
 
@@ -154,12 +156,12 @@ class Engine:
         """Write the talk to request.output clip by clip, saving `state` after each; returns the mp4."""
         settings = settings_of(self.request)
         embedding = self.embed_speech(media)
-        plan = plan_clips(embedding.shape[0], settings)
+        plan = plan_clips(embedding.shape[-3], settings)  # frames: [F, ...] or, two speakers, [2, F, ...]
         state.check_plan(len(plan.starts))
         context, context_null = self.encode_prompt()
         references = media.reference.frames_for(plan.starts)
         clip_features = self.encode_references(references)
-        pipeline = self.pipeline(settings, plan)
+        pipeline = self.pipeline(settings, plan, media.speaker_masks)
         clips = pipeline.clips(references, clip_features, context, context_null, embedding, plan, state.carry())
         path = write_mp4_stream(self.request.output, self._frames(clips, state), plan.length, media.speech,
                                 media.sample_rate)
@@ -179,6 +181,7 @@ class Engine:
             yield frames
 
     def embed_speech(self, media: Media) -> torch.Tensor:
+        """[F, layers, hidden] for one speaker; [2, F, layers, hidden] for two, F from both (`speaker_layout`)."""
         from itk.runtime.models.audio import AudioEncoder
 
         self.events.stage("audio_embedding")
@@ -186,13 +189,34 @@ class Engine:
         # take a minute there), in true float32: cuDNN's TF32 convolutions would round the features at 1e-3.
         encoder = AudioEncoder.from_folder(self.files.wav2vec, device=self.place.device)
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            embedding = encoder.embed(media.speech).float().cpu()
+            if media.speakers is None:
+                embedding = encoder.embed(media.speech).float().cpu()
+            else:
+                frames = self.speaker_layout(media)
+                embedding = encoder.embed_speakers([media.speakers.first, media.speakers.second]).float().cpu()
+                embedding = embedding[:, :frames]
         del encoder
         release()
-        if embedding.shape[0] < 1:
+        if embedding.shape[-3] < 1:
             raise BadInput(f"cond_audio.person1 {self.request.speech}: shorter than one video frame (40 ms)",
                            "give a longer speech recording")
         return embedding
+
+    def speaker_layout(self, media: Media) -> int:
+        """Say how two speakers are laid out (log + a `speakers` stage event, with the notes: padding, overlap);
+        returns the video's frames by the both-speakers rule (runtime/models/audio.py two_speaker_frames)."""
+        from itk.runtime.models.audio import two_speaker_frames
+
+        job = self.request.job
+        assert media.track_samples is not None and job.audio_type is not None
+        frames = two_speaker_frames(*media.track_samples, job.audio_type)
+        masks = "bbox" if job.bbox else "official split"
+        for note in media.notes:
+            log.warning("two speakers: %s", note)
+        log.info("two speakers, audio_type %s, masks from the %s, %d frames", job.audio_type, masks, frames)
+        self.events.stage("speakers", speakers=2, audio_type=job.audio_type, masks=masks, frames=frames,
+                          notes=list(media.notes))
+        return frames
 
     def encode_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         from itk.runtime.models.t5 import load_t5, load_t5_fp8, load_tokenizer
@@ -270,8 +294,9 @@ class Engine:
             log.info("LoRA %s: %d modules applied (FP8 layers: %d merged, %d side path)", path.name, modules,
                      applied.merged_fp8, applied.side)
 
-    def pipeline(self, settings: Settings, plan: ClipPlan) -> StreamingPipeline:
-        """The VAE and the DiT loaded, behind the streaming loop."""
+    def pipeline(self, settings: Settings, plan: ClipPlan,
+                 speaker_masks: torch.Tensor | None = None) -> StreamingPipeline:
+        """The VAE and the DiT loaded, behind the streaming loop (speaker_masks: two speakers' [3, N_h*N_w])."""
         from itk.runtime.models.vae import load_vae
 
         self.events.stage("load_models")
@@ -286,6 +311,6 @@ class Engine:
             cache = TeaCache(self.request.size, self.request.sampling.teacache_thresh, settings.steps, cycle=passes)
             dit = TeaCachedDiT(runner.dit, runner.streamer, cache)
         pipeline = StreamingPipeline(dit, vae, settings, SeededNoise(self.request.sampling.seed, p.device),
-                                     self.events, p.device, p.low)
+                                     self.events, p.device, p.low, speaker_masks=speaker_masks)
         self.events.stage("generate", clips=len(plan.starts), frames=plan.length)
         return pipeline

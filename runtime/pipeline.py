@@ -168,7 +168,9 @@ def first_frame_mask(latent_frames: int, lat_h: int, lat_w: int) -> torch.Tensor
 
 
 class DiT(Protocol):
-    def __call__(self, x, t, context, clip_fea, y, audio) -> torch.Tensor: ...
+    """A denoiser; a two-speaker run also passes `speaker_masks=` (a one-speaker run never does)."""
+
+    def __call__(self, x, t, context, clip_fea, y, audio, **speakers) -> torch.Tensor: ...
 
 
 class VAE(Protocol):
@@ -220,6 +222,9 @@ class StreamingPipeline:
     # Tests anchor each clip on the official previous clip: with random tiny weights the clip-to-clip
     # feedback amplifies float32 rounding about tenfold per clip, which would hide real differences.
     on_clip: ClipHook | None = None
+    # Two speakers: [3, N_h*N_w] (runtime/speakers.py), computed once per run from the reference; the passes
+    # that carry both speakers' audio (cond, drop_text) get them, the single zero speaker's passes do not.
+    speaker_masks: torch.Tensor | None = None
 
     def run(
         self,
@@ -246,7 +251,8 @@ class StreamingPipeline:
         start: Carry | None = None,
     ) -> Iterator[ClipOutput]:
         """Each clip of `plan` as it finishes (from `start.clip` when resuming); references/clip_features hold
-        one entry per clip (see ReferenceSource). Only one clip's frames are alive at a time."""
+        one entry per clip (see ReferenceSource). Only one clip's frames are alive at a time. audio:
+        [F, layers, hidden] for one speaker, [2, F, layers, hidden] for two (speaker 1 first)."""
         s, frames = self.settings, plan.frames
         timesteps = [t.to(self.device) for t in shifted_timesteps(s.steps, s.shift)]
         if start is None:
@@ -266,8 +272,9 @@ class StreamingPipeline:
             noise = self.noise.randn((16, (frames - 1) // 4 + 1, ref.shape[-2] // 8, ref.shape[-1] // 8), self.device)
             if y_for is None or y_for[0] != id(references[k]):
                 y_for = (id(references[k]), self._y(ref, frames))
-            window = audio_windows(mirror_pad(audio, plan.pad) if last else audio, plan.starts[k], frames)
-            window = window[None].to(self.device, self.dtype)
+            tracks = audio if audio.dim() == 4 else audio[None]
+            window = torch.stack([audio_windows(mirror_pad(track, plan.pad) if last else track, plan.starts[k], frames)
+                                  for track in tracks]).to(self.device, self.dtype)
             latent = self._denoise(k, noise, motion, y_for[1], window, clip_features[k], context, context_null,
                                    timesteps)
             # Colour correction where the frames are: on a GPU it takes milliseconds, scikit-image on the CPU
@@ -310,7 +317,8 @@ class StreamingPipeline:
             preds = {}
             for name in sampler.passes():
                 ctx, audio = args[name]
-                preds[name] = self.dit(latent, t, ctx, clip_fea, y, audio).float()
+                speakers = {"speaker_masks": self.speaker_masks} if audio.shape[0] > 1 else {}
+                preds[name] = self.dit(latent, t, ctx, clip_fea, y, audio, **speakers).float()
                 if self.on_dit_call:
                     self.on_dit_call(k, i, name, latent, t, preds[name])
             latent = euler_step(latent, sampler.velocity(preds), t, timesteps[i + 1])

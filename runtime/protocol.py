@@ -61,8 +61,9 @@ class BadInput(Exception):
 JOB_HELP = (
     'The job file is the official --input_json format: {"prompt": ..., "cond_video": IMAGE_OR_VIDEO, '
     '"cond_audio": {"person1": WAV}} (two speakers: "person2" too, and "audio_type": "add" or "para"; '
-    'optional "bbox"). Relative paths are looked up in the current folder first, as the official scripts '
-    "and their example jobs expect, then in the job file's folder."
+    'optional "bbox": {"person1": [row_min, col_min, row_max, col_max], "person2": [...]} in pixels, rows '
+    "first as the official code reads it). Relative paths are looked up in the current folder first, as the "
+    "official scripts and their example jobs expect, then in the job file's folder."
 )
 
 
@@ -157,7 +158,8 @@ def job_from_dict(data: Any, source: str, job_dir: Path | None = None) -> Job:
             or not all(isinstance(n, (int, float)) for n in v) for k, v in bbox.items()
         ):
             raise BadInput(f"{source}: bbox must map person1/person2 to four numbers each",
-                           '"bbox": {"person1": [x_min, y_min, x_max, y_max], "person2": [...]}')
+                           '"bbox": {"person1": [row_min, col_min, row_max, col_max], "person2": [...]} in pixels '
+                           "(rows first, as the official code reads it)")
     extra = {k: v for k, v in data.items() if k not in ("prompt", "cond_video", "cond_audio", "audio_type", "bbox")}
     return Job(
         prompt=data["prompt"],

@@ -21,11 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from itk.runtime.protocol import DEFAULT_SHIFT, DEFAULT_STEPS, FPS, SAMPLE_RATE, BadInput, Job, pair_loras, read_job
+from itk.runtime.protocol import (
+    DEFAULT_SHIFT,
+    DEFAULT_STEPS,
+    FPS,
+    SAMPLE_RATE,
+    SPEAKERS,
+    BadInput,
+    Job,
+    pair_loras,
+    read_job,
+)
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
+    from itk.runtime.models.audio import SpeakerTracks
     from itk.runtime.pipeline import ReferenceSource
 
 MAX_SEED = 99999999  # the official script draws a negative --base_seed's replacement from [0, this]
@@ -96,6 +108,11 @@ class Request:
             raise BadInput(f"--model_config {f['model_config']}: file not found", "check the path")
         job = read_job(f["input_json"])
         _check_job(job)
+        if job.speakers > 1 and f["use_teacache"]:
+            raise BadInput("--use_teacache: not supported with two speakers yet", "leave out --use_teacache")
+        dit_flag = "--quant_dir" if f["quant"] else "--infinitetalk_dir"
+        dit_file = f["quant_dir"] if f["quant"] else f["infinitetalk_dir"]
+        variant = choose_variant(job, Path(dit_file), dit_flag)
         streaming = f["mode"] == "streaming"
         sampling = Sampling(
             frame_num=f["frame_num"], motion_frame=f["motion_frame"],
@@ -116,26 +133,64 @@ class Request:
             infinitetalk=Path(f["infinitetalk_dir"]) if f["infinitetalk_dir"] else None,
             quant=f["quant"], quant_file=Path(f["quant_dir"]) if f["quant_dir"] else None,
             model_config=Path(f["model_config"]) if f["model_config"] else None, t5_cpu=f["t5_cpu"],
-            persistent_params=f["num_persistent_param_in_dit"],
+            persistent_params=f["num_persistent_param_in_dit"], variant=variant,
             loras=tuple(pair_loras(f["lora_dir"], f["lora_scale"])),
             lora_alpha=f["lora_alpha"],
         )
 
     @property
     def speech(self) -> Path:
-        """The one speaker's track (a second speaker is refused by `from_flags`)."""
-        return self.job.audio_files()["person1"]
+        """The first speaker's track that has a file (person1 unless it is the official "None")."""
+        return next(iter(self.job.audio_files().values()))
 
 
 def _check_job(job: Job) -> None:
-    """What the job reader accepts but this generator cannot do yet."""
-    if job.speakers > 1:
-        raise BadInput("cond_audio.person2: two speakers are not supported yet by itk's generator",
-                       "give one speaker (person1) in the job file")
-    for what, path in (("cond_video", job.cond_video), ("cond_audio.person1", job.audio_files()["person1"])):
+    """The job's files exist, and a two-speaker job is complete (both boxes or none, one real track at least)."""
+    for what, path in (("cond_video", job.cond_video),
+                       *((f"cond_audio.{key}", p) for key, p in job.audio_files().items())):
         if not path.is_file():
             raise BadInput(f"{what} {path}: file not found (relative paths: the current folder, then the job "
                            "file's folder)", "check the path in the job file")
+    if job.speakers < 2:
+        return
+    if not job.audio_files():
+        raise BadInput('cond_audio: both speakers are "None": the job has no speech',
+                       "give a speech file for person1 or person2")
+    if job.bbox is not None and sorted(job.bbox) != list(SPEAKERS):
+        raise BadInput(f"bbox: gives {', '.join(sorted(job.bbox)) or 'no box'}; two speakers need a box each "
+                       "(or no bbox at all: the official left/right split)",
+                       '"bbox": {"person1": [row_min, col_min, row_max, col_max], "person2": [...]}')
+
+
+def dit_variant(path: Path | None) -> str | None:
+    """single / multi when `path` is one of the manifest's variant DiT files by name (the unquantised adapters
+    of both variants share one file name: their folder tells them apart),
+    else None (a file of the user's own, taken as given)."""
+    from itk.manifest import load_manifest
+
+    if path is None:
+        return None
+    m = load_manifest()
+    named = [f for f in m.select("dit", None) + m.select("dit", "fp8") if f.variant and Path(f.path).name == path.name]
+    if len({f.variant for f in named}) > 1:
+        named = [f for f in named if Path(f.path).parent.name == path.parent.name]
+    return named[0].variant if named else None
+
+
+def choose_variant(job: Job, dit_file: Path | None, flag: str) -> str:
+    """The DiT variant of the run: the given file's, else the one the job's speaker count needs. Two speakers
+    on the single-speaker DiT are refused: its audio layers were never trained to tell two voices apart."""
+    from itk.manifest import load_manifest
+
+    known = dit_variant(dit_file)
+    if job.speakers > 1 and known == "single":
+        multi = next(f.path for f in load_manifest().select("dit", "fp8" if flag == "--quant_dir" else None, "multi")
+                     if f.variant == "multi")
+        raise BadInput(f"cond_audio.person2: two speakers need the multi-speaker InfiniteTalk DiT, but {flag} "
+                       f"{dit_file} is the single-speaker one",
+                       f"`itk fetch --preset PRESET --variant multi` downloads {multi}: give it as {flag} (`itk run` "
+                       "picks it by itself)")
+    return known or ("multi" if job.speakers > 1 else "single")
 
 
 def check_output(path: Path, source: str) -> None:
@@ -167,11 +222,16 @@ def default_stem(task: str, size: str, ulysses: int, ring: int, prompt: str) -> 
 
 @dataclass(frozen=True)
 class Media:
-    """The job's inputs, decoded: the reference frames' source and the prepared speech."""
+    """The job's inputs, decoded: the reference frames' source and the prepared speech (for two speakers also
+    each speaker's track, the masks saying where each one is, and what was done beyond the official code)."""
 
     reference: ReferenceSource
-    speech: np.ndarray  # mono float32 at SAMPLE_RATE, loudness-normalised
+    speech: np.ndarray  # mono float32 at SAMPLE_RATE, loudness-normalised: the video's sound (two speakers: the mix)
     sample_rate: int = SAMPLE_RATE
+    speakers: SpeakerTracks | None = None  # two speakers: each one's track, laid out by audio_type
+    speaker_masks: torch.Tensor | None = None  # two speakers: [3, N_h*N_w] (runtime/speakers.py)
+    notes: tuple[str, ...] = ()  # padding of `para` tracks, overlapping boxes: said in the log and as an event
+    track_samples: tuple[int, int] | None = None  # two speakers: each track's length ("None": the other's)
 
 
 def read_media(request: Request, table: dict[str, list[int]]) -> Media:
@@ -188,7 +248,30 @@ def read_media(request: Request, table: dict[str, list[int]]) -> Media:
                        "give a .png/.jpg image or a video (.mp4 ...)") from exc
     if request.job.is_video:
         check_reference_size(path, *reference.size, table)
+    if request.job.speakers > 1:
+        return read_two_speakers(request.job, reference)
     return Media(reference, read_speech(request.speech))
+
+
+def read_two_speakers(job: Job, reference: ReferenceSource) -> Media:
+    """Both tracks laid out by the job's audio_type (the sound track is their mix) and the speaker masks from
+    its bbox (rows first, as officially) or the official left/right split, on the reference's token grid."""
+    from itk.runtime.models.audio import combine_speakers
+    from itk.runtime.speakers import check_boxes, speaker_masks
+
+    tracks = [None if path is None else read_speech(path, f"cond_audio.{key}") for key, path in job.cond_audio.items()]
+    speakers = combine_speakers(tracks[0], tracks[1], job.audio_type or "")
+    boxes = [job.bbox[key] for key in SPEAKERS] if job.bbox else None
+    fix = "give [row_min, col_min, row_max, col_max] in pixels of the image (rows first, as the official bbox)"
+    try:
+        notes = check_boxes(boxes, reference.size) if boxes else []
+        masks = speaker_masks(reference.size, reference.target, boxes)
+    except ValueError as exc:
+        raise BadInput(f"bbox: {str(exc).split(': give')[0]}", fix) from None
+    lengths = [len(t) if t is not None else 0 for t in tracks]
+    samples = (lengths[0] or lengths[1], lengths[1] or lengths[0])
+    return Media(reference, speakers.mix.astype("float32"), speakers=speakers, speaker_masks=masks,
+                 notes=(*speakers.notes, *notes), track_samples=samples)
 
 
 def check_image_size(path: Path, table: dict[str, list[int]]) -> None:
@@ -231,20 +314,21 @@ def check_reference_size(path: Path, height: int, width: int, table: dict[str, l
                        f"give an image or video of at least {low_w}x{low_h} pixels")
 
 
-def read_speech(path: Path) -> np.ndarray:
-    """16 kHz mono speech, loudness-normalised to -23 LUFS; silence is refused (nothing to lip-sync)."""
+def read_speech(path: Path, what: str = "cond_audio.person1") -> np.ndarray:
+    """16 kHz mono speech, loudness-normalised to -23 LUFS; silence is refused (nothing to lip-sync; a silent
+    second speaker is the job's "None"). `what` names the track in errors."""
     from itk.runtime.models.audio import frame_count, load_speech, loudness_normalize
 
     try:
         samples = load_speech(path)
     except Exception as exc:  # the loader's one-line message names the file
-        raise BadInput(f"cond_audio.person1 {path}: cannot read audio ({str(exc).splitlines()[0]})",
+        raise BadInput(f"{what} {path}: cannot read audio ({str(exc).splitlines()[0]})",
                        "give a speech recording (.wav, .flac, .mp3)") from exc
     if len(samples) == 0 or float(abs(samples).max()) < 1e-4:
-        raise BadInput(f"cond_audio.person1 {path}: the audio is silent", "give a speech recording")
+        raise BadInput(f"{what} {path}: the audio is silent", "give a speech recording")
     if frame_count(len(samples)) < 1:  # no video frame to animate; found here, before any model loads
         seconds = len(samples) / SAMPLE_RATE
-        raise BadInput(f"cond_audio.person1 {path}: {seconds * 1000:.0f} ms of audio is shorter than one video "
+        raise BadInput(f"{what} {path}: {seconds * 1000:.0f} ms of audio is shorter than one video "
                        f"frame ({1000 // FPS} ms)", "give a longer speech recording")
     # Speech shorter than one 400 ms loudness block cannot be measured and stays as it is (the official rule
     # for unmeasurable tracks); loudness_normalize does that itself.

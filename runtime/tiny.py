@@ -3,7 +3,8 @@
 Every file a real run opens is written in its official format under the manifest's name and folder
 (itk/manifest.toml; runtime-spec §2.1-2.3): the Wan folder (config, the VAE/CLIP/T5 `.pth` state dicts, the
 umT5 tokenizer folder, the DiT shards with their index), chinese-wav2vec2-base (config, preprocessor
-config, the weights of a Wav2Vec2ForPreTraining), InfiniteTalk's single-speaker adapter and its FP8 set. So
+config, the weights of a Wav2Vec2ForPreTraining), InfiniteTalk's single-speaker adapter and its FP8 set
+(with `multi`, the two-speaker adapter and FP8 DiT too). So
 `root` works as an itk `--weights-dir`. Only the sizes are tiny, and `itk_model_config.json` says so. The
 DiT, CLIP and T5 key sets are written from the official key lists here, not from our model classes, so a
 strict load of these files also checks our classes.
@@ -55,6 +56,8 @@ class TinyLayout:
     wav2vec_dir: Path
     infinitetalk: Path
     fp8_dit: Path  # the manifest's single-speaker FP8 DiT (its map and the FP8 T5 + map beside it)
+    multi_infinitetalk: Path | None = None  # with multi: the two-speaker adapter and FP8 DiT (own random weights)
+    multi_fp8_dit: Path | None = None
 
 
 def _dit_shapes(d: dict) -> dict[str, tuple[int, ...]]:
@@ -281,8 +284,28 @@ def _only(manifest: Manifest, role: str, precision: str | None = None, variant: 
     return files[0]
 
 
-def write_tiny_weights(root: str | Path, seed: int = 0) -> TinyLayout:
-    """Write the three weight folders under `root` (the manifest's local_dirs) and return their paths."""
+def _multi_files(base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], root: Path,
+                 manifest: Manifest) -> tuple[Path, Path]:
+    """The two-speaker variant in the official layout: its unquantised adapter and its whole FP8 DiT (the
+    FP8 T5 is the one both variants share)."""
+    from safetensors.torch import save_file
+
+    from itk.runtime.quant import write_quantized
+
+    adapter_file, dit_file = _only(manifest, "dit", None, "multi"), _only(manifest, "dit", "fp8", "multi")
+    assert dit_file.map is not None
+    infinitetalk, fp8 = adapter_file.local_path(root), dit_file.local_path(root)
+    infinitetalk.parent.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(infinitetalk), metadata={"format": "pt"})
+    dit = {**base, **adapter}
+    linears = [k.removesuffix(".weight") for k, v in dit.items() if k.endswith(".weight") and v.dim() == 2]
+    write_quantized(dit, linears, fp8, dit_file.map.local_path(root))
+    return infinitetalk, fp8
+
+
+def write_tiny_weights(root: str | Path, seed: int = 0, multi: bool = False) -> TinyLayout:
+    """Write the three weight folders under `root` (the manifest's local_dirs) and return their paths.
+    multi: also InfiniteTalk's two-speaker files (drawn after everything else: the rest stays the same)."""
     from safetensors.torch import save_file
 
     root, manifest = Path(root), load_manifest()
@@ -310,4 +333,7 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> TinyLayout:
     torch.save(_random(_clip_shapes(tiny["clip"], CLIP_TEXT), gen), ckpt / _only(manifest, "clip").path)
     torch.save(_vae_state(cfg.vae, gen), ckpt / _only(manifest, "vae").path)
     _wav2vec(wav2vec, seed, wav2vec_weights(manifest))
-    return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit)
+    if not multi:
+        return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit)
+    multi_files = _multi_files(base, _random(_adapter_shapes(d), gen), root, manifest)
+    return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit, *multi_files)

@@ -252,12 +252,14 @@ def test_sigint_stops_cleanly_with_exit_130_and_no_partial_video(weights, job):
     _no_output(tmp_path)
 
 
-def test_a_second_speaker_is_refused_by_the_generator_not_by_the_job_reader(job, capsys):
+def test_a_second_speaker_on_the_single_speaker_adapter_is_refused_before_loading(job, capsys):
     tmp_path, data = job
     data["cond_audio"]["person2"] = data["cond_audio"]["person1"]
     data["audio_type"] = "add"
     (tmp_path / "job.json").write_text(json.dumps(data))
-    _fails(capsys, _run(tmp_path), 2, "two speakers are not supported yet by itk's generator")
+    argv = _run(tmp_path)
+    argv[argv.index("--infinitetalk_dir") + 1] = str(tmp_path / "single" / "infinitetalk.safetensors")
+    _fails(capsys, argv, 2, "two speakers need the multi-speaker InfiniteTalk DiT", "--variant multi")
     _no_output(tmp_path)
 
 

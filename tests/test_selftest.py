@@ -106,7 +106,7 @@ def test_selftest_by_default_reuses_its_cached_tiny_weights_and_leaves_only_the_
 
 
 def _fake_writer(calls: list[Path], fail: bool = False):
-    def write(root: Path, seed: int = 0) -> None:
+    def write(root: Path, seed: int = 0, multi: bool = False) -> None:
         calls.append(Path(root))
         (Path(root) / "Wan2.1-I2V-14B-480P").mkdir(parents=True)
         (Path(root) / "Wan2.1-I2V-14B-480P" / "config.json").write_text("{}")

@@ -58,4 +58,32 @@ def test_a_busy_port_is_one_line_naming_the_process_that_holds_it() -> None:
 
 def test_the_second_speaker_control_names_the_fetch_that_adds_its_weights(tmp_path: Path) -> None:
     enabled, note = multi_speaker(tmp_path)
-    assert not enabled and f"itk fetch --component infinitetalk-multi --weights-dir {tmp_path}" in note
+    assert not enabled and f"itk fetch --variant multi --weights-dir {tmp_path}" in note
+
+
+def test_the_second_speaker_control_is_enabled_when_the_multi_speaker_weights_are_here(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from itk.manifest import load_manifest
+    from itk.selftest import record_tiny_verdicts
+
+    for f in load_manifest().files_for(["infinitetalk-multi-fp8"]):
+        path = f.local_path(tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            save_file({"w": np.zeros((2, 2), dtype=np.float32)}, str(path))
+        else:
+            path.write_text("{}")
+    record_tiny_verdicts(tmp_path, multi=True)
+    enabled, note = multi_speaker(tmp_path)
+    assert enabled and "rows first" in note
+
+
+def test_a_staged_two_speaker_job_keeps_the_mode_and_the_boxes(tmp_path: Path) -> None:
+    face, one, two = tmp_path / "me.png", tmp_path / "a.wav", tmp_path / "b.wav"
+    for path in (face, one, two):
+        path.write_bytes(b"x")
+    staged = stage_job(tmp_path / "outputs", str(face), [str(one), str(two)], "", "para", ("0,0,10,10", "0,10,10,20"))
+    job = read_job(staged.job_file)
+    assert job.audio_type == "para" and job.bbox == {"person1": [0, 0, 10, 10], "person2": [0, 10, 10, 20]}
