@@ -102,7 +102,8 @@ def test_selftest_by_default_reuses_its_cached_tiny_weights_and_leaves_only_the_
     assert any("reusing the cached set" in line for line in second)
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing piles up
     assert f"video: {root / 'selftest.mp4'}" in second and (root / "selftest.mp4").is_file()
-    assert list((tmp_path / "tmp").iterdir()) == []  # no temp folder per run
+    # No temp folder per run; torch's own compile cache folder (one per user, reused) may appear.
+    assert [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 def _fake_writer(calls: list[Path], fail: bool = False):
@@ -118,7 +119,7 @@ def _fake_writer(calls: list[Path], fail: bool = False):
 
 def test_tiny_weights_are_written_once_per_version_and_an_interrupted_write_is_never_reused(tmp_path, monkeypatch):
     calls: list[Path] = []
-    monkeypatch.setattr(selftest, "record_tiny_verdicts", lambda folder: 0)
+    monkeypatch.setattr(selftest, "record_tiny_verdicts", lambda folder, multi=False: 0)
     monkeypatch.setattr(tiny, "write_tiny_weights", _fake_writer(calls, fail=True))
     with pytest.raises(KeyboardInterrupt):
         selftest.cached_tiny_weights(tmp_path)
@@ -131,7 +132,7 @@ def test_tiny_weights_are_written_once_per_version_and_an_interrupted_write_is_n
 
 
 def test_stale_partials_of_dead_runs_and_old_tiny_versions_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(selftest, "record_tiny_verdicts", lambda folder: 0)
+    monkeypatch.setattr(selftest, "record_tiny_verdicts", lambda folder, multi=False: 0)
     monkeypatch.setattr(tiny, "write_tiny_weights", _fake_writer([]))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -214,8 +214,8 @@ def test_the_api_answers_with_the_doctor_table_and_the_one_line_error(server: Se
     client = Client(server.url, verbose=False)
     table = client.predict(api_name="/doctor")
     assert "itk-doctor-table" in table and "itk-check" in table
-    out = client.predict(handle_file(str(tiny["text"])), handle_file(str(tiny["speech"])), None, "", PRESET, 42,
-                         *[""] * len(advanced_names()), api_name="/generate")
+    out = client.predict(handle_file(str(tiny["text"])), handle_file(str(tiny["speech"])), None, "add", "", "", "",
+                         PRESET, 42, *[""] * len(advanced_names()), api_name="/generate")
     status, error = out[0], out[1]
     assert status == "" and "notes.png is not a readable image" in error
 
