@@ -130,7 +130,10 @@ def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
             raise bad_input(f"audio {tracks[key]} is {seconds * 1000:.0f} ms, shorter than one video frame "
                             f"({1000 // FPS} ms)", "give a recording of the speech to lip-sync")
     frame_num = int(settings.get("frame_num", 81))
-    total_s = sum(audio_s.values()) if job.audio_type == "add" else max(audio_s.values())
+    # add: the turns follow each other, and a silent speaker ("None") takes a turn as long as the other's
+    # track (the official layout), so one real track of two plays for twice its length.
+    turns = list(audio_s.values()) * (job.speakers if len(audio_s) == 1 else 1)
+    total_s = sum(turns) if job.audio_type == "add" else max(audio_s.values())
     warnings = []
     if total_s * FPS <= frame_num:
         name = next(iter(tracks.values())).name

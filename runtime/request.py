@@ -108,8 +108,6 @@ class Request:
             raise BadInput(f"--model_config {f['model_config']}: file not found", "check the path")
         job = read_job(f["input_json"])
         _check_job(job)
-        if job.speakers > 1 and f["use_teacache"]:
-            raise BadInput("--use_teacache: not supported with two speakers yet", "leave out --use_teacache")
         dit_flag = "--quant_dir" if f["quant"] else "--infinitetalk_dir"
         dit_file = f["quant_dir"] if f["quant"] else f["infinitetalk_dir"]
         variant = choose_variant(job, Path(dit_file), dit_flag)

@@ -14,11 +14,12 @@ rows 5-95 % of the height, speaker 1 in 5-95 % of the left half, speaker 2 the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from itk.runtime.buckets import resized_size
+
+if TYPE_CHECKING:  # torch only where masks are built: `itk run` checks boxes without it
+    import torch
 
 Box = Sequence[float]  # [row_min, col_min, row_max, col_max] in pixels of the original image
 FACE_SCALE = 0.05  # the official split's margin, as a fraction of the height and of each half's width
@@ -65,6 +66,8 @@ def source_masks(image_hw: tuple[int, int], boxes: Sequence[Box] | None = None) 
     With `boxes` (checked by `check_boxes`) each speaker is its rectangle; without, the official split.
     """
     height, width = image_hw
+    import torch
+
     people = torch.zeros(2, height, width)
     if boxes is not None:
         for mask, box in zip(people, boxes, strict=True):
@@ -85,6 +88,8 @@ def fit_to_target(masks: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tens
     (offset round((size - target) / 2), as torchvision's centre crop)."""
     th, tw = target_hw
     h, w = resized_size(masks.shape[1], masks.shape[2], target_hw)
+    import torch.nn.functional as F
+
     resized = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0]
     top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
     return resized[:, top:top + th, left:left + tw]
@@ -92,6 +97,8 @@ def fit_to_target(masks: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tens
 
 def downsample(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-sample [C, H, W] masks to `size`, thresholded > 0, as float."""
+    import torch.nn.functional as F
+
     return (F.interpolate(masks[None].float(), size=size, mode="nearest")[0] > 0).float()
 
 

@@ -93,5 +93,5 @@ class TeaCachedDiT:
         self.cache = cache
         self.blocks = cache.wrap(blocks)
 
-    def __call__(self, x, t, context, clip_fea, y, audio) -> torch.Tensor:
-        return self.model(x, t, context, clip_fea, y, audio, run_blocks=self.blocks)
+    def __call__(self, x, t, context, clip_fea, y, audio, *, speaker_masks=None) -> torch.Tensor:
+        return self.model(x, t, context, clip_fea, y, audio, speaker_masks=speaker_masks, run_blocks=self.blocks)

@@ -160,10 +160,20 @@ def test_two_speakers_on_the_single_speaker_dit_are_refused_naming_the_multi_fil
     assert all(w in lines[0] for w in ("multi-speaker", "--variant multi", "multi/infinitetalk.safetensors"))
 
 
-def test_teacache_with_two_speakers_is_refused_up_front(capsys, weights, job):
-    folder, data = job
-    code, lines, _ = generate(capsys, weights, folder, data, "--use_teacache")
-    assert code == 2 and "--use_teacache" in lines[0]
+def test_teacache_hands_both_speakers_masks_to_the_dit():
+    from itk.runtime.teacache import TeaCache, TeaCachedDiT
+
+    seen = []
+
+    def model(*args, speaker_masks=None, run_blocks=None):
+        seen.append(speaker_masks)
+        return args[0]
+
+    masks = torch.ones(3, 6)
+    cached = TeaCachedDiT(model, lambda tokens, *rest: tokens, TeaCache("infinitetalk-480", 0.2, 4, cycle=3))
+    cached(torch.zeros(1), None, None, None, None, None, speaker_masks=masks)
+    cached(torch.zeros(1), None, None, None, None, None)
+    assert seen[0] is masks and seen[1] is None
 
 
 # --- itk run ---------------------------------------------------------------------------------------------------
@@ -245,3 +255,16 @@ def test_fetch_variant_multi_takes_the_multi_speaker_dit_instead_of_the_single_o
     assert "quant_models/infinitetalk_multi_fp8.safetensors" in paths
     assert "quant_models/infinitetalk_single_fp8.safetensors" not in paths
     assert "quant_models/t5_fp8.safetensors" in paths and "multi-speaker DiT" in source
+
+
+def test_a_silent_second_speaker_in_add_mode_doubles_the_planned_length_as_the_generator_does(tmp_path):
+    from itk.inputs import validate
+    from itk.runtime.protocol import Job
+
+    face, speech = write_image(tmp_path / "two.png", (192, 128)), write_wav(tmp_path / "a.wav", 2.0)
+    job = Job("two people", face, {"person1": speech, "person2": None}, audio_type="add")
+    facts = validate(job, {"mode": "streaming", "frame_num": 81})
+    assert facts.frames == 2 * 2 * FPS  # speaker 2's silent turn lasts as long as speaker 1's track
+    para = validate(Job("two people", face, {"person1": speech, "person2": None}, audio_type="para"),
+                    {"mode": "streaming", "frame_num": 81})
+    assert para.frames == 2 * FPS
