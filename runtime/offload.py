@@ -117,33 +117,33 @@ def can_pin(nbytes: int) -> bool:
 
 
 class RegisteredHost:
-    """`nbytes` of host memory page-locked in place with cudaHostRegister, in parallel chunks.
+    """Host memory for blocks of `sizes` bytes, one after another, page-locked in place with cudaHostRegister,
+    one registration per block, from several threads.
 
     Why not torch's pinned allocator: it rounds every allocation up to a power of two (the 480p model's
     18.9 GB of streamed blocks would take 32 GiB in one allocation, 21.5 GB in one per block), and it
-    page-locks serially. This takes exactly the bytes asked for; locking 64 MiB chunks from several threads
-    shortens the load. `pinned` is False (nothing left locked) when the driver refuses, e.g. under a
-    locked-memory limit; the caller then falls back to the allocator.
+    page-locks serially. This takes exactly the bytes asked for. One registration per block, not fixed-size
+    chunks: an asynchronous copy fails ("invalid argument") when its host range crosses from one
+    registration into the next, and no tensor crosses a block. `pinned` is False (nothing left locked) when
+    the driver refuses, e.g. under a locked-memory limit; the caller then falls back to the allocator.
     """
 
-    CHUNK = 64 * 2**20
-
-    def __init__(self, nbytes: int) -> None:
-        self.flat = torch.empty(nbytes, dtype=torch.uint8)
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.flat = torch.empty(sum(sizes), dtype=torch.uint8)
         self._cudart = torch.cuda.cudart()
-        base = self.flat.data_ptr()
-        chunks = [(base + at, min(self.CHUNK, nbytes - at)) for at in range(0, nbytes, self.CHUNK)]
-        ok = self._cudart.cudaError.success
+        base, ok = self.flat.data_ptr(), self._cudart.cudaError.success
+        starts = [base + sum(sizes[:i]) for i in range(len(sizes))]
 
-        def lock(chunk: tuple[int, int]) -> bool:
-            return self._cudart.cudaHostRegister(chunk[0], chunk[1], 0) == ok
+        def lock(piece: tuple[int, int]) -> bool:
+            return self._cudart.cudaHostRegister(piece[0], piece[1], 0) == ok
 
         with ThreadPoolExecutor(max_workers=FILL_THREADS) as pool:
-            locked = list(pool.map(lock, chunks))
-        self.locked = [ptr for (ptr, _), done in zip(chunks, locked, strict=True) if done]
+            locked = list(pool.map(lock, zip(starts, sizes, strict=True)))
+        self.locked = [ptr for ptr, done in zip(starts, locked, strict=True) if done]
         self.pinned = all(locked)
         if not self.pinned:
-            log.warning("page-locking %.1f GB in place was refused; using torch's pinned allocator", nbytes / 1e9)
+            log.warning("page-locking %.1f GB in place was refused; using torch's pinned allocator",
+                        sum(sizes) / 1e9)
             self.close()
 
     def close(self) -> None:
@@ -268,7 +268,7 @@ class BlockStreamer:
             named = [named_tensors(b) for b in streamed]
             sizes = [flat_bytes([t for _, t in n]) for n in named]
             views: list[list[torch.Tensor]] = [[] for _ in streamed]
-            arena = RegisteredHost(sum(sizes)) if self.cuda else None
+            arena = RegisteredHost(sizes) if self.cuda else None
             if arena is not None and arena.pinned:
                 self.arenas.append(arena)
                 groups, flats = [list(range(len(streamed)))], [arena.flat]
