@@ -174,6 +174,7 @@ class Plan:
     gpu_name: str | None = None
     resume: str | None = None  # the line saying this run continues an interrupted one (None: a fresh run)
     loras: list[tuple[Path, float]] = field(default_factory=list)  # --lora_dir/--lora_scale, in zip order
+    gpus: int = 1  # generator processes, one per GPU, under torchrun when more than one (itk/launch.py)
 
     @property
     def command_line(self) -> str:
@@ -279,7 +280,7 @@ class Plan:
                 "unusable_weights": [{"file": st.label, "state": st.state, "detail": st.detail, "fix": st.fix}
                                      for st in self.unusable],
                 "estimate_s": self.estimate_s, "estimate": self.estimate, "resume": self.resume,
-                "steps": self.steps, "passes": self.passes,
+                "steps": self.steps, "passes": self.passes, "gpus": self.gpus,
                 "loras": [{"file": str(path), "scale": scale} for path, scale in self.loras],
                 "warnings": self.media.warnings}
 
@@ -303,17 +304,19 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
              output: str | Path | None = None, preset_name: str | None = None, input_json: str | None = None,
              sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
              generator: list[str] | None = None, gpu_name: str | None = None,
-             loras: tuple[str, ...] | list[str] = ()) -> Plan:
+             loras: tuple[str, ...] | list[str] = (), gpus: str | int = 1) -> Plan:
     """Check inputs, output, settings and weights and build the command line; launches nothing, prints
     nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
     measured step time the estimate uses (default: this machine's). `loras`: the user's own LoRA files as
-    `FILE[:SCALE]`, each checked here and merged after the preset's own."""
+    `FILE[:SCALE]`, each checked here and merged after the preset's own. `gpus`: a count or "auto" (several
+    run the generator under torchrun; a count the model's heads cannot split is refused here)."""
     from itk import machine
     from itk.inputs import COLOUR_DRIFT_S, check_lora, job_from_options, validate
+    from itk.launch import launch_argv, layout_for, model_heads, parse_gpus
     from itk.manifest import load_manifest
     from itk.measured import expected_step_s
     from itk.paths import weights_dir as resolve_weights_dir
-    from itk.presets import load_presets, resolve_preset
+    from itk.presets import guidance_passes, load_presets, resolve_preset
     from itk.runtime.protocol import read_job
     from itk.verify import UNUSABLE, check_files
 
@@ -355,11 +358,14 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
     resume = resume_line(out)
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
-    argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
-                          out.with_suffix(""), resume=resume is not None, loras=pairs)
-    # the preset line of a dry run says what a clip costs and which LoRAs are merged
-    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}", job, media, settings, out, run_dir, argv,
-                unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs)
+    count = parse_gpus(gpus)
+    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")))
+    argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
+                          run_dir / "job.json", out.with_suffix(""), resume=resume is not None, loras=pairs)
+    # the preset line of a dry run says what a clip costs, which LoRAs are merged and how the GPUs split
+    spread = f"; {layout.describe(guidance_passes(settings))}" if count > 1 else ""
+    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}{spread}", job, media, settings, out, run_dir,
+                argv, unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs, count)
 
 
 def video_seconds(path: Path) -> float | None:

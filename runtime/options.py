@@ -20,17 +20,48 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     return default if value is None or value == "" else value.strip().lower() not in ("0", "false", "no", "off")
 
 
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value}: expected a whole number") from None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a multi-GPU run, as torchrun (torch.distributed.run) tells its workers:
+    RANK, WORLD_SIZE and LOCAL_RANK (MASTER_ADDR/MASTER_PORT are read by torch's own `env://` setup).
+    crash_rank: ITK_TEST_CRASH_RANK makes that rank raise at its first guidance gather, so the tests can
+    prove a crash on one rank ends the whole job (-1: off)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    crash_rank: int = -1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
+        env = os.environ if env is None else env
+        return cls(rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
+                   local_rank=_int(env, "LOCAL_RANK", 0), crash_rank=_int(env, "ITK_TEST_CRASH_RANK", -1))
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """compile: torch.compile the DiT blocks on a GPU (ITK_COMPILE, default on).
     fp8_matmul: FP8 tensor-core matmuls where the GPU has them (ITK_FP8_MATMUL, default on); off = weights
     dequantised per layer. attention: ITK_ATTENTION auto | flash | sage | sdpa. pin: ITK_PIN forces (1) or forbids
-    (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM."""
+    (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM. launch: this process's
+    place in a multi-GPU run (torchrun's variables)."""
 
     compile: bool = True
     fp8_matmul: bool = True
     attention: str = "auto"
     pin: bool | None = None
+    launch: Launch = Launch()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RuntimeOptions:
@@ -44,6 +75,7 @@ class RuntimeOptions:
             fp8_matmul=_switch(env, "ITK_FP8_MATMUL", True),
             attention=attention,
             pin=None if pin in (None, "") else _switch(env, "ITK_PIN", True),
+            launch=Launch.from_env(env),
         )
 
 
