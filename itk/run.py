@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -451,7 +451,7 @@ def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -
     from itk.advice import diagnose
     from itk.checks.ram import read_cgroup
     from itk.diagnose import write_verdict
-    from itk.supervisor import Supervisor
+    from itk.supervisor import Supervisor, failed_rank
 
     plan.write_job()
     log_path = plan.log_path
@@ -476,6 +476,8 @@ def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -
     if outcome.returncode == 0:
         text += f"\nitk: the generator exited 0 but wrote no video at {video}\n"
     verdict = diagnose(text, outcome.returncode if outcome.returncode else None, facts, str(log_path))
+    if (rank := failed_rank(text)) is not None:  # several GPUs: say which one failed first
+        verdict = replace(verdict, diagnosis=f"{rank}. {verdict.diagnosis}")
     write_verdict(verdict, plan.run_dir / "verdict.json")
     code = outcome.returncode if outcome.returncode in (EXIT_USAGE, EXIT_MISSING_WEIGHTS) else EXIT_FAILED
     return RunResult(log_path, outcome.elapsed_s, code, verdict=verdict, events=outcome.events,

@@ -194,6 +194,11 @@ def start(launch: Launch, passes: int, heads: int) -> Parallel | None:
     if cuda:
         torch.cuda.set_device(launch.local_rank)  # "cuda" is this rank's GPU from here on
     dist.init_process_group("nccl" if cuda else "gloo", rank=launch.rank, world_size=launch.world_size)
+    return arrange(launch, layout)
+
+
+def arrange(launch: Launch, layout: Layout) -> Parallel:
+    """This rank's `Parallel` for `layout` in the joined process group (its subgroups created here)."""
     sp, groups = layout.sp, layout.groups
     sp_group = _groups([range(g * sp, (g + 1) * sp) for g in range(groups)], launch.rank)
     guidance_group = _groups([range(s, groups * sp, sp) for s in range(sp)], launch.rank)

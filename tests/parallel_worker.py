@@ -1,8 +1,8 @@
 """One rank of a tests/test_parallel.py run: the streaming pipeline (or one two-speaker DiT call) on tiny
 random weights, under torchrun or as a plain single process; rank 0 saves the float32 result.
 
-`python tests/parallel_worker.py OUT TEXT_SCALE AUDIO_SCALE` saves {"video": the frames of a two-clip talk,
-"speakers": one two-speaker DiT prediction}.
+`python tests/parallel_worker.py OUT TEXT AUDIO [TEXT AUDIO ...]` saves, per pair of guidance scales,
+{"video": the frames of a two-clip talk, "speakers": one two-speaker DiT prediction}.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from itk.runtime import parallel
 from itk.runtime.configs import config_from_dict
+from itk.runtime.layout import choose_layout
 from itk.runtime.models.dit import InfiniteTalkDiT
 from itk.runtime.models.vae import WanVAE
 from itk.runtime.options import Launch
@@ -70,18 +71,25 @@ def speakers(dit: InfiniteTalkDiT) -> torch.Tensor:
     return dit(latent, torch.tensor([900.0]), x["context"], x["clip"], y, windows, speaker_masks=masks)
 
 
-def main(out: str, text: float, audio: float) -> None:
+def main(out: str, scales: list[tuple[float, float]]) -> None:
+    """One result per (text, audio) scale pair, each in the layout its passes choose, in one process group."""
     dit, vae = models()
-    passes = len(Sampler(Guidance(text, audio)).every_pass())
-    group = parallel.start(Launch.from_env(), passes, dit.cfg.num_heads)
-    dit.parallel = group
-    try:
-        result = {"video": video(dit, vae, group, text, audio), "speakers": speakers(dit)}
-        if parallel.writes(group):
-            torch.save(result, out)
-    finally:
-        parallel.stop(group)
+    launch = Launch.from_env()
+    results = []
+    group = None
+    for text, audio in scales:
+        passes = len(Sampler(Guidance(text, audio)).every_pass())
+        if group is None:
+            group = parallel.start(launch, passes, dit.cfg.num_heads)
+        else:
+            group = parallel.arrange(launch, choose_layout(launch.world_size, passes, dit.cfg.num_heads))
+        dit.parallel = group
+        results.append({"video": video(dit, vae, group, text, audio), "speakers": speakers(dit)})
+    if parallel.writes(group):
+        torch.save(results, out)
+    parallel.stop(group)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]))
+    values = [float(v) for v in sys.argv[2:]]
+    main(sys.argv[1], list(zip(values[::2], values[1::2], strict=True)))
