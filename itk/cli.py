@@ -66,8 +66,9 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
               help="Override a generator setting, e.g. --set sample_steps=20 (repeatable).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Merge your own LoRA (.safetensors) into the DiT, after the preset's; scale default 1 (repeatable).")
-@click.option("--gpus", default="1", metavar="N|auto", show_default=True,
-              help="GPUs for one video (auto: every usable one); more than 1 runs the generator under torchrun.")
+@click.option("--gpus", default=None, metavar="N|auto",
+              help="GPUs for one video (default: the preset's, 1 for most; auto: every usable one); more than 1 "
+                   "runs the generator under torchrun.")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print the exact generator command; run nothing.")
 @WEIGHTS_DIR
 @JSON

@@ -304,12 +304,12 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
              output: str | Path | None = None, preset_name: str | None = None, input_json: str | None = None,
              sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
              generator: list[str] | None = None, gpu_name: str | None = None,
-             loras: tuple[str, ...] | list[str] = (), gpus: str | int = 1) -> Plan:
+             loras: tuple[str, ...] | list[str] = (), gpus: str | int | None = None) -> Plan:
     """Check inputs, output, settings and weights and build the command line; launches nothing, prints
     nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
     measured step time the estimate uses (default: this machine's). `loras`: the user's own LoRA files as
-    `FILE[:SCALE]`, each checked here and merged after the preset's own. `gpus`: a count or "auto" (several
-    run the generator under torchrun; a count the model's heads cannot split is refused here)."""
+    `FILE[:SCALE]`, each checked here and merged after the preset's own. `gpus`: a count or "auto" (default: the
+    preset's; several run the generator under torchrun; a count the heads cannot split is refused here)."""
     from itk import machine
     from itk.inputs import COLOUR_DRIFT_S, check_lora, job_from_options, validate
     from itk.launch import launch_argv, layout_for, model_heads, parse_gpus
@@ -358,7 +358,7 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
     resume = resume_line(out)
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
-    count = parse_gpus(gpus)
+    count = preset.gpus if gpus is None else parse_gpus(gpus)
     layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")))
     argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
                           run_dir / "job.json", out.with_suffix(""), resume=resume is not None, loras=pairs)

@@ -109,8 +109,9 @@ def run(request: Request, events: Events, options: RuntimeOptions, resume: bool 
         state = ResumeState.prepare(request.output, facts, resume)
         for stale in stale_partials(request.output):  # a killed writer's temporary mp4 (SIGKILL skips clean-up)
             stale.unlink(missing_ok=True)
-    else:  # read the saved state (rank 0 cannot save a clip before this rank joins its first step), never remove it
-        state = ResumeState.prepare(request.output, facts, True) if resume else ResumeState(resume_folder(request.output), facts)
+    else:  # read the saved state (rank 0 cannot save a clip before this rank joins its first step); never remove it
+        state = (ResumeState.prepare(request.output, facts, True) if resume
+                 else ResumeState(resume_folder(request.output), facts))
     if state.done:
         events.stage("resume", from_clip=state.done + 1, clips=state.clips, clips_done=state.done,
                      video_s=state.video_s)

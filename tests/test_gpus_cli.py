@@ -11,11 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from run_media import itk, write_image, write_wav, write_weights
 
 from itk import selftest
 from itk.run import GENERATOR, plan_run, run_job
 from itk.runtime.tiny import write_tiny_weights
-from run_media import itk, write_image, write_wav, write_weights
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,11 @@ def wait_for_step(log: Path, seconds: float = 120) -> None:
     while '"step"' not in (log.read_text(errors="replace") if log.exists() else ""):
         assert time.monotonic() < deadline, f"no step in {log}"
         time.sleep(0.05)
+
+
+def test_the_doctor_reports_how_many_gpus_there_are():
+    from itk.checks import gpu
+
+    h200 = [gpu.Gpu(i, "NVIDIA H200", 143771, 143000, 9.0) for i in range(2)]
+    result = gpu.judge(gpu.GpuFacts("570.124.06", "12.8", tuple(h200)), min_vram_gb=70, own_pid=1)
+    assert result.summary == "2 GPUs, the best: NVIDIA H200, 140.4 GiB, CUDA 12.8, cc 9.0"
