@@ -218,10 +218,10 @@ class Supervisor:
         leader_gone = 0.0
         try:
             while True:
+                self._note_descendants()
                 try:
                     item = lines.get(timeout=0.2)
                 except queue.Empty:
-                    self._note_descendants()
                     if self.proc.poll() is not None:
                         # The leader is gone: end whatever it left behind, which also closes the pipe. A process
                         # that left the group (setsid) could hold the pipe forever: stop waiting after a while.

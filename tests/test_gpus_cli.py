@@ -108,3 +108,13 @@ def test_the_doctor_reports_how_many_gpus_there_are():
     h200 = [gpu.Gpu(i, "NVIDIA H200", 143771, 143000, 9.0) for i in range(2)]
     result = gpu.judge(gpu.GpuFacts("570.124.06", "12.8", tuple(h200)), min_vram_gb=70, own_pid=1)
     assert result.summary == "2 GPUs, the best: NVIDIA H200, 140.4 GiB, CUDA 12.8, cc 9.0"
+
+
+def test_gpus_auto_without_a_usable_gpu_is_one_and_a_count_below_one_is_refused():
+    from itk.errors import UserError
+    from itk.launch import parse_gpus
+
+    assert parse_gpus("auto") == 1 and parse_gpus("4") == 4  # this CI box has no NVIDIA driver
+    for bad in ("0", "two"):
+        with pytest.raises(UserError, match=f"--gpus {bad}: expected a count of 1 or more, or auto"):
+            parse_gpus(bad)
