@@ -173,6 +173,8 @@ def judge(facts: GpuFacts, min_vram_gb: float, own_pid: int | None = None) -> Re
     summary = "; ".join(verdict.problems) if verdict.problems else (
         f"{gpu.name}, {total_gb:.1f} GiB, CUDA {facts.cuda_driver_version}, cc {gpu.compute_capability}"
     )
+    if len(facts.gpus) > 1:  # `itk run --gpus auto` uses them all (itk/launch.py)
+        summary = f"{len(facts.gpus)} GPUs, the best: {summary}"
     return Result("gpu", verdict.status, summary, details, "; ".join(verdict.fixes), facts.to_json())
 
 

@@ -77,19 +77,22 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
               help="Override a generator setting, e.g. --set sample_steps=20 (repeatable).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Merge your own LoRA (.safetensors) into the DiT, after the preset's; scale default 1 (repeatable).")
+@click.option("--gpus", default=None, metavar="N|auto",
+              help="GPUs for one video (default: the preset's, 1 for most; auto: every usable one); more than 1 "
+                   "runs the generator under torchrun.")
 @click.option("--dry-run", is_flag=True, help="Check the inputs and print the exact generator command; run nothing.")
 @WEIGHTS_DIR
 @JSON
 @DEBUG
 def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, prompt, output, preset, input_json, sets, loras,
-        dry_run, weights_dir, as_json, debug) -> None:
+        gpus, dry_run, weights_dir, as_json, debug) -> None:
     """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
     from itk.console import run_friendly, show_dry_run, show_run
     from itk.run import plan_run
 
     def go() -> int:
         plan = plan_run(image, video, audio, prompt, output, preset, input_json, sets, weights_dir, loras=loras,
-                        audio2=audio2, audio_mode=audio_mode, bboxes=(bbox1, bbox2))
+                        audio2=audio2, audio_mode=audio_mode, bboxes=(bbox1, bbox2), gpus=gpus)
         return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
 
     run_friendly(go, debug, as_json)

@@ -66,6 +66,7 @@ class Preset:
     trade: str = ""  # what a preset gives up for its speed, in words
     long_video_warning: str = ""  # said by `itk run` when the video is past a minute
     loras: tuple[Lora, ...] = ()
+    gpus: int = 1  # GPUs of its class one video runs on (`itk run --gpus` defaults to this)
 
     @property
     def steps(self) -> int:
@@ -89,7 +90,8 @@ class Preset:
 
     @property
     def requirements(self) -> str:
-        return (f"{self.min_vram_gb:.0f} GB VRAM, {self.min_ram_gb:.0f} GB RAM, "
+        gpus = f"{self.gpus} GPUs of " if self.gpus > 1 else ""
+        return (f"{gpus}{self.min_vram_gb:.0f} GB VRAM, {self.min_ram_gb:.0f} GB RAM, "
                 f"compute capability {self.min_compute_capability}")
 
     def path_flags(self, weights_dir: Path) -> dict[str, Path]:
@@ -160,6 +162,8 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
         components = tuple(data["weights"]["components"])
         loras = tuple(Lora(str(item["file"]), float(item["scale"])) for item in data.get("lora", []))
         _check_loras(path, loras, components)
+        gpus = int(hw.get("gpus", 1))
+        _check_gpus(path, gpus, guidance_passes(data["generator"]))
         presets[data["name"]] = Preset(
             name=data["name"],
             summary=data["summary"],
@@ -177,8 +181,20 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
             trade=data.get("trade", ""),
             long_video_warning=data.get("long_video_warning", ""),
             loras=loras,
+            gpus=gpus,
         )
     return presets
+
+
+def _check_gpus(path: Path, gpus: int, passes: int) -> None:
+    """[hardware] gpus splits the official model's 40 heads (runtime/layout.py), or the data is wrong."""
+    from itk.launch import OFFICIAL_HEADS
+    from itk.runtime.layout import LayoutError, choose_layout
+
+    try:
+        choose_layout(gpus, passes, OFFICIAL_HEADS)
+    except LayoutError as exc:
+        raise ValueError(f"{path.name}: [hardware] {exc}") from None
 
 
 def _check_settings(path: Path, generator: dict[str, Any]) -> None:
@@ -288,6 +304,7 @@ def listing(facts: MachineFacts) -> PresetListing:
             "measured_step_s": {m.gpu: m.seconds for m in p.measured},
             "steps": p.steps,
             "passes": p.passes,
+            "gpus": p.gpus,
             "cost": p.cost,
             "trade": p.trade,
             "auto": p.auto,

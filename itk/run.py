@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,6 +230,7 @@ class Plan:
     loras: list[tuple[Path, float]] = field(default_factory=list)  # --lora_dir/--lora_scale, in zip order
     variant: str = "single"  # the InfiniteTalk DiT the job's speakers need (itk.variants)
     variant_missing: list[str] = field(default_factory=list)  # multi files absent where the single ones are usable
+    gpus: int = 1  # generator processes, one per GPU, under torchrun when more than one (itk/launch.py)
 
     @property
     def command_line(self) -> str:
@@ -352,7 +353,7 @@ class Plan:
                 "unusable_weights": [{"file": st.label, "state": st.state, "detail": st.detail, "fix": st.fix}
                                      for st in self.unusable],
                 "estimate_s": self.estimate_s, "estimate": self.estimate, "resume": self.resume,
-                "steps": self.steps, "passes": self.passes,
+                "steps": self.steps, "passes": self.passes, "gpus": self.gpus,
                 "loras": [{"file": str(path), "scale": scale} for path, scale in self.loras],
                 "warnings": self.media.warnings, "variant": self.variant,
                 "speakers": self.speaker_layout}
@@ -378,19 +379,22 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
              sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
              generator: list[str] | None = None, gpu_name: str | None = None,
              loras: tuple[str, ...] | list[str] = (), audio2: str | None = None, audio_mode: str | None = None,
-             bboxes: tuple[str | None, str | None] = (None, None)) -> Plan:
+             bboxes: tuple[str | None, str | None] = (None, None), gpus: str | int | None = None) -> Plan:
     """Check inputs, output, settings and weights and build the command line; launches nothing, prints
     nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
     measured step time the estimate uses (default: this machine's). `loras`: the user's own LoRA files as
     `FILE[:SCALE]`, each checked here and merged after the preset's own. `audio2`, `audio_mode`, `bboxes`: a
     second speaker (`itk run --audio2 --audio-mode --bbox1 --bbox2`; a job file holds them itself): the run then
-    takes the preset's weights in their multi-speaker variant (itk.variants)."""
+    takes the preset's weights in their multi-speaker variant (itk.variants). `gpus`: a count or "auto"
+    (default: the preset's; several run the generator under torchrun; a count the heads cannot split is refused
+    here)."""
     from itk import machine
     from itk.inputs import COLOUR_DRIFT_S, check_lora, job_from_options, validate
+    from itk.launch import launch_argv, layout_for, model_heads, parse_gpus
     from itk.manifest import load_manifest
     from itk.measured import expected_step_s
     from itk.paths import weights_dir as resolve_weights_dir
-    from itk.presets import load_presets, resolve_preset
+    from itk.presets import guidance_passes, load_presets, resolve_preset
     from itk.runtime.protocol import read_job
     from itk.variants import swap_components, swap_paths, variant_for
     from itk.verify import UNUSABLE, check_files
@@ -437,12 +441,15 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
     resume = resume_line(out)
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
-    argv = generator_argv(generator or generator_command(), path_flags, settings, run_dir / "job.json",
-                          out.with_suffix(""), resume=resume is not None, loras=pairs)
-    # the preset line of a dry run says what a clip costs and which LoRAs are merged
-    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}", job, media, settings, out, run_dir, argv,
-                unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs, variant,
-                variant_missing)
+    count = preset.gpus if gpus is None else parse_gpus(gpus)
+    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")))
+    argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
+                          run_dir / "job.json", out.with_suffix(""), resume=resume is not None, loras=pairs)
+    # the preset line of a dry run says what a clip costs, which LoRAs are merged and how the GPUs split
+    spread = f"; {layout.describe(guidance_passes(settings))}" if count > 1 else ""
+    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}{spread}", job, media, settings, out, run_dir,
+                argv, unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs, variant,
+                variant_missing, count)
 
 
 def missing_variant(statuses: list[FileStatus], preset_components: tuple[str, ...], components: tuple[str, ...],
@@ -545,7 +552,7 @@ def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -
     from itk.advice import diagnose
     from itk.checks.ram import read_cgroup
     from itk.diagnose import write_verdict
-    from itk.supervisor import Supervisor
+    from itk.supervisor import Supervisor, failed_rank
 
     plan.write_job()
     log_path = plan.log_path
@@ -570,6 +577,8 @@ def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -
     if outcome.returncode == 0:
         text += f"\nitk: the generator exited 0 but wrote no video at {video}\n"
     verdict = diagnose(text, outcome.returncode if outcome.returncode else None, facts, str(log_path))
+    if (rank := failed_rank(text)) is not None:  # several GPUs: say which one failed first
+        verdict = replace(verdict, diagnosis=f"{rank}. {verdict.diagnosis}")
     write_verdict(verdict, plan.run_dir / "verdict.json")
     code = outcome.returncode if outcome.returncode in (EXIT_USAGE, EXIT_MISSING_WEIGHTS) else EXIT_FAILED
     return RunResult(log_path, outcome.elapsed_s, code, verdict=verdict, events=outcome.events,

@@ -7,12 +7,18 @@ stops the whole group in steps: SIGINT (the generator exits cleanly with 130), S
 period, SIGKILL after another, and it waits until no process of the group is left. SIGTERM and SIGHUP (the
 terminal or the SSH session closed) to itk itself are handled the same way: the child's own session gets no
 SIGHUP of its own, so without this it would run on, an orphan holding the GPU.
+
+Several GPUs (`itk run --gpus N`): the child is torchrun, which starts each rank in a session of its own
+and forwards SIGINT/SIGTERM to them. The ranks are one job here: only rank 0 emits events (one progress
+display), the supervisor remembers every descendant it saw, and a stop is done only when none of them is
+left (SIGKILL reaches them too). `failed_rank` reads which rank failed first from the log.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -71,6 +77,31 @@ class _Stop(Exception):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+# torchrun's error summary and the generator's own line per failed rank (runtime/generate.py)
+ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: \d+\)"
+                        r"\s*exitcode\s*:\s*(-?\d+)", re.S)
+RANK_ERROR = re.compile(r"^error: rank (\d+) of (\d+) failed: (.+)$", re.M)
+DESCENDANTS_EVERY_S = 1.0
+
+
+def failed_rank(log_text: str) -> str | None:
+    """"rank K failed first: WHY" for a multi-GPU run that failed (None for a single process): the root cause
+    torchrun names, with that rank's own error line, or its exit status when it left none (killed)."""
+    errors: dict[int, str] = {}
+    for m in RANK_ERROR.finditer(log_text):
+        errors.setdefault(int(m[1]), m[3].strip())
+    root = ROOT_CAUSE.search(log_text)
+    if root is None and not errors:
+        return None
+    rank = int(root[1]) if root else next(iter(errors))
+    why = errors.get(rank)
+    if why is None and root is not None:
+        code = int(root[2])
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            else f"exit status {code}"
+    return f"rank {rank} failed first: {why}"
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
     import psutil
@@ -95,6 +126,33 @@ class Supervisor:
         self.grace_s = grace_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid = 0
+        self.descendants: dict[int, Any] = {}  # pid -> psutil.Process: torchrun's ranks live in other sessions
+        self._looked = 0.0
+
+    def _note_descendants(self) -> None:
+        """Remember the leader's descendants (at most once a second): a rank outlives its reparenting."""
+        import psutil
+
+        if time.monotonic() - self._looked < DESCENDANTS_EVERY_S:
+            return
+        self._looked = time.monotonic()
+        try:
+            for child in psutil.Process(self.pgid).children(recursive=True):
+                self.descendants.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    def _live_descendants(self) -> list[Any]:
+        import psutil
+
+        live = []
+        for proc in self.descendants.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    live.append(proc)
+            except psutil.Error:
+                continue
+        return live
 
     def _read(self, lines: queue.Queue[tuple[str, dict[str, Any] | None] | None]) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -111,13 +169,19 @@ class Supervisor:
             os.killpg(self.pgid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        if sig == signal.SIGKILL:  # gentler signals reach the ranks through torchrun, which forwards them
+            for proc in self._live_descendants():
+                try:
+                    proc.kill()
+                except Exception:  # noqa: BLE001 - gone meanwhile
+                    pass
 
     def _wait_gone(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while True:
             assert self.proc is not None
             self.proc.poll()  # reap the leader so it does not linger as a zombie member
-            if not group_members(self.pgid):
+            if not group_members(self.pgid) and not self._live_descendants():
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -154,6 +218,7 @@ class Supervisor:
         leader_gone = 0.0
         try:
             while True:
+                self._note_descendants()
                 try:
                     item = lines.get(timeout=0.2)
                 except queue.Empty:

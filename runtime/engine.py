@@ -26,8 +26,9 @@ import torch
 from itk.runtime.buckets import bucket_table
 from itk.runtime.configs import ModelConfig, load_model_config
 from itk.runtime.options import RuntimeOptions
+from itk.runtime.parallel import Parallel, writes
 from itk.runtime.pipeline import ClipOutput, ClipPlan, SeededNoise, Settings, StreamingPipeline, plan_clips
-from itk.runtime.protocol import BadInput, Events
+from itk.runtime.protocol import BadInput, Events, resume_folder
 from itk.runtime.request import Media, Request, read_media
 from itk.runtime.resume import ResumeState, fingerprint, settings_facts
 from itk.runtime.sampler import Guidance, Sampler
@@ -93,23 +94,30 @@ def settings_of(request: Request) -> Settings:
     )
 
 
-def run(request: Request, events: Events, options: RuntimeOptions, resume: bool = False) -> Path:
+def run(request: Request, events: Events, options: RuntimeOptions, resume: bool = False,
+        parallel: Parallel | None = None) -> Path:
     """Generate the request's video; returns the mp4 written (atomically) at request.output.
 
     resume: continue from the state folder an interrupted run of the same request left beside the output
-    (see runtime/resume.py); without it an old state folder is replaced.
+    (see runtime/resume.py); without it an old state folder is replaced. parallel: this rank's place in a
+    multi-GPU run (runtime/parallel.py); only rank 0 touches the output and the state folder.
     """
     cfg = model_config(request)
     events.stage("read_inputs")
     media = read_media(request, bucket_table(request.size, cfg.buckets))
     files = weight_paths(request)
-    state = ResumeState.prepare(request.output, run_fingerprint(request, cfg, files), resume)
-    for stale in stale_partials(request.output):  # a killed writer's temporary mp4 (SIGKILL skips clean-up)
-        stale.unlink(missing_ok=True)
+    facts = run_fingerprint(request, cfg, files)
+    if writes(parallel):
+        state = ResumeState.prepare(request.output, facts, resume)
+        for stale in stale_partials(request.output):  # a killed writer's temporary mp4 (SIGKILL skips clean-up)
+            stale.unlink(missing_ok=True)
+    else:  # read the saved state (rank 0 cannot save a clip before this rank joins its first step); never remove it
+        state = (ResumeState.prepare(request.output, facts, True) if resume
+                 else ResumeState(resume_folder(request.output), facts))
     if state.done:
         events.stage("resume", from_clip=state.done + 1, clips=state.clips, clips_done=state.done,
                      video_s=state.video_s)
-    engine = Engine(request, cfg, files, Placement.choose(request.t5_cpu), options, events)
+    engine = Engine(request, cfg, files, Placement.choose(request.t5_cpu), options, events, parallel)
     return engine.generate(media, state)
 
 
@@ -150,11 +158,14 @@ class Engine:
     place: Placement
     options: RuntimeOptions
     events: Events
+    parallel: Parallel | None = None
 
     @torch.no_grad()
     def generate(self, media: Media, state: ResumeState) -> Path:
         """Write the talk to request.output clip by clip, saving `state` after each; returns the mp4."""
         settings = settings_of(self.request)
+        if self.parallel is not None:
+            settings = self.parallel.settings(settings)
         embedding = self.embed_speech(media)
         plan = plan_clips(embedding.shape[-3], settings)  # frames: [F, ...] or, two speakers, [2, F, ...]
         state.check_plan(len(plan.starts))
@@ -163,6 +174,10 @@ class Engine:
         clip_features = self.encode_references(references)
         pipeline = self.pipeline(settings, plan, media.speaker_masks)
         clips = pipeline.clips(references, clip_features, context, context_null, embedding, plan, state.carry())
+        if not writes(self.parallel):  # the other ranks compute the same clips with rank 0; only it writes
+            for _ in clips:
+                pass
+            return self.request.output
         path = write_mp4_stream(self.request.output, self._frames(clips, state), plan.length, media.speech,
                                 media.sample_rate)
         state.remove()
@@ -303,6 +318,7 @@ class Engine:
         p = self.place
         vae = load_vae(self.files.vae, self.cfg.vae, torch.float32, p.device)
         runner = self.load_dit()
+        runner.dit.parallel = self.parallel
         dit = runner
         if self.request.sampling.use_teacache:
             from itk.runtime.teacache import TeaCache, TeaCachedDiT

@@ -11,14 +11,15 @@ interrupted (Ctrl-C, SIGTERM, SIGHUP, or the parent process dying); progress goe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from itk.runtime.lifeline import die_with_parent
-from itk.runtime.options import RuntimeOptions
+from itk.runtime.options import Launch, RuntimeOptions
 from itk.runtime.protocol import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -34,12 +35,35 @@ from itk.runtime.protocol import (
 from itk.runtime.request import Request
 from itk.runtime.weights import MissingWeights
 
+if TYPE_CHECKING:
+    from itk.runtime.parallel import Parallel
+
 
 def _options() -> RuntimeOptions:
     try:
         return RuntimeOptions.from_env()
     except ValueError as exc:
         raise BadInput(str(exc), f"unset {str(exc).split('=')[0]} or give it one of the values named") from None
+
+
+def _start_parallel(request: Request, options: RuntimeOptions) -> tuple[Parallel | None, Request]:
+    """Under torchrun: join the process group in the layout the step's passes and the model's heads allow,
+    and take rank 0's seed (a negative --base_seed draws one per process)."""
+    from itk.runtime import parallel
+    from itk.runtime.engine import model_config
+    from itk.runtime.layout import LayoutError
+    from itk.runtime.sampler import Guidance, Sampler
+
+    if options.launch.world_size == 1:
+        return None, request
+    s = request.sampling
+    passes = len(Sampler(Guidance(s.text_scale, s.audio_scale)).every_pass())
+    try:
+        group = parallel.start(options.launch, passes, model_config(request).dit.num_heads)
+    except LayoutError as exc:
+        raise BadInput(str(exc), "run on one of the valid GPU counts (itk run --gpus N)") from None
+    seed = parallel.agree(s.seed, group)
+    return group, dataclasses.replace(request, sampling=dataclasses.replace(s, seed=seed))
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -55,9 +79,11 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
     dies (set when run as a program; a test calling main() in-process leaves its own process alone)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _stop)
-    events = Events()
+    launch = Launch.from_env()
+    events = Events(enabled=launch.rank == 0)  # one progress stream and one error line: rank 0's
     started = time.monotonic()
     request: Request | None = None
+    group: Parallel | None = None
     try:
         if lifeline and not die_with_parent():
             raise KeyboardInterrupt  # the parent died while this process started: nobody wants the video
@@ -67,7 +93,8 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
         options = _options()
         from itk.runtime import engine  # torch: only once the flags and the job are known to be usable
 
-        output = engine.run(request, events, options, resume=bool(flags.get("resume")))
+        group, request = _start_parallel(request, options)
+        output = engine.run(request, events, options, resume=bool(flags.get("resume")), parallel=group)
     except BadInput as exc:
         return _fail(events, EXIT_BAD_INPUT, exc.message, exc.fix)
     except MissingWeights as exc:
@@ -78,8 +105,19 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
             return _fail(events, EXIT_INTERRUPTED, f"interrupted; the finished clips are kept in {state}",
                          "run the same command with --resume to continue (itk run does so by itself)")
         return _fail(events, EXIT_INTERRUPTED, "interrupted; no video was written")
+    except Exception as exc:
+        if launch.world_size > 1:  # every rank's own line, so a crash names the rank it happened on
+            print(f"error: rank {launch.rank} of {launch.world_size} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        if group is not None:
+            from itk.runtime.parallel import stop
+
+            stop(group)
     events.emit("done", path=str(output), seconds=round(time.monotonic() - started, 2))
-    print(output)
+    if events.enabled:
+        print(output)
     return EXIT_OK
 
 
@@ -87,7 +125,8 @@ def _fail(events: Events, code: int, message: str, fix: str = "") -> int:
     # A dead parent closed the pipe these lines go to: the exit code still has to get out.
     with contextlib.suppress(OSError):
         events.emit("error", message=message, exit_code=code, **({"fix": fix} if fix else {}))
-        print(f"error: {message}" + (f" (fix: {fix})" if fix else ""), file=sys.stderr)
+        if events.enabled:
+            print(f"error: {message}" + (f" (fix: {fix})" if fix else ""), file=sys.stderr)
     return code
 
 

@@ -29,6 +29,35 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value}: expected a whole number") from None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a multi-GPU run, as torchrun (torch.distributed.run) tells its workers:
+    RANK, WORLD_SIZE and LOCAL_RANK (MASTER_ADDR/MASTER_PORT are read by torch's own `env://` setup).
+    crash_rank: ITK_TEST_CRASH_RANK makes that rank raise at its first guidance gather, so the tests can
+    prove a crash on one rank ends the whole job (-1: off)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    crash_rank: int = -1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
+        env = os.environ if env is None else env
+        return cls(rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
+                   local_rank=_int(env, "LOCAL_RANK", 0), crash_rank=_int(env, "ITK_TEST_CRASH_RANK", -1))
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """compile: torch.compile the DiT blocks on a GPU (ITK_COMPILE, default on).
@@ -37,13 +66,15 @@ class RuntimeOptions:
     (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM. compile_threads:
     ITK_COMPILE_THREADS, torch.compile's worker processes (default 1: compile in the generator itself, since
     each worker holds ~0.45 GB for the whole run, 7 GB on a 16-core machine (bench/results/whole-run-h200.json);
-    the compiled kernels are cached on disk, so only a machine's first run compiles at all)."""
+    the compiled kernels are cached on disk, so only a machine's first run compiles at all). launch: this
+    process's place in a multi-GPU run (torchrun's variables)."""
 
     compile: bool = True
     fp8_matmul: bool = True
     attention: str = "auto"
     pin: bool | None = None
     compile_threads: int = 1
+    launch: Launch = Launch()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RuntimeOptions:
@@ -58,6 +89,7 @@ class RuntimeOptions:
             attention=attention,
             pin=None if pin in (None, "") else _switch(env, "ITK_PIN", True),
             compile_threads=_count(env, "ITK_COMPILE_THREADS", 1),
+            launch=Launch.from_env(env),
         )
 
 

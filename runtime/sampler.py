@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from itk.runtime.parallel import Parallel
 
 NUM_TIMESTEPS = 1000
 
@@ -102,13 +106,15 @@ def apg(
 
 @dataclass
 class Guidance:
-    """Scales and options of one sampling run."""
+    """Scales and options of one sampling run. parallel: on several GPUs, which of a step's passes this
+    rank runs and where the others come from (runtime/parallel.py); None on one."""
 
     text_scale: float = 5.0
     audio_scale: float = 4.0
     use_apg: bool = False
     apg_momentum: float = -0.75
     apg_norm_threshold: float = 55.0
+    parallel: Parallel | None = None
 
 
 class Sampler:
@@ -121,6 +127,12 @@ class Sampler:
         self.audio_buffer = MomentumBuffer(guidance.apg_momentum) if guidance.use_apg else None
 
     def passes(self) -> tuple[str, ...]:
+        """The DiT calls this process runs per step: all of `every_pass()`, or under guidance parallel its
+        group's share (`velocity` then gathers the other groups' predictions)."""
+        every = self.every_pass()
+        return every if self.g.parallel is None else self.g.parallel.local_passes(every)
+
+    def every_pass(self) -> tuple[str, ...]:
         """The DiT calls of one step. Both scales 1: the guided velocity is `cond` itself (two-pass rule:
         drop_audio + 1 * (cond - drop_audio); APG: cond + 0 * ...), so one call. The official code still
         runs cond and drop_audio there and throws the second away. Text scale 1: two; otherwise three."""
@@ -130,6 +142,8 @@ class Sampler:
 
     def velocity(self, preds: dict[str, torch.Tensor]) -> torch.Tensor:
         g = self.g
+        if g.parallel is not None:
+            preds = g.parallel.gather_passes(preds, self.every_pass())
         if one_pass(g.text_scale, g.audio_scale):
             return preds["cond"]
         if not g.use_apg:

@@ -80,6 +80,7 @@ def test_the_listing_marks_the_chosen_preset_and_says_what_each_one_lacks():
     assert chosen.name == "rtx4090-24g" and by_name["rtx4090-24g"]["chosen"]
     assert by_name["gpu80g-480p"]["unmet"] == ["12 GB VRAM < 70 GB", "32 GB RAM < 64 GB"]
     assert [r["name"] for r in rows] == ["gpu80g-fp8-480p", "gpu80g-fp8-480p-fast", "gpu80g-fp8-480p-fusionx",
+                                         "gpu80g-fp8-480p-x2", "gpu80g-fp8-480p-x4", "gpu80g-fp8-480p-x8",
                                          "gpu80g-480p", "gpu80g-720p", "rtx4090-24g", "rtx4090-24g-fast",
                                          "rtx4090-24g-fusionx"]  # best first, each fast variant after its base
     assert result.alternatives == []  # nothing else fits a 12 GB card

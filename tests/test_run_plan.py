@@ -77,7 +77,8 @@ def test_every_preset_turns_into_its_path_flags_and_settings_in_order(tmp_path, 
     image, audio = media
     preset = get_preset(name)
     argv = dry_run("--image", str(image), "--audio", str(audio), "--preset", name, "--weights-dir", "/m",
-                   cwd=tmp_path)["argv"][3:]
+                   cwd=tmp_path)["argv"]
+    argv = argv[argv.index("itk.runtime.generate") + 1:]  # after python -m (or torchrun's -m for several GPUs)
     expected = [x for flag, path in preset.path_flags(Path("/m")).items() for x in (f"--{flag}", str(path))]
     loras = preset.lora_files(Path("/m"))
     expected += ["--lora_dir", *(str(path) for path, _ in loras)] if loras else []
@@ -242,7 +243,8 @@ def test_itk_presets_lists_every_preset_and_gives_this_gpu_less_machine_the_fall
     assert proc.returncode == 0, proc.stderr
     listing = json.loads(proc.stdout)
     assert [p["name"] for p in listing["presets"]] == [
-        "gpu80g-fp8-480p", "gpu80g-fp8-480p-fast", "gpu80g-fp8-480p-fusionx", "gpu80g-480p", "gpu80g-720p",
+        "gpu80g-fp8-480p", "gpu80g-fp8-480p-fast", "gpu80g-fp8-480p-fusionx", "gpu80g-fp8-480p-x2",
+        "gpu80g-fp8-480p-x4", "gpu80g-fp8-480p-x8", "gpu80g-480p", "gpu80g-720p",
         "rtx4090-24g", "rtx4090-24g-fast", "rtx4090-24g-fusionx"]
     assert listing["chosen"] == "rtx4090-24g" and "no NVIDIA GPU" in listing["reason"]
     assert all(p["unmet"] == ["no NVIDIA GPU"] for p in listing["presets"])

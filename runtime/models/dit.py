@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from itk.runtime.loading import (
     read_state_dicts,
 )
 from itk.runtime.quant import FP8Kernel, swap_linears
+
+if TYPE_CHECKING:
+    from itk.runtime.parallel import Parallel, Shard
 
 # (tokens, e0, context, audio tokens, grid, rope, speaker masks) -> tokens: what runs the blocks of one forward.
 BlockRunner = Callable[..., torch.Tensor]
@@ -138,17 +142,27 @@ class SelfAttention(nn.Module):
         self.norm_k = qk_norm(dim, eps, norm)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], speaker_masks: torch.Tensor | None = None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], speaker_masks: torch.Tensor | None = None,
+        shard: Shard | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The attention output [B, L, D], and with `speaker_masks` [3, N_h*N_w] the reference-target map
-        [3, L] of the rotated q and k (None otherwise: one speaker does no extra work)."""
+        [3, L] of the rotated q and k (None otherwise: one speaker does no extra work).
+
+        shard (sequence parallel, runtime/parallel.py): x holds this rank's tokens; q, k, v are traded for
+        all tokens of this rank's heads around the attention (Ulysses), and the map covers all L tokens."""
         b, seq, dim = x.shape
         q = self.norm_q(self.q(x)).view(b, seq, self.num_heads, -1)
         k = self.norm_k(self.k(x)).view(b, seq, self.num_heads, -1)
         v = self.v(x).view(b, seq, self.num_heads, -1)
         q, k = rope_apply(q, *rope).type_as(v), rope_apply(k, *rope).type_as(v)
-        out = self.o(attention(q, k, v).flatten(2))
-        return out, (None if speaker_masks is None else reference_target_map(q, k, speaker_masks))
+        if shard is not None:
+            q, k, v = shard.scatter_heads(q), shard.scatter_heads(k), shard.scatter_heads(v)
+        out = attention(q, k, v)
+        ref_map = None if speaker_masks is None else reference_target_map(q, k, speaker_masks)
+        if shard is not None:
+            out = shard.gather_heads(out)
+            ref_map = None if ref_map is None else shard.mean_over_heads(ref_map)
+        return self.o(out.flatten(2)), ref_map
 
 
 def reference_target_map(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor,
@@ -209,9 +223,10 @@ class AudioCrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, frames: int,
-                ref_map: torch.Tensor | None = None) -> torch.Tensor:
+                ref_map: torch.Tensor | None = None, shard: Shard | None = None) -> torch.Tensor:
         """ref_map: the reference-target map [3, L] of a two-speaker call (audio_tokens then hold speaker 1's
-        tokens followed by speaker 2's in each frame); None for one speaker (no positional terms)."""
+        tokens followed by speaker 2's in each frame); None for one speaker (no positional terms). shard: x
+        and audio_tokens hold this rank's frames, ref_map all tokens (the positions scale over all of them)."""
         # x [1, L, D] -> [T, L/T, D]; audio_tokens [1, T, M, audio_dim] -> [T, M, audio_dim]
         b, seq, dim = x.shape
         n, d = self.num_heads, dim // self.num_heads
@@ -221,7 +236,10 @@ class AudioCrossAttention(nn.Module):
         kv = self.kv_linear(af).view(af.shape[0], af.shape[1], 2, n, d)
         k, v = kv[:, :, 0], kv[:, :, 1]
         if ref_map is not None:
-            q = rope_1d(q, query_positions(ref_map).view(frames, -1)).type_as(v)
+            positions = query_positions(ref_map)
+            if shard is not None:
+                positions = shard.local_tokens(positions)
+            q = rope_1d(q, positions.view(frames, -1)).type_as(v)
             k = rope_1d(k, key_positions(af.shape[1], k.device)[None]).type_as(v)
         out = attention(q, k, v).flatten(2)
         return self.proj(out).reshape(b, seq, dim)
@@ -283,12 +301,14 @@ class Block(nn.Module):
         grid: tuple[int, int, int],
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [L, 1, d/2]
         speaker_masks: torch.Tensor | None = None,  # [3, N_h*N_w] for two speakers, else None
+        shard: Shard | None = None,  # sequence parallel: x, audio tokens, grid and rope are this rank's frames
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y, ref_map = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope, speaker_masks)
+        y, ref_map = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope, speaker_masks,
+                                    shard)
         x = (x.float() + y.float() * gate1).type_as(x)
         x = x + self.cross_attn(self.norm3(x), context)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[0], ref_map)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[0], ref_map, shard)
         y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).type_as(x))
         return (x.float() + y.float() * gate2).type_as(x)
 
@@ -351,6 +371,9 @@ def gather_audio_windows(audio: torch.Tensor, vae_scale: int) -> tuple[torch.Ten
 
 
 class InfiniteTalkDiT(nn.Module):
+    # Several GPUs (runtime/parallel.py): set by the engine under sequence parallel; None runs on one.
+    parallel: Parallel | None = None
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
@@ -415,8 +438,15 @@ class InfiniteTalkDiT(nn.Module):
         tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
         masks = two_speaker_masks(audio.shape[0], speaker_masks, grid, tokens.device)
         rope = rope_angles(grid, self.rope, tokens.device)
-        tokens = (run_blocks or self.run_blocks)(tokens, e0, ctx, audio_tokens, grid, rope, masks)
-        return self.unpatchify(self.head(tokens, e).float(), grid)
+        shard = None if self.parallel is None else self.parallel.shard(grid)
+        if shard is None:
+            tokens = (run_blocks or self.run_blocks)(tokens, e0, ctx, audio_tokens, grid, rope, masks)
+            return self.unpatchify(self.head(tokens, e).float(), grid)
+        local_rope = (shard.local_tokens(rope[0]), shard.local_tokens(rope[1]))
+        tokens = (run_blocks or self.run_blocks)(shard.local_tokens(tokens, dim=1), e0, ctx,
+                                                 shard.local_frames(audio_tokens), shard.local_grid(grid), local_rope,
+                                                 masks, shard)
+        return self.unpatchify(shard.gather_tokens(self.head(tokens, e).float()), grid)
 
 
 def two_speaker_masks(speakers: int, masks: torch.Tensor | None, grid: tuple[int, int, int],

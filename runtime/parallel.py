@@ -1,0 +1,225 @@
+"""Several GPUs on one host, on PyTorch's own primitives: guidance parallel and Ulysses sequence parallel.
+
+Launched by torchrun (`python -m torch.distributed.run --standalone --nproc_per_node N -m
+itk.runtime.generate ...`, see itk/launch.py); every rank runs the whole generator: the speech, text and
+image encoders and the VAE on every rank (a few seconds each, no broadcast of their outputs to get wrong),
+the DiT passes split as runtime/layout.py chooses, and only rank 0 writes the mp4, the resume state and the
+events.
+
+Guidance parallel: group g runs pass g of each step; the predictions are all-gathered across the groups
+(`Parallel.gather_passes`) so every rank takes the same Euler step. Sequence parallel (Ulysses): the visual
+tokens are split by whole latent frames across the `sp` ranks of a group (the per-frame audio attention
+then runs unchanged on each rank's frames), and around every self-attention `torch.distributed.
+all_to_all_single` trades the local tokens of all heads for all tokens of `heads / sp` heads and back. The
+two-speaker reference-target map is a mean over heads: each rank computes it for its heads over all tokens
+(frame 0's keys included) and an all-reduce completes the mean, so two speakers work under both.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from itk.runtime.layout import Layout, choose_layout
+from itk.runtime.options import Launch
+
+if TYPE_CHECKING:
+    from itk.runtime.pipeline import Settings
+
+
+@functools.cache
+def _outside_graphs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compiler.disable(fn)
+
+
+def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` outside torch.compile's graphs (a collective breaks the graph anyway; this makes it one clean
+    break). The wrapping waits for the first call: importing torch._dynamo costs 1.5 s."""
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return _outside_graphs(fn)(*args)
+
+    return call
+
+
+def split_frames(frames: int, parts: int) -> list[int]:
+    """Latent frames per sequence-parallel rank, as even as whole frames allow (the first ones get one more)."""
+    if frames < parts:
+        raise ValueError(f"{frames} latent frames cannot be split over {parts} GPUs of sequence parallel; "
+                         "use fewer GPUs or a longer --frame_num")
+    return [frames // parts + (i < frames % parts) for i in range(parts)]
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This rank's place in the layout and the process groups it talks through (None: the whole world)."""
+
+    rank: int
+    layout: Layout
+    sp_group: dist.ProcessGroup | None
+    guidance_group: dist.ProcessGroup | None  # the ranks at this sequence position in every guidance group
+    crash_rank: int = -1
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.layout.sp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.layout.sp
+
+    # --- guidance parallel ---------------------------------------------------------------------------------
+    def local_passes(self, passes: tuple[str, ...]) -> tuple[str, ...]:
+        return passes if self.layout.groups == 1 else (passes[self.group],)
+
+    def gather_passes(self, preds: dict[str, torch.Tensor], passes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Every pass's prediction on every rank, from the one(s) this rank computed."""
+        if self.rank == self.crash_rank:
+            raise RuntimeError(f"ITK_TEST_CRASH_RANK: rank {self.rank} crashed on purpose")
+        if self.layout.groups == 1:
+            return preds
+        (mine,) = preds.values()
+        parts = [torch.empty_like(mine) for _ in passes]
+        dist.all_gather(parts, mine.contiguous(), group=self.guidance_group)
+        return dict(zip(passes, parts, strict=True))
+
+    def settings(self, settings: Settings) -> Settings:
+        """The run's settings with the guidance spread over this layout's groups."""
+        return replace(settings, guidance=replace(settings.guidance, parallel=self))
+
+    # --- sequence parallel ---------------------------------------------------------------------------------
+    def shard(self, grid: tuple[int, int, int]) -> Shard | None:
+        """How one forward's tokens of this (frames, h, w) grid split; None without sequence parallel."""
+        if self.layout.sp == 1:
+            return None
+        return Shard(self, tuple(split_frames(grid[0], self.layout.sp)), grid[1] * grid[2])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One forward's split of the visual tokens: sequence rank i holds latent frames
+    [sum(frames[:i]), sum(frames[:i+1])), i.e. `frames[i] * frame_tokens` consecutive tokens."""
+
+    parallel: Parallel
+    frames: tuple[int, ...]
+    frame_tokens: int
+
+    @property
+    def sp(self) -> int:
+        return len(self.frames)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [f * self.frame_tokens for f in self.frames]
+
+    @property
+    def first_frame(self) -> int:
+        return sum(self.frames[: self.parallel.sp_rank])
+
+    def local_grid(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        return (self.frames[self.parallel.sp_rank], grid[1], grid[2])
+
+    def local_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's latent frames of a per-frame tensor (the audio tokens [1, T, M, C])."""
+        return x.narrow(dim, self.first_frame, self.frames[self.parallel.sp_rank])
+
+    def local_tokens(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's tokens of a per-token tensor (tokens [1, L, D] with dim 1, RoPE [L, 1, d/2])."""
+        return x.narrow(dim, self.first_frame * self.frame_tokens, self.tokens[self.parallel.sp_rank])
+
+    @eager
+    def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, l, N, d] (this rank's tokens, all heads) -> [1, L, N/sp, d] (all tokens, this rank's heads)."""
+        _, local, heads, d = x.shape
+        send = x[0].reshape(local, self.sp, heads // self.sp, d).transpose(0, 1).contiguous()
+        out = x.new_empty(sum(self.tokens), heads // self.sp, d)
+        dist.all_to_all_single(out, send.view(self.sp * local, heads // self.sp, d), self.tokens, [local] * self.sp,
+                               group=self.parallel.sp_group)
+        return out[None]
+
+    @eager
+    def gather_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `scatter_heads`: [1, L, N/sp, d] -> [1, l, N, d]."""
+        _, _, part, d = x.shape
+        local = self.tokens[self.parallel.sp_rank]
+        out = x.new_empty(self.sp * local, part, d)
+        dist.all_to_all_single(out, x[0].contiguous(), [local] * self.sp, self.tokens, group=self.parallel.sp_group)
+        return out.view(self.sp, local, part, d).transpose(0, 1).reshape(1, local, self.sp * part, d)
+
+    @eager
+    def mean_over_heads(self, ref_map: torch.Tensor) -> torch.Tensor:
+        """The reference-target map [3, L] averaged over this rank's heads -> averaged over all heads."""
+        total = ref_map.contiguous()
+        dist.all_reduce(total, group=self.parallel.sp_group)
+        return total / self.sp
+
+    @eager
+    def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, l, C] of every sequence rank -> [1, L, C] in token order (padded to the largest share: the
+        gather wants equal sizes)."""
+        most = max(self.tokens)
+        padded = x.new_zeros(1, most, x.shape[2])
+        padded[:, : x.shape[1]] = x
+        parts = [torch.empty_like(padded) for _ in self.tokens]
+        dist.all_gather(parts, padded, group=self.parallel.sp_group)
+        return torch.cat([part[:, :n] for part, n in zip(parts, self.tokens, strict=True)], dim=1)
+
+
+def _groups(ranks: Sequence[Sequence[int]], mine: int) -> dist.ProcessGroup | None:
+    """Create every group (each rank must create all of them, in the same order); return the one holding
+    `mine` (None when that is the whole world)."""
+    found = None
+    for members in ranks:
+        if len(members) == dist.get_world_size():
+            return None
+        group = dist.new_group(list(members)) if len(members) > 1 else None
+        if mine in members:
+            found = group
+    return found
+
+
+def start(launch: Launch, passes: int, heads: int) -> Parallel | None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) and build this rank's `Parallel`; None
+    for a single process. LayoutError when `heads` cannot be split over the world size."""
+    if launch.world_size == 1:
+        return None
+    layout = choose_layout(launch.world_size, passes, heads)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(launch.local_rank)  # "cuda" is this rank's GPU from here on
+    dist.init_process_group("nccl" if cuda else "gloo", rank=launch.rank, world_size=launch.world_size)
+    return arrange(launch, layout)
+
+
+def arrange(launch: Launch, layout: Layout) -> Parallel:
+    """This rank's `Parallel` for `layout` in the joined process group (its subgroups created here)."""
+    sp, groups = layout.sp, layout.groups
+    sp_group = _groups([range(g * sp, (g + 1) * sp) for g in range(groups)], launch.rank)
+    guidance_group = _groups([range(s, groups * sp, sp) for s in range(sp)], launch.rank)
+    return Parallel(launch.rank, layout, sp_group, guidance_group, launch.crash_rank)
+
+
+def agree(value: int, parallel: Parallel | None) -> int:
+    """Rank 0's value of an int on every rank (the seed a negative --base_seed draws at random)."""
+    if parallel is None:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.broadcast(box, src=0)
+    return int(box.item())
+
+
+def stop(parallel: Parallel | None) -> None:
+    """Leave the process group (every rank, also on the way out of an error)."""
+    if parallel is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def writes(parallel: Parallel | None) -> bool:
+    """Whether this process writes the output, the resume state and the events (rank 0, or a single process)."""
+    return parallel is None or parallel.rank == 0

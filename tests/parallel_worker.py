@@ -1,0 +1,95 @@
+"""One rank of a tests/test_parallel.py run: the streaming pipeline (or one two-speaker DiT call) on tiny
+random weights, under torchrun or as a plain single process; rank 0 saves the float32 result.
+
+`python tests/parallel_worker.py OUT TEXT AUDIO [TEXT AUDIO ...]` saves, per pair of guidance scales,
+{"video": the frames of a two-clip talk, "speakers": one two-speaker DiT prediction}.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from itk.runtime import parallel
+from itk.runtime.configs import config_from_dict
+from itk.runtime.layout import choose_layout
+from itk.runtime.models.dit import InfiniteTalkDiT
+from itk.runtime.models.vae import WanVAE
+from itk.runtime.options import Launch
+from itk.runtime.pipeline import ClipPlan, SeededNoise, Settings, StreamingPipeline
+from itk.runtime.sampler import Guidance, Sampler
+from itk.runtime.tiny import TINY
+
+FRAMES = 9  # 3 latent frames: split 2 + 1 over two sequence-parallel ranks (an uneven split on purpose)
+SIDE = 32
+
+
+def models() -> tuple[InfiniteTalkDiT, WanVAE]:
+    cfg = config_from_dict(TINY)
+    torch.manual_seed(0)
+    return InfiniteTalkDiT(cfg.dit).eval(), WanVAE(cfg.vae).eval()
+
+
+def inputs(dit: InfiniteTalkDiT, audio_frames: int, speakers: int = 1) -> dict[str, torch.Tensor]:
+    c = dit.cfg
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "reference": torch.rand(1, 3, 1, SIDE, SIDE, generator=gen) * 2 - 1,
+        "clip": torch.randn(1, c.image_tokens, c.clip_dim, generator=gen),
+        "context": torch.randn(7, c.text_dim, generator=gen),
+        "context_null": torch.randn(5, c.text_dim, generator=gen),
+        "audio": torch.randn(speakers, audio_frames, c.audio_blocks, c.audio_channels, generator=gen),
+    }
+
+
+@torch.no_grad()
+def video(dit: InfiniteTalkDiT, vae: WanVAE, group: parallel.Parallel | None, text: float, audio: float):
+    settings = Settings(frame_num=FRAMES, motion_frame=5, steps=3, shift=5.0, guidance=Guidance(text, audio))
+    if group is not None:
+        settings = group.settings(settings)
+    x = inputs(dit, 16)
+    plan = ClipPlan(FRAMES, (0, FRAMES - 5), 0, 13)  # two clips: the second anchored on the first
+    pipe = StreamingPipeline(dit, vae, settings, SeededNoise(3))
+    return pipe.run([x["reference"]] * 2, [x["clip"]] * 2, x["context"], x["context_null"], x["audio"][0], plan)
+
+
+@torch.no_grad()
+def speakers(dit: InfiniteTalkDiT) -> torch.Tensor:
+    """One two-speaker call: the reference-target map and the L-RoPE positions across the split."""
+    from itk.runtime.models.audio import audio_windows
+
+    x = inputs(dit, FRAMES, speakers=2)
+    c = dit.cfg
+    gen = torch.Generator().manual_seed(2)
+    latent = torch.randn(16, 3, SIDE // 8, SIDE // 8, generator=gen)
+    y = torch.randn(1, c.in_dim - 16, 3, SIDE // 8, SIDE // 8, generator=gen)
+    grid = (SIDE // 16) ** 2
+    masks = torch.zeros(3, grid)
+    masks[0, : grid // 2], masks[1, grid // 2:], masks[2, -1] = 1, 1, 1
+    windows = torch.stack([audio_windows(a, 0, FRAMES) for a in x["audio"]])
+    return dit(latent, torch.tensor([900.0]), x["context"], x["clip"], y, windows, speaker_masks=masks)
+
+
+def main(out: str, scales: list[tuple[float, float]]) -> None:
+    """One result per (text, audio) scale pair, each in the layout its passes choose, in one process group."""
+    dit, vae = models()
+    launch = Launch.from_env()
+    results = []
+    group = None
+    for text, audio in scales:
+        passes = len(Sampler(Guidance(text, audio)).every_pass())
+        if group is None:
+            group = parallel.start(launch, passes, dit.cfg.num_heads)
+        else:
+            group = parallel.arrange(launch, choose_layout(launch.world_size, passes, dit.cfg.num_heads))
+        dit.parallel = group
+        results.append({"video": video(dit, vae, group, text, audio), "speakers": speakers(dit)})
+    if parallel.writes(group):
+        torch.save(results, out)
+    parallel.stop(group)
+
+
+if __name__ == "__main__":
+    values = [float(v) for v in sys.argv[2:]]
+    main(sys.argv[1], list(zip(values[::2], values[1::2], strict=True)))

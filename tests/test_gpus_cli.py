@@ -1,0 +1,120 @@
+"""`itk run --gpus N`: the torchrun command and layout it plans, the counts it refuses, and the ranks as one
+job: a crash on one rank names it and leaves no process, SIGTERM stops every rank (tiny weights, gloo)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from run_media import itk, write_image, write_wav, write_weights
+
+from itk import selftest
+from itk.run import GENERATOR, plan_run, run_job
+from itk.runtime.tiny import write_tiny_weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    weights = tmp_path_factory.mktemp("tiny") / "weights"
+    write_tiny_weights(weights)
+    selftest.record_tiny_verdicts(weights)
+    return weights
+
+
+@pytest.fixture
+def media(tmp_path) -> tuple[Path, Path]:
+    return write_image(tmp_path / "face.png"), write_wav(tmp_path / "speech.wav", 1.0)
+
+
+def survivors(marker: str) -> list[str]:
+    """Live processes whose command line names `marker` (a run's own folder)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if marker in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmd)
+    return found
+
+
+def test_dry_run_with_two_gpus_shows_the_torchrun_command_and_the_layout(tmp_path, media):
+    image, audio = media
+    write_weights(tmp_path / "w")
+    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--weights-dir",
+               str(tmp_path / "w"), "--gpus", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 -m itk.runtime.generate "
+            "--ckpt_dir") in proc.stdout
+    assert "2 GPUs: 1 guidance group (3 passes each) x sequence parallel 2" in proc.stderr
+
+
+def test_a_gpu_count_the_heads_cannot_split_is_refused_with_the_valid_counts(tmp_path, media):
+    image, audio = media
+    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--gpus", "3",
+               "--set", "sample_text_guide_scale=1", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert ("--gpus 3: the model's 40 attention heads do not divide by the sequence-parallel degree 3 (2 guidance "
+            "passes per step); valid GPU counts: 1, 2, 4, 5, 8, 10, 16") in proc.stderr
+
+
+def plan(tiny: Path, media: tuple[Path, Path], out: Path, steps: int):
+    return plan_run(image=str(media[0]), audio=str(media[1]), output=out, preset_name=selftest.PRESET,
+                    sets=(f"sample_steps={steps}",), weights_dir=tiny, generator=GENERATOR, gpus=2)
+
+
+def test_a_rank_that_crashes_ends_the_job_naming_the_rank_with_no_process_left(tmp_path, tiny, media, monkeypatch):
+    monkeypatch.setenv("ITK_TEST_CRASH_RANK", "1")
+    result = run_job(plan(tiny, media, tmp_path / "talk.mp4", 2))
+    assert not result.ok and result.exit_code == 1
+    assert result.verdict.diagnosis.startswith(
+        "rank 1 failed first: RuntimeError: ITK_TEST_CRASH_RANK: rank 1 crashed on purpose. ")
+    assert survivors(str(tmp_path)) == []
+
+
+def test_sigterm_to_itk_stops_every_rank(tmp_path, tiny, media):
+    image, audio = media
+    proc = subprocess.Popen([sys.executable, "-m", "itk", "run", "--image", str(image), "--audio", str(audio),
+                             "--output", str(tmp_path / "talk.mp4"), "--preset", selftest.PRESET, "--weights-dir",
+                             str(tiny), "--set", "sample_steps=1000", "--gpus", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    log = tmp_path / "talk.run" / "generate.log"
+    try:
+        wait_for_step(log)
+        ranks = [c for c in survivors(str(tmp_path)) if "itk.runtime.generate" in c and "distributed" not in c]
+        assert len(ranks) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert survivors(str(tmp_path)) == []
+    finally:
+        proc.kill()
+
+
+def wait_for_step(log: Path, seconds: float = 120) -> None:
+    """Until rank 0 reports a denoising step (bounded, polled like run_media.wait_for_json): the ranks are
+    then in the middle of the run."""
+    deadline = time.monotonic() + seconds
+    while '"step"' not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert time.monotonic() < deadline, f"no step in {log}"
+        time.sleep(0.05)
+
+
+def test_the_doctor_reports_how_many_gpus_there_are():
+    from itk.checks import gpu
+
+    h200 = [gpu.Gpu(i, "NVIDIA H200", 143771, 143000, 9.0) for i in range(2)]
+    result = gpu.judge(gpu.GpuFacts("570.124.06", "12.8", tuple(h200)), min_vram_gb=70, own_pid=1)
+    assert result.summary == "2 GPUs, the best: NVIDIA H200, 140.4 GiB, CUDA 12.8, cc 9.0"
+
+
+def test_gpus_auto_without_a_usable_gpu_is_one_and_a_count_below_one_is_refused():
+    from itk.errors import UserError
+    from itk.launch import parse_gpus
+
+    assert parse_gpus("auto") == 1 and parse_gpus("4") == 4  # this CI box has no NVIDIA driver
+    for bad in ("0", "two"):
+        with pytest.raises(UserError, match=f"--gpus {bad}: expected a count of 1 or more, or auto"):
+            parse_gpus(bad)
