@@ -14,7 +14,8 @@ run is extrapolated from the median step gap (the JSON says so).
 Run on the device (kind nvidia-h200-x2; ~15 minutes, ~31 GB of scratch files for the whole-clip part):
   python -m pip install -e . --no-deps --no-build-isolation -q && python bench/bench_gpus.py --gpus 1,2 \
       --out $OUT/gpus-h200x2.json
-Options: [--repeats 3] [--no-compile] [--skip-whole] [--dir /tmp/itk-gpus]. Each result is written as soon as
+Options: [--repeats 3] [--passes 3,2] [--no-compile] [--skip-whole] [--dir /tmp/itk-gpus] (weights that
+bench_whole_run.py --keep left in --dir are reused). Each result is written as soon as
 it is taken. Targets: >= 1.8x per step on 2 GPUs, whole run (incl. VAE) >= 1.6x.
 """
 
@@ -63,7 +64,7 @@ def worker(opts: argparse.Namespace) -> None:
 
     launch, cfg, runs = Launch.from_env(), DiTConfig(), []
     group = None
-    for label, text in SCALES:
+    for label, text in [(label, text) for label, text in SCALES if label.split("_")[0] in opts.passes.split(",")]:
         passes = len(Sampler(Guidance(text, 4.0)).every_pass())
         if launch.world_size == 1 or group is None:
             group = parallel.start(launch, passes, cfg.num_heads)
@@ -106,7 +107,14 @@ def whole_runs(folder: Path, counts: list[int], result: dict[str, Any], save) ->
     from itk.presets import get_preset
     from itk.run import generator_argv, generator_command
 
-    result["whole_weights"] = whole.write_weights(folder / "weights", tiny=False)
+    ready = folder / "weights" / ".bench-weights-complete"  # bench_whole_run.py's, reused when present
+    if ready.is_file():
+        result["whole_weights"] = json.loads(ready.read_text())
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        result["whole_weights"] = whole.write_weights(folder / "weights", tiny=False)
+        ready.write_text(json.dumps(result["whole_weights"]))
     job = whole.write_inputs(folder / "inputs")
     preset = get_preset(WHOLE_PRESET)
     settings = {**preset.generator, "sample_steps": STEPS}
@@ -145,6 +153,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="run the blocks eagerly")
     parser.add_argument("--skip-whole", action="store_true", help="only the step times")
+    parser.add_argument("--passes", default="3,2", help="guidance passes per step to time: 3, 2 or both (default)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
@@ -169,8 +178,8 @@ def main() -> None:
 
     for n in counts:
         part = out.with_name(f".{out.stem}-{n}.json")
-        extra = ["--worker", "--out", str(part), "--repeats", str(opts.repeats)] + ([] if opts.compile else
-                                                                                   ["--no-compile"])
+        extra = ["--worker", "--out", str(part), "--repeats", str(opts.repeats), "--passes", opts.passes] + (
+            [] if opts.compile else ["--no-compile"])
         code = subprocess.run(torchrun(n, extra), env={**os.environ, "PYTHONPATH": str(HERE.parent)}).returncode
         runs = json.loads(part.read_text()) if part.is_file() else []
         result["steps"] += runs
@@ -179,10 +188,7 @@ def main() -> None:
         save()
     if not opts.skip_whole:
         folder = Path(opts.dir)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
         whole_runs(folder, counts, result, save)
-        shutil.rmtree(folder, ignore_errors=True)
     save()
     print(json.dumps({k: result.get(k) for k in ("step_speedup", "whole_run_speedup")}, indent=2))
 
