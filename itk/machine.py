@@ -31,6 +31,7 @@ class MachineFacts:
     gpu_name: str | None = None
     gpu_free_gb: float | None = None
     gpu_processes: tuple[GpuProcess, ...] = ()  # other processes holding VRAM on that GPU
+    gpu_sizes_gb: tuple[float, ...] = ()  # every GPU's memory, for presets that split one video over several
 
     def to_json(self) -> dict[str, Any]:
         """The facts as advice reads them (and `--json` prints them): unknown ones left out."""
@@ -55,6 +56,7 @@ def from_facts(gpu: GpuFacts, ram: RamFacts, wsl: bool) -> MachineFacts:
         gpu_name=best.name if best else None,
         gpu_free_gb=best.free_mib / 1024 if best else None,
         gpu_processes=best.processes if best else (),
+        gpu_sizes_gb=tuple(g.total_mib / 1024 for g in gpu.gpus),
     )
 
 

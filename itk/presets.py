@@ -149,6 +149,9 @@ class Preset:
             lacks.append(f"compute capability {facts.compute_capability} < {self.min_compute_capability}")
         if facts.usable_ram_gb is not None and facts.usable_ram_gb < self.min_ram_gb:
             lacks.append(f"{facts.usable_ram_gb:.0f} GB RAM < {self.min_ram_gb:.0f} GB")
+        big_enough = sum(1 for size in facts.gpu_sizes_gb if size >= self.min_vram_gb)
+        if self.gpus > 1 and big_enough < self.gpus:
+            lacks.append(f"{big_enough} GPU{'s' * (big_enough != 1)} of {self.min_vram_gb:.0f} GB < {self.gpus}")
         return lacks
 
 

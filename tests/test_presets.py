@@ -62,6 +62,16 @@ def test_a_machine_exactly_at_a_presets_vram_and_ram_minimum_fits_it_and_a_littl
     assert len(vram) == 1 and "VRAM <" in vram[0] and len(ram) == 1 and "RAM <" in ram[0]
 
 
+def test_a_preset_for_two_gpus_says_a_one_gpu_machine_lacks_the_second_and_fits_two_big_enough_ones():
+    p = get_preset("gpu80g-fp8-480p-x2")
+    one = MachineFacts(vram_gb=139.8, compute_capability=9.0, usable_ram_gb=250.0, gpu_sizes_gb=(139.8,))
+    assert p.unmet(one) == [f"1 GPU of {p.min_vram_gb:.0f} GB < 2"]
+    mixed = MachineFacts(vram_gb=139.8, compute_capability=9.0, usable_ram_gb=250.0, gpu_sizes_gb=(139.8, 24.0))
+    assert p.unmet(mixed) == [f"1 GPU of {p.min_vram_gb:.0f} GB < 2"]
+    two = MachineFacts(vram_gb=139.8, compute_capability=9.0, usable_ram_gb=250.0, gpu_sizes_gb=(139.8, 139.8))
+    assert p.unmet(two) == []
+
+
 def test_a_12_gb_card_gets_the_fallback_and_the_reason_names_its_vram():
     preset, why = choose_preset(RTX3060_12G)
     assert preset.name == "rtx4090-24g"
