@@ -51,11 +51,11 @@ def model_heads(ckpt_dir: Path | None) -> int:
         return OFFICIAL_HEADS
 
 
-def layout_for(gpus: int, passes: int, heads: int) -> Layout:
+def layout_for(gpus: int, passes: int, heads: int, frame_num: int | None = None) -> Layout:
     try:
-        return choose_layout(gpus, passes, heads)
+        return choose_layout(gpus, passes, heads, frame_num)
     except LayoutError as exc:
-        raise UserError(str(exc), "give --gpus one of the valid counts", EXIT_USAGE) from None
+        raise UserError(str(exc), "pick --gpus (or frame_num) as the line says", EXIT_USAGE) from None
 
 
 def launch_argv(generator: list[str], gpus: int) -> list[str]:

@@ -442,7 +442,8 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     resume = resume_line(out)
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
     count = preset.gpus if gpus is None else parse_gpus(gpus)
-    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")))
+    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")),
+                        int(settings.get("frame_num", 81)))
     argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
                           run_dir / "job.json", out.with_suffix(""), resume=resume is not None, loras=pairs)
     # the preset line of a dry run says what a clip costs, which LoRAs are merged and how the GPUs split

@@ -184,12 +184,13 @@ def _groups(ranks: Sequence[Sequence[int]], mine: int) -> dist.ProcessGroup | No
     return found
 
 
-def start(launch: Launch, passes: int, heads: int) -> Parallel | None:
+def start(launch: Launch, passes: int, heads: int, frame_num: int | None = None) -> Parallel | None:
     """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) and build this rank's `Parallel`; None
-    for a single process. LayoutError when `heads` cannot be split over the world size."""
+    for a single process. LayoutError when `heads` (or a clip's `frame_num`) cannot be split over the world
+    size."""
     if launch.world_size == 1:
         return None
-    layout = choose_layout(launch.world_size, passes, heads)
+    layout = choose_layout(launch.world_size, passes, heads, frame_num)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(launch.local_rank)  # "cuda" is this rank's GPU from here on

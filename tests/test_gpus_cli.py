@@ -66,6 +66,15 @@ def plan(tiny: Path, media: tuple[Path, Path], out: Path, steps: int):
                     sets=(f"sample_steps={steps}",), weights_dir=tiny, generator=GENERATOR, gpus=2)
 
 
+def test_more_sequence_parallel_gpus_than_a_clip_has_latent_frames_is_one_line_naming_the_fix(tmp_path, media):
+    image, audio = media
+    proc = itk("run", "--dry-run", "--image", str(image), "--audio", str(audio), "--gpus", "8",
+               "--set", "frame_num=25", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("--gpus 8: a clip of 25 frames has 7 latent frames, fewer than the sequence-parallel degree 8 (each "
+            "GPU takes whole latent frames); use fewer GPUs or frame_num 29 or more") in proc.stderr
+
+
 def test_a_rank_that_crashes_ends_the_job_naming_the_rank_with_no_process_left(tmp_path, tiny, media, monkeypatch):
     monkeypatch.setenv("ITK_TEST_CRASH_RANK", "1")
     result = run_job(plan(tiny, media, tmp_path / "talk.mp4", 2))
