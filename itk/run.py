@@ -261,6 +261,8 @@ class Plan:
         """The run's time estimate in words, or why there is none (never a number nobody measured)."""
         if self.step_time is None:
             gpu = f"an {self.gpu_name}" if self.gpu_name else "this machine (no NVIDIA GPU found)"
+            if self.gpu_name and self.gpus > 1:
+                gpu = f"{self.gpus} x {self.gpu_name}"
             return f"no time estimate: preset {self.preset_name}'s step time has not been measured on {gpu}"
         return (f"about {duration(self.estimate_s or 0)} for {self.media.clips * self.steps} steps at "
                 f"{self.step_time.label}")
@@ -442,6 +444,8 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     resume = resume_line(out)
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
     count = preset.gpus if gpus is None else parse_gpus(gpus)
+    # a preset's measured step holds for its own GPU count only: another count gets no invented number
+    step_time = expected_step_s(preset.name, gpu) if count == preset.gpus else None
     layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")),
                         int(settings.get("frame_num", 81)))
     argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
@@ -449,8 +453,7 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     # the preset line of a dry run says what a clip costs, which LoRAs are merged and how the GPUs split
     spread = f"; {layout.describe(guidance_passes(settings))}" if count > 1 else ""
     return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}{spread}", job, media, settings, out, run_dir,
-                argv, unusable, fetch, doctor, expected_step_s(preset.name, gpu), gpu, resume, pairs, variant,
-                variant_missing, count)
+                argv, unusable, fetch, doctor, step_time, gpu, resume, pairs, variant, variant_missing, count)
 
 
 def missing_variant(statuses: list[FileStatus], preset_components: tuple[str, ...], components: tuple[str, ...],

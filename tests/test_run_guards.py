@@ -158,6 +158,18 @@ def test_the_estimate_uses_our_measured_step_time_for_this_gpu_class(tmp_path, m
     assert get_preset("rtx4090-24g").expected_step_s != measured.seconds  # not the guide's 70 s
 
 
+def test_another_gpu_count_than_the_presets_gets_no_estimate_from_its_one_gpu_measurement(tmp_path, media):
+    image, audio = media
+    plan = plan_run(str(image), None, str(audio), None, tmp_path / "o.mp4", "gpu80g-fp8-480p",
+                    gpu_name="NVIDIA H200", gpus=2)
+    assert expected_step_s("gpu80g-fp8-480p", "NVIDIA H200") is not None and plan.step_time is None
+    assert plan.estimate == ("no time estimate: preset gpu80g-fp8-480p's step time has not been measured on "
+                             "2 x NVIDIA H200")
+    two = plan_run(str(image), None, str(audio), None, tmp_path / "o2.mp4", "gpu80g-fp8-480p-x2",
+                   gpu_name="NVIDIA H200")
+    assert two.step_time == expected_step_s("gpu80g-fp8-480p-x2", "NVIDIA H200")
+
+
 def test_without_a_measurement_for_this_gpu_the_estimate_says_so(tmp_path, media):
     image, audio = media
     plan = plan_run(str(image), None, str(audio), None, tmp_path / "o.mp4", "rtx4090-24g",
