@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itk.runtime.protocol import parse_event
+from itk.runtime.protocol import EVENT_PREFIX, parse_event
 
 GRACE_S = float(os.environ.get("ITK_STOP_GRACE_S", "10"))  # per escalation step
 TAIL_LINES = 200
@@ -89,7 +89,8 @@ def failed_rank(log_text: str) -> str | None:
     torchrun names, with that rank's own error line, or its exit status when it left none (killed)."""
     errors: dict[int, str] = {}
     for m in RANK_ERROR.finditer(log_text):
-        errors.setdefault(int(m[1]), m[3].strip())
+        # The ranks share one stderr: another rank's event line can land inside this line; cut it off there.
+        errors.setdefault(int(m[1]), m[3].split(EVENT_PREFIX)[0].strip())
     root = ROOT_CAUSE.search(log_text)
     if root is None and not errors:
         return None

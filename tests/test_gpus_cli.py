@@ -127,3 +127,12 @@ def test_gpus_auto_without_a_usable_gpu_is_one_and_a_count_below_one_is_refused(
     for bad in ("0", "two"):
         with pytest.raises(UserError, match=f"--gpus {bad}: expected a count of 1 or more, or auto"):
             parse_gpus(bad)
+
+
+def test_the_failed_ranks_error_line_is_cut_where_another_ranks_event_landed_inside_it():
+    from itk.supervisor import failed_rank
+
+    log = ('error: rank 1 of 2 failed: RuntimeError: boom'
+           'ITK-EVENT {"event": "step", "clip": 1, "step": 2, "steps": 4}\n'
+           'Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 1\n')
+    assert failed_rank(log) == "rank 1 failed first: RuntimeError: boom"
