@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_quant import dequantised_reference
 
 from itk.runtime.configs import DiTConfig
 from itk.runtime.models import dit as dit_module
@@ -204,8 +205,7 @@ def test_bf16_weights_take_the_same_two_speaker_path_and_agree_with_float32(gold
 
 
 def test_fp8_blocks_take_the_same_two_speaker_path_and_equal_float_on_dequantised_weights(golden, tmp_path):
-    from itk.runtime.loading import load_strict
-    from itk.runtime.quant import FP8Kernel, linear_names, quantize_rowwise, write_quantized
+    from itk.runtime.quant import FP8Kernel, linear_names, write_quantized
 
     meta, t, _ = golden
     cfg = golden_config(meta)
@@ -214,13 +214,6 @@ def test_fp8_blocks_take_the_same_two_speaker_path_and_equal_float_on_dequantise
     path = tmp_path / "multi_fp8.safetensors"
     write_quantized(weights_of(meta, t), names, path, tmp_path / "multi_fp8.json")
     fp8 = dit_module.load_dit_fp8(path, tmp_path / "multi_fp8.json", cfg, torch.float32, "cpu", FP8Kernel())[0]
-    state = weights_of(meta, t)
-    for name in names:
-        data, scale = quantize_rowwise(state[f"{name}.weight"])
-        state[f"{name}.weight"] = data.float() * scale.float()
-    with torch.device("meta"):
-        ref = InfiniteTalkDiT(cfg)
-    load_strict(ref, state, "dequantised", dtype=torch.float32)
-    ref.rope = dit_module.rope_table(cfg.head_dim)
+    ref = dequantised_reference(meta, t, cfg, names)
     ours = call(fp8, t, t["input.audio"], token_masks(t))
-    assert rel_err(ours, call(ref.eval(), t, t["input.audio"], token_masks(t))) < 1e-5
+    assert rel_err(ours, call(ref, t, t["input.audio"], token_masks(t))) < 1e-5
