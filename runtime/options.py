@@ -20,15 +20,6 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     return default if value is None or value == "" else value.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _count(env: Mapping[str, str], name: str, default: int) -> int:
-    value = (env.get(name) or "").strip()
-    if not value:
-        return default
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name}={value}: expected a whole number of at least 1")
-    return int(value)
-
-
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     value = env.get(name, "").strip()
     if not value:
@@ -37,6 +28,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{name}={value}: expected a whole number") from None
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ValueError(f"{name}={value}: expected a whole number of at least 1")
+    return value
 
 
 @dataclass(frozen=True)

@@ -43,3 +43,12 @@ def test_itk_attention_accepts_sage_and_refuses_unknown_kernels():
     assert RuntimeOptions.from_env({"ITK_ATTENTION": "sage"}).attention == "sage"
     with pytest.raises(ValueError, match="auto, flash, sage, sdpa"):
         RuntimeOptions.from_env({"ITK_ATTENTION": "fa9"})
+
+
+def test_compile_threads_default_to_one_and_take_a_positive_count():
+    from itk.runtime.options import RuntimeOptions
+
+    assert RuntimeOptions.from_env({}).compile_threads == 1
+    assert RuntimeOptions.from_env({"ITK_COMPILE_THREADS": "4"}).compile_threads == 4
+    with pytest.raises(ValueError, match="ITK_COMPILE_THREADS=0: expected a whole number of at least 1"):
+        RuntimeOptions.from_env({"ITK_COMPILE_THREADS": "0"})

@@ -115,6 +115,13 @@ def test_quant_without_its_file_is_refused_naming_quant_dir(job, capsys):
     _fails(capsys, _run(tmp_path, "--quant", "int8", "--quant_dir", "x"), 2, "int8", "not supported yet")
 
 
+@pytest.mark.parametrize(("value", "words"), [("0", "a whole number of at least 1"), ("two", "a whole number")])
+def test_a_bad_itk_environment_switch_is_one_line_naming_it(job, capsys, monkeypatch, value, words):
+    tmp_path, _ = job
+    monkeypatch.setenv("ITK_COMPILE_THREADS", value)
+    _fails(capsys, _run(tmp_path), 2, f"ITK_COMPILE_THREADS={value}: expected {words}", "unset ITK_COMPILE_THREADS")
+
+
 def test_a_frame_num_that_is_not_4n_plus_1_is_refused(job, capsys):
     tmp_path, _ = job
     _fails(capsys, _run(tmp_path, "--frame_num", "80"), 2, "4n+1")
