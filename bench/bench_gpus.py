@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -123,14 +122,12 @@ def whole_runs(folder: Path, counts: list[int], result: dict[str, Any], save) ->
         argv = generator_argv(launch_argv(generator_command(), n), preset.path_flags(folder / "weights"), settings,
                               job, folder / "out" / f"talk-{n}")
         run = whole.run_generator(argv, folder / f"whole-{n}.log")
-        steps = [e for e in run["events"] if e["event"] == "step"]
-        gaps = [b["t"] - a["t"] for a, b in zip(steps, steps[1:], strict=False) if b["clip"] == a["clip"]]
-        step_s = statistics.median(gaps) if gaps else None
-        clips = max((e["clip"] for e in steps), default=0)
-        full = run["wall_s"] + clips * (FULL_STEPS - STEPS) * step_s if step_s else None
+        summary = whole.summarize(run, STEPS, FULL_STEPS)  # the step time and extrapolation bench_whole_run uses
         result["whole"].append({"gpus": n, "exit_code": run["exit_code"], "wall_s_measured": run["wall_s"],
-                                "sample_steps": STEPS, "clips": clips, "step_s_median": step_s and round(step_s, 3),
-                                "wall_s_40_steps_extrapolated": full and round(full, 1),
+                                "sample_steps": STEPS, "clips": len(summary["clips"]),
+                                "step_s_median": summary["step_s_measured"],
+                                "wall_s_40_steps_extrapolated":
+                                    summary.get(f"whole_run_{FULL_STEPS}_steps_s_extrapolated"),
                                 "command": " ".join(map(str, argv))})
         save()
 
