@@ -33,6 +33,16 @@ def weights_of(meta: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k: tensors[k] for k in meta["state_dict_keys"]}
 
 
+def golden_weights_file(name: str, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The golden `name`, its model weights written to the safetensors file `path` (official key names), as
+    the loaders under test read a checkpoint."""
+    from safetensors.torch import save_file
+
+    meta, tensors = load_golden(name)
+    save_file(weights_of(meta, tensors), str(path))
+    return meta, tensors
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref|: the goldens' "relative to the output scale"."""
     ours, ref = ours.double(), ref.double()

@@ -10,7 +10,7 @@ from itk.runtime.configs import DiTConfig
 from itk.runtime.loading import WeightsError, load_strict
 from itk.runtime.models.dit import AudioProjModel, InfiniteTalkDiT, load_dit
 
-from golden import load_golden, rel_err, weights_of
+from golden import golden_weights_file, load_golden, rel_err, weights_of
 
 TOL = 1e-5
 
@@ -27,9 +27,8 @@ def golden_config(meta: dict) -> DiTConfig:
 
 @pytest.fixture(scope="module")
 def dit_a(tmp_path_factory):
-    meta, tensors = load_golden("dit_A")
     path = tmp_path_factory.mktemp("dit") / "dit_A.safetensors"
-    save_file(weights_of(meta, tensors), str(path))
+    meta, tensors = golden_weights_file("dit_A", path)
     model = load_dit([path], golden_config(meta), dtype=torch.float32)
     return meta, tensors, model, path
 

@@ -18,7 +18,7 @@ from itk.runtime.offload import DiTRunner
 from itk.runtime.protocol import BadInput, pair_loras
 from itk.runtime.quant import FP8Kernel, FP8Linear, linear_names, write_quantized
 
-from golden import load_golden, weights_of
+from golden import golden_weights_file, weights_of
 
 D, FFN = 64, 128  # dit_A's dim and ffn_dim
 GEN = torch.Generator().manual_seed(7)
@@ -31,10 +31,9 @@ def rand(*shape: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """dit_A's weights as a float32 file and as an official-layout FP8 file + map."""
-    meta, tensors = load_golden("dit_A")
     folder = tmp_path_factory.mktemp("dit")
     plain = folder / "dit_A.safetensors"
-    save_file(weights_of(meta, tensors), str(plain))
+    meta, tensors = golden_weights_file("dit_A", plain)
     with torch.device("meta"):
         names = linear_names(InfiniteTalkDiT(golden_config(meta)))
     fp8 = folder / "fp8.safetensors"

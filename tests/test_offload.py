@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from test_dit import golden_config
 
 from itk.runtime.models.dit import load_dit
 from itk.runtime.offload import DiTRunner, Step, copy_schedule, params_of, resident_plan
 
-from golden import load_golden, weights_of
+from golden import golden_weights_file, weights_of
 
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
-    meta, tensors = load_golden("dit_A")
     path = tmp_path_factory.mktemp("dit") / "dit.safetensors"
-    save_file(weights_of(meta, tensors), str(path))
+    meta, tensors = golden_weights_file("dit_A", path)
     return meta, tensors, path
 
 

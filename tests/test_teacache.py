@@ -14,18 +14,15 @@ from itk.runtime.pipeline import Settings, StreamingPipeline
 from itk.runtime.sampler import Guidance, Sampler, shifted_timesteps
 from itk.runtime.teacache import TeaCache, TeaCachedDiT
 
-from golden import load_golden, rel_err, weights_of
+from golden import golden_weights_file, load_golden, rel_err
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def dit_a(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    meta, tensors = load_golden("dit_A")
     path = tmp_path_factory.mktemp("dit") / "dit_A.safetensors"
-    save_file(weights_of(meta, tensors), str(path))
+    meta, tensors = golden_weights_file("dit_A", path)
     return meta, tensors, path
 
 
