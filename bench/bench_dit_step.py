@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itk.runtime.attention import configure_attention, kernel_for
 from itk.runtime.configs import DiTConfig
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_angles, rope_table
 from itk.runtime.offload import DiTRunner
@@ -134,8 +135,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated mode names (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (BlockStreamer slots too)")
+    parser.add_argument("--attention", default="auto", help="the runtime's attention choice (ITK_ATTENTION's values)")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
     opts = parser.parse_args()
+    configure_attention(opts.attention)
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -146,6 +149,7 @@ def main() -> None:
         "targets": {"fp8_streamed_vs_fp8_resident": "<= 1.05x", "fp8_streamed_step_s": "<= 9.5",
                     "fp8_streamed_gpu_peak_gb": "<= 8", "fp8_vs_bf16_cosine": ">= 0.999"},
         "compiled": opts.compile,
+        "attention": kernel_for(0)[0],
         "runs": [],
     }
 

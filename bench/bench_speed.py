@@ -106,6 +106,13 @@ def attention_kernels() -> dict:
         from flash_attn import flash_attn_func
         kernels["flash_attn"] = flash_attn_func
     with contextlib.suppress(Exception):
+        from flash_attn.cute import flash_attn_func as fa4
+
+        def fa4_out(q, k, v):
+            out = fa4(q, k, v)
+            return out[0] if isinstance(out, tuple) else out
+        kernels["fa4"] = fa4_out
+    with contextlib.suppress(Exception):
         from flash_attn_interface import flash_attn_func as fa3
 
         def fa3_out(q, k, v):
@@ -259,7 +266,7 @@ def block_section(result: dict, save, compile_block: bool) -> dict:
         out["ops_ms_eager_sdpa"] = {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
         out["ops_share_eager_sdpa"] = {k: round(v / total, 3) for k, v in out["ops_ms_eager_sdpa"].items()}
         save()
-        for choice in ("flash", "sage"):
+        for choice in ("fa4", "flash", "sage"):
             configure_attention(choice)
             name, _ = kernel_for(0)
             if name != choice:
@@ -274,20 +281,27 @@ def block_section(result: dict, save, compile_block: bool) -> dict:
             except Exception as exc:  # noqa: BLE001
                 out[f"eager_{choice}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             save()
-        configure_attention("sdpa")
         if compile_block:
-            try:
-                compiled = torch.compile(block)
-                t0 = time.perf_counter()
-                compiled(*args)
-                torch.cuda.synchronize()
-                out["compile_s"] = round(time.perf_counter() - t0, 1)
-                out["compiled_sdpa_ms"] = round(median_ms(lambda: compiled(*args)), 2)
-                out["compiled_cosine_vs_eager"] = round(cosine(compiled(*args), ref), 6)
-                out["compiled_kernels"] = kernel_profile(lambda: compiled(*args))
-            except Exception as exc:  # noqa: BLE001
-                out["compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            save()
+            for choice in ("sdpa", "fa4"):
+                configure_attention(choice)
+                if kernel_for(0)[0] != choice:
+                    continue
+                label = "" if choice == "sdpa" else f"_{choice}"
+                try:
+                    torch._dynamo.reset()
+                    compiled = torch.compile(block)
+                    t0 = time.perf_counter()
+                    compiled(*args)
+                    torch.cuda.synchronize()
+                    out[f"compile{label}_s"] = round(time.perf_counter() - t0, 1)
+                    ours = compiled(*args)
+                    out[f"compiled_{choice}_ms"] = round(median_ms(lambda compiled=compiled: compiled(*args)), 2)
+                    out[f"compiled{label}_cosine_vs_eager"] = round(cosine(ours, ref), 6)
+                    out[f"compiled{label}_update_cosine_vs_eager"] = round(cosine(ours - tokens, ref - tokens), 6)
+                    out[f"compiled{label}_kernels"] = kernel_profile(lambda compiled=compiled: compiled(*args))
+                except Exception as exc:  # noqa: BLE001
+                    out[f"compiled{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                save()
     configure_attention("auto")
     return out
 

@@ -10,9 +10,9 @@ import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-ATTENTION_CHOICES = ("auto", "flash", "sage", "sdpa")
+ATTENTION_CHOICES = ("auto", "fa4", "flash", "sage", "sdpa")
 # The optional kernels and the Python module each needs (torch SDPA is always there).
-ATTENTION_MODULES = {"flash": "flash_attn", "sage": "sageattention"}
+ATTENTION_MODULES = {"fa4": "flash_attn.cute", "flash": "flash_attn", "sage": "sageattention"}
 
 
 def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -60,7 +60,7 @@ class Launch:
 class RuntimeOptions:
     """compile: torch.compile the DiT blocks on a GPU (ITK_COMPILE, default on).
     fp8_matmul: FP8 tensor-core matmuls where the GPU has them (ITK_FP8_MATMUL, default on); off = weights
-    dequantised per layer. attention: ITK_ATTENTION auto | flash | sage | sdpa. pin: ITK_PIN forces (1) or forbids
+    dequantised per layer. attention: ITK_ATTENTION auto | fa4 | flash | sage | sdpa. pin: ITK_PIN forces (1) or forbids
     (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM. compile_threads:
     ITK_COMPILE_THREADS, torch.compile's worker processes (default 1: compile in the generator itself, since
     each worker holds ~0.45 GB for the whole run, 7 GB on a 16-core machine (bench/results/whole-run-h200.json);
@@ -96,12 +96,16 @@ def attention_order(compute_capability: float | None) -> tuple[str, ...]:
 
     Ada (8.9, the RTX 4090): SageAttention (pip `sageattention`, Triton, INT8 Q.K^T with fp16 P.V; about
     2x FlashAttention-2 on a 4090 as published), then flash-attn. Ampere (8.0, 8.6): flash-attn beats SDPA
-    there. Hopper (9.x) and newer: SDPA, whose cuDNN kernel beats FlashAttention-2 (40 vs 65 ms per 480p
-    attention on an H200) and SageAttention 1's Triton kernel (52 ms); no GPU or older GPUs: SDPA."""
+    there. Hopper (9.x) and Blackwell (10.x): FlashAttention-4 (pip `flash-attn-4`, CuTe DSL kernels
+    compiled at first use, nothing to build at install): 33.9 ms per 480p attention on an H200 against
+    SDPA's cuDNN kernel at 40.4 ms, FlashAttention-2 at 65 ms and SageAttention 1's Triton kernel at 52 ms,
+    at bf16 rounding (cosine 0.999995 to SDPA). No GPU or older GPUs: SDPA."""
     if compute_capability is None:
         return ("sdpa",)
     if round(compute_capability, 1) == 8.9:
         return ("sage", "flash", "sdpa")
+    if int(compute_capability) in (9, 10):
+        return ("fa4", "sdpa")
     return ("flash", "sdpa") if int(compute_capability) == 8 else ("sdpa",)
 
 

@@ -9,11 +9,11 @@ from itk.runtime.attention import attention, configure_attention
 
 
 def test_an_unknown_attention_choice_is_refused_with_the_valid_ones():
-    with pytest.raises(ValueError, match="attention 'xformers': expected one of auto, flash, sage, sdpa"):
+    with pytest.raises(ValueError, match="attention 'xformers': expected one of auto, fa4, flash, sage, sdpa"):
         configure_attention("xformers")
 
 
-@pytest.mark.parametrize("choice", ["auto", "flash", "sage", "sdpa"])
+@pytest.mark.parametrize("choice", ["auto", "fa4", "flash", "sage", "sdpa"])
 def test_every_choice_computes_softmax_attention_on_the_cpu(choice):
     configure_attention(choice)
     try:
@@ -30,10 +30,11 @@ def test_each_gpu_class_prefers_its_fastest_kernel_and_falls_back_to_what_is_ins
     from itk.runtime.options import attention_order, preferred_attention
 
     assert [preferred_attention(cc) for cc in (8.0, 8.6, 8.9, 9.0, 10.0, 12.0, 7.5, None)] == [
-        "flash", "flash", "sage", "sdpa", "sdpa", "sdpa", "sdpa", "sdpa"]
+        "flash", "flash", "sage", "fa4", "fa4", "sdpa", "sdpa", "sdpa"]
     assert preferred_attention(8.9, installed={"flash"}) == "flash"
     assert preferred_attention(8.9, installed=()) == "sdpa"
     assert preferred_attention(9.0, installed={"flash", "sage"}) == "sdpa"
+    assert preferred_attention(9.0, installed={"fa4"}) == "fa4"
     assert all(attention_order(cc)[-1] == "sdpa" for cc in (7.5, 8.0, 8.9, 9.0, None))
 
 
@@ -41,7 +42,7 @@ def test_itk_attention_accepts_sage_and_refuses_unknown_kernels():
     from itk.runtime.options import RuntimeOptions
 
     assert RuntimeOptions.from_env({"ITK_ATTENTION": "sage"}).attention == "sage"
-    with pytest.raises(ValueError, match="auto, flash, sage, sdpa"):
+    with pytest.raises(ValueError, match="auto, fa4, flash, sage, sdpa"):
         RuntimeOptions.from_env({"ITK_ATTENTION": "fa9"})
 
 

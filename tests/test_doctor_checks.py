@@ -153,13 +153,18 @@ def test_flash_attn_absent_is_a_warning_on_an_ada_card_with_the_wheel_and_skippe
     assert flash_attn.judge(_probe(fa="2.8.3"), RTX4090).status is Status.OK
 
 
-def test_on_hopper_flash_attn_is_never_advised_because_the_runtime_uses_sdpa_there():
+def test_on_hopper_flash_attention_4_is_advised_and_reported_and_flash_attn_2_never_is():
     absent = flash_attn.judge(_probe(), H100)
-    assert absent.status is Status.OK and absent.fix == "" and "SDPA" in absent.summary
+    assert absent.status is Status.WARN and "torch SDPA (cuDNN)" in absent.summary
+    assert absent.fix == 'pip install "flash-attn-4" (nothing to compile)'
+    cu13 = _probe("2.11.0+cu130", "13.0")
+    assert flash_attn.judge(cu13, H100).fix.startswith('pip install "flash-attn-4[cu13]"')
+    used = flash_attn.judge(_probe() | {"flash-attn-4": {"version": "4.0.0b36"}}, H100)
+    assert used.status is Status.OK and "the runtime uses FlashAttention-4 4.0.0b36" in used.summary
     err = "ImportError: flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi"
-    broken = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err), H100)
-    assert broken.status is Status.WARN and broken.fix.startswith("pip uninstall -y flash-attn")
-    assert "pip install" not in broken.fix.replace("pip uninstall", "")
+    broken = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err) | {"flash-attn-4": {"version": "4.0.0b36"}}, H100)
+    assert broken.status is Status.WARN and broken.fix == "pip uninstall -y flash-attn"
+    assert "github.com/Dao-AILab" not in flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err), H100).fix
 
 
 def test_the_check_advises_each_kernel_exactly_where_the_runtime_would_use_it():
@@ -168,6 +173,7 @@ def test_the_check_advises_each_kernel_exactly_where_the_runtime_would_use_it():
         fix = flash_attn.judge(_probe(), facts).fix
         assert ("pip install https://" in fix) == ("flash" in flash_attn.attention_order(cc)), cc
         assert ("pip install sageattention" in fix) == (flash_attn.preferred_attention(cc) == "sage"), cc
+        assert ("flash-attn-4" in fix) == (flash_attn.preferred_attention(cc) == "fa4"), cc
 
 
 def test_an_ada_card_with_sageattention_reports_it_as_the_kernel_in_use():
@@ -178,7 +184,7 @@ def test_an_ada_card_with_sageattention_reports_it_as_the_kernel_in_use():
     broken = flash_attn.judge(_probe(fa="2.7.4.post1", fa_error=err) | {"sageattention": {"version": "1.0.6"}},
                               RTX4090)
     assert broken.status is Status.WARN and broken.fix == "pip uninstall -y flash-attn"
-    assert "SDPA's cuDNN kernel" in flash_attn.judge(facts, H100).summary  # Hopper: SDPA even with Sage here
+    assert "torch SDPA (cuDNN)" in flash_attn.judge(facts, H100).summary  # Hopper: never Sage
 
 
 def test_numba_refusing_this_numpy_fails_and_explains_the_pin():
