@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +32,20 @@ FA4_DISK_CACHE = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
 FUNCTIONS = {"fa4": "flash_attn_func", "flash": "flash_attn_func", "sage": "sageattn"}
 
 _choice = "auto"
+_kernels: dict[int, tuple[str, Callable | None]] = {}  # CUDA device index -> the kernel resolved for it
 
 
 def configure_attention(choice: str) -> None:
     """Use FlashAttention-4 ("fa4"), flash-attn ("flash"), SageAttention ("sage"), torch SDPA ("sdpa") or pick
-    per GPU ("auto")."""
+    per GPU ("auto"). On a GPU the kernel is resolved (imported) here, before any block is compiled: a
+    compiled block then reads a resolved entry instead of tracing an import, which would split its graph."""
     global _choice
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention {choice!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
     _choice = choice
-    kernel_for.cache_clear()
+    _kernels.clear()
+    if torch.cuda.is_available():
+        kernel_for(torch.cuda.current_device())
 
 
 def _import(kernel: str) -> Callable | None:
@@ -56,9 +59,15 @@ def _import(kernel: str) -> Callable | None:
         return None
 
 
-@cache
 def kernel_for(device_index: int) -> tuple[str, Callable | None]:
     """(name, function) of the kernel used on this CUDA device: "sdpa" with None when SDPA runs."""
+    found = _kernels.get(device_index)
+    if found is None:
+        found = _kernels[device_index] = _resolve(device_index)
+    return found
+
+
+def _resolve(device_index: int) -> tuple[str, Callable | None]:
     if _choice == "auto":
         major, minor = torch.cuda.get_device_capability(device_index)
         candidates = attention_order(major + minor / 10)
