@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from itk.runtime.configs import VAEConfig
 from itk.runtime.loading import WeightsError
-from itk.runtime.models.vae import LATENT_MEAN, LATENT_STD, load_vae
+from itk.runtime.models.vae import LATENT_MEAN, LATENT_STD, WanVAE, load_vae
 
 from golden import GOLDENS, load_golden, rel_err, weights_of
 
@@ -94,3 +99,51 @@ def test_a_bf16_vae_stays_within_its_measured_error_but_outside_the_goldens_tole
     assert latent.dtype == video.dtype == torch.float32
     assert TOL < rel_err(latent, t["output.latent"]) < 3e-2
     assert TOL < rel_err(video, t["output.video"]) < 6e-2
+
+
+def conv_weights(vae: WanVAE) -> list[torch.Tensor]:
+    return [m.weight for m in vae.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.Conv2d)]
+
+
+def test_the_cpu_keeps_the_official_layout_unless_the_fast_one_is_asked_for(vae_a):
+    *_, path, vae = vae_a
+    assert not vae.fast and all(w.is_contiguous() for w in conv_weights(vae))
+    fast = load_vae(path, vae.cfg, fast=True)
+    assert fast.fast
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
+               for w in conv_weights(fast))
+
+
+def test_the_fast_layout_matches_the_official_one_and_the_goldens_through_several_chunks(vae_a):
+    """The fast path's op sequence (channels-last, one input buffer per causal conv, the eager norm+SiLU that
+    stands in for the Triton kernel off CUDA) on 9 frames = 3 encoder chunks and 3 decoder chunks."""
+    _, t, cfg, path, vae = vae_a
+    fast = load_vae(path, cfg, fast=True)
+    video = torch.rand(3, 9, 16, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latent = vae.encode(video)
+    assert rel_err(fast.encode(video), latent) < 1e-5
+    assert rel_err(fast.decode(latent, clamp=False), vae.decode(latent, clamp=False)) < 1e-5
+    assert rel_err(fast.encode(t["input.video"]), t["output.latent"]) < TOL
+    decoded = fast.decode(t["input.latent"])
+    assert decoded.is_contiguous() and rel_err(decoded, t["output.video"]) < TOL
+
+
+def test_the_vae_bench_runs_its_tiny_mode_on_the_cpu_and_reports_every_run(tmp_path):
+    """bench/bench_vae.py's CPU smoke mode: every run timed, errors against the official float32 path, and
+    the decode profile of both layouts split by kernel kind."""
+    out = tmp_path / "vae.json"
+    bench = Path(__file__).parents[1] / "bench" / "bench_vae.py"
+    subprocess.run([sys.executable, str(bench), "--tiny", "--out", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert set(runs) == {"official_float32", "fast_float32", "official_bfloat16", "fast_bfloat16",
+                         "fast_float32_cudnn_benchmark"}
+    assert all(run[op]["s"] > 0 for run in runs.values() for op in ("encode", "decode"))
+    for op in ("encode", "decode"):
+        assert runs["fast_float32"][op]["rel_err_vs_official_float32"] < 1e-5
+        assert runs["fast_float32"][op]["cosine_vs_official_float32"] > 0.99999
+        assert 0 < runs["fast_bfloat16"][op]["rel_err_vs_official_float32"] < 0.5
+    assert result["norm_silu_kernel"] == "eager"
+    for layout in ("official_float32", "fast_float32"):
+        assert result["profile_decode_float32"][layout]["ms"]["conv"] > 0

@@ -5,10 +5,31 @@ Every causal convolution remembers the last frames of the chunk before (`ChunkMe
 processing equals running the causal network on the whole clip while holding only a few frames of
 activations. The first chunk is special in the resamplers: the temporal downsampler keeps its single
 frame as is, and the temporal upsampler does not double it (1 latent frame -> 1 video frame).
+
+Each causal convolution's input is built once, in one buffer: the frames kept from the chunk before (zeros
+before the first chunk) in front, then the chunk itself, written there by the norm+SiLU before the conv (no
+separate activation tensor, no torch.cat, no F.pad copy).
+
+Two layouts of the same network (`load_vae(..., fast=)`):
+- official (the default off CUDA, and `fast=False`): NCDHW tensors and the official op sequence; the
+  buffer also holds the spatial zero border, so each conv sees exactly the tensor the official
+  F.pad(torch.cat(...)) built: on the CPU the results are those of the op-by-op code before the fast
+  layout, bit for bit (the goldens hold them within 1e-4 of the official implementation).
+- fast (the default on CUDA): channels-last (NDHWC) activations and weights, which cuDNN's 3D convolutions
+  take as they are instead of transposing in and out around every call; a per-frame 2D op then sees
+  [B*T, C, H, W] channels-last 2D as a view (no copy); cuDNN pads space itself; and RMSNorm+SiLU is one
+  Triton kernel writing straight into the conv's buffer: one read and one write of the activations where
+  the official ops make five reads and four writes (norm, division, two products, SiLU) and then a copy.
+  What changes numerically on the GPU: float32 stays float32 (TF32 convolutions as before), but the kernel
+  sums the squares of the norm in its own order, and cuDNN picks other algorithms for the new layout: about
+  1e-6 relative at the output (bench/bench_vae.py measures it). In bfloat16 the kernel computes in float32
+  and rounds once, where the official sequence rounds after normalise, scale, gain and SiLU each.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +39,12 @@ from torch import nn
 from itk.runtime.configs import VAEConfig
 from itk.runtime.loading import load_strict, read_state_dict
 
+try:  # Triton ships with torch's CUDA builds; without it the fast layout keeps the eager norm and SiLU
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # Per-channel statistics of the 16 latent channels, fixed by the Wan2.1 release (latent = (mu - mean) / std).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -25,14 +52,86 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 MEMORY_FRAMES = 2  # a kernel-3 causal conv needs the 2 frames before a chunk
 FIRST_CHUNK = "first"  # memory marker of a temporal upsampler that has seen only the first chunk
+FAST_FORMAT = torch.channels_last_3d
+NORM_ELEMENTS = 4096  # values per Triton program of the norm+SiLU kernel (rows of C contiguous channels)
+log = logging.getLogger(__name__)
+
+if triton is not None:
+    @triton.jit
+    def _norm_silu_kernel(x_ptr, gamma_ptr, out_ptr, frames, height, width, channels,
+                          xs_b, xs_t, xs_h, xs_w, os_b, os_t, os_h, os_w, scale,
+                          BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out = SiLU(x / max(|x|, 1e-12) * scale * gamma), |x| over the channels of each pixel of a
+        [B, C, T, H, W] whose channels are contiguous (stride 1) in both x and out. Program (r, j): pixels
+        j*BLOCK_W... of image row r (over B, T, H), so only one scalar division per program."""
+        row = tl.program_id(0)
+        h = row % height
+        t = (row // height) % frames
+        b = row // (height * frames)
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = tl.arange(0, BLOCK_C)
+        mask = (w < width)[:, None] & (c < channels)[None, :]
+        x_row = b.to(tl.int64) * xs_b + t.to(tl.int64) * xs_t + h.to(tl.int64) * xs_h
+        x = tl.load(x_ptr + x_row + (w * xs_w)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        # IEEE square root and division as torch's (Triton's defaults are approximate)
+        norm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), 1e-12)  # F.normalize's eps
+        gamma = tl.load(gamma_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
+        y = tl.div_rn(x, norm[:, None]) * scale * gamma[None, :]
+        y = y * tl.sigmoid(y)
+        out_row = b.to(tl.int64) * os_b + t.to(tl.int64) * os_t + h.to(tl.int64) * os_h
+        tl.store(out_ptr + out_row + (w * os_w)[:, None] + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _fused_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Launch _norm_silu_kernel on a channels-last [B, C, T, H, W] (gamma: C values, contiguous)."""
+    b, c, t, h, w = x.shape
+    block_c = triton.next_power_of_2(c)
+    block_w = min(triton.next_power_of_2(w), max(1, NORM_ELEMENTS // block_c))
+    xs, os_ = x.stride(), out.stride()
+    _norm_silu_kernel[(b * t * h, triton.cdiv(w, block_w))](
+        x, gamma, out, t, h, w, c, xs[0], xs[2], xs[3], xs[4], os_[0], os_[2], os_[3], os_[4], scale,
+        BLOCK_W=block_w, BLOCK_C=block_c)
+
+
+def _eager_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """The official RMSNorm then SiLU, op by op."""
+    return F.silu(F.normalize(x.float(), dim=1).type_as(x) * scale * gamma, inplace=True)
+
+
+@functools.cache
+def fused_norm_silu_ready(device: torch.device) -> bool:
+    """Whether the Triton norm+SiLU kernel compiles and agrees with the eager ops on `device`, tried once per
+    process and device: with no Triton, no C compiler for its launcher, or a Triton too old for this GPU,
+    the fast layout keeps the eager norm and SiLU (with a warning naming why)."""
+    if triton is None or device.type != "cuda":
+        return False
+    try:
+        g = torch.Generator(device).manual_seed(0)  # its own generator: the run's random stream stays as it was
+        x = torch.randn(2, 24, 3, 5, 7, device=device, generator=g).contiguous(memory_format=FAST_FORMAT)
+        gamma = torch.rand(24, 1, 1, 1, device=device, generator=g) + 0.5
+        out = torch.empty_like(x)
+        _fused_norm_silu(x, gamma, 24**0.5, out)
+        error = (out - _eager_norm_silu(x, gamma, 24**0.5)).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run the kernel means: stay eager
+        log.warning("VAE: the Triton norm+SiLU kernel does not run here (%s); using the eager ops",
+                    f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+        return False
+    if error > 1e-4:
+        log.warning("VAE: the Triton norm+SiLU kernel is off by %.2g here; using the eager ops", error)
+        return False
+    return True
 
 
 class ChunkMemory:
-    """What each causal conv kept from the previous chunk, addressed by the order of the calls."""
+    """What each causal conv kept from the previous chunk, addressed by the order of the calls, and the
+    layout of this pass: fast (channels-last) or official, fuse (the Triton norm+SiLU, fast layout only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fast: bool = False, fuse: bool = False) -> None:
         self.slots: list[object] = []
         self.index = 0
+        self.fast = fast
+        self.fuse = fuse
+        self.format = FAST_FORMAT if fast else torch.contiguous_format
 
     def next_chunk(self) -> None:
         self.index = 0
@@ -47,14 +146,12 @@ class ChunkMemory:
             self.slots.append(value)
         self.index += 1
 
-    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-        """Run `conv` on this chunk with the previous chunk's frames in front; keep this chunk's tail."""
+    def conv(self, conv: CausalConv3d, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Run `conv` on this chunk (after norm+SiLU when given) with the previous chunk's frames in front;
+        keep the last frames of that input for the next chunk."""
         past = self.read()
-        keep = x[:, :, -MEMORY_FRAMES:]
-        if keep.shape[2] < MEMORY_FRAMES and isinstance(past, torch.Tensor):
-            keep = torch.cat([past[:, :, -1:], keep], dim=2)
-        out = conv(x, past if isinstance(past, torch.Tensor) else None)
-        self.write(keep.clone())
+        out, keep = conv.chunk(x, past if isinstance(past, torch.Tensor) else None, self, norm)
+        self.write(keep)
         return out
 
 
@@ -65,14 +162,33 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, kernel, stride=stride, padding=0)
         pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
         self.time_pad = 2 * pt
-        self.space_pad = (pw, pw, ph, ph)
+        self.space = (ph, pw)
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
-        front = self.time_pad
-        if past is not None and front > 0:
-            x = torch.cat([past.to(x), x], dim=2)
-            front -= past.shape[2]
-        return super().forward(F.pad(x, (*self.space_pad, front, 0)))
+    def chunk(self, x: torch.Tensor, past: torch.Tensor | None, memory: ChunkMemory,
+              norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this chunk's output, the last `time_pad` frames of its time-padded input for the next chunk).
+
+        The input is one buffer written once: `past` (zeros before the first chunk) in front, then `x`,
+        through `norm` and SiLU when given. Official layout: the buffer holds the spatial zero border too;
+        fast layout: channels-last, and the convolution pads space itself."""
+        b, c, t, h, w = x.shape
+        front, (ph, pw) = self.time_pad, self.space
+        if memory.fast:
+            buf = torch.empty((b, c, front + t, h, w), dtype=x.dtype, device=x.device, memory_format=FAST_FORMAT)
+            body, padding = buf[:, :, front:], (0, ph, pw)
+        else:
+            buf = x.new_zeros((b, c, front + t, h + 2 * ph, w + 2 * pw))
+            body, padding = buf[:, :, front:, ph : ph + h, pw : pw + w], (0, 0, 0)
+        if past is not None:
+            buf[:, :, :front].copy_(past)
+        elif memory.fast:
+            buf[:, :, :front].zero_()
+        if norm is None:
+            body.copy_(x)
+        else:
+            norm.silu_into(x, body, memory.fuse)
+        keep = buf[:, :, t:].clone()
+        return F.conv3d(buf, self.weight, self.bias, self.stride, padding, self.dilation, self.groups), keep
 
 
 class RMSNorm(nn.Module):
@@ -87,9 +203,17 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), dim=1).type_as(x) * self.scale * self.gamma
 
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor, fuse: bool) -> None:
+        """SiLU(self(x)) written into `out` (a view of a convolution's input buffer): one Triton kernel when
+        `fuse` and both keep their channels contiguous (channels-last), else the official ops and a copy."""
+        if fuse and x.stride(1) == 1 and out.stride(1) == 1:
+            _fused_norm_silu(x, self.gamma, self.scale, out)
+        else:
+            out.copy_(_eager_norm_silu(x, self.gamma, self.scale))
+
 
 def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2D op to every frame of [B, C, T, H, W]."""
+    """Apply a 2D op to every frame of [B, C, T, H, W] (a view, no copy, when x is channels-last)."""
     b, t = x.shape[0], x.shape[2]
     y = fn(x.transpose(1, 2).flatten(0, 1))
     return y.unflatten(0, (b, t)).transpose(1, 2)
@@ -105,10 +229,10 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual  # the SiLUs run inside the convs' input buffers
         h = self.shortcut(x)
-        for layer in self.residual:
-            x = memory.conv(layer, x) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + h
+        x = memory.conv(conv2, memory.conv(conv1, x, norm1), norm2)
+        return x.add_(h)
 
 
 class AttentionBlock(nn.Module):
@@ -151,15 +275,13 @@ class Resample(nn.Module):
         if past is None:  # the first chunk (one frame) is not doubled in time
             memory.write(FIRST_CHUNK)
             return x
-        keep = x[:, :, -MEMORY_FRAMES:]
-        if keep.shape[2] < MEMORY_FRAMES:
-            before = past[:, :, -1:] if isinstance(past, torch.Tensor) else torch.zeros_like(keep)
-            keep = torch.cat([before, keep], dim=2)
-        y = self.time_conv(x, past if isinstance(past, torch.Tensor) else None)
-        memory.write(keep.clone())
+        y, keep = self.time_conv.chunk(x, past if isinstance(past, torch.Tensor) else None, memory)
+        memory.write(keep)
         b, c2, t, h, w = y.shape
         # channels [0:c] are the even output frames, [c:2c] the odd ones
-        return y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=memory.format)
+        out.unflatten(2, (t, 2)).copy_(y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5))
+        return out
 
     def _downsample_time(self, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
         past = memory.read()
@@ -189,9 +311,8 @@ def _run(stages: nn.Sequential, x: torch.Tensor, memory: ChunkMemory) -> torch.T
 
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
-    for layer in head:
-        x = memory.conv(layer, x) if isinstance(layer, CausalConv3d) else layer(x)
-    return x
+    norm, _, conv = head  # the SiLU runs inside the conv's input buffer
+    return memory.conv(conv, x, norm)
 
 
 class Encoder(nn.Module):
@@ -256,10 +377,26 @@ class WanVAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
+        self.fast = False  # the official layout until use_fast_layout(True)
         self.encoder = Encoder(cfg)
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder(cfg)
+
+    def use_fast_layout(self, fast: bool) -> WanVAE:
+        """Channels-last convolution weights and the fast op sequence (True), or the official ones (False);
+        see the module docstring for what changes."""
+        formats = {5: FAST_FORMAT, 4: torch.channels_last} if fast else {}
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d | nn.Conv2d):
+                weight = module.weight.data
+                module.weight.data = weight.contiguous(memory_format=formats.get(weight.dim(),
+                                                                                 torch.contiguous_format))
+        self.fast = fast
+        return self
+
+    def _memory(self, device: torch.device) -> ChunkMemory:
+        return ChunkMemory(self.fast, self.fast and fused_norm_silu_ready(device))
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.cfg.z_dim, 1, 1, 1)
@@ -271,7 +408,7 @@ class WanVAE(nn.Module):
     def encode(self, video: torch.Tensor, normalise: bool = True) -> torch.Tensor:
         """[3, T, H, W] in [-1, 1] -> normalised latent [z_dim, 1 + (T-1)//4, H/8, W/8] (float32)."""
         x = video.unsqueeze(0).to(self.conv1.weight)
-        memory = ChunkMemory()
+        memory = self._memory(x.device)
         # Frame 0 alone, then whole chunks of 4; frames past the last whole chunk are dropped, as officially.
         chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
         outs = []
@@ -282,28 +419,38 @@ class WanVAE(nn.Module):
         if normalise:
             mean, std = self._stats(mu)
             mu = (mu - mean) * (1.0 / std)
-        return mu[0].float()
+        return mu[0].float().contiguous()
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Normalised latent [z_dim, T, h, w] -> video [3, 1 + 4(T-1), 8h, 8w], clamped to [-1, 1]."""
         z = latent.unsqueeze(0).to(self.conv2.weight)
+        memory = self._memory(z.device)
         mean, std = self._stats(z)
-        x = self.conv2(z / (1.0 / std) + mean)
-        memory = ChunkMemory()
-        outs = []
+        x = self.conv2((z / (1.0 / std) + mean).contiguous(memory_format=memory.format))
+        # The first latent frame gives one video frame, every later one 2 per temporal upsampler.
+        frames = 1 + (x.shape[2] - 1) * 2 ** sum(self.cfg.temporal_downsample)
+        video, done = None, 0
         for t in range(x.shape[2]):
             memory.next_chunk()
-            outs.append(self.decoder(x[:, :, t : t + 1], memory))
-        video = torch.cat(outs, dim=2)[0].float()
+            out = self.decoder(x[:, :, t : t + 1], memory)[0]
+            if video is None:  # written chunk by chunk: no list of chunks and no torch.cat copy of the clip
+                video = out.new_empty((out.shape[0], frames, *out.shape[2:]), dtype=torch.float32)
+            video[:, done : done + out.shape[1]].copy_(out)
+            done += out.shape[1]
         return video.clamp_(-1, 1) if clamp else video
 
 
-def load_vae(path: str | Path, cfg: VAEConfig, dtype: torch.dtype = torch.float32, device="cpu") -> WanVAE:
+def load_vae(path: str | Path, cfg: VAEConfig, dtype: torch.dtype = torch.float32, device="cpu",
+             fast: bool | None = None) -> WanVAE:
     """The VAE with weights (and so convolutions and activations) in `dtype`; encode/decode take and return
     float32 either way. float32 is the official choice and the default; bfloat16 halves the activation
-    memory and runs the convolutions on the tensor cores, at about 1e-2 relative error (tests/test_vae.py)."""
+    memory and runs the convolutions on the tensor cores, at about 1e-2 relative error (tests/test_vae.py).
+    fast: the channels-last layout with the fused norm+SiLU (module docstring); None = on CUDA devices only,
+    so the CPU keeps the official op sequence bit for bit; False on a GPU is the official layout there (the
+    baseline of bench/bench_vae.py)."""
     with torch.device("meta"):
         model = WanVAE(cfg)
     load_strict(model, read_state_dict(path), str(path), dtype=dtype, device=device)
-    return model.eval().requires_grad_(False)
+    fast = torch.device(device).type == "cuda" if fast is None else fast
+    return model.use_fast_layout(fast).eval().requires_grad_(False)
