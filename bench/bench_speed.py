@@ -113,6 +113,8 @@ def attention_kernels() -> dict:
             return out[0] if isinstance(out, tuple) else out
         kernels["fa4"] = fa4_out
     with contextlib.suppress(Exception):
+        kernels["cudnn_fp8_smoothed"] = cudnn_fp8_attention()
+    with contextlib.suppress(Exception):
         from flash_attn_interface import flash_attn_func as fa3
 
         def fa3_out(q, k, v):
@@ -120,6 +122,60 @@ def attention_kernels() -> dict:
             return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         kernels["fa3"] = fa3_out
     return kernels
+
+
+def cudnn_fp8_attention():
+    """cuDNN's FP8 flash attention through nvidia-cudnn-frontend (pip wheel, no build), as a candidate for Hopper:
+    Q, K, V quantised per tensor to e4m3 after SageAttention-style smoothing (K and V minus their mean over the
+    tokens: exact for K, whose mean shifts every score of a query alike; V's mean is added back after), P
+    quantised by cuDNN with scale 448, and O in e4m3 (Hopper's FP8 attention writes no bf16 output). One graph
+    per shape, built at first use."""
+    import cudnn
+
+    e4m3, fp32, top = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT, 448.0
+    handle = cudnn.create_handle()
+    graphs: dict = {}
+
+    def build(shape: tuple[int, ...]):
+        b, seq, heads, d = shape
+        dims, strides = (b, heads, seq, d), (seq * heads * d, d, heads * d, 1)  # [B, L, N, d] memory, BHSD view
+        g = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+        q, k, v = (g.tensor(name=n, dim=dims, stride=strides, data_type=e4m3) for n in "qkv")
+        scales = [g.tensor(name=n, dim=(1, 1, 1, 1), stride=(1, 1, 1, 1), data_type=fp32)
+                  for n in ("dq", "dk", "dv", "ds", "ss", "so")]
+        o, _, amax_s, amax_o = g.sdpa_fp8(q=q, k=k, v=v, descale_q=scales[0], descale_k=scales[1],
+                                          descale_v=scales[2], descale_s=scales[3], scale_s=scales[4],
+                                          scale_o=scales[5], attn_scale=d**-0.5, use_causal_mask=False,
+                                          generate_stats=False)
+        o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(e4m3)
+        for amax in (amax_s, amax_o):
+            amax.set_output(True).set_dim((1, 1, 1, 1)).set_stride((1, 1, 1, 1)).set_data_type(fp32)
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        workspace = torch.empty(max(1, g.get_workspace_size()), device="cuda", dtype=torch.uint8)
+        return g, (q, k, v, o, amax_s, amax_o), scales, workspace
+
+    def quantise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amax = x.abs().amax().float().clamp_min(1e-12)
+        return (x.float() * (top / amax)).to(torch.float8_e4m3fn), (amax / top).view(1, 1, 1, 1)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape not in graphs:
+            graphs[q.shape] = build(tuple(q.shape))
+        g, (tq, tk, tv, to, tas, tao), (dq, dk, dv, ds, ss, so), workspace = graphs[q.shape]
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
+        v_mean = v.float().mean(dim=1, keepdim=True)
+        (q8, sq), (k8, sk), (v8, sv) = quantise(q), quantise(k - k.mean(dim=1, keepdim=True)), quantise(v - v_mean)
+        out = torch.empty(q.shape, device="cuda", dtype=torch.float8_e4m3fn)
+        one = torch.ones(1, 1, 1, 1, device="cuda")
+        g.execute({tq: q8, tk: k8, tv: v8, dq: sq, dk: sk, dv: sv, ds: one / top, ss: one * top, so: 1 / sv, to: out,
+                   tas: torch.empty_like(one), tao: torch.empty_like(one)}, workspace, handle=handle)
+        return (out.float() * sv + v_mean).to(q.dtype)
+
+    return run
 
 
 def attention_section(result: dict, save) -> None:
