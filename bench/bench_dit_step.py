@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import itk.runtime.attention as attention_module
 from itk.runtime.attention import configure_attention, kernel_for
 from itk.runtime.configs import DiTConfig
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_angles, rope_table
@@ -136,9 +137,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (BlockStreamer slots too)")
     parser.add_argument("--attention", default="auto", help="the runtime's attention choice (ITK_ATTENTION's values)")
+    parser.add_argument("--long-keys", type=int, default=None,
+                        help="key count from which FA4 / Sage run instead of SDPA (runtime.attention.LONG_KEYS)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch._inductor.config switch for the compiled blocks (repeatable), e.g. "
+                             "coordinate_descent_tuning=1")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
     opts = parser.parse_args()
     configure_attention(opts.attention)
+    if opts.long_keys is not None:
+        attention_module.LONG_KEYS = opts.long_keys
+    import torch._inductor.config as inductor_config
+
+    for switch in opts.inductor:
+        key, _, value = switch.partition("=")
+        setattr(inductor_config, key, type(getattr(inductor_config, key))(int(value)))
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -149,7 +162,7 @@ def main() -> None:
         "targets": {"fp8_streamed_vs_fp8_resident": "<= 1.05x", "fp8_streamed_step_s": "<= 9.5",
                     "fp8_streamed_gpu_peak_gb": "<= 8", "fp8_vs_bf16_cosine": ">= 0.999"},
         "compiled": opts.compile,
-        "attention": kernel_for(0)[0],
+        "attention": kernel_for(0)[0], "long_keys": attention_module.LONG_KEYS, "inductor": opts.inductor,
         "runs": [],
     }
 
