@@ -52,10 +52,12 @@ def model_heads(ckpt_dir: Path | None) -> int:
 
 
 def layout_for(gpus: int, passes: int, heads: int, frame_num: int | None = None) -> Layout:
+    """The layout `choose_layout` gives, its refusal as a usage error. `frame_num` is unused (the even token
+    split takes any clip); it stays until itk/run.py stops passing it."""
     try:
-        return choose_layout(gpus, passes, heads, frame_num)
+        return choose_layout(gpus, passes, heads)
     except LayoutError as exc:
-        raise UserError(str(exc), "pick --gpus (or frame_num) as the line says", EXIT_USAGE) from None
+        raise UserError(str(exc), "pick --gpus as the line says", EXIT_USAGE) from None
 
 
 def launch_argv(generator: list[str], gpus: int) -> list[str]:

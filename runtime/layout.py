@@ -50,23 +50,14 @@ def valid_gpu_counts(passes: int, heads: int, up_to: int = MAX_LISTED) -> list[i
     return [n for n in range(1, up_to + 1) if heads % (n // guidance_groups(n, passes)) == 0]
 
 
-def latent_frames(frame_num: int) -> int:
-    """The latent frames of a clip of `frame_num` video frames (the VAE keeps the first, then 1 per 4)."""
-    return (frame_num - 1) // 4 + 1
-
-
-def choose_layout(gpus: int, passes: int, heads: int, frame_num: int | None = None) -> Layout:
+def choose_layout(gpus: int, passes: int, heads: int) -> Layout:
     """The layout of `gpus` GPUs for a step of `passes` DiT passes on a model of `heads` attention heads.
-    `frame_num`: the clip's video frames; sequence parallel splits the tokens by whole latent frames, so
-    its degree cannot exceed them."""
+    Sequence parallel splits the visual tokens evenly, whatever the clip's latent frames (a GPU may hold
+    part of a frame), so only the heads limit its degree."""
     if gpus < 1:
         raise LayoutError(f"--gpus {gpus}: give 1 or more")
     groups = guidance_groups(gpus, passes)
     sp = gpus // groups
-    if frame_num is not None and sp > latent_frames(frame_num):
-        raise LayoutError(f"--gpus {gpus}: a clip of {frame_num} frames has {latent_frames(frame_num)} latent "
-                          f"frames, fewer than the sequence-parallel degree {sp} (each GPU takes whole latent "
-                          f"frames); use fewer GPUs or frame_num {4 * (sp - 1) + 1} or more")
     if heads % sp:
         valid = ", ".join(map(str, valid_gpu_counts(passes, heads)))
         raise LayoutError(f"--gpus {gpus}: the model's {heads} attention heads do not divide by the "

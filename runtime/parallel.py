@@ -8,16 +8,19 @@ events.
 
 Guidance parallel: group g runs pass g of each step; the predictions are all-gathered across the groups
 (`Parallel.gather_passes`) so every rank takes the same Euler step. Sequence parallel (Ulysses): the visual
-tokens are split by whole latent frames across the `sp` ranks of a group (the per-frame audio attention
-then runs unchanged on each rank's frames), and around every self-attention `torch.distributed.
-all_to_all_single` trades the local tokens of all heads for all tokens of `heads / sp` heads and back. The
-two-speaker reference-target map is a mean over heads: each rank computes it for its heads over all tokens
-(frame 0's keys included) and an all-reduce completes the mean, so two speakers work under both.
+tokens are split evenly across the `sp` ranks of a group (L // sp each, one more for the first L % sp), so a
+rank's share may begin and end inside a latent frame: the per-frame audio attention takes the audio of every
+frame the share touches and pads the share's queries to whole frames. Around every self-attention
+`torch.distributed.all_to_all_single` trades the local tokens of all heads for all tokens of `heads / sp`
+heads and back (uneven shares included). The two-speaker reference-target map is a mean over heads: each rank
+computes it for its heads over all tokens (frame 0's keys included) and an all-reduce completes the mean, so
+two speakers work under both.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -48,12 +51,11 @@ def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def split_frames(frames: int, parts: int) -> list[int]:
-    """Latent frames per sequence-parallel rank, as even as whole frames allow (the first ones get one more)."""
-    if frames < parts:
-        raise ValueError(f"{frames} latent frames cannot be split over {parts} GPUs of sequence parallel; "
-                         "use fewer GPUs or a longer --frame_num")
-    return [frames // parts + (i < frames % parts) for i in range(parts)]
+def split_tokens(tokens: int, parts: int) -> list[int]:
+    """Visual tokens per sequence-parallel rank, as even as tokens go (the first `tokens % parts` ranks get one
+    more), wherever the latent frames' boundaries fall: a whole-frame split caps 21 frames on 2 GPUs at
+    21/11 = 1.91x, this one at 2x."""
+    return [tokens // parts + (i < tokens % parts) for i in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -98,40 +100,57 @@ class Parallel:
         """How one forward's tokens of this (frames, h, w) grid split; None without sequence parallel."""
         if self.layout.sp == 1:
             return None
-        return Shard(self, tuple(split_frames(grid[0], self.layout.sp)), grid[1] * grid[2])
+        frame_tokens = grid[1] * grid[2]
+        return Shard(self, tuple(split_tokens(grid[0] * frame_tokens, self.layout.sp)), frame_tokens)
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One forward's split of the visual tokens: sequence rank i holds latent frames
-    [sum(frames[:i]), sum(frames[:i+1])), i.e. `frames[i] * frame_tokens` consecutive tokens."""
+    """One forward's split of the visual tokens: sequence rank i holds the `tokens[i]` consecutive tokens from
+    `offsets[i]`, a range that may begin and end inside a latent frame of `frame_tokens` tokens."""
 
     parallel: Parallel
-    frames: tuple[int, ...]
+    tokens: tuple[int, ...]
     frame_tokens: int
 
     @property
     def sp(self) -> int:
-        return len(self.frames)
+        return len(self.tokens)
 
     @property
-    def tokens(self) -> list[int]:
-        return [f * self.frame_tokens for f in self.frames]
+    def offsets(self) -> list[int]:
+        return list(itertools.accumulate(self.tokens, initial=0))[:-1]
 
     @property
-    def first_frame(self) -> int:
-        return sum(self.frames[: self.parallel.sp_rank])
+    def start(self) -> int:
+        """This rank's first token."""
+        return self.offsets[self.parallel.sp_rank]
 
-    def local_grid(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
-        return (self.frames[self.parallel.sp_rank], grid[1], grid[2])
+    @property
+    def stop(self) -> int:
+        """One past this rank's last token."""
+        return self.start + self.tokens[self.parallel.sp_rank]
+
+    @property
+    def frames(self) -> tuple[int, int]:
+        """The latent frames [first, end) this rank's tokens touch, wholly or in part."""
+        return self.start // self.frame_tokens, -(-self.stop // self.frame_tokens)
+
+    @property
+    def frame_padding(self) -> tuple[int, int]:
+        """The tokens of the touched frames before this rank's first token and after its last (other ranks'
+        tokens): what pads the local tokens to whole frames."""
+        first, end = self.frames
+        return self.start - first * self.frame_tokens, end * self.frame_tokens - self.stop
 
     def local_frames(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's latent frames of a per-frame tensor (the audio tokens [1, T, M, C])."""
-        return x.narrow(dim, self.first_frame, self.frames[self.parallel.sp_rank])
+        """The frames this rank's tokens touch, of a per-frame tensor (the audio tokens [1, T, M, C])."""
+        first, end = self.frames
+        return x.narrow(dim, first, end - first)
 
     def local_tokens(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's tokens of a per-token tensor (tokens [1, L, D] with dim 1, RoPE [L, 1, d/2])."""
-        return x.narrow(dim, self.first_frame * self.frame_tokens, self.tokens[self.parallel.sp_rank])
+        return x.narrow(dim, self.start, self.stop - self.start)
 
     @eager
     def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,8 +158,8 @@ class Shard:
         _, local, heads, d = x.shape
         send = x[0].reshape(local, self.sp, heads // self.sp, d).transpose(0, 1).contiguous()
         out = x.new_empty(sum(self.tokens), heads // self.sp, d)
-        dist.all_to_all_single(out, send.view(self.sp * local, heads // self.sp, d), self.tokens, [local] * self.sp,
-                               group=self.parallel.sp_group)
+        dist.all_to_all_single(out, send.view(self.sp * local, heads // self.sp, d), list(self.tokens),
+                               [local] * self.sp, group=self.parallel.sp_group)
         return out[None]
 
     @eager
@@ -149,7 +168,8 @@ class Shard:
         _, _, part, d = x.shape
         local = self.tokens[self.parallel.sp_rank]
         out = x.new_empty(self.sp * local, part, d)
-        dist.all_to_all_single(out, x[0].contiguous(), [local] * self.sp, self.tokens, group=self.parallel.sp_group)
+        dist.all_to_all_single(out, x[0].contiguous(), [local] * self.sp, list(self.tokens),
+                               group=self.parallel.sp_group)
         return out.view(self.sp, local, part, d).transpose(0, 1).reshape(1, local, self.sp * part, d)
 
     @eager
@@ -186,11 +206,12 @@ def _groups(ranks: Sequence[Sequence[int]], mine: int) -> dist.ProcessGroup | No
 
 def start(launch: Launch, passes: int, heads: int, frame_num: int | None = None) -> Parallel | None:
     """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) and build this rank's `Parallel`; None
-    for a single process. LayoutError when `heads` (or a clip's `frame_num`) cannot be split over the world
-    size."""
+    for a single process. LayoutError when `heads` cannot be split over the world size. `frame_num` is
+    unused (the even token split takes any clip on any degree); it stays until runtime/generate.py stops
+    passing it."""
     if launch.world_size == 1:
         return None
-    layout = choose_layout(launch.world_size, passes, heads, frame_num)
+    layout = choose_layout(launch.world_size, passes, heads)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(launch.local_rank)  # "cuda" is this rank's GPU from here on

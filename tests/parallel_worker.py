@@ -21,8 +21,11 @@ from itk.runtime.pipeline import ClipPlan, SeededNoise, Settings, StreamingPipel
 from itk.runtime.sampler import Guidance, Sampler
 from itk.runtime.tiny import TINY
 
-FRAMES = 9  # 3 latent frames: split 2 + 1 over two sequence-parallel ranks (an uneven split on purpose)
-SIDE = 32
+# 3 latent frames of 3 x 3 tokens: L = 27 splits 14 + 13 over two sequence-parallel ranks, an uneven split
+# whose boundary falls inside frame 1 (its tokens 9..17), for the one-speaker video and the two-speaker call
+FRAMES = 9
+SIDE = 48
+GRID = ((FRAMES - 1) // 4 + 1, SIDE // 16, SIDE // 16)  # latent frames x token rows x token columns
 
 
 def models() -> tuple[InfiniteTalkDiT, WanVAE]:
@@ -64,9 +67,9 @@ def speakers(dit: InfiniteTalkDiT) -> torch.Tensor:
     gen = torch.Generator().manual_seed(2)
     latent = torch.randn(16, 3, SIDE // 8, SIDE // 8, generator=gen)
     y = torch.randn(1, c.in_dim - 16, 3, SIDE // 8, SIDE // 8, generator=gen)
-    grid = (SIDE // 16) ** 2
-    masks = torch.zeros(3, grid)
-    masks[0, : grid // 2], masks[1, grid // 2:], masks[2, -1] = 1, 1, 1
+    frame_tokens = GRID[1] * GRID[2]
+    masks = torch.zeros(3, frame_tokens)
+    masks[0, : frame_tokens // 2], masks[1, frame_tokens // 2:], masks[2, -1] = 1, 1, 1
     windows = torch.stack([audio_windows(a, 0, FRAMES) for a in x["audio"]])
     return dit(latent, torch.tensor([900.0]), x["context"], x["clip"], y, windows, speaker_masks=masks)
 

@@ -1,9 +1,11 @@
 """Several GPUs on the CPU: torchrun with the gloo backend runs the tiny pipeline split over 2 and 4 processes
 (sequence parallel, guidance parallel, both) and must give the single process's video within DESIGN.md's
-float32 tolerance; the layout rules refuse what the heads cannot split."""
+float32 tolerance; the layout rules refuse what the heads cannot split; the even token split's shares and the
+frames they touch, and the per-frame audio attention on shares that straddle frames."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from itk.runtime.layout import Layout, LayoutError, choose_layout, valid_gpu_counts
-from itk.runtime.parallel import split_frames
+from itk.runtime.models.dit import AudioCrossAttention
+from itk.runtime.parallel import Parallel, Shard, split_tokens
 
 sys.path.insert(0, str(Path(__file__).parent))
 import parallel_worker  # noqa: E402
@@ -73,8 +76,60 @@ def test_a_gpu_count_the_heads_do_not_divide_is_refused_with_the_valid_counts():
                               "degree 3 (2 guidance passes per step); valid GPU counts: 1, 2, 4, 5, 8, 10, 16")
 
 
-def test_latent_frames_split_as_evenly_as_whole_frames_allow():
-    assert split_frames(21, 2) == [11, 10]
-    assert split_frames(21, 8) == [3, 3, 3, 3, 3, 2, 2, 2]
-    with pytest.raises(ValueError, match="3 latent frames cannot be split over 4"):
-        split_frames(3, 4)
+def shards(grid: tuple[int, int, int], sp: int) -> list[Shard]:
+    """Every sequence rank's shard of one forward (no process group: the arithmetic needs none)."""
+    return [Parallel(rank, Layout(groups=1, sp=sp), None, None).shard(grid) for rank in range(sp)]
+
+
+PORTRAIT_480P = (21, 40, 40)  # 640x640: 21 latent frames x 40 x 40 tokens, 1600 a frame, L = 33,600
+SMALL = parallel_worker.GRID  # the torchrun tests' clip: 3 latent frames x 3 x 3 tokens, L = 27
+# (grid, sp): the shares, their first tokens, and the latent frames [first, end) each share touches
+SPLITS = {
+    (PORTRAIT_480P, 2): ([16800] * 2, [0, 16800], [(0, 11), (10, 21)]),
+    (PORTRAIT_480P, 3): ([11200] * 3, [0, 11200, 22400], [(0, 7), (7, 14), (14, 21)]),
+    (PORTRAIT_480P, 4): ([8400] * 4, [0, 8400, 16800, 25200], [(0, 6), (5, 11), (10, 16), (15, 21)]),
+    (PORTRAIT_480P, 8): ([4200] * 8, [0, 4200, 8400, 12600, 16800, 21000, 25200, 29400],
+                         [(0, 3), (2, 6), (5, 8), (7, 11), (10, 14), (13, 16), (15, 19), (18, 21)]),
+    (SMALL, 2): ([14, 13], [0, 14], [(0, 2), (1, 3)]),
+    (SMALL, 3): ([9, 9, 9], [0, 9, 18], [(0, 1), (1, 2), (2, 3)]),
+    (SMALL, 4): ([7, 7, 7, 6], [0, 7, 14, 21], [(0, 1), (0, 2), (1, 3), (2, 3)]),
+    (SMALL, 8): ([4, 4, 4, 3, 3, 3, 3, 3], [0, 4, 8, 12, 15, 18, 21, 24],
+                 [(0, 1), (0, 1), (0, 2), (1, 2), (1, 2), (2, 3), (2, 3), (2, 3)]),
+}
+
+
+def test_the_torchrun_tests_split_their_tokens_inside_a_frame():
+    assert SMALL == (3, 3, 3) and SPLITS[SMALL, 2][2] == [(0, 2), (1, 3)]  # frame 1 is on both ranks
+
+
+@pytest.mark.parametrize(("grid", "sp"), SPLITS)
+def test_the_tokens_split_evenly_and_each_share_takes_every_frame_it_touches(grid, sp):
+    shares, offsets, frames = SPLITS[grid, sp]
+    frame_tokens = grid[1] * grid[2]
+    assert split_tokens(math.prod(grid), sp) == shares
+    ranks = shards(grid, sp)
+    assert [s.offsets[s.parallel.sp_rank] for s in ranks] == [s.start for s in ranks] == offsets
+    assert [s.frames for s in ranks] == frames
+    for shard, share in zip(ranks, shares, strict=True):
+        first, end = shard.frames
+        before, after = shard.frame_padding
+        assert 0 <= before < frame_tokens and 0 <= after < frame_tokens
+        assert (end - first) * frame_tokens - before - after == shard.stop - shard.start == share
+
+
+@pytest.mark.parametrize("speakers", [1, 2])
+def test_the_audio_attention_on_shares_that_straddle_frames_gives_the_whole_clips_tokens(speakers):
+    """Every rank's audio cross-attention, each on its own tokens and the audio of the frames they touch,
+    concatenated in rank order, is the one-process output (two speakers: the L-RoPE positions too)."""
+    torch.manual_seed(0)
+    grid, dim, audio_tokens = SMALL, 32, 4 * speakers
+    layer = AudioCrossAttention(dim, 16, num_heads=4).eval()
+    x = torch.randn(1, math.prod(grid), dim)
+    audio = torch.randn(1, grid[0], audio_tokens, 16)
+    ref_map = torch.rand(3, x.shape[1]) if speakers == 2 else None
+    with torch.no_grad():
+        whole = layer(x, audio, grid[1] * grid[2], ref_map)
+        for sp in (2, 3, 4, 8):
+            parts = [layer(s.local_tokens(x, dim=1), s.local_frames(audio), grid[1] * grid[2], ref_map, s)
+                     for s in shards(grid, sp)]
+            torch.testing.assert_close(torch.cat(parts, dim=1), whole, msg=f"sequence parallel {sp}")

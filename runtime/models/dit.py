@@ -222,27 +222,33 @@ class AudioCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(audio_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, frames: int,
+    def forward(self, x: torch.Tensor, audio_tokens: torch.Tensor, frame_tokens: int,
                 ref_map: torch.Tensor | None = None, shard: Shard | None = None) -> torch.Tensor:
-        """ref_map: the reference-target map [3, L] of a two-speaker call (audio_tokens then hold speaker 1's
-        tokens followed by speaker 2's in each frame); None for one speaker (no positional terms). shard: x
-        and audio_tokens hold this rank's frames, ref_map all tokens (the positions scale over all of them)."""
-        # x [1, L, D] -> [T, L/T, D]; audio_tokens [1, T, M, audio_dim] -> [T, M, audio_dim]
+        """x [1, L, D]: whole latent frames of `frame_tokens` tokens each; audio_tokens [1, T, M, audio_dim]:
+        their frames' tokens. ref_map: the reference-target map [3, L] of a two-speaker call (audio_tokens
+        then hold speaker 1's tokens followed by speaker 2's in each frame); None for one speaker (no
+        positional terms). shard (sequence parallel): x holds this rank's tokens, which may begin and end
+        inside a frame, audio_tokens every frame they touch, ref_map all tokens (the positions scale over all
+        of them). Only the attention groups by frame: the queries are padded with zeros to whole frames
+        around it (one call for all frames; the padding is at most two frames' queries, dropped after)."""
         b, seq, dim = x.shape
         n, d = self.num_heads, dim // self.num_heads
-        xf = x.reshape(b * frames, seq // frames, dim)
-        af = audio_tokens.flatten(0, 1)
-        q = self.q_linear(xf).view(xf.shape[0], xf.shape[1], n, d)
+        af = audio_tokens.flatten(0, 1)  # [T, M, audio_dim]
+        q = self.q_linear(x).view(b, seq, n, d)
         kv = self.kv_linear(af).view(af.shape[0], af.shape[1], 2, n, d)
         k, v = kv[:, :, 0], kv[:, :, 1]
         if ref_map is not None:
             positions = query_positions(ref_map)
             if shard is not None:
                 positions = shard.local_tokens(positions)
-            q = rope_1d(q, positions.view(frames, -1)).type_as(v)
+            q = rope_1d(q, positions[None]).type_as(v)
             k = rope_1d(k, key_positions(af.shape[1], k.device)[None]).type_as(v)
-        out = attention(q, k, v).flatten(2)
-        return self.proj(out).reshape(b, seq, dim)
+        before, after = (0, 0) if shard is None else shard.frame_padding
+        if before or after:
+            q = F.pad(q, (0, 0, 0, 0, before, after))
+        out = attention(q.view(-1, frame_tokens, n, d), k, v)  # [T, frame_tokens, N, d]
+        out = out.reshape(b, -1, dim)[:, before : before + seq]
+        return self.proj(out)
 
 
 def query_positions(ref_map: torch.Tensor) -> torch.Tensor:
@@ -297,18 +303,18 @@ class Block(nn.Module):
         x: torch.Tensor,  # [1, L, D]
         e0: torch.Tensor,  # [1, 6, D] float32
         context: torch.Tensor,  # [1, image_tokens + text_len, D]
-        audio_tokens: torch.Tensor,  # [1, T, M, audio_dim]
+        audio_tokens: torch.Tensor,  # [1, T, M, audio_dim] (sequence parallel: the frames x touches)
         grid: tuple[int, int, int],
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [L, 1, d/2]
         speaker_masks: torch.Tensor | None = None,  # [3, N_h*N_w] for two speakers, else None
-        shard: Shard | None = None,  # sequence parallel: x, audio tokens, grid and rope are this rank's frames
+        shard: Shard | None = None,  # sequence parallel: x and rope hold this rank's tokens (grid: all of them)
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
         y, ref_map = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope, speaker_masks,
                                     shard)
         x = (x.float() + y.float() * gate1).type_as(x)
         x = x + self.cross_attn(self.norm3(x), context)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[0], ref_map, shard)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[1] * grid[2], ref_map, shard)
         y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).type_as(x))
         return (x.float() + y.float() * gate2).type_as(x)
 
@@ -444,8 +450,7 @@ class InfiniteTalkDiT(nn.Module):
             return self.unpatchify(self.head(tokens, e).float(), grid)
         local_rope = (shard.local_tokens(rope[0]), shard.local_tokens(rope[1]))
         tokens = (run_blocks or self.run_blocks)(shard.local_tokens(tokens, dim=1), e0, ctx,
-                                                 shard.local_frames(audio_tokens), shard.local_grid(grid), local_rope,
-                                                 masks, shard)
+                                                 shard.local_frames(audio_tokens), grid, local_rope, masks, shard)
         return self.unpatchify(shard.gather_tokens(self.head(tokens, e).float()), grid)
 
 
