@@ -51,9 +51,8 @@ def model_heads(ckpt_dir: Path | None) -> int:
         return OFFICIAL_HEADS
 
 
-def layout_for(gpus: int, passes: int, heads: int, frame_num: int | None = None) -> Layout:
-    """The layout `choose_layout` gives, its refusal as a usage error. `frame_num` is unused (the even token
-    split takes any clip); it stays until itk/run.py stops passing it."""
+def layout_for(gpus: int, passes: int, heads: int) -> Layout:
+    """The layout `choose_layout` gives, its refusal as a usage error."""
     try:
         return choose_layout(gpus, passes, heads)
     except LayoutError as exc:

@@ -446,8 +446,7 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     count = preset.gpus if gpus is None else parse_gpus(gpus)
     # a preset's measured step holds for its own GPU count only: another count gets no invented number
     step_time = expected_step_s(preset.name, gpu) if count == preset.gpus else None
-    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")),
-                        int(settings.get("frame_num", 81)))
+    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")))
     argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
                           run_dir / "job.json", out.with_suffix(""), resume=resume is not None, loras=pairs)
     # the preset line of a dry run says what a clip costs, which LoRAs are merged and how the GPUs split

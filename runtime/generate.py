@@ -59,7 +59,7 @@ def _start_parallel(request: Request, options: RuntimeOptions) -> tuple[Parallel
     s = request.sampling
     passes = len(Sampler(Guidance(s.text_scale, s.audio_scale)).every_pass())
     try:
-        group = parallel.start(options.launch, passes, model_config(request).dit.num_heads, s.frame_num)
+        group = parallel.start(options.launch, passes, model_config(request).dit.num_heads)
     except LayoutError as exc:
         raise BadInput(str(exc), "run on one of the valid GPU counts (itk run --gpus N)") from None
     seed = parallel.agree(s.seed, group)

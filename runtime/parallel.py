@@ -204,11 +204,9 @@ def _groups(ranks: Sequence[Sequence[int]], mine: int) -> dist.ProcessGroup | No
     return found
 
 
-def start(launch: Launch, passes: int, heads: int, frame_num: int | None = None) -> Parallel | None:
+def start(launch: Launch, passes: int, heads: int) -> Parallel | None:
     """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) and build this rank's `Parallel`; None
-    for a single process. LayoutError when `heads` cannot be split over the world size. `frame_num` is
-    unused (the even token split takes any clip on any degree); it stays until runtime/generate.py stops
-    passing it."""
+    for a single process. LayoutError when `heads` cannot be split over the world size."""
     if launch.world_size == 1:
         return None
     layout = choose_layout(launch.world_size, passes, heads)
