@@ -3,13 +3,15 @@
 Full-size Wan2.1 VAE (runtime/configs.py's VAEConfig) with random weights, saved once and loaded through
 `load_vae` like the generator loads it: encode 81 frames and decode 21 latent frames at 640x640, for
 - official: `load_vae(..., fast=False)`, NCDHW and the official op sequence (the baseline),
-- fast: `load_vae(..., fast=True)`, channels-last with the Triton norm+SiLU (runtime/models/vae.py),
+- fast: `load_vae(..., fast=True)`, channels-last with the Triton norm+SiLU and residual sum, the biases
+  added by the passes after the convs and the upsample conv on the low-resolution frame (runtime/models/vae.py),
 each in float32 and bfloat16, plus the fast float32 path with cudnn.benchmark on (would autotuning the
 convolutions pay?). Per run: seconds (CUDA events, one warm-up, median of 3), peak GPU GB (torch's
 max_memory_allocated during the op: weights and input included), and for all but the baseline the max-abs
 error, the relative error (max |d| / max |ref|) and the cosine against the official float32 output. Then a
 torch.profiler breakdown of one float32 decode per layout by kernel kind: conv, conv_layout (cuDNN's own
-NCDHW <-> NDHWC transposes), norm_silu, copy (cat, pad, copies), upsample, attention, other.
+NCDHW <-> NDHWC transposes), norm_silu, copy (cat, pad, copies), add (conv biases, residual sums), upsample,
+attention, other.
 
 Device:  python bench/bench_vae.py --out $OUT/vae-h200.json   (about 2 minutes on an H200)
 CPU smoke (tests/test_vae.py runs it):  python bench/bench_vae.py --tiny --out /tmp/vae-tiny.json
@@ -44,6 +46,7 @@ KERNEL_KINDS = (("conv_layout", ("nchwtonhwc", "nhwctonchw")),
                 ("conv", ("conv", "cudnn", "xmma", "gemm", "cutlass", "implicit", "winograd", "fprop", "nvjet")),
                 ("norm_silu", ("norm", "silu", "sigmoid", "div", "mul")),
                 ("copy", ("copy", "cat", "pad", "fill", "zero", "memset", "memcpy")),
+                ("add", ("add", "residual_sum")),
                 ("upsample", ("upsample",)),
                 ("attention", ("attention", "fmha", "flash", "softmax")))
 # The rest of the work outside the DiT per clip, from bench/results/speed-h200.json: colour correction on
@@ -142,7 +145,7 @@ def random_vae_file(cfg, folder: Path, device: torch.device) -> Path:
 
 
 def run_all(result: dict, shape: Shape, cfg, device: torch.device, only: set[str], save) -> None:
-    from itk.runtime.models.vae import fused_norm_silu_ready, load_vae
+    from itk.runtime.models.vae import fused_kernels_ready, load_vae
 
     g = torch.Generator(device=device).manual_seed(3)
     video = torch.rand(3, shape.frames, shape.size, shape.size, device=device, generator=g) * 2 - 1
@@ -176,7 +179,7 @@ def run_all(result: dict, shape: Shape, cfg, device: torch.device, only: set[str
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             save()
-    result["norm_silu_kernel"] = "triton" if fused_norm_silu_ready(device) else "eager"
+    result["triton_kernels"] = "triton" if fused_kernels_ready(device) else "eager"
     base = runs[RUNS[0][0]]
     for name, entry in runs.items():
         if name != RUNS[0][0]:

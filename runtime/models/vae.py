@@ -20,10 +20,18 @@ Two layouts of the same network (`load_vae(..., fast=)`):
   [B*T, C, H, W] channels-last 2D as a view (no copy); cuDNN pads space itself; and RMSNorm+SiLU is one
   Triton kernel writing straight into the conv's buffer: one read and one write of the activations where
   the official ops make five reads and four writes (norm, division, two products, SiLU) and then a copy.
+  Fewer passes over the activations still: torch adds a convolution's bias in a pass of its own after
+  cuDNN (a broadcast add, which its element-wise kernels do not vectorise), so in the residual blocks the
+  first conv's bias is added by the Triton norm+SiLU that reads its output, and the second's by one Triton
+  pass computing (conv + bias) + shortcut, the official order. And the nearest x2 spatial upsample before a
+  3x3 conv (the decoder's resamplers) is one 2x2 conv on the low-resolution frame with 4 outputs per
+  channel, one per output pixel phase (`phase_weights`), then one interleaving pass that adds the bias:
+  4/9 of the multiply-adds and no upsampled tensor.
   What changes numerically on the GPU: float32 stays float32 (TF32 convolutions as before), but the kernel
-  sums the squares of the norm in its own order, and cuDNN picks other algorithms for the new layout: about
-  1e-6 relative at the output (bench/bench_vae.py measures it). In bfloat16 the kernel computes in float32
-  and rounds once, where the official sequence rounds after normalise, scale, gain and SiLU each.
+  sums the squares of the norm in its own order, the upsample conv multiplies by summed weights, and cuDNN
+  picks other algorithms for the new layout: about 1e-6 relative at the output (bench/bench_vae.py measures
+  it). In bfloat16 the kernel computes in float32 and rounds once, where the official sequence rounds after
+  normalise, scale, gain and SiLU each.
 """
 
 from __future__ import annotations
@@ -58,11 +66,12 @@ log = logging.getLogger(__name__)
 
 if triton is not None:
     @triton.jit
-    def _norm_silu_kernel(x_ptr, gamma_ptr, out_ptr, frames, height, width, channels,
+    def _norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, frames, height, width, channels,
                           xs_b, xs_t, xs_h, xs_w, os_b, os_t, os_h, os_w, scale,
-                          BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         """out = SiLU(x / max(|x|, 1e-12) * scale * gamma), |x| over the channels of each pixel of a
-        [B, C, T, H, W] whose channels are contiguous (stride 1) in both x and out. Program (r, j): pixels
+        [B, C, T, H, W] whose channels are contiguous (stride 1) in both x and out; with HAS_BIAS, x is first
+        x + bias (the bias of the conv that made x, added in x's dtype as torch does). Program (r, j): pixels
         j*BLOCK_W... of image row r (over B, T, H), so only one scalar division per program."""
         row = tl.program_id(0)
         h = row % height
@@ -72,7 +81,10 @@ if triton is not None:
         c = tl.arange(0, BLOCK_C)
         mask = (w < width)[:, None] & (c < channels)[None, :]
         x_row = b.to(tl.int64) * xs_b + t.to(tl.int64) * xs_t + h.to(tl.int64) * xs_h
-        x = tl.load(x_ptr + x_row + (w * xs_w)[:, None] + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + x_row + (w * xs_w)[:, None] + c[None, :], mask=mask, other=0.0)
+        if HAS_BIAS:
+            x = x + tl.load(bias_ptr + c, mask=c < channels, other=0.0)[None, :]
+        x = x.to(tl.float32)
         # IEEE square root and division as torch's (Triton's defaults are approximate)
         norm = tl.maximum(tl.sqrt_rn(tl.sum(x * x, axis=1)), 1e-12)  # F.normalize's eps
         gamma = tl.load(gamma_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
@@ -81,16 +93,31 @@ if triton is not None:
         out_row = b.to(tl.int64) * os_b + t.to(tl.int64) * os_t + h.to(tl.int64) * os_h
         tl.store(out_ptr + out_row + (w * os_w)[:, None] + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _residual_sum_kernel(x_ptr, bias_ptr, h_ptr, n, channels, BLOCK: tl.constexpr):
+        """x = (x + bias) + h over n values of two tensors of one dense channels-last layout (bias: per
+        channel, the fastest-varying index)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n
+        x = tl.load(x_ptr + i, mask=mask) + tl.load(bias_ptr + i % channels, mask=mask)
+        tl.store(x_ptr + i, x + tl.load(h_ptr + i, mask=mask), mask=mask)
 
-def _fused_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-    """Launch _norm_silu_kernel on a channels-last [B, C, T, H, W] (gamma: C values, contiguous)."""
+
+def _fused_norm_silu(x: torch.Tensor, bias: torch.Tensor | None, gamma: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> None:
+    """Launch _norm_silu_kernel on a channels-last [B, C, T, H, W] (bias, gamma: C values, contiguous)."""
     b, c, t, h, w = x.shape
     block_c = triton.next_power_of_2(c)
     block_w = min(triton.next_power_of_2(w), max(1, NORM_ELEMENTS // block_c))
     xs, os_ = x.stride(), out.stride()
     _norm_silu_kernel[(b * t * h, triton.cdiv(w, block_w))](
-        x, gamma, out, t, h, w, c, xs[0], xs[2], xs[3], xs[4], os_[0], os_[2], os_[3], os_[4], scale,
-        BLOCK_W=block_w, BLOCK_C=block_c)
+        x, gamma if bias is None else bias, gamma, out, t, h, w, c, xs[0], xs[2], xs[3], xs[4],
+        os_[0], os_[2], os_[3], os_[4], scale, HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c)
+
+
+def _with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + bias over the channels of [B, C, T, H, W], as the convolution that made x would have added it."""
+    return x if bias is None else x + bias.view(-1, 1, 1, 1)
 
 
 def _eager_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
@@ -98,26 +125,43 @@ def _eager_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torc
     return F.silu(F.normalize(x.float(), dim=1).type_as(x) * scale * gamma, inplace=True)
 
 
+def residual_sum(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor, fuse: bool) -> torch.Tensor:
+    """(x + bias) + h written into x: a residual block's second conv output x (made without its bias), in
+    the official order; one Triton pass when `fuse` and both tensors are dense channels-last."""
+    if fuse and x.shape == h.shape and all(v.is_contiguous(memory_format=FAST_FORMAT) for v in (x, h)):
+        block = 4096
+        _residual_sum_kernel[(triton.cdiv(x.numel(), block),)](x, bias, h, x.numel(), x.shape[1], BLOCK=block)
+        return x
+    return x.add_(bias.view(-1, 1, 1, 1)).add_(h)
+
+
 @functools.cache
-def fused_norm_silu_ready(device: torch.device) -> bool:
-    """Whether the Triton norm+SiLU kernel compiles and agrees with the eager ops on `device`, tried once per
-    process and device: with no Triton, no C compiler for its launcher, or a Triton too old for this GPU,
-    the fast layout keeps the eager norm and SiLU (with a warning naming why)."""
+def fused_kernels_ready(device: torch.device) -> bool:
+    """Whether the Triton kernels (norm+SiLU with and without a bias, the residual sum) compile and agree
+    with the eager ops on `device`, tried once per process and device: with no Triton, no C compiler for
+    its launcher, or a Triton too old for this GPU, the fast layout keeps the eager ops (with a warning
+    naming why)."""
     if triton is None or device.type != "cuda":
         return False
     try:
         g = torch.Generator(device).manual_seed(0)  # its own generator: the run's random stream stays as it was
-        x = torch.randn(2, 24, 3, 5, 7, device=device, generator=g).contiguous(memory_format=FAST_FORMAT)
+        x, h = (torch.randn(2, 24, 3, 5, 7, device=device, generator=g).contiguous(memory_format=FAST_FORMAT)
+                for _ in range(2))
         gamma = torch.rand(24, 1, 1, 1, device=device, generator=g) + 0.5
-        out = torch.empty_like(x)
-        _fused_norm_silu(x, gamma, 24**0.5, out)
-        error = (out - _eager_norm_silu(x, gamma, 24**0.5)).abs().max().item()
-    except Exception as exc:  # noqa: BLE001 - any failure to build or run the kernel means: stay eager
-        log.warning("VAE: the Triton norm+SiLU kernel does not run here (%s); using the eager ops",
+        bias = torch.randn(24, device=device, generator=g)
+        error = 0.0
+        for b in (None, bias):
+            out = torch.empty_like(x)
+            _fused_norm_silu(x, b, gamma, 24**0.5, out)
+            error = max(error, (out - _eager_norm_silu(_with_bias(x, b), gamma, 24**0.5)).abs().max().item())
+        expected = _with_bias(x, bias) + h
+        error = max(error, (residual_sum(x, bias, h, fuse=True) - expected).abs().max().item())
+    except Exception as exc:  # noqa: BLE001 - any failure to build or run a kernel means: stay eager
+        log.warning("VAE: the Triton kernels do not run here (%s); using the eager ops",
                     f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
         return False
     if error > 1e-4:
-        log.warning("VAE: the Triton norm+SiLU kernel is off by %.2g here; using the eager ops", error)
+        log.warning("VAE: the Triton kernels are off by %.2g here; using the eager ops", error)
         return False
     return True
 
@@ -146,11 +190,13 @@ class ChunkMemory:
             self.slots.append(value)
         self.index += 1
 
-    def conv(self, conv: CausalConv3d, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+    def conv(self, conv: CausalConv3d, x: torch.Tensor, norm: RMSNorm | None = None, bias: bool = True,
+             x_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Run `conv` on this chunk (after norm+SiLU when given) with the previous chunk's frames in front;
-        keep the last frames of that input for the next chunk."""
+        keep the last frames of that input for the next chunk. bias=False leaves conv's bias to the caller;
+        x_bias: the bias still owed to x, added by the norm."""
         past = self.read()
-        out, keep = conv.chunk(x, past if isinstance(past, torch.Tensor) else None, self, norm)
+        out, keep = conv.chunk(x, past if isinstance(past, torch.Tensor) else None, self, norm, bias, x_bias)
         self.write(keep)
         return out
 
@@ -165,12 +211,14 @@ class CausalConv3d(nn.Conv3d):
         self.space = (ph, pw)
 
     def chunk(self, x: torch.Tensor, past: torch.Tensor | None, memory: ChunkMemory,
-              norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              norm: RMSNorm | None = None, bias: bool = True,
+              x_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(this chunk's output, the last `time_pad` frames of its time-padded input for the next chunk).
 
-        The input is one buffer written once: `past` (zeros before the first chunk) in front, then `x`,
-        through `norm` and SiLU when given. Official layout: the buffer holds the spatial zero border too;
-        fast layout: channels-last, and the convolution pads space itself."""
+        The input is one buffer written once: `past` (zeros before the first chunk) in front, then `x`
+        (plus `x_bias`, which needs `norm`), through `norm` and SiLU when given. Official layout: the buffer
+        holds the spatial zero border too; fast layout: channels-last, and the convolution pads space
+        itself. bias=False: the output without this conv's bias (the caller adds it in a later pass)."""
         b, c, t, h, w = x.shape
         front, (ph, pw) = self.time_pad, self.space
         if memory.fast:
@@ -186,9 +234,10 @@ class CausalConv3d(nn.Conv3d):
         if norm is None:
             body.copy_(x)
         else:
-            norm.silu_into(x, body, memory.fuse)
+            norm.silu_into(x, body, memory.fuse, x_bias)
         keep = buf[:, :, t:].clone()
-        return F.conv3d(buf, self.weight, self.bias, self.stride, padding, self.dilation, self.groups), keep
+        return F.conv3d(buf, self.weight, self.bias if bias else None, self.stride, padding, self.dilation,
+                        self.groups), keep
 
 
 class RMSNorm(nn.Module):
@@ -203,13 +252,13 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), dim=1).type_as(x) * self.scale * self.gamma
 
-    def silu_into(self, x: torch.Tensor, out: torch.Tensor, fuse: bool) -> None:
-        """SiLU(self(x)) written into `out` (a view of a convolution's input buffer): one Triton kernel when
-        `fuse` and both keep their channels contiguous (channels-last), else the official ops and a copy."""
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor, fuse: bool, bias: torch.Tensor | None = None) -> None:
+        """SiLU(self(x + bias)) written into `out` (a view of a convolution's input buffer): one Triton kernel
+        when `fuse` and both keep their channels contiguous (channels-last), else the official ops and a copy."""
         if fuse and x.stride(1) == 1 and out.stride(1) == 1:
-            _fused_norm_silu(x, self.gamma, self.scale, out)
+            _fused_norm_silu(x, bias, self.gamma, self.scale, out)
         else:
-            out.copy_(_eager_norm_silu(x, self.gamma, self.scale))
+            out.copy_(_eager_norm_silu(_with_bias(x, bias), self.gamma, self.scale))
 
 
 def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
@@ -231,8 +280,11 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual  # the SiLUs run inside the convs' input buffers
         h = self.shortcut(x)
-        x = memory.conv(conv2, memory.conv(conv1, x, norm1), norm2)
-        return x.add_(h)
+        if not memory.fast:
+            return memory.conv(conv2, memory.conv(conv1, x, norm1), norm2).add_(h)
+        # Each conv's bias is added by the pass that reads its output: norm2, then the residual sum.
+        x = memory.conv(conv2, memory.conv(conv1, x, norm1, bias=False), norm2, bias=False, x_bias=conv1.bias)
+        return residual_sum(x, conv2.bias, h, memory.fuse)
 
 
 class AttentionBlock(nn.Module):
@@ -254,12 +306,30 @@ class AttentionBlock(nn.Module):
         return x + per_frame(self._frame, x)
 
 
+# Which of the 3 rows (or columns) of a 3x3 kernel fall on each of the 2 low-resolution rows a 2x2 kernel
+# sees, per output phase, for a nearest x2 upsample: output row 2i reads input rows i-1, i, i (kernel rows
+# 0 | 1, 2), output row 2i+1 reads rows i, i, i+1 (kernel rows 0, 1 | 2). [phase, 2x2 row, 3x3 row]
+PHASE_TAPS = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))
+
+
+def phase_weights(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 conv's weight [O, I, 3, 3] applied after a nearest x2 upsample, as a 2x2 conv's weight
+    [4*O, I, 2, 2] on the low-resolution input padded by 1: output channel (2a + b)*O + o at (i + a, j + b)
+    is output pixel (2i + a, 2j + b). The zero border of the upsampled image is the low-resolution one.
+    The summed weights are rounded once (summed in float64)."""
+    taps = torch.tensor(PHASE_TAPS, dtype=torch.float64, device=weight.device)
+    out, cin = weight.shape[:2]
+    summed = torch.einsum("ayk,oikl,bxl->aboiyx", taps, weight.double(), taps).reshape(4 * out, cin, 2, 2)
+    return summed.to(weight.dtype).contiguous(memory_format=torch.channels_last)
+
+
 class Resample(nn.Module):
     """Spatial x2 up/down (per frame) plus, in the '3d' modes, temporal x2 through a causal time conv."""
 
     def __init__(self, dim: int, mode: str):
         super().__init__()
         self.mode = mode
+        self.register_buffer("phase_weight", None, persistent=False)  # the fast layout's upsample conv
         if mode.startswith("up"):
             self.resample = nn.Sequential(nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
                                           nn.Conv2d(dim, dim // 2, 3, padding=1))
@@ -270,17 +340,41 @@ class Resample(nn.Module):
         elif mode == "down3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
+    def use_fast_layout(self, fast: bool) -> None:
+        self.phase_weight = phase_weights(self.resample[1].weight) if fast and self.mode.startswith("up") else None
+
+    def _upsample_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Nearest x2 upsample then the 3x3 conv of [N, C, H, W] channels-last, as the 2x2 conv of
+        `phase_weights` on the low-resolution input, then one pass that interleaves its 4 phases and adds
+        the bias."""
+        bias = self.resample[1].bias
+        phases = F.conv2d(x, self.phase_weight, None, padding=1).contiguous(memory_format=torch.channels_last)
+        n, c, h, w = phases.shape[0], phases.shape[1] // 4, phases.shape[2] - 1, phases.shape[3] - 1
+        s = phases.stride()  # output (2i + a, 2j + b) of channel o is phases[:, (2a + b)*c + o, i + a, j + b]
+        src = phases.as_strided((n, h, 2, w, 2, c), (s[0], s[2], s[2] + 2 * c, s[3], s[3] + c, 1),
+                                phases.storage_offset())
+        out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        torch.add(src, bias, out=out.permute(0, 2, 3, 1).unflatten(1, (h, 2)).unflatten(3, (w, 2)))
+        return out
+
     def _upsample_time(self, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
         past = memory.read()
         if past is None:  # the first chunk (one frame) is not doubled in time
             memory.write(FIRST_CHUNK)
             return x
-        y, keep = self.time_conv.chunk(x, past if isinstance(past, torch.Tensor) else None, memory)
+        # fast layout: the conv's bias is added by the interleaving pass below, not by a pass of its own
+        y, keep = self.time_conv.chunk(x, past if isinstance(past, torch.Tensor) else None, memory,
+                                       bias=not memory.fast)
         memory.write(keep)
         b, c2, t, h, w = y.shape
         # channels [0:c] are the even output frames, [c:2c] the odd ones
         out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=memory.format)
-        out.unflatten(2, (t, 2)).copy_(y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5))
+        frames = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)
+        if memory.fast:
+            bias = self.time_conv.bias.view(2, -1).t()[:, None, :, None, None]  # [c, 1, 2, 1, 1] as frames
+            torch.add(frames, bias, out=out.unflatten(2, (t, 2)))
+        else:
+            out.unflatten(2, (t, 2)).copy_(frames)
         return out
 
     def _downsample_time(self, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
@@ -294,7 +388,7 @@ class Resample(nn.Module):
     def forward(self, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
         if self.mode == "up3d":
             x = self._upsample_time(x, memory)
-        x = per_frame(self.resample, x)
+        x = per_frame(self._upsample_space if memory.fast and self.phase_weight is not None else self.resample, x)
         if self.mode == "down3d":
             x = self._downsample_time(x, memory)
         return x
@@ -392,11 +486,13 @@ class WanVAE(nn.Module):
                 weight = module.weight.data
                 module.weight.data = weight.contiguous(memory_format=formats.get(weight.dim(),
                                                                                  torch.contiguous_format))
+            elif isinstance(module, Resample):
+                module.use_fast_layout(fast)
         self.fast = fast
         return self
 
     def _memory(self, device: torch.device) -> ChunkMemory:
-        return ChunkMemory(self.fast, self.fast and fused_norm_silu_ready(device))
+        return ChunkMemory(self.fast, self.fast and fused_kernels_ready(device))
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.cfg.z_dim, 1, 1, 1)
