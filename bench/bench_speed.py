@@ -257,9 +257,11 @@ def instrument(block, timer: OpTimer):
 
 # Kernel name fragments -> what the kernel does, first match wins (cuDNN / flash attention, cuBLASLt / CUTLASS
 # matmuls (Hopper's are "nvjet_*"), Inductor's fused element-wise kernels "triton_*").
-KERNEL_KINDS = (("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
+# Inductor's kernels first: their names list the ops they fused, "attention" among them (the RoPE kernel that
+# feeds the attention), which are element-wise work, not attention.
+KERNEL_KINDS = (("fused_elementwise_triton", ("triton_",)),
+                ("attention", ("fmha", "flash", "attention", "sdpa", "cudnn")),
                 ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "f8f8")),
-                ("fused_elementwise_triton", ("triton",)),
                 ("copy", ("memcpy", "memset", "copy")))
 
 
