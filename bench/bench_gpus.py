@@ -90,7 +90,7 @@ def worker(opts: argparse.Namespace) -> None:
             del runner, model, sampler
             gc.collect()
             torch.cuda.empty_cache()
-    parallel.stop(group)
+    parallel.stop(group, wait=True)
 
 
 def torchrun(gpus: int, extra: list[str]) -> list[str]:

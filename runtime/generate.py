@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
 
         group, request = _start_parallel(request, options)
         output = engine.run(request, events, options, resume=bool(flags.get("resume")), parallel=group)
+        if group is not None:
+            from itk.runtime.parallel import stop
+
+            stop(group, wait=True)
     except BadInput as exc:
         return _fail(events, EXIT_BAD_INPUT, exc.message, exc.fix)
     except MissingWeights as exc:

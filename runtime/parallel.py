@@ -234,9 +234,14 @@ def agree(value: int, parallel: Parallel | None) -> int:
     return int(box.item())
 
 
-def stop(parallel: Parallel | None) -> None:
-    """Leave the process group (every rank, also on the way out of an error)."""
+def stop(parallel: Parallel | None, wait: bool = False) -> None:
+    """Leave the process group (every rank, also on the way out of an error). wait: first meet every other
+    rank (a finished run): a rank that tears its gloo connections down while a peer still uses them makes that
+    peer abort ("terminate called without an active exception", seen with 8 processes), which would fail a
+    finished video. Never on the way out of an error: the crashed rank would never arrive."""
     if parallel is not None and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -33,6 +33,7 @@ def main() -> None:
         expected = sum(torch.arange(3 * tokens, dtype=torch.float32).view(3, tokens) * (r + 1)
                        for r in range(shard.sp)) / shard.sp
         assert torch.allclose(shard.mean_over_heads(maps), expected), "mean_over_heads"
+        parallel.stop(group, wait=True)
     finally:
         parallel.stop(group)
 

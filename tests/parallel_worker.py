@@ -90,7 +90,7 @@ def main(out: str, scales: list[tuple[float, float]]) -> None:
         results.append({"video": video(dit, vae, group, text, audio), "speakers": speakers(dit)})
     if parallel.writes(group):
         torch.save(results, out)
-    parallel.stop(group)
+    parallel.stop(group, wait=True)
 
 
 if __name__ == "__main__":
