@@ -10,7 +10,7 @@ SageAttention and FlashAttention-4 are used only for long key sequences (the vid
 attention time); the cross-attentions (<= 769 keys) stay on SDPA: an 8-bit kernel gains nothing there, and
 FlashAttention-4 compiles a kernel per shape at first use (~3 s each; cached on disk across runs), which the
 few-key shapes do not repay. FlashAttention-4 runs as a torch custom op, so a compiled block keeps one graph
-around it. K is mean-centred first (exact: softmax ignores a per-query constant), which is
+around it. For SageAttention K is mean-centred first (exact: softmax ignores a per-query constant), which is
 SageAttention's own smoothing done out of place so the caller's K is never modified.
 """
 

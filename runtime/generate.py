@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
     started = time.monotonic()
     request: Request | None = None
     group: Parallel | None = None
+    finished = False  # the video is written: the ranks meet before leaving their process group
     try:
         if lifeline and not die_with_parent():
             raise KeyboardInterrupt  # the parent died while this process started: nobody wants the video
@@ -95,10 +96,7 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
 
         group, request = _start_parallel(request, options)
         output = engine.run(request, events, options, resume=bool(flags.get("resume")), parallel=group)
-        if group is not None:
-            from itk.runtime.parallel import stop
-
-            stop(group, wait=True)
+        finished = True
     except BadInput as exc:
         return _fail(events, EXIT_BAD_INPUT, exc.message, exc.fix)
     except MissingWeights as exc:
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
         if group is not None:
             from itk.runtime.parallel import stop
 
-            stop(group)
+            stop(group, wait=finished)
     events.emit("done", path=str(output), seconds=round(time.monotonic() - started, 2))
     if events.enabled:
         print(output)
