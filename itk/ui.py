@@ -117,6 +117,8 @@ class Page:
         self.running = None
         result = job.result
         if job.cancelled.is_set():
+            # the job ends as soon as its generator does; the verdict on the rest of its group comes after
+            job.stop_ended.wait()  # bounded: stop_group ends with SIGKILL and a 30 s wait
             left = "no process of the job is left" if job.stopped.is_set() else "some processes may still run"
             yield f"<p id='itk-cancelled'>cancelled: {left}</p>", "", None, None, repeat
         elif job.error is not None:

@@ -235,6 +235,7 @@ class Running:
         self.error: UserError | None = None
         self.cancelled = threading.Event()
         self.stopped = threading.Event()  # the cancel found no process of the group left
+        self.stop_ended = threading.Event()  # the cancel's stopping is over: `stopped` holds its verdict
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._work, daemon=True)
 
@@ -260,6 +261,12 @@ class Running:
         threading.Thread(target=self._stop, daemon=True).start()
 
     def _stop(self) -> None:
+        try:
+            self._stop_group()
+        finally:
+            self.stop_ended.set()
+
+    def _stop_group(self) -> None:
         marker = str(self.plan.job_path)
         while not self.done.is_set():
             pgid = group_of(marker)

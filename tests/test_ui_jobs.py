@@ -1,15 +1,21 @@
 """The page's work without a browser: uploads staged inside the output folder whatever their browser
-names, the progress line from events, the busy-port line, and the second speaker's control text."""
+names, the progress line from events, the busy-port line, the second speaker's control text, and a cancel's
+verdict on a real process group."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
 
 from itk.runtime.protocol import read_job
 from itk.ui import port_in_use
-from itk.ui_jobs import Progress, multi_speaker, stage_job, stage_upload
+from itk.ui_jobs import Progress, Running, group_of, multi_speaker, stage_job, stage_upload
 
 
 def test_a_browser_file_name_never_chooses_a_path_outside_the_job_folder(tmp_path: Path) -> None:
@@ -87,3 +93,25 @@ def test_a_staged_two_speaker_job_keeps_the_mode_and_the_boxes(tmp_path: Path) -
     staged = stage_job(tmp_path / "outputs", str(face), [str(one), str(two)], "", "para", ("0,0,10,10", "0,10,10,20"))
     job = read_job(staged.job_file)
     assert job.audio_type == "para" and job.bbox == {"person1": [0, 0, 10, 10], "person2": [0, 10, 10, 20]}
+
+
+def test_a_cancel_gives_its_verdict_only_once_the_whole_group_is_stopped(tmp_path: Path) -> None:
+    """The page reads `stopped` once `stop_ended` is set: a job ends as soon as its generator does, while the
+    stopping may still be waiting on the rest of the group (here a grandchild)."""
+    marker = tmp_path / "job.json"
+    grandchild = ("import subprocess, sys, time; "
+                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", grandchild, str(marker)], start_new_session=True)
+    try:
+        while group_of(str(marker)) is None or len(psutil.Process(child.pid).children()) < 1:
+            assert child.poll() is None
+        members = [child.pid, *(p.pid for p in psutil.Process(child.pid).children())]
+        job = Running(SimpleNamespace(job_path=marker), grace_s=5.0)
+        job.cancel()
+        assert job.stop_ended.wait(60)
+        child.wait(10)
+        assert job.stopped.is_set()
+        assert not [p for p in members if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, 9)
