@@ -35,7 +35,8 @@ from itk.runtime.quant import FP8Kernel, FP8Linear, has_fp8_matmul, linear_names
 
 FULL_LAYERS = 40
 PASSES = 3
-GRID = (21, 40, 40)  # latent frames, token rows, token columns at 640x640
+SIZES = {"480p": (21, 40, 40), "720p": (21, 60, 60)}  # latent frames, token rows, token columns (640², 960²)
+GRID = SIZES["480p"]
 
 
 def random_dit(cfg: DiTConfig, kernel: FP8Kernel | None, device: str, seed: int = 0) -> InfiniteTalkDiT:
@@ -142,8 +143,11 @@ def main() -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config switch for the compiled blocks (repeatable), e.g. "
                              "coordinate_descent_tuning=1")
+    parser.add_argument("--size", choices=SIZES, default="480p", help="the bucket: 640x640 or 960x960, 81 frames")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
     opts = parser.parse_args()
+    global GRID
+    GRID = SIZES[opts.size]
     configure_attention(opts.attention)
     if opts.long_keys is not None:
         attention_module.LONG_KEYS = opts.long_keys
@@ -156,7 +160,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": GRID[0] * GRID[1] * GRID[2],
-        "context_tokens": 769, "passes_per_step": PASSES, "blocks_full_model": FULL_LAYERS,
+        "size": opts.size, "context_tokens": 769, "passes_per_step": PASSES, "blocks_full_model": FULL_LAYERS,
         "note": ("step_s = 3 passes x one forward of a DiT of layers_measured full-size blocks plus every other "
                  "module; measured directly when layers_measured is 40, else extrapolated per block"),
         "targets": {"fp8_streamed_vs_fp8_resident": "<= 1.05x", "fp8_streamed_step_s": "<= 9.5",

@@ -358,12 +358,17 @@ def resident_plan(model: nn.Module, budget: int) -> tuple[list[bool], int]:
     return plan, used
 
 
+COMPILE_OPTIONS = {"max_autotune_pointwise": True}  # torch._inductor.config switches for the blocks (see below)
+
+
 def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
     """Fuse a block's float32 norm/modulation/RoPE arithmetic (and the FP8 activation quantiser) with
     torch.compile: those element-wise steps are memory-bound and cost as much as the matmuls when run one
     by one (1.3-1.6x per step on the H100, bench/results/dit-step-h100*.json). The compiled forward is
-    kept by the caller, not assigned to the module."""
-    return torch.compile(module.forward, dynamic=False)
+    kept by the caller, not assigned to the module. Inductor benchmarks its launch configurations for the
+    element-wise and reduction kernels (max_autotune_pointwise: a few seconds once per run; those kernels
+    took 5% less GPU time on the H200, bench/results/fusion-h200.json)."""
+    return torch.compile(module.forward, dynamic=False, options=COMPILE_OPTIONS)
 
 
 class DiTRunner:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from itk.atomic import atomic_write, atomic_write_text
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+GELU_DIP = 0.1701  # just above |min of the tanh GELU| (0.17004, at x = -0.7518)
 WEIGHTS_QTYPE = "qfloat8_e4m3fn"
 # The quanto names of one quantised Linear `P`, and where each goes in FP8Linear.
 QUANTO_KEYS = {"weight._data": "weight", "weight._scale": "scale"}
@@ -49,9 +50,26 @@ log = logging.getLogger(__name__)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]): per-token absmax scaling."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """[M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]): per-token absmax scaling.
+
+    x is multiplied by 448 / absmax (one division per row) rather than divided by the scale (one per
+    element): the compiled quantisation kernels were bound by instructions, not memory, and the two agree
+    to the last bit of float32 before the FP8 rounding."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
+    return (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8), amax / FP8_MAX
+
+
+def quantize_gelu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GELU (tanh form) of the pre-activation h [M, K], quantised like quantize_activations, with each row's
+    absmax bounded from the row's maximum of h instead of a pass computing GELU for it: the tanh GELU rises
+    monotonically above -0.7518 and its values below that never leave (-GELU_DIP, 0], so
+    max |gelu(h)| <= max(gelu(max h), GELU_DIP), equal to it whenever gelu(max h) >= GELU_DIP (a row whose
+    maximum is above 0.27: every FFN row of a trained model). A row below that gets a scale a little larger
+    than its absmax, which loses a little precision and clips nothing. The compiled kernel computes GELU
+    once per element instead of twice (that kernel was bound by instructions)."""
+    top = F.gelu(h.amax(dim=1, keepdim=True).float(), approximate="tanh").clamp_min(GELU_DIP)
+    g = F.gelu(h.float(), approximate="tanh")
+    return (g * (FP8_MAX / top)).clamp(-FP8_MAX, FP8_MAX).to(FP8), top / FP8_MAX
 
 
 @functools.cache
@@ -67,11 +85,19 @@ def has_fp8_matmul(device: torch.device) -> bool:
 
 def fp8_matmul(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-    quantize: Quantizer = quantize_activations, bias_in_matmul: bool = True,
+    quantize: Quantizer | None = None, bias_in_matmul: bool = True,
 ) -> torch.Tensor:
-    """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize(x2)
+    """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul
+    (x quantised by `quantize`, default quantize_activations)."""
+    xq, xs = (quantize or quantize_activations)(x.reshape(-1, x.shape[-1]))
+    return scaled_matmul(xq, xs, x, weight, scale, bias, bias_in_matmul)
+
+
+def scaled_matmul(
+    xq: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+    bias: torch.Tensor | None, bias_in_matmul: bool = True,
+) -> torch.Tensor:
+    """The FP8 matmul of x already quantised (xq [M, K] fp8, xs [M, 1]); x [..., K] gives shape and dtype."""
     scale_b = scale.float().reshape(1, -1)
     bias = None if bias is None else bias.to(x.dtype)
     if bias is not None and not bias_in_matmul:
@@ -79,6 +105,17 @@ def fp8_matmul(
     else:
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def shared_input(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """x through several Linears that all read it (the self-attention's q, k and v). FP8 layers fused in a
+    compiled graph quantise x once between them: left apart, Inductor computed the same scales and wrote
+    the same FP8 copy of x once per layer."""
+    if layers and all(isinstance(layer, FP8Linear) and layer.kernel.fuses(layer, x) for layer in layers):
+        xq, xs = quantize_activations(x.reshape(-1, x.shape[-1]))
+        return [scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, layer.kernel.bias_in_matmul)
+                for layer in layers]
+    return [layer(x) for layer in layers]
 
 
 class FP8Kernel:
@@ -108,6 +145,13 @@ class FP8Kernel:
     def uses_matmul(self, layer: FP8Linear, x: torch.Tensor) -> bool:
         return (self.matmul_active and x.dtype == torch.bfloat16 and has_fp8_matmul(x.device)
                 and layer.in_features % 16 == 0 and layer.out_features % 16 == 0)
+
+    def fuses(self, layer: FP8Linear, x: torch.Tensor) -> bool:
+        """Whether `layer` may take its input in a form fused into the activation quantisation (GELU's
+        pre-activation, FP8Linear.after_gelu; or x quantised once for several layers, shared_input): an FP8
+        matmul inside a compiled graph, where the quantiser fuses, with no LoRA side path (that needs the
+        plain input)."""
+        return torch.compiler.is_compiling() and layer.lora_down is None and self.uses_matmul(layer, x)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled quantiser; if compiling fails here (no working Triton, say), eager from then on, logged."""
@@ -166,6 +210,11 @@ class FP8Linear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.scale.to(dtype)
+
+    def after_gelu(self, h: torch.Tensor) -> torch.Tensor:
+        """This layer applied to GELU(h), GELU folded into the activation quantisation (see quantize_gelu);
+        only where the kernel `fuses`."""
+        return fp8_matmul(h, self.weight, self.scale, self.bias, quantize_gelu, self.kernel.bias_in_matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.kernel.forward(self, x)

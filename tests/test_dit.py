@@ -161,3 +161,22 @@ def test_bf16_weights_with_float32_islands_run_and_agree_with_float32(dit_a, tmp
     ref = tensors["output.noise_pred"][0]
     cos = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0)
     assert out.dtype == torch.float32 and cos > 0.99
+
+
+def test_the_tokens_enter_the_blocks_contiguous(dit_a):
+    # A compiled block lays its outputs out like its input: the patch embedding's transposed view once made
+    # every block read the residual stream by columns (bench/results/fusion-h200.json).
+    meta, t, model, _ = dit_a
+    with torch.no_grad():
+        tokens = model.embed(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"], t["input.y"],
+                             t["input.audio"])[0]
+    assert tokens.is_contiguous()
+
+
+def test_rope_turns_each_channel_pair_like_a_complex_product():
+    from itk.runtime.models.dit import rope_angles, rope_apply, rope_table
+
+    cos, sin = rope_angles((2, 3, 4), rope_table(12), "cpu")
+    x = torch.randn(1, 24, 3, 12, dtype=torch.float64)
+    turned = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.complex(cos, sin).to(torch.complex128)
+    assert torch.allclose(rope_apply(x, cos, sin).double(), torch.view_as_real(turned).flatten(3), atol=1e-6)

@@ -14,12 +14,15 @@ from itk.runtime.models.dit import InfiniteTalkDiT, load_dit_fp8, rope_table
 from itk.runtime.quant import (
     FP8,
     FP8_MAX,
+    GELU_DIP,
     FP8Kernel,
     FP8Linear,
     fp8_matmul,
     linear_names,
     quantize_activations,
+    quantize_gelu,
     quantize_rowwise,
+    shared_input,
     write_quantized,
 )
 
@@ -273,3 +276,75 @@ def test_a_refused_fp8_matmul_is_remembered_by_the_kernel_and_the_layer_still_co
     assert calls == [True, False]  # first without the bias in the matmul, then given up
     assert not kernel.bias_in_matmul and kernel.matmul_error == "RuntimeError: no FP8 here"
     assert not kernel.matmul_active and not kernel.uses_matmul(layer, torch.zeros(2, 64, dtype=torch.bfloat16))
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x.float(), approximate="tanh")
+
+
+def fp8_layer(in_features: int, out_features: int, seed: int = 0) -> FP8Linear:
+    g = torch.Generator().manual_seed(seed)
+    layer = FP8Linear(in_features, out_features, bias=True, kernel=FP8Kernel())
+    data, scale = quantize_rowwise(torch.randn(out_features, in_features, generator=g) / 16)
+    layer.weight, layer.scale = data, scale.float()
+    layer.bias = torch.nn.Parameter(torch.randn(out_features, generator=g).bfloat16(), requires_grad=False)
+    return layer
+
+
+def cpu_scaled_mm_or_skip(fn):
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"this torch has no CPU FP8 matmul: {exc}")
+
+
+def test_the_tanh_gelu_never_dips_below_the_bound_the_folded_quantiser_assumes():
+    x = torch.linspace(-12, 0, 1_200_001, dtype=torch.float64)
+    low = F.gelu(x, approximate="tanh").min().item()
+    assert -GELU_DIP < low < -0.17  # the dip is -0.17004 at x = -0.7518
+
+
+def test_gelu_folded_into_the_quantiser_equals_gelu_then_quantise_on_every_row_above_the_dip():
+    g = torch.Generator().manual_seed(1)
+    h = (torch.randn(32, 1000, generator=g) * torch.logspace(-0.5, 1.5, 32).unsqueeze(1)).bfloat16()
+    data, scale = quantize_gelu(h)
+    ref_data, ref_scale = quantize_activations(gelu(h))
+    assert torch.equal(scale, ref_scale) and torch.equal(data.float(), ref_data.float())
+
+
+def test_a_row_that_stays_below_the_gelu_dip_gets_a_larger_scale_and_nothing_clips():
+    h = torch.tensor([[-0.75, -3.0, 0.1, -0.2], [-0.75, -0.75, -0.75, -0.75]], dtype=torch.bfloat16)
+    data, scale = quantize_gelu(h)
+    assert torch.all(scale * FP8_MAX >= gelu(h).abs().amax(dim=1, keepdim=True))
+    # Nothing clipped: every value comes back within e4m3's rounding (3 mantissa bits) of its GELU.
+    assert torch.all((data.float() * scale - gelu(h)).abs() <= gelu(h).abs() * 2**-4)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")
+def test_an_fp8_layer_given_the_pre_activation_computes_itself_on_its_gelu():
+    h = torch.randn(2, 24, 128, generator=torch.Generator().manual_seed(2)).bfloat16() * 2
+    layer = fp8_layer(128, 48)
+    folded = cpu_scaled_mm_or_skip(lambda: layer.after_gelu(h))
+    apart = fp8_matmul(gelu(h).bfloat16(), layer.weight, layer.scale, layer.bias)
+    assert folded.shape == apart.shape == (2, 24, 48)
+    assert F.cosine_similarity(folded.double().flatten(), apart.double().flatten(), dim=0) > 0.9995
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")
+def test_q_k_and_v_share_one_quantised_input_when_their_kernel_fuses(monkeypatch):
+    x = torch.randn(1, 20, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    layers = [fp8_layer(64, 64, seed) for seed in range(3)]
+    for layer in layers[1:]:
+        layer.kernel = layers[0].kernel
+    monkeypatch.setattr(FP8Kernel, "fuses", lambda self, layer, x: True)  # as inside a compiled graph on a GPU
+    shared = cpu_scaled_mm_or_skip(lambda: shared_input(x, layers))
+    for layer, out in zip(layers, shared, strict=True):
+        assert torch.equal(out, fp8_matmul(x, layer.weight, layer.scale, layer.bias))
+
+
+def test_layers_outside_a_compiled_graph_each_take_the_plain_input():
+    x = torch.randn(1, 6, 64).bfloat16()
+    layers = [fp8_layer(64, 32, seed) for seed in range(2)] + [torch.nn.Linear(64, 32).bfloat16()]
+    assert not layers[0].kernel.fuses(layers[0], x)  # eager, and on a CPU: the dequantised path
+    for layer, out in zip(layers, shared_input(x, layers), strict=True):
+        assert torch.equal(out, layer(x))

@@ -29,7 +29,7 @@ from itk.runtime.loading import (
     read_quant_map,
     read_state_dicts,
 )
-from itk.runtime.quant import FP8Kernel, swap_linears
+from itk.runtime.quant import FP8Kernel, FP8Linear, shared_input, swap_linears
 
 if TYPE_CHECKING:
     from itk.runtime.parallel import Parallel, Shard
@@ -122,10 +122,14 @@ def rope_angles(
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2j, 2j+1) of x [B, L, N, d] as complex numbers; float32 math."""
+    """Rotate adjacent channel pairs (2j, 2j+1) of x [B, L, N, d] as complex numbers; float32 math.
+
+    Written as pairs * cos + swapped pairs * (-sin, sin), (a, b) -> (b, a) being an index flip: a compiled
+    block then fuses the rotation into the norm before it and the cast after it, where stacking the two
+    rotated halves of the big tensor made Inductor write it out in float32 and cast it in another pass."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(3)
+    turn = torch.stack([-sin, sin], dim=-1)  # [L, 1, d/2, 2]: small, built per call
+    return (pairs * cos[..., None] + pairs.flip(-1) * turn).flatten(3)
 
 
 def qk_norm(dim: int, eps: float, on: bool) -> nn.Module:
@@ -151,9 +155,10 @@ class SelfAttention(nn.Module):
         shard (sequence parallel, runtime/parallel.py): x holds this rank's tokens; q, k, v are traded for
         all tokens of this rank's heads around the attention (Ulysses), and the map covers all L tokens."""
         b, seq, dim = x.shape
-        q = self.norm_q(self.q(x)).view(b, seq, self.num_heads, -1)
-        k = self.norm_k(self.k(x)).view(b, seq, self.num_heads, -1)
-        v = self.v(x).view(b, seq, self.num_heads, -1)
+        q, k, v = shared_input(x, (self.q, self.k, self.v))
+        q = self.norm_q(q).view(b, seq, self.num_heads, -1)
+        k = self.norm_k(k).view(b, seq, self.num_heads, -1)
+        v = v.view(b, seq, self.num_heads, -1)
         q, k = rope_apply(q, *rope).type_as(v), rope_apply(k, *rope).type_as(v)
         if shard is not None:
             q, k, v = shard.scatter_heads(q), shard.scatter_heads(k), shard.scatter_heads(v)
@@ -284,6 +289,25 @@ def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return rope_apply(x, torch.cos(angles), torch.sin(angles))
 
 
+class FeedForward(nn.Sequential):
+    """Linear, GELU (tanh form), Linear: the official `ffn.0` / `ffn.2` keys.
+
+    When the second Linear is an FP8 matmul inside a compiled block, GELU goes into its activation
+    quantisation (runtime/quant.py quantize_gelu): one kernel reads the first matmul's output and computes
+    GELU once per element instead of twice (the row absmax comes from the pre-activation's row max).
+    """
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self[0](x)
+        down = self[2]
+        if isinstance(down, FP8Linear) and down.kernel.fuses(down, h):
+            return down.after_gelu(h)
+        return down(self[1](h))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -294,7 +318,7 @@ class Block(nn.Module):
         self.norm3 = LayerNorm(dim, eps) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = ImageTextCrossAttention(dim, cfg.num_heads, eps, cfg.image_tokens, cfg.qk_norm)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.audio_cross_attn = AudioCrossAttention(dim, cfg.audio_output_dim, cfg.num_heads)
         self.norm_x = LayerNorm(dim, eps) if cfg.norm_input_visual else nn.Identity()
 
@@ -406,7 +430,9 @@ class InfiniteTalkDiT(nn.Module):
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(torch.cat([x, y[0]], dim=0).unsqueeze(0).to(dtype))
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2)  # [1, L, D]
+        # [1, L, D] made contiguous: a compiled block lays its outputs out like its input, and the transposed
+        # view of the convolution's output made every block's norms read the residual stream by columns.
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
         e = fp32(self.time_embedding, sinusoidal_embedding(cfg.freq_dim, t.to(tokens.device)).float())
         e0 = fp32(self.time_projection, e).unflatten(1, (6, cfg.dim))
         text = torch.cat([context, context.new_zeros(cfg.text_len - context.shape[0], context.shape[1])])
