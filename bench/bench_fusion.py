@@ -3,9 +3,10 @@
 One full-size FP8 block at 480p (L = 33,600) under torch.compile, once per variant: Inductor options over
 the runtime's (runtime/offload.py COMPILE_OPTIONS) and/or an op put back as the second round wrote it.
 For each: median block ms, the kernel profile (element-wise Triton kernels vs attention vs matmuls, the top
-kernels) and the cosine of the block's update (output - input) against the eager block with SDPA, which
-must stay >= 0.999. The current block's generated code (Inductor's output module) is copied next to the
-JSON so the slow kernels can be read off line.
+kernels), the cosine of the block's update (output - input) against the eager FP8 block with SDPA, and of its
+output and update against the same weights in bf16 (eager, SDPA: the issue's fidelity bar, >= 0.999). The
+current block's generated code (Inductor's output module) is copied next to the JSON so the slow kernels can
+be read off line.
 
 Run on the device:  python bench/bench_fusion.py --out $OUT/fusion-h200.json [--attention sdpa] [--only a,b]
 """
@@ -80,9 +81,16 @@ def separate_quant(block: nn.Module, state: dict) -> Callable[[], None]:
     return _swap(dit, "shared_input", lambda x, layers: [layer(x) for layer in layers])
 
 
+def fa4_all_keys(block: nn.Module, state: dict) -> Callable[[], None]:
+    """FlashAttention-4 on the cross-attentions too (text 512, image 257, audio 32 keys), not only the video's."""
+    import itk.runtime.attention as attention
+
+    return _swap(attention, "LONG_KEYS", 0)
+
+
 PATCHES: dict[str, Callable[[nn.Module, dict], Callable[[], None]]] = {
     "transposed_tokens": transposed_tokens, "rope_stack": rope_stack, "quant_div": quant_div,
-    "gelu_apart": gelu_apart, "separate_quant": separate_quant}
+    "gelu_apart": gelu_apart, "separate_quant": separate_quant, "fa4_all_keys": fa4_all_keys}
 NO_AUTOTUNE = {"max_autotune_pointwise": False}
 # name -> (compile options over the runtime's COMPILE_OPTIONS, patches). "before" is the block as the second
 # round left it; each "without_*" puts one of the third round's changes back: what that change bought.
@@ -96,6 +104,7 @@ VARIANTS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     "without_shared_qkv_quant": ({}, ("separate_quant",)),
     "without_autotune_pointwise": (NO_AUTOTUNE, ()),
     "current_coordinate_descent": ({"coordinate_descent_tuning": True}, ()),
+    "current_fa4_all_keys": ({}, ("fa4_all_keys",)),  # with --attention fa4
 }
 
 
@@ -111,7 +120,7 @@ def main() -> None:
     shutil.rmtree(code_dir, ignore_errors=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(code_dir)  # a fresh cache: every variant compiles, code is findable
 
-    from bench_dit_step import inputs, random_dit
+    from bench_dit_step import inputs, random_dit, to_fp8
 
     from itk.runtime.attention import configure_attention, kernel_for
     from itk.runtime.configs import DiTConfig
@@ -128,15 +137,18 @@ def main() -> None:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, out)
 
-    model = random_dit(DiTConfig(num_layers=1), FP8Kernel(), "cuda")
+    model = random_dit(DiTConfig(num_layers=1), None, "cuda")  # bf16 first: the fidelity reference
     names = opts.only.split(",") if opts.only else list(VARIANTS)
     with torch.no_grad():
         tokens, grid, _, e0, ctx, audio = model.embed(*inputs(DiTConfig(), "cuda"))
         rope = rope_angles(grid, model.rope, tokens.device)
-        block = model.blocks[0]
         rest = (e0, ctx, audio, grid, rope)
         configure_attention("sdpa")
+        ref_bf16 = model.blocks[0](tokens, *rest)
+        block = to_fp8(model, FP8Kernel()).blocks[0]  # the same weights quantised as the official FP8 files are
         ref = block(tokens, *rest)
+        result["eager_fp8_vs_bf16_sdpa"] = {"cosine": round(cosine(ref, ref_bf16), 6),
+                                            "update_cosine": round(cosine(ref - tokens, ref_bf16 - tokens), 6)}
         configure_attention(opts.attention)
         result["attention"] = kernel_for(0)[0]
         for name in names:
@@ -156,6 +168,8 @@ def main() -> None:
                 entry["compile_s"] = round(time.perf_counter() - t0, 1)
                 entry["ms"] = round(median_ms(lambda compiled=compiled, args=args: compiled(*args)), 2)
                 entry["update_cosine_vs_eager_sdpa"] = round(cosine(ours - tokens, ref - tokens), 6)
+                entry["vs_bf16_sdpa"] = {"cosine": round(cosine(ours, ref_bf16), 6),
+                                         "update_cosine": round(cosine(ours - tokens, ref_bf16 - tokens), 6)}
                 entry["kernels"] = kernel_profile(lambda compiled=compiled, args=args: compiled(*args))
                 if name == "current":
                     codes = sorted(code_dir.rglob("*.py"), key=lambda p: p.stat().st_size)
