@@ -105,6 +105,8 @@ VARIANTS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     "without_autotune_pointwise": (NO_AUTOTUNE, ()),
     "current_coordinate_descent": ({"coordinate_descent_tuning": True}, ()),
     "current_fa4_all_keys": ({}, ("fa4_all_keys",)),  # with --attention fa4
+    # Inductor compiles each reduction persistent (row in registers) and looped, keeps the faster at run time
+    "current_multi_kernel": ({"triton.multi_kernel": 1}, ()),
 }
 
 
