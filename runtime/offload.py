@@ -366,8 +366,8 @@ def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
     torch.compile: those element-wise steps are memory-bound and cost as much as the matmuls when run one
     by one (1.3-1.6x per step on the H100, bench/results/dit-step-h100*.json). The compiled forward is
     kept by the caller, not assigned to the module. Inductor benchmarks its launch configurations for the
-    element-wise and reduction kernels (max_autotune_pointwise: a few seconds once per run; those kernels
-    took 5% less GPU time on the H200, bench/results/fusion-h200.json)."""
+    element-wise and reduction kernels (max_autotune_pointwise: ~10 s more on a first compile, then cached on
+    disk with the compiled graph; those kernels took 5% less GPU time on the H200, bench/results/fusion-h200.json)."""
     return torch.compile(module.forward, dynamic=False, options=COMPILE_OPTIONS)
 
 
