@@ -67,8 +67,8 @@ def random_dit(cfg: DiTConfig, kernel: FP8Kernel | None, device: str, seed: int 
     return model.eval()
 
 
-def inputs(cfg: DiTConfig, device: str) -> tuple:
-    t, h, w = GRID
+def inputs(cfg: DiTConfig, device: str, grid: tuple[int, int, int] = GRID) -> tuple:
+    t, h, w = grid
     frames = 1 + 4 * (t - 1)
     g = torch.Generator(device=device).manual_seed(1)
     r = lambda *s: torch.randn(*s, device=device, generator=g)  # noqa: E731
@@ -146,8 +146,7 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="480p", help="the bucket: 640x640 or 960x960, 81 frames")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
     opts = parser.parse_args()
-    global GRID
-    GRID = SIZES[opts.size]
+    grid = SIZES[opts.size]
     configure_attention(opts.attention)
     if opts.long_keys is not None:
         attention_module.LONG_KEYS = opts.long_keys
@@ -159,7 +158,7 @@ def main() -> None:
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": GRID[0] * GRID[1] * GRID[2],
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": grid[0] * grid[1] * grid[2],
         "size": opts.size, "context_tokens": 769, "passes_per_step": PASSES, "blocks_full_model": FULL_LAYERS,
         "note": ("step_s = 3 passes x one forward of a DiT of layers_measured full-size blocks plus every other "
                  "module; measured directly when layers_measured is 40, else extrapolated per block"),
@@ -177,7 +176,7 @@ def main() -> None:
         print(json.dumps(result["runs"][-1] if result["runs"] else result), flush=True)
 
     result["fp8_tensor_core_path"] = has_fp8_matmul(torch.device("cuda"))
-    args = inputs(DiTConfig(), "cuda")
+    args = inputs(DiTConfig(), "cuda", grid)
     # name, FP8 weights, streamed with budget 0, pinned host memory, FP8 tensor-core matmul
     modes = (("bf16_resident", False, False, None, True), ("fp8_resident", True, False, None, True),
              ("fp8_streamed_budget0", True, True, True, True),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_speed import cosine, median_ms  # noqa: E402
+
+from itk.atomic import atomic_write_text  # noqa: E402
 
 SEQUENCES = {"480p": 33600, "720p": 75600}
 # name -> _flash_attn_fwd keyword arguments
@@ -57,16 +58,12 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - a tile that does not build here
                 result["runs"][f"{size}.{name}"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(size, name, result["runs"][f"{size}.{name}"], flush=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, out)
-    fine = {name: run["ms"] for key, run in result["runs"].items() if key.startswith("480p.")
-            and "ms" in run and run["cosine_vs_sdpa"] >= 0.99999 for name in [key.split(".", 1)[1]]
-            if "tile_mn" in CANDIDATES[name] or name == "128x128"}
+            atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    tiles = [name for name, kwargs in CANDIDATES.items() if "tile_mn" in kwargs or not kwargs]
+    runs = {name: result["runs"][f"480p.{name}"] for name in tiles}
+    fine = {name: run["ms"] for name, run in runs.items() if "ms" in run and run["cosine_vs_sdpa"] >= 0.99999}
     result["best_480p"] = min(fine, key=fine.get) if fine else None
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"BEST {result['best_480p']}")
 
 

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_speed import cosine, kernel_profile, median_ms  # noqa: E402
 
+from itk.atomic import atomic_write_text  # noqa: E402
+
 
 def _stacked_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """rope_apply before the third round: the two rotated halves stacked (materialised in float32)."""
@@ -135,9 +137,7 @@ def main() -> None:
                             "one GPU; compare kernels.ms.fused_elementwise_triton for the element-wise work"}
 
     def save() -> None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
     model = random_dit(DiTConfig(num_layers=1), None, "cuda")  # bf16 first: the fidelity reference
     names = opts.only.split(",") if opts.only else list(VARIANTS)

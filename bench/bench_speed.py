@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from itk.atomic import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -475,18 +476,14 @@ def main() -> None:
         result = json.loads(out.read_text())
         kernels = json.loads(Path(opts.rtx4090_from).read_text())["variants"]["current"]["kernels"]["ms"]
         result["rtx4090_model"] = rtx4090_model(result, kernels, f"compiled block kernels of {opts.rtx4090_from}")
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["rtx4090_model"], indent=2))
         return
     result: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "shape_480p": "1 x 33600 tokens x 40 heads x 128, 769 context tokens, 640x640 81 frames"}
 
     def save() -> None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
     sections = opts.only.split(",") if opts.only else ["peaks", "attention", "block", "clip"]
     for section in sections:
