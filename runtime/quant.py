@@ -55,8 +55,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x is multiplied by 448 / absmax (one division per row) rather than divided by the scale (one per
     element): the compiled quantisation kernels were bound by instructions, not memory, and the two agree
     to the last bit of float32 before the FP8 rounding."""
-    amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
-    return (x.float() * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8), amax / FP8_MAX
+    return _to_fp8(x.float(), x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12))
 
 
 def quantize_gelu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +67,12 @@ def quantize_gelu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     than its absmax, which loses a little precision and clips nothing. The compiled kernel computes GELU
     once per element instead of twice (that kernel was bound by instructions)."""
     top = F.gelu(h.amax(dim=1, keepdim=True).float(), approximate="tanh").clamp_min(GELU_DIP)
-    g = F.gelu(h.float(), approximate="tanh")
-    return (g * (FP8_MAX / top)).clamp(-FP8_MAX, FP8_MAX).to(FP8), top / FP8_MAX
+    return _to_fp8(F.gelu(h.float(), approximate="tanh"), top)
+
+
+def _to_fp8(values: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 values [M, K] with a per-row bound amax [M, 1] -> (FP8 data, float32 scale amax / 448)."""
+    return (values * (FP8_MAX / amax)).clamp(-FP8_MAX, FP8_MAX).to(FP8), amax / FP8_MAX
 
 
 @functools.cache
