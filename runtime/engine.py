@@ -280,7 +280,7 @@ class Engine:
             from itk.runtime.quant import FP8Kernel
 
             dit, mapped = load_dit_fp8(self.files.dit.path, self.files.dit.map, self.cfg.dit, p.low, load_device,
-                                       FP8Kernel(matmul=self.options.fp8_matmul))
+                                       FP8Kernel(self.options.fp8_matmul, self.options.fp8_fast_accum))
         else:
             from itk.runtime.models.dit import load_dit
 

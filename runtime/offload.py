@@ -192,22 +192,24 @@ class Step:
     slot: int | None = None
 
 
-def copy_schedule(resident: Sequence[bool]) -> list[Step]:
+def copy_schedule(resident: Sequence[bool], primed: bool = False) -> list[Step]:
     """Every step of one forward: streamed blocks alternate between two slots, and each one's successor
-    among the streamed blocks is copied while it computes (the first one is copied before anything runs)."""
+    among the streamed blocks is copied while it computes. The last streamed block's turn also copies the
+    first one for the next forward (every denoising pass starts with it), so that copy overlaps the end of
+    this forward, the head and the next embedding instead of stalling the next pass. `primed`: that copy
+    was issued by the previous forward, so this one does not start with it."""
     streamed = [i for i, keep in enumerate(resident) if not keep]
     slot_of = {block: n % 2 for n, block in enumerate(streamed)}
-    upcoming = dict(zip(streamed, [*streamed[1:], None], strict=False))  # the last one has no successor
-    steps = [Step("copy", streamed[0], 0)] if streamed else []
+    upcoming = dict(zip(streamed, [*streamed[1:], *streamed[:1]], strict=True))  # last -> next forward's first
+    steps = [Step("copy", streamed[0], 0)] if streamed and not primed else []
     for i, keep in enumerate(resident):
         if keep:
             steps.append(Step("run", i))
             continue
         slot = slot_of[i]
-        steps += [Step("wait", i, slot), Step("run", i, slot), Step("free", i, slot)]
         after = upcoming[i]
-        if after is not None:
-            steps.append(Step("copy", after, slot_of[after]))
+        steps += [Step("wait", i, slot), Step("run", i, slot), Step("free", i, slot),
+                  Step("copy", after, slot_of[after])]
     return steps
 
 
@@ -228,7 +230,9 @@ class BlockStreamer:
         self.resident = list(resident)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.schedule = copy_schedule(self.resident)
+        # The first forward copies the first streamed block itself; every later one finds it copied (primed).
+        self.schedules = {primed: copy_schedule(self.resident, primed) for primed in (False, True)}
+        self.primed = False
         streamed = [b for b, r in zip(self.blocks, self.resident, strict=True) if not r]
         for block, keep in zip(self.blocks, self.resident, strict=True):
             if keep:
@@ -333,7 +337,11 @@ class BlockStreamer:
         self.close()
 
     def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
-        for step in self.schedule:
+        """The blocks on x. The streamed blocks' host weights must not change after the first call: the
+        first streamed block's slot is refilled at the end of each call, ahead of the next."""
+        steps = self.schedules[self.primed]
+        self.primed = False  # a call that fails part-way leaves the slots unknown: the next one copies afresh
+        for step in steps:
             if step.kind == "run":
                 call = self.block_calls[step.block] if step.slot is None else self.slot_calls[step.slot]
                 x = call(x, *args)  # on CUDA queued: the GPU computes while the host goes on
@@ -343,6 +351,7 @@ class BlockStreamer:
                 torch.cuda.current_stream(self.device).wait_event(self.copied[step.slot])
             elif self.cuda and step.kind == "free":
                 self.freed[step.slot].record(torch.cuda.current_stream(self.device))
+        self.primed = bool(self.slots)
         return x
 
 

@@ -41,6 +41,7 @@ from itk.atomic import atomic_write, atomic_write_text
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 GELU_DIP = 0.1701  # just above |min of the tanh GELU| (0.17004, at x = -0.7518)
+SQRT_8_OVER_PI = 1.5957691216057308  # 2 * sqrt(2 / pi)
 WEIGHTS_QTYPE = "qfloat8_e4m3fn"
 # The quanto names of one quantised Linear `P`, and where each goes in FP8Linear.
 QUANTO_KEYS = {"weight._data": "weight", "weight._scale": "scale"}
@@ -58,6 +59,13 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _to_fp8(x.float(), x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU, 0.5 x (1 + tanh u) with u = sqrt(2/pi) (x + 0.044715 x^3), written x * sigmoid(2u)
+    (the same function: 0.5 (1 + tanh u) = sigmoid(2u)). A compiled kernel then spends one exp per element
+    where libdevice's tanh took a long polynomial: the FFN's quantiser kernel was bound by that tanh."""
+    return x * torch.sigmoid(SQRT_8_OVER_PI * (x + 0.044715 * x * x * x))
+
+
 def quantize_gelu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GELU (tanh form) of the pre-activation h [M, K], quantised like quantize_activations, with each row's
     absmax bounded from the row's maximum of h instead of a pass computing GELU for it: the tanh GELU rises
@@ -66,8 +74,8 @@ def quantize_gelu(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     maximum is above 0.27: every FFN row of a trained model). A row below that gets a scale a little larger
     than its absmax, which loses a little precision and clips nothing. The compiled kernel computes GELU
     once per element instead of twice (that kernel was bound by instructions)."""
-    top = F.gelu(h.amax(dim=1, keepdim=True).float(), approximate="tanh").clamp_min(GELU_DIP)
-    return _to_fp8(F.gelu(h.float(), approximate="tanh"), top)
+    top = gelu_tanh(h.amax(dim=1, keepdim=True).float()).clamp_min(GELU_DIP)
+    return _to_fp8(gelu_tanh(h.float()), top)
 
 
 def _to_fp8(values: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,25 +96,28 @@ def has_fp8_matmul(device: torch.device) -> bool:
 
 def fp8_matmul(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-    quantize: Quantizer | None = None, bias_in_matmul: bool = True,
+    quantize: Quantizer | None = None, bias_in_matmul: bool = True, fast_accum: bool = False,
 ) -> torch.Tensor:
     """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul
     (x quantised by `quantize`, default quantize_activations)."""
     xq, xs = (quantize or quantize_activations)(x.reshape(-1, x.shape[-1]))
-    return scaled_matmul(xq, xs, x, weight, scale, bias, bias_in_matmul)
+    return scaled_matmul(xq, xs, x, weight, scale, bias, bias_in_matmul, fast_accum)
 
 
 def scaled_matmul(
     xq: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-    bias: torch.Tensor | None, bias_in_matmul: bool = True,
+    bias: torch.Tensor | None, bias_in_matmul: bool = True, fast_accum: bool = False,
 ) -> torch.Tensor:
-    """The FP8 matmul of x already quantised (xq [M, K] fp8, xs [M, 1]); x [..., K] gives shape and dtype."""
+    """The FP8 matmul of x already quantised (xq [M, K] fp8, xs [M, 1]); x [..., K] gives shape and dtype.
+    fast_accum: Hopper's FP8 tensor cores accumulate at reduced precision without the periodic promotion
+    to float32 (FP8Kernel.fast_accum says when that is taken)."""
     scale_b = scale.float().reshape(1, -1)
     bias = None if bias is None else bias.to(x.dtype)
+    mm = functools.partial(torch._scaled_mm, scale_a=xs, scale_b=scale_b, out_dtype=x.dtype, use_fast_accum=fast_accum)
     if bias is not None and not bias_in_matmul:
-        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, out_dtype=x.dtype) + bias
+        out = mm(xq, weight.t()) + bias
     else:
-        out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+        out = mm(xq, weight.t(), bias=bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -116,8 +127,8 @@ def shared_input(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Ten
     the same FP8 copy of x once per layer."""
     if layers and all(isinstance(layer, FP8Linear) and layer.kernel.fuses(layer, x) for layer in layers):
         xq, xs = quantize_activations(x.reshape(-1, x.shape[-1]))
-        return [scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, layer.kernel.bias_in_matmul)
-                for layer in layers]
+        return [scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, layer.kernel.bias_in_matmul,
+                              layer.kernel.fast_accum) for layer in layers]
     return [layer(x) for layer in layers]
 
 
@@ -131,8 +142,9 @@ class FP8Kernel:
     One object is shared by every FP8Linear of a run, including copies made for streaming.
     """
 
-    def __init__(self, matmul: bool = True):
+    def __init__(self, matmul: bool = True, fast_accum: bool = True):
         self.matmul = matmul
+        self.fast_accum = fast_accum
         self.matmul_error = ""
         self.bias_in_matmul = True
         self.fused_quantize = True
@@ -171,7 +183,8 @@ class FP8Kernel:
     def matmul_or_none(self, layer: FP8Linear, x: torch.Tensor) -> torch.Tensor | None:
         """The FP8 tensor-core result, or None once this torch/GPU has refused it (then logged)."""
         try:
-            return fp8_matmul(x, layer.weight, layer.scale, layer.bias, self.quantize, self.bias_in_matmul)
+            return fp8_matmul(x, layer.weight, layer.scale, layer.bias, self.quantize, self.bias_in_matmul,
+                              self.fast_accum)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as exc:
@@ -185,7 +198,8 @@ class FP8Kernel:
     def forward(self, layer: FP8Linear, x: torch.Tensor) -> torch.Tensor:
         if self.uses_matmul(layer, x):
             if torch.compiler.is_compiling():  # inside a compiled block: no fallbacks, the block fuses the quantiser
-                return fp8_matmul(x, layer.weight, layer.scale, layer.bias, bias_in_matmul=self.bias_in_matmul)
+                return fp8_matmul(x, layer.weight, layer.scale, layer.bias, bias_in_matmul=self.bias_in_matmul,
+                                  fast_accum=self.fast_accum)
             out = self.matmul_or_none(layer, x)
             if out is not None:
                 return out
@@ -217,7 +231,8 @@ class FP8Linear(nn.Module):
     def after_gelu(self, h: torch.Tensor) -> torch.Tensor:
         """This layer applied to GELU(h), GELU folded into the activation quantisation (see quantize_gelu);
         only where the kernel `fuses`."""
-        return fp8_matmul(h, self.weight, self.scale, self.bias, quantize_gelu, self.kernel.bias_in_matmul)
+        return fp8_matmul(h, self.weight, self.scale, self.bias, quantize_gelu, self.kernel.bias_in_matmul,
+                          self.kernel.fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.kernel.forward(self, x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from itk.runtime.configs import DiTConfig
@@ -180,3 +181,44 @@ def test_rope_turns_each_channel_pair_like_a_complex_product():
     x = torch.randn(1, 24, 3, 12, dtype=torch.float64)
     turned = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.complex(cos, sin).to(torch.complex128)
     assert torch.allclose(rope_apply(x, cos, sin).double(), torch.view_as_real(turned).flatten(3), atol=1e-6)
+
+
+def test_rope_angles_are_built_once_per_grid_and_reused_by_every_later_pass(dit_a):
+    from itk.runtime.models.dit import rope_angles
+
+    meta, t, model, _ = dit_a
+    first = model.rope_for((2, 3, 4), torch.device("cpu"))
+    assert model.rope_for((2, 3, 4), "cpu") is first
+    assert all(torch.equal(a, b) for a, b in zip(first, rope_angles((2, 3, 4), model.rope, "cpu"), strict=True))
+    assert model.rope_for((1, 3, 4), "cpu")[0].shape[0] == 12 != first[0].shape[0]
+    with torch.no_grad():
+        model(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"], t["input.y"], t["input.audio"])
+    grid = tuple(model.embed(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"], t["input.y"],
+                             t["input.audio"])[1])
+    assert (grid, torch.device("cpu")) in model.rope_cache
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_layer_norm_a_compiled_graph_sees_equals_f_layer_norm_even_far_from_zero_mean(monkeypatch, affine):
+    from itk.runtime.models.dit import LayerNorm
+
+    torch.manual_seed(0)
+    norm = LayerNorm(512, 1e-6, elementwise_affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(6, 512) * torch.tensor([1, 1, 5, 0.01, 1, 1e3]).unsqueeze(1)
+         + torch.tensor([0, 1e3, -50, 3, 1e4, 0]).unsqueeze(1))
+    with torch.no_grad():
+        truth = F.layer_norm(x.double(), (512,), norm.weight.double() if affine else None,
+                             norm.bias.double() if affine else None, 1e-6)
+        eager = norm(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the branch Inductor traces
+        written_out = norm(x)
+        assert norm(x.bfloat16()).dtype == torch.bfloat16
+    # Row by row within a quarter of a bf16 step (the blocks' activation dtype) of the float64 truth, like
+    # F.layer_norm, also on rows whose mean is 300 to 10,000 times their spread (where a sum-of-squares
+    # variance would lose every digit).
+    bound = 2**-10 * truth.abs().amax(dim=1)
+    error = lambda y: (y.double() - truth).abs().amax(dim=1)  # noqa: E731
+    assert torch.all(error(eager) <= bound) and torch.all(error(written_out) <= bound)

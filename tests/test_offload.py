@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_dit import golden_config
@@ -87,12 +89,19 @@ def test_a_blocks_host_copy_is_one_allocation_with_aligned_views():
     assert all(torch.equal(v.float(), t.float()) for v, t in zip(views, like, strict=True))  # no overlap
 
 
-def test_streamed_blocks_alternate_slots_and_each_prefetches_the_next_streamed_block():
+def test_streamed_blocks_alternate_slots_and_each_prefetches_the_next_one_the_last_the_next_forwards_first():
     assert copy_schedule([False, False, False]) == [
         Step("copy", 0, 0),
         Step("wait", 0, 0), Step("run", 0, 0), Step("free", 0, 0), Step("copy", 1, 1),
         Step("wait", 1, 1), Step("run", 1, 1), Step("free", 1, 1), Step("copy", 2, 0),
-        Step("wait", 2, 0), Step("run", 2, 0), Step("free", 2, 0),
+        Step("wait", 2, 0), Step("run", 2, 0), Step("free", 2, 0), Step("copy", 0, 0),
+    ]
+
+
+def test_a_primed_forward_finds_its_first_block_copied_by_the_previous_one():
+    assert copy_schedule([False, False], primed=True) == [
+        Step("wait", 0, 0), Step("run", 0, 0), Step("free", 0, 0), Step("copy", 1, 1),
+        Step("wait", 1, 1), Step("run", 1, 1), Step("free", 1, 1), Step("copy", 0, 0),
     ]
 
 
@@ -103,28 +112,57 @@ def test_resident_blocks_run_in_place_and_are_skipped_by_the_copies():
         Step("run", 0),
         Step("wait", 1, 0), Step("run", 1, 0), Step("free", 1, 0), Step("copy", 4, 1),
         Step("run", 2), Step("run", 3),
-        Step("wait", 4, 1), Step("run", 4, 1), Step("free", 4, 1),
+        Step("wait", 4, 1), Step("run", 4, 1), Step("free", 4, 1), Step("copy", 1, 0),
     ]
-    assert copy_schedule([True, True]) == [Step("run", 0), Step("run", 1)]
+    assert copy_schedule([True, True]) == copy_schedule([True, True], primed=True) == [Step("run", 0), Step("run", 1)]
 
 
-def test_every_streamed_block_is_copied_once_before_it_is_waited_for_and_never_into_a_busy_slot():
-    resident = [False, True, False, False, True, False, False]
-    busy: dict[int, int] = {}  # slot -> block copied into it and not yet freed
-    copied, ran = [], []
-    for step in copy_schedule(resident):
-        if step.kind == "copy":
-            assert step.slot not in busy  # the slot's previous block was freed first
-            busy[step.slot] = step.block
-            copied.append(step.block)
-        elif step.kind == "wait":
-            assert busy[step.slot] == step.block
-        elif step.kind == "run":
-            ran.append(step.block)
-        else:
-            assert busy.pop(step.slot) == step.block
-    assert ran == list(range(len(resident)))
-    assert copied == [i for i, keep in enumerate(resident) if not keep]
+@pytest.mark.parametrize("resident", [[False, True, False, False, True, False, False], [False, False], [True, False]])
+def test_over_consecutive_forwards_each_streamed_block_is_copied_before_it_is_waited_for_and_never_into_a_busy_slot(
+    resident,
+):
+    busy: dict[int, int] = {}  # slot -> block copied into it and not yet freed (carried from one forward to the next)
+    for primed in (False, True, True):
+        copied, ran = [], []
+        for step in copy_schedule(resident, primed):
+            if step.kind == "copy":
+                assert step.slot not in busy  # the slot's previous block was freed first
+                busy[step.slot] = step.block
+                copied.append(step.block)
+            elif step.kind == "wait":
+                assert busy[step.slot] == step.block
+            elif step.kind == "run":
+                ran.append(step.block)
+            else:
+                assert busy.pop(step.slot) == step.block
+        streamed = [i for i, keep in enumerate(resident) if not keep]
+        assert ran == list(range(len(resident)))
+        assert copied == (streamed[1:] if primed else streamed) + streamed[:1]
+
+
+def test_a_forward_that_fails_part_way_leaves_the_next_one_to_copy_its_first_block_afresh(golden):
+    meta, t, path = golden
+    model = load_dit([path], golden_config(meta), dtype=torch.float32)
+    third = copy.deepcopy(model.blocks[1])  # three streamed blocks: the first and the third share slot 0
+    for p in third.parameters():
+        p.data.mul_(0.5)
+    model.blocks.append(third)
+    reference = forward(model, t)
+    runner = DiTRunner(model, torch.device("cpu"), 0, compile=False)
+    assert torch.equal(forward(runner, t), reference)
+    streamer, first_slot, calls = runner.streamer, runner.streamer.slot_calls[0], []
+
+    def fail_in_the_third_block(x, *args):
+        calls.append(x)
+        if len(calls) == 2:  # slot 0's second block of the forward, which now holds the third block's weights
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return first_slot(x, *args)
+
+    streamer.slot_calls[0] = fail_in_the_third_block
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        forward(runner, t)
+    streamer.slot_calls[0] = first_slot
+    assert torch.equal(forward(runner, t), reference)  # the first block copied again, not the third's weights run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -18,6 +18,7 @@ from itk.runtime.quant import (
     FP8Kernel,
     FP8Linear,
     fp8_matmul,
+    gelu_tanh,
     linear_names,
     quantize_activations,
     quantize_gelu,
@@ -263,7 +264,7 @@ def test_a_refused_fp8_matmul_is_remembered_by_the_kernel_and_the_layer_still_co
 
     calls = []
 
-    def refuse(x, weight, scale, bias, quantize, bias_in_matmul):
+    def refuse(x, weight, scale, bias, quantize, bias_in_matmul, fast_accum):
         calls.append(bias_in_matmul)
         raise RuntimeError("no FP8 here")
 
@@ -304,11 +305,18 @@ def test_the_tanh_gelu_never_dips_below_the_bound_the_folded_quantiser_assumes()
     assert -GELU_DIP < low < -0.17  # the dip is -0.17004 at x = -0.7518
 
 
+def test_the_sigmoid_form_of_the_gelu_is_the_tanh_gelu_to_float32_rounding():
+    x = torch.linspace(-30, 30, 600_001)
+    assert (gelu_tanh(x) - gelu(x)).abs().max() < 1e-6
+    low = gelu_tanh(torch.linspace(-12, 0, 1_200_001, dtype=torch.float64)).min().item()
+    assert -GELU_DIP < low < -0.17
+
+
 def test_gelu_folded_into_the_quantiser_equals_gelu_then_quantise_on_every_row_above_the_dip():
     g = torch.Generator().manual_seed(1)
     h = (torch.randn(32, 1000, generator=g) * torch.logspace(-0.5, 1.5, 32).unsqueeze(1)).bfloat16()
     data, scale = quantize_gelu(h)
-    ref_data, ref_scale = quantize_activations(gelu(h))
+    ref_data, ref_scale = quantize_activations(gelu_tanh(h.float()))
     assert torch.equal(scale, ref_scale) and torch.equal(data.float(), ref_data.float())
 
 
@@ -348,3 +356,29 @@ def test_layers_outside_a_compiled_graph_each_take_the_plain_input():
     assert not layers[0].kernel.fuses(layers[0], x)  # eager, and on a CPU: the dequantised path
     for layer, out in zip(layers, shared_input(x, layers), strict=True):
         assert torch.equal(out, layer(x))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_scaled_mm"), reason="torch without _scaled_mm")
+@pytest.mark.parametrize("fast", [True, False])
+def test_every_fp8_matmul_of_a_kernel_accumulates_as_the_kernel_says(monkeypatch, fast):
+    seen = []
+    real = torch._scaled_mm
+
+    def recording(*args, use_fast_accum=False, **kwargs):
+        seen.append(use_fast_accum)
+        return real(*args, use_fast_accum=use_fast_accum, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    monkeypatch.setattr(FP8Kernel, "fuses", lambda self, layer, x: True)  # as inside a compiled graph on a GPU
+    layers = [fp8_layer(64, 64, seed) for seed in range(2)]
+    layers[0].kernel = layers[1].kernel = FP8Kernel(fast_accum=fast)
+    x = torch.randn(1, 8, 64).bfloat16()
+    cpu_scaled_mm_or_skip(lambda: (shared_input(x, layers), layers[0].after_gelu(x)))
+    assert seen == [fast] * 3
+
+
+def test_fast_accumulation_is_on_unless_the_environment_turns_it_off():
+    from itk.runtime.options import RuntimeOptions
+
+    assert RuntimeOptions.from_env({}).fp8_fast_accum and FP8Kernel().fast_accum
+    assert not RuntimeOptions.from_env({"ITK_FP8_FAST_ACCUM": "0"}).fp8_fast_accum

@@ -59,12 +59,25 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (affine parameters upcast too) whatever the activation dtype."""
+    """LayerNorm computed in float32 (affine parameters upcast too) whatever the activation dtype.
+
+    Inside a compiled graph it is written out as mean, then the mean square of the centred values: Inductor
+    lowers F.layer_norm to a Welford reduction, a division per element, and the block's four norm kernels
+    were bound by those instructions. Same statistics up to float32 rounding; eager runs keep F.layer_norm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        if not torch.compiler.is_compiling():
+            return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+        xf = x.float()
+        centred = xf - xf.mean(-1, keepdim=True)
+        out = centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + self.eps)
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
+        return out.type_as(x)
 
 
 def fp32(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -423,6 +436,16 @@ class InfiniteTalkDiT(nn.Module):
         )
         self.audio_proj = AudioProjModel(cfg)
         self.rope = rope_table(cfg.head_dim)
+        self.rope_cache: dict[tuple[tuple[int, int, int], torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope_for(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope_angles of this grid, built on the first forward and kept: every pass of a run has the same grid,
+        and building them on the host then copying them stalled the GPU for ~20 ms per 480p pass on an H200
+        (bench/results/dit-step-fa4-r5-h200.json, timeline)."""
+        key = (grid, torch.device(device))
+        if key not in self.rope_cache:
+            self.rope_cache[key] = rope_angles(grid, self.rope, device)
+        return self.rope_cache[key]
 
     def embed(self, x, t, context, clip_fea, y, audio):
         """Everything before the blocks: tokens, time modulation, text+image context, audio tokens."""
@@ -469,7 +492,7 @@ class InfiniteTalkDiT(nn.Module):
         """
         tokens, grid, e, e0, ctx, audio_tokens = self.embed(x, t, context, clip_fea, y, audio)
         masks = two_speaker_masks(audio.shape[0], speaker_masks, grid, tokens.device)
-        rope = rope_angles(grid, self.rope, tokens.device)
+        rope = self.rope_for(grid, tokens.device)
         shard = None if self.parallel is None else self.parallel.shard(grid)
         if shard is None:
             tokens = (run_blocks or self.run_blocks)(tokens, e0, ctx, audio_tokens, grid, rope, masks)
