@@ -99,12 +99,51 @@ def measure(name: str, runner: DiTRunner, args: tuple, layers: int, repeats: int
         tokens, grid, e, e0, ctx, audio = model.embed(*args)
         rope = rope_angles(grid, model.rope, tokens.device)
         blocks = timed(lambda: runner.streamer(tokens, e0, ctx, audio, grid, rope), repeats)
+        embed = timed(lambda: model.embed(*args), repeats)
+        head = timed(lambda: model.unpatchify(model.head(tokens, e).float(), grid), repeats)
     step = PASSES * (forward - blocks + blocks * FULL_LAYERS / layers)
     return {
         "mode": name, "layers_measured": layers, "forward_s": round(forward, 4), "blocks_s": round(blocks, 4),
         "per_block_ms": round(1000 * blocks / layers, 2), "step_s_extrapolated": round(step, 3),
+        "embed_ms": round(1000 * embed, 2), "head_ms": round(1000 * head, 2),
         "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
     }
+
+
+def pass_timeline(fn) -> dict:
+    """Where one call's wall time goes on the GPU (torch.profiler's trace, after a warm-up): per stream the
+    kernel-busy ms, and on the busiest (compute) stream the idle ms between its first and last kernel, the
+    gaps over 50 us counted: the part of a pass that no kernel shortens."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
+    streams: dict[int, list[tuple[float, float]]] = {}
+    for ev in events:
+        if ev.get("cat") in ("kernel", "gpu_memcpy") and "dur" in ev:
+            streams.setdefault(ev["args"].get("stream", -1), []).append((ev["ts"], ev["ts"] + ev["dur"]))
+    busy = {s: sum(b - a for a, b in spans) / 1000 for s, spans in streams.items()}
+    main = max(busy, key=busy.get)
+    spans = sorted(streams[main])
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:], strict=False) if b[0] > a[1]]
+    long_gaps = [g for g in gaps if g > 50]
+    at = sorted(((b[0] - a[1], a[1] - spans[0][0]) for a, b in zip(spans, spans[1:], strict=False)), reverse=True)
+    return {"wall_ms_profiled": round(wall * 1000, 1),
+            "busy_ms_per_stream": {str(k): round(v, 1) for k, v in busy.items()},
+            "compute_stream_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 1),
+            "compute_stream_idle_ms": round(sum(gaps) / 1000, 1),
+            "gaps_over_50us": {"count": len(long_gaps), "ms": round(sum(long_gaps) / 1000, 1)},
+            "largest_gaps_ms_at_ms": [[round(g / 1000, 2), round(t / 1000, 1)] for g, t in at[:8]]}
 
 
 def to_fp8(model: nn.Module, kernel: FP8Kernel) -> nn.Module:
@@ -143,6 +182,9 @@ def main() -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config switch for the compiled blocks (repeatable), e.g. "
                              "coordinate_descent_tuning=1")
+    parser.add_argument("--exact-accum", action="store_true",
+                        help="FP8 matmuls without use_fast_accum (as before the fourth round)")
+    parser.add_argument("--timeline", action="store_true", help="also profile one pass: GPU busy and idle time")
     parser.add_argument("--size", choices=SIZES, default="480p", help="the bucket: 640x640 or 960x960, 81 frames")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
     opts = parser.parse_args()
@@ -164,7 +206,7 @@ def main() -> None:
                  "module; measured directly when layers_measured is 40, else extrapolated per block"),
         "targets": {"fp8_streamed_vs_fp8_resident": "<= 1.05x", "fp8_streamed_step_s": "<= 9.5",
                     "fp8_streamed_gpu_peak_gb": "<= 8", "fp8_vs_bf16_cosine": ">= 0.999"},
-        "compiled": opts.compile,
+        "compiled": opts.compile, "fast_accum": not opts.exact_accum,
         "attention": kernel_for(0)[0], "long_keys": attention_module.LONG_KEYS, "inductor": opts.inductor,
         "runs": [],
     }
@@ -187,7 +229,7 @@ def main() -> None:
             continue
         for layers in dict.fromkeys((opts.layers, 8)):  # full depth first; 8 blocks if that does not fit
             runner = None
-            kernel = FP8Kernel(matmul=matmul) if fp8 else None
+            kernel = FP8Kernel(matmul=matmul, fast_accum=not opts.exact_accum) if fp8 else None
             try:
                 model = random_dit(DiTConfig(num_layers=layers), kernel, "cuda")
                 if streamed:
@@ -196,6 +238,9 @@ def main() -> None:
                 runner = DiTRunner(model, torch.device("cuda"), 0 if streamed else None, opts.compile, pin=pin)
                 model = None
                 run = measure(name, runner, args, layers, opts.repeats)
+                if opts.timeline:
+                    with torch.no_grad():
+                        run["timeline"] = pass_timeline(lambda runner=runner: runner(*args))
                 if streamed:
                     run["host_memory"] = runner.mode
                 if kernel is not None:
@@ -213,7 +258,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
     for key, matmul in (("fp8_vs_bf16_block_cosine", True), ("fp8_weightonly_vs_bf16_block_cosine", False)):
         try:
-            result[key] = round(cosine_fp8_vs_bf16(args, FP8Kernel(matmul=matmul)), 6)
+            kernel = FP8Kernel(matmul=matmul, fast_accum=not opts.exact_accum)
+            result[key] = round(cosine_fp8_vs_bf16(args, kernel), 6)
         except Exception as exc:  # noqa: BLE001
             result[key] = f"error: {type(exc).__name__}: {exc}"
         save()

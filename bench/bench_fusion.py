@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,14 +91,43 @@ def fa4_all_keys(block: nn.Module, state: dict) -> Callable[[], None]:
     return _swap(attention, "LONG_KEYS", 0)
 
 
+def exact_accum(block: nn.Module, state: dict) -> Callable[[], None]:
+    """FP8 matmuls accumulating with the periodic float32 promotion (no use_fast_accum), as before the fourth round."""
+    from itk.runtime.quant import FP8Linear
+
+    kernel = next(m.kernel for m in block.modules() if isinstance(m, FP8Linear))
+    return _swap(kernel, "fast_accum", False)
+
+
+def tanh_gelu(block: nn.Module, state: dict) -> Callable[[], None]:
+    """The FFN's folded quantiser with F.gelu's tanh (libdevice) instead of the sigmoid form."""
+    import itk.runtime.quant as quant
+
+    return _swap(quant, "gelu_tanh", lambda x: F.gelu(x, approximate="tanh"))
+
+
+def welford_ln(block: nn.Module, state: dict) -> Callable[[], None]:
+    """The block's LayerNorms as F.layer_norm inside the compiled graph too (Inductor's Welford reduction)."""
+    import itk.runtime.models.dit as dit
+
+    def forward(self, x):
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+    return _swap(dit.LayerNorm, "forward", forward)
+
+
 PATCHES: dict[str, Callable[[nn.Module, dict], Callable[[], None]]] = {
     "transposed_tokens": transposed_tokens, "rope_stack": rope_stack, "quant_div": quant_div,
-    "gelu_apart": gelu_apart, "separate_quant": separate_quant, "fa4_all_keys": fa4_all_keys}
+    "gelu_apart": gelu_apart, "separate_quant": separate_quant, "fa4_all_keys": fa4_all_keys,
+    "exact_accum": exact_accum, "tanh_gelu": tanh_gelu, "welford_ln": welford_ln}
 NO_AUTOTUNE = {"max_autotune_pointwise": False}
 # name -> (compile options over the runtime's COMPILE_OPTIONS, patches). "before" is the block as the second
 # round left it; each "without_*" puts one of the third round's changes back: what that change bought.
 VARIANTS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
-    "before": (NO_AUTOTUNE, ("transposed_tokens", "rope_stack", "quant_div", "gelu_apart", "separate_quant")),
+    "before": (NO_AUTOTUNE, ("transposed_tokens", "rope_stack", "quant_div", "gelu_apart", "separate_quant",
+                            "exact_accum")),
     "current": ({}, ()),
     "without_contiguous_tokens": ({}, ("transposed_tokens",)),
     "without_fused_rope": ({}, ("rope_stack",)),
@@ -109,6 +139,10 @@ VARIANTS: dict[str, tuple[dict[str, object], tuple[str, ...]]] = {
     "current_fa4_all_keys": ({}, ("fa4_all_keys",)),  # with --attention fa4
     # Inductor compiles each reduction persistent (row in registers) and looped, keeps the faster at run time
     "current_multi_kernel": ({"triton.multi_kernel": 1}, ()),
+    "without_fast_accum": ({}, ("exact_accum",)),
+    "without_sigmoid_gelu": ({}, ("tanh_gelu",)),
+    "without_twopass_ln": ({}, ("welford_ln",)),
+    "without_both_fifth": ({}, ("tanh_gelu", "welford_ln")),
 }
 
 
