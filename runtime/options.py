@@ -61,7 +61,7 @@ class RuntimeOptions:
     """compile: torch.compile the DiT blocks on a GPU (ITK_COMPILE, default on).
     fp8_matmul: FP8 tensor-core matmuls where the GPU has them (ITK_FP8_MATMUL, default on); off = weights
     dequantised per layer. fp8_fast_accum: those matmuls accumulate at the tensor cores' own precision,
-    without Hopper's periodic promotion to float32 (ITK_FP8_FAST_ACCUM, default on: 2.5-3% faster per 480p
+    without Hopper's periodic promotion to float32 (ITK_FP8_FAST_ACCUM, default on: 2.4-2.9% faster per 480p
     block and pass on an H200, the block's cosine to bf16 unchanged at 0.99923, bench/results/fusion-
     fastaccum-h200.json). attention: ITK_ATTENTION auto | fa4 | flash | sage | sdpa. pin: ITK_PIN forces (1) or forbids
     (0) pinning the streamed DiT blocks in host memory; unset = decided from free RAM. compile_threads:
