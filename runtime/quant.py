@@ -136,6 +136,8 @@ class FP8Kernel:
     """The FP8 compute policy of one run and what this machine refused while running.
 
     `matmul`: use FP8 tensor-core matmuls where the GPU has them (else weights are dequantised per layer).
+    `fast_accum`: let those matmuls accumulate at the tensor cores' own precision (use_fast_accum; see
+    RuntimeOptions.fp8_fast_accum for what it gains and costs).
     Learned at run time, each logged once and never retried: `matmul_error` (why the FP8 matmul was turned
     off: a run that cannot use it still runs, dequantised), `bias_in_matmul` (some torch versions take no
     bias with row-wise scales), `fused_quantize` (False once compiling the activation quantiser failed).

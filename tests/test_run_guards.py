@@ -154,7 +154,7 @@ def test_the_estimate_uses_our_measured_step_time_for_this_gpu_class(tmp_path, m
     measured = expected_step_s("rtx4090-24g", "NVIDIA H200")
     assert measured is not None and plan.step_time == measured and plan.expected_step_s == measured.seconds
     assert plan.estimate_s == pytest.approx(2 * 40 * measured.seconds)  # 2 clips x 40 steps
-    assert plan.estimate == f"about 11 min 18 s for 80 steps at {measured.label}"
+    assert plan.estimate == f"about 10 min 43 s for 80 steps at {measured.label}"
     assert get_preset("rtx4090-24g").expected_step_s != measured.seconds  # not the guide's 70 s
 
 

@@ -440,8 +440,8 @@ class InfiniteTalkDiT(nn.Module):
 
     def rope_for(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """rope_angles of this grid, built on the first forward and kept: every pass of a run has the same grid,
-        and building them on the host then copying them stalled the GPU for ~20 ms per 480p pass on an H200
-        (bench/results/dit-step-fa4-r5-h200.json, timeline)."""
+        and building them on the host then copying them left the GPU idle 23 ms per 480p pass on an H200
+        (the timeline in bench/results/dit-step-fa4-prefetch-h200.json)."""
         key = (grid, torch.device(device))
         if key not in self.rope_cache:
             self.rope_cache[key] = rope_angles(grid, self.rope, device)
