@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import itk.runtime.attention as attention_module
+from itk.atomic import atomic_write_text
 from itk.runtime.attention import configure_attention, kernel_for
 from itk.runtime.configs import DiTConfig
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_angles, rope_table
@@ -135,15 +135,17 @@ def pass_timeline(fn) -> dict:
     busy = {s: sum(b - a for a, b in spans) / 1000 for s, spans in streams.items()}
     main = max(busy, key=busy.get)
     spans = sorted(streams[main])
-    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:], strict=False) if b[0] > a[1]]
+    # (idle us, where it began in us from the first kernel) between consecutive kernels that do not overlap
+    idle = sorted(((b[0] - a[1], a[1] - spans[0][0]) for a, b in zip(spans, spans[1:], strict=False)
+                   if b[0] > a[1]), reverse=True)
+    gaps = [g for g, _ in idle]
     long_gaps = [g for g in gaps if g > 50]
-    at = sorted(((b[0] - a[1], a[1] - spans[0][0]) for a, b in zip(spans, spans[1:], strict=False)), reverse=True)
     return {"wall_ms_profiled": round(wall * 1000, 1),
             "busy_ms_per_stream": {str(k): round(v, 1) for k, v in busy.items()},
             "compute_stream_span_ms": round((spans[-1][1] - spans[0][0]) / 1000, 1),
             "compute_stream_idle_ms": round(sum(gaps) / 1000, 1),
             "gaps_over_50us": {"count": len(long_gaps), "ms": round(sum(long_gaps) / 1000, 1)},
-            "largest_gaps_ms_at_ms": [[round(g / 1000, 2), round(t / 1000, 1)] for g, t in at[:8]]}
+            "largest_gaps_ms_at_ms": [[round(g / 1000, 2), round(t / 1000, 1)] for g, t in idle[:8]]}
 
 
 def to_fp8(model: nn.Module, kernel: FP8Kernel) -> nn.Module:
@@ -212,9 +214,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["runs"][-1] if result["runs"] else result), flush=True)
 
     result["fp8_tensor_core_path"] = has_fp8_matmul(torch.device("cuda"))

@@ -127,8 +127,7 @@ def shared_input(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Ten
     the same FP8 copy of x once per layer."""
     if layers and all(isinstance(layer, FP8Linear) and layer.kernel.fuses(layer, x) for layer in layers):
         xq, xs = quantize_activations(x.reshape(-1, x.shape[-1]))
-        return [scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, layer.kernel.bias_in_matmul,
-                              layer.kernel.fast_accum) for layer in layers]
+        return [layer.kernel.run_quantized(layer, xq, xs, x) for layer in layers]
     return [layer(x) for layer in layers]
 
 
@@ -170,6 +169,15 @@ class FP8Kernel:
         plain input)."""
         return torch.compiler.is_compiling() and layer.lora_down is None and self.uses_matmul(layer, x)
 
+    def run(self, layer: FP8Linear, x: torch.Tensor, quantize: Quantizer | None = None) -> torch.Tensor:
+        """`layer`'s FP8 matmul on x with this run's settings (x quantised by `quantize`, default
+        quantize_activations); no fallback."""
+        return fp8_matmul(x, layer.weight, layer.scale, layer.bias, quantize, self.bias_in_matmul, self.fast_accum)
+
+    def run_quantized(self, layer: FP8Linear, xq: torch.Tensor, xs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`layer`'s FP8 matmul on x already quantised (xq, xs), with this run's settings."""
+        return scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, self.bias_in_matmul, self.fast_accum)
+
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled quantiser; if compiling fails here (no working Triton, say), eager from then on, logged."""
         if self.fused_quantize:
@@ -185,8 +193,7 @@ class FP8Kernel:
     def matmul_or_none(self, layer: FP8Linear, x: torch.Tensor) -> torch.Tensor | None:
         """The FP8 tensor-core result, or None once this torch/GPU has refused it (then logged)."""
         try:
-            return fp8_matmul(x, layer.weight, layer.scale, layer.bias, self.quantize, self.bias_in_matmul,
-                              self.fast_accum)
+            return self.run(layer, x, self.quantize)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as exc:
@@ -200,8 +207,7 @@ class FP8Kernel:
     def forward(self, layer: FP8Linear, x: torch.Tensor) -> torch.Tensor:
         if self.uses_matmul(layer, x):
             if torch.compiler.is_compiling():  # inside a compiled block: no fallbacks, the block fuses the quantiser
-                return fp8_matmul(x, layer.weight, layer.scale, layer.bias, bias_in_matmul=self.bias_in_matmul,
-                                  fast_accum=self.fast_accum)
+                return self.run(layer, x)
             out = self.matmul_or_none(layer, x)
             if out is not None:
                 return out
@@ -233,8 +239,7 @@ class FP8Linear(nn.Module):
     def after_gelu(self, h: torch.Tensor) -> torch.Tensor:
         """This layer applied to GELU(h), GELU folded into the activation quantisation (see quantize_gelu);
         only where the kernel `fuses`."""
-        return fp8_matmul(h, self.weight, self.scale, self.bias, quantize_gelu, self.kernel.bias_in_matmul,
-                          self.kernel.fast_accum)
+        return self.kernel.run(self, h, quantize_gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.kernel.forward(self, x)
