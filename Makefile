@@ -18,13 +18,16 @@ $(TORCH_STAMP):
 		{ fallback="$$(sed -n 2p $(VENV)/.torch-choice)"; test -n "$$fallback" && $(PIP) install --progress-bar on $$fallback; }
 	touch $@
 
-# End users get the package alone; the test tools (pytest, ruff) only with `make test`.
+# End users get the package alone; the test tools (pytest, ruff) only with `make test`. It takes a minute or
+# two, so it says so first and pip shows what it collects and its progress bars (no -q: silence looked hung).
 $(USER_STAMP): $(TORCH_STAMP) pyproject.toml
-	$(PIP) install -q -e .
+	@echo "itk setup: installing itk and its dependencies (transformers, librosa, gradio, PyAV, ...): a minute or two"
+	$(PIP) install --progress-bar on -e .
 	touch $@
 
+# The tests cover the optional extras too (speech from text, the Ray cluster): they install with the test tools.
 $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,tts]"
 	touch $@
 
 # The doctor's verdict is shown but never fails setup (a GPU-less box honestly fails its gpu check); the

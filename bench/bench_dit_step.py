@@ -16,6 +16,7 @@ Each measurement is written as soon as it is taken, so a failure later loses not
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernel_request import refuse_fallback, require_attention
 from torch import nn
 
-import itk.runtime.attention as attention_module
-from itk.atomic import atomic_write_text
-from itk.runtime.attention import configure_attention, kernel_for
+from itk.runtime.atomic import atomic_write_text
+from itk.runtime.attention import SDPA, Attention
 from itk.runtime.configs import DiTConfig
 from itk.runtime.models.dit import InfiniteTalkDiT, rope_angles, rope_table
 from itk.runtime.offload import DiTRunner
@@ -39,12 +40,14 @@ SIZES = {"480p": (21, 40, 40), "720p": (21, 60, 60)}  # latent frames, token row
 GRID = SIZES["480p"]
 
 
-def random_dit(cfg: DiTConfig, kernel: FP8Kernel | None, device: str, seed: int = 0) -> InfiniteTalkDiT:
+def random_dit(cfg: DiTConfig, kernel: FP8Kernel | None, device: str, seed: int = 0, *,
+               attention: Attention = SDPA, parallel=None) -> InfiniteTalkDiT:
     """A full-width DiT with random weights, generated layer by layer on `device` (no fp32 copy); its
-    Linears are FP8 computed by `kernel` when one is given, else bf16."""
+    Linears are FP8 computed by `kernel` when one is given, else bf16; its attentions run `attention`, on this
+    rank's share of `parallel` (runtime/parallel.py) when given."""
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        model = InfiniteTalkDiT(cfg)
+        model = InfiniteTalkDiT(cfg, attention=attention, parallel=parallel)
     if kernel is not None:
         swap_linears(model, linear_names(model), kernel)
     for module in model.modules():
@@ -163,9 +166,9 @@ def to_fp8(model: nn.Module, kernel: FP8Kernel) -> nn.Module:
     return model
 
 
-def cosine_fp8_vs_bf16(args: tuple, kernel: FP8Kernel) -> float:
+def cosine_fp8_vs_bf16(args: tuple, kernel: FP8Kernel, attention: Attention = SDPA) -> float:
     """A one-block full-size DiT in bf16 against the same weights quantised to FP8 (computed by `kernel`)."""
-    bf16 = random_dit(DiTConfig(num_layers=1), None, device="cuda", seed=7)
+    bf16 = random_dit(DiTConfig(num_layers=1), None, device="cuda", seed=7, attention=attention)
     with torch.no_grad():
         a = bf16(*args).flatten().double()
         b = to_fp8(bf16, kernel)(*args).flatten().double()
@@ -190,10 +193,12 @@ def main() -> None:
     parser.add_argument("--size", choices=SIZES, default="480p", help="the bucket: 640x640 or 960x960, 81 frames")
     parser.add_argument("--out", default="bench/results/dit-step-h100.json")
     opts = parser.parse_args()
+    require_attention(opts.attention)  # an explicit kernel that cannot run is refused, never measured as SDPA
     grid = SIZES[opts.size]
-    configure_attention(opts.attention)
+    attention = Attention.resolve(opts.attention, "cuda")
+    refuse_fallback(opts.attention, attention.name)
     if opts.long_keys is not None:
-        attention_module.LONG_KEYS = opts.long_keys
+        attention = dataclasses.replace(attention, long_keys=opts.long_keys)
     import torch._inductor.config as inductor_config
 
     for switch in opts.inductor:
@@ -209,7 +214,7 @@ def main() -> None:
         "targets": {"fp8_streamed_vs_fp8_resident": "<= 1.05x", "fp8_streamed_step_s": "<= 9.5",
                     "fp8_streamed_gpu_peak_gb": "<= 8", "fp8_vs_bf16_cosine": ">= 0.999"},
         "compiled": opts.compile, "fast_accum": not opts.exact_accum,
-        "attention": kernel_for(0)[0], "long_keys": attention_module.LONG_KEYS, "inductor": opts.inductor,
+        "attention": attention.name, "long_keys": attention.long_keys, "inductor": opts.inductor,
         "runs": [],
     }
 
@@ -231,11 +236,12 @@ def main() -> None:
             runner = None
             kernel = FP8Kernel(matmul=matmul, fast_accum=not opts.exact_accum) if fp8 else None
             try:
-                model = random_dit(DiTConfig(num_layers=layers), kernel, "cuda")
+                model = random_dit(DiTConfig(num_layers=layers), kernel, "cuda", attention=attention)
                 if streamed:
                     model.cpu()
                     torch.cuda.empty_cache()
-                runner = DiTRunner(model, torch.device("cuda"), 0 if streamed else None, opts.compile, pin=pin)
+                runner = DiTRunner(model, device=torch.device("cuda"), budget=0 if streamed else None,
+                                   compile=opts.compile, pin=pin)
                 model = None
                 run = measure(name, runner, args, layers, opts.repeats)
                 if opts.timeline:
@@ -259,7 +265,7 @@ def main() -> None:
     for key, matmul in (("fp8_vs_bf16_block_cosine", True), ("fp8_weightonly_vs_bf16_block_cosine", False)):
         try:
             kernel = FP8Kernel(matmul=matmul, fast_accum=not opts.exact_accum)
-            result[key] = round(cosine_fp8_vs_bf16(args, kernel), 6)
+            result[key] = round(cosine_fp8_vs_bf16(args, kernel, attention), 6)
         except Exception as exc:  # noqa: BLE001
             result[key] = f"error: {type(exc).__name__}: {exc}"
         save()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_speed import cosine, median_ms  # noqa: E402
 
-from itk.atomic import atomic_write_text  # noqa: E402
+from itk.runtime.atomic import atomic_write_text  # noqa: E402
 
 SEQUENCES = {"480p": 33600, "720p": 75600}
 # name -> _flash_attn_fwd keyword arguments

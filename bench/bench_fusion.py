@@ -29,8 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_speed import cosine, kernel_profile, median_ms  # noqa: E402
+from kernel_request import refuse_fallback, require_attention  # noqa: E402
 
-from itk.atomic import atomic_write_text  # noqa: E402
+from itk.runtime.atomic import atomic_write_text  # noqa: E402
 
 
 def _stacked_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--attention", default="sdpa", help="the runtime's attention choice for every variant")
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     opts = parser.parse_args()
+    require_attention(opts.attention)  # an explicit kernel that cannot run is refused, never measured as SDPA
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     code_dir = Path("/tmp/itk-fusion-inductor")
@@ -160,7 +162,7 @@ def main() -> None:
 
     from bench_dit_step import inputs, random_dit, to_fp8
 
-    from itk.runtime.attention import configure_attention, kernel_for
+    from itk.runtime.attention import Attention
     from itk.runtime.configs import DiTConfig
     from itk.runtime.models.dit import rope_angles
     from itk.runtime.offload import COMPILE_OPTIONS
@@ -173,20 +175,22 @@ def main() -> None:
     def save() -> None:
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
 
-    model = random_dit(DiTConfig(num_layers=1), None, "cuda")  # bf16 first: the fidelity reference
+    model = random_dit(DiTConfig(num_layers=1), None, "cuda")  # bf16 on SDPA first: the fidelity reference
     names = opts.only.split(",") if opts.only else list(VARIANTS)
     with torch.no_grad():
         tokens, grid, _, e0, ctx, audio = model.embed(*inputs(DiTConfig(), "cuda"))
         rope = rope_angles(grid, model.rope, tokens.device)
         rest = (e0, ctx, audio, grid, rope)
-        configure_attention("sdpa")
         ref_bf16 = model.blocks[0](tokens, *rest)
         block = to_fp8(model, FP8Kernel()).blocks[0]  # the same weights quantised as the official FP8 files are
         ref = block(tokens, *rest)
         result["eager_fp8_vs_bf16_sdpa"] = {"cosine": round(cosine(ref, ref_bf16), 6),
                                             "update_cosine": round(cosine(ref - tokens, ref_bf16 - tokens), 6)}
-        configure_attention(opts.attention)
-        result["attention"] = kernel_for(0)[0]
+        attention = Attention.resolve(opts.attention, "cuda")
+        refuse_fallback(opts.attention, attention.name)
+        result["attention"] = attention.name
+        # the same weights again (same seed), their attentions on the chosen kernel
+        block = to_fp8(random_dit(DiTConfig(num_layers=1), None, "cuda", attention=attention), FP8Kernel()).blocks[0]
         for name in names:
             switches, patches = VARIANTS[name]
             entry = result["variants"][name] = {"switches": {k: str(v) for k, v in switches.items()},

@@ -54,30 +54,31 @@ def worker(opts: argparse.Namespace) -> None:
     from bench_dit_step import inputs, random_dit, timed
 
     from itk.runtime import parallel
+    from itk.runtime.attention import Attention
     from itk.runtime.configs import DiTConfig
     from itk.runtime.layout import choose_layout
     from itk.runtime.offload import DiTRunner
     from itk.runtime.options import Launch
     from itk.runtime.quant import FP8Kernel
-    from itk.runtime.sampler import Guidance, Sampler
+    from itk.runtime.sampler import Sampler
+    from itk.runtime.sampling import Sampling
 
     launch, cfg, runs = Launch.from_env(), DiTConfig(), []
     group = None
     for label, text in [(label, text) for label, text in SCALES if label.split("_")[0] in opts.passes.split(",")]:
-        passes = len(Sampler(Guidance(text, 4.0)).every_pass())
-        if launch.world_size == 1 or group is None:
-            group = parallel.start(launch, passes, cfg.num_heads)
-        else:
-            group = parallel.arrange(launch, choose_layout(launch.world_size, passes, cfg.num_heads))
+        sampling = Sampling(text_scale=text, audio_scale=4.0)
+        passes = len(sampling.passes)
+        layout = choose_layout(launch.world_size, passes, cfg.num_heads)
+        group = parallel.start(launch, layout) if group is None else parallel.arrange(launch, layout)
+        attention = Attention.resolve("auto", "cuda")  # the generator's default (ITK_ATTENTION unset)
         args = inputs(cfg, "cuda")
         for mode, budget in MODES:
-            model = random_dit(cfg, FP8Kernel(matmul=True), "cuda")
+            model = random_dit(cfg, FP8Kernel(matmul=True), "cuda", attention=attention, parallel=group)
             if budget is not None:
                 model.cpu()
                 torch.cuda.empty_cache()
-            runner = DiTRunner(model, torch.device("cuda"), budget, compile=opts.compile, pin=True)
-            model.parallel = group
-            sampler = Sampler(Guidance(text, 4.0, parallel=group))
+            runner = DiTRunner(model, device=torch.device("cuda"), budget=budget, compile=opts.compile, pin=True)
+            sampler = Sampler(sampling, group)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed(functools.partial(step, runner, sampler, args), opts.repeats)
             layout = group.layout if group is not None else None
@@ -105,6 +106,8 @@ def whole_runs(folder: Path, counts: list[int], result: dict[str, Any], save) ->
     from itk.launch import launch_argv
     from itk.presets import get_preset
     from itk.run import generator_argv, generator_command
+    from itk.runtime.configs import DiTConfig
+    from itk.runtime.layout import choose_layout
 
     ready = folder / "weights" / ".bench-weights-complete"  # bench_whole_run.py's, reused when present
     if ready.is_file():
@@ -119,8 +122,9 @@ def whole_runs(folder: Path, counts: list[int], result: dict[str, Any], save) ->
     settings = {**preset.generator, "sample_steps": STEPS}
     result["whole"] = []
     for n in counts:
-        argv = generator_argv(launch_argv(generator_command(), n), preset.path_flags(folder / "weights"), settings,
-                              job, folder / "out" / f"talk-{n}")
+        argv = generator_argv(launch_argv(generator_command(), n), path_flags=preset.path_flags(folder / "weights"),
+                              settings=settings, job_path=job, stem=folder / "out" / f"talk-{n}",
+                              layout=choose_layout(n, preset.passes, DiTConfig().num_heads))
         run = whole.run_generator(argv, folder / f"whole-{n}.log")
         summary = whole.summarize(run, STEPS, FULL_STEPS)  # the step time and extrapolation bench_whole_run uses
         result["whole"].append({"gpus": n, "exit_code": run["exit_code"], "wall_s_measured": run["wall_s"],

@@ -1,6 +1,6 @@
 """Load time and host memory of the 4090 preset (FP8 DiT streamed with budget 0) from a cold page cache.
 
-Writes synthetic files of the official layout and size for every component (runtime-spec §2, §6.2):
+Writes synthetic files of the official layout and size for every component:
 `quant_models/infinitetalk_single_fp8.safetensors` + `.json` (all 612 DiT Linears FP8, the rest bf16,
 ~19 GB), `quant_models/t5_fp8.safetensors` + `t5_map_fp8.json` (168 Linears FP8, ~6.7 GB), the full CLIP
 `.pth` (visual tower fp16 plus a `textual.*` filler up to the official 4.77 GB), `Wan2.1_VAE.pth` (fp32)
@@ -115,7 +115,7 @@ def write_dit(folder: Path, layers: int) -> int:
 
 
 def t5_shapes(cfg) -> dict[str, list[int]]:
-    """The official umT5-XXL encoder's keys and shapes (runtime-spec §4.1)."""
+    """The official umT5-XXL encoder's keys and shapes (24 blocks, 4096 wide, relative position buckets)."""
     from itk.runtime.models.t5 import official_t5_keys
 
     d, a, f = cfg.dim, cfg.dim_attn, cfg.dim_ffn
@@ -224,6 +224,7 @@ def child(folder: Path, layers: int, pin: str) -> None:
 
     import torch
 
+    from itk.runtime.attention import Attention
     from itk.runtime.configs import CLIPConfig, DiTConfig, T5Config, VAEConfig
     from itk.runtime.models.dit import load_dit_fp8
     from itk.runtime.offload import DiTRunner
@@ -247,8 +248,9 @@ def child(folder: Path, layers: int, pin: str) -> None:
     cfg = DiTConfig(num_layers=layers)
     quant = folder / "quant_models"
     dit, mapped = load_dit_fp8(quant / "infinitetalk_single_fp8.safetensors", quant / "infinitetalk_single_fp8.json",
-                               cfg, torch.bfloat16, "cpu", FP8Kernel())
-    runner = DiTRunner(dit, torch.device("cuda"), 0, compile=False, mapped=mapped,
+                               cfg, dtype=torch.bfloat16, device="cpu", kernel=FP8Kernel(),
+                               attention=Attention.resolve("auto", "cuda"))  # the generator's (ITK_ATTENTION unset)
+    runner = DiTRunner(dit, device=torch.device("cuda"), budget=0, mapped=mapped,
                        pin={"auto": None, "pinned": True, "mmap": False}[pin])
     torch.cuda.synchronize()
     mark("dit_ready")
@@ -284,7 +286,8 @@ def _load_t5(folder: Path, T5Config, *_):  # noqa: N803 - config classes passed 
     from itk.runtime.models.t5 import load_t5_fp8
 
     q = folder / "quant_models"
-    return load_t5_fp8(q / "t5_fp8.safetensors", q / "t5_map_fp8.json", T5Config(), torch.bfloat16, "cuda")
+    return load_t5_fp8(q / "t5_fp8.safetensors", q / "t5_map_fp8.json", T5Config(), dtype=torch.bfloat16,
+                       device="cuda")
 
 
 def _load_clip(folder: Path, _t5, CLIPConfig, _vae):  # noqa: N803
@@ -293,7 +296,7 @@ def _load_clip(folder: Path, _t5, CLIPConfig, _vae):  # noqa: N803
     from itk.runtime.models.clip import load_clip
 
     return load_clip(folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", CLIPConfig(),
-                     torch.float16, "cuda")
+                     dtype=torch.float16, device="cuda")
 
 
 def _load_vae(folder: Path, _t5, _clip, VAEConfig):  # noqa: N803
@@ -301,7 +304,7 @@ def _load_vae(folder: Path, _t5, _clip, VAEConfig):  # noqa: N803
 
     from itk.runtime.models.vae import load_vae
 
-    return load_vae(folder / "Wan2.1_VAE.pth", VAEConfig(), torch.bfloat16, "cuda")
+    return load_vae(folder / "Wan2.1_VAE.pth", VAEConfig(), dtype=torch.bfloat16, device="cuda")
 
 
 def _load_audio(folder: Path, *_):

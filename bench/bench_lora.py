@@ -29,6 +29,7 @@ from bench_dit_step import inputs, random_dit, timed
 from safetensors.torch import save_file
 from torch import nn
 
+from itk.runtime.attention import Attention
 from itk.runtime.configs import DiTConfig
 from itk.runtime.lora import apply_loras
 from itk.runtime.offload import DiTRunner
@@ -68,7 +69,8 @@ def free() -> None:
 
 
 def step_times(name: str, model: nn.Module, budget: int | None, args: tuple, repeats: int, compile: bool) -> dict:
-    runner = DiTRunner(model, torch.device("cuda"), budget, compile, pin=True if budget is not None else None)
+    runner = DiTRunner(model, device=torch.device("cuda"), budget=budget, compile=compile,
+                       pin=True if budget is not None else None)
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         forward = timed(lambda: runner(*args), repeats)
@@ -94,9 +96,10 @@ def merge_cost(rank: int, folder: Path, device: str) -> float:
 def agreement(rank: int, folder: Path, args: tuple) -> dict:
     """Output cosines against the bf16 merge on a 4-block full-size DiT."""
     layers = 4
-    fp8 = random_dit(DiTConfig(num_layers=layers), FP8Kernel(), "cuda", seed=11)
+    attention = Attention.resolve("auto", "cuda")  # the generator's default (ITK_ATTENTION unset)
+    fp8 = random_dit(DiTConfig(num_layers=layers), FP8Kernel(), "cuda", seed=11, attention=attention)
     path = lora_file(fp8, rank, folder, layers)
-    bf16 = random_dit(DiTConfig(num_layers=layers), None, "cuda", seed=11)
+    bf16 = random_dit(DiTConfig(num_layers=layers), None, "cuda", seed=11, attention=attention)
     with torch.no_grad():
         same = dict(bf16.named_parameters())
         for name, p in fp8.named_parameters():
@@ -151,7 +154,8 @@ def main() -> None:
             result["agreement"].append(agreement(rank, folder, args))
             free()
             save()
-        model = random_dit(DiTConfig(num_layers=LAYERS), FP8Kernel(), "cuda")
+        model = random_dit(DiTConfig(num_layers=LAYERS), FP8Kernel(), "cuda",
+                           attention=Attention.resolve("auto", "cuda"))
         files = {rank: lora_file(model, rank, folder, LAYERS) for rank in (32, 64)}
         model.cpu()
         free()

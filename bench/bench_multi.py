@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from bench_dit_step import FULL_LAYERS, GRID, inputs, random_dit, timed
 
+from itk.runtime.attention import Attention
 from itk.runtime.configs import DiTConfig
 from itk.runtime.offload import DiTRunner
 from itk.runtime.quant import FP8Kernel
@@ -97,13 +98,13 @@ def main() -> None:
     masks = speaker_masks(IMAGE, IMAGE).cuda()
     result["speaker_tokens"] = [int(n) for n in masks.sum(1).tolist()]
     kernel = FP8Kernel(matmul=True)
-    model = random_dit(cfg, kernel, "cuda")
+    model = random_dit(cfg, kernel, "cuda", attention=Attention.resolve("auto", "cuda"))  # ITK_ATTENTION unset
     model.cpu()
     torch.cuda.empty_cache()
     for compile in (False,) if opts.no_compile else (False, True):
         runner = None
         try:
-            runner = DiTRunner(model, torch.device("cuda"), 0, compile)
+            runner = DiTRunner(model, device=torch.device("cuda"), budget=0, compile=compile)
             for speakers in (1, 2):
                 run = {"compiled": compile, "host_memory": runner.mode,
                        **measure(runner, args, speakers, masks, opts.repeats)}

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from itk.atomic import atomic_write_text
+from itk.runtime.atomic import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -297,19 +297,22 @@ def kernel_profile(fn, repeats: int = 5) -> dict:
 def block_section(result: dict, save, compile_block: bool) -> dict:
     from bench_dit_step import inputs, random_dit
 
-    from itk.runtime.attention import configure_attention, kernel_for
+    from itk.runtime.attention import SDPA, Attention
     from itk.runtime.configs import DiTConfig
     from itk.runtime.models.dit import rope_angles
     from itk.runtime.quant import FP8Kernel
 
+    def block_on(attention: Attention) -> torch.nn.Module:
+        """The one FP8 block (the same random weights every time), its attentions on `attention`."""
+        return random_dit(DiTConfig(num_layers=1), FP8Kernel(), "cuda", attention=attention).blocks[0]
+
     out = result.setdefault("block", {})
-    model = random_dit(DiTConfig(num_layers=1), FP8Kernel(), "cuda")
+    model = random_dit(DiTConfig(num_layers=1), FP8Kernel(), "cuda", attention=SDPA)
     with torch.no_grad():
         tokens, grid, _, e0, ctx, audio = model.embed(*inputs(DiTConfig(), "cuda"))
         rope = rope_angles(grid, model.rope, tokens.device)
         block = model.blocks[0]
         args = (tokens, e0, ctx, audio, grid, rope)
-        configure_attention("sdpa")
         ref = block(*args)
         out["eager_sdpa_ms"] = round(median_ms(lambda: block(*args)), 2)
         timer = OpTimer()
@@ -326,15 +329,15 @@ def block_section(result: dict, save, compile_block: bool) -> dict:
         out["ops_share_eager_sdpa"] = {k: round(v / total, 3) for k, v in out["ops_ms_eager_sdpa"].items()}
         save()
         for choice in ("fa4", "flash", "sage"):
-            configure_attention(choice)
-            name, _ = kernel_for(0)
-            if name != choice:
+            attention = Attention.resolve(choice, "cuda")
+            if attention.name != choice:
                 out[f"eager_{choice}"] = "not installed here"
                 continue
             try:
-                ours = block(*args)
+                chosen = block_on(attention)
+                ours = chosen(*args)
                 update = cosine(ours - tokens, ref - tokens)  # the residual stream alone would hide errors
-                out[f"eager_{choice}"] = {"ms": round(median_ms(lambda: block(*args)), 2),
+                out[f"eager_{choice}"] = {"ms": round(median_ms(lambda chosen=chosen: chosen(*args)), 2),
                                           "cosine_vs_sdpa": round(cosine(ours, ref), 6),
                                           "update_cosine_vs_sdpa": round(update, 6), "kept": update >= 0.999}
             except Exception as exc:  # noqa: BLE001
@@ -342,13 +345,13 @@ def block_section(result: dict, save, compile_block: bool) -> dict:
             save()
         if compile_block:
             for choice in ("sdpa", "fa4"):
-                configure_attention(choice)
-                if kernel_for(0)[0] != choice:
+                attention = Attention.resolve(choice, "cuda")
+                if attention.name != choice:
                     continue
                 label = "" if choice == "sdpa" else f"_{choice}"
                 try:
                     torch._dynamo.reset()
-                    compiled = torch.compile(block)
+                    compiled = torch.compile(block if choice == "sdpa" else block_on(attention))
                     t0 = time.perf_counter()
                     compiled(*args)
                     torch.cuda.synchronize()
@@ -361,7 +364,6 @@ def block_section(result: dict, save, compile_block: bool) -> dict:
                 except Exception as exc:  # noqa: BLE001
                     out[f"compiled{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
                 save()
-    configure_attention("auto")
     return out
 
 

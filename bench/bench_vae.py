@@ -160,7 +160,7 @@ def run_all(result: dict, shape: Shape, cfg, device: torch.device, only: set[str
                 continue
             t0 = time.perf_counter()
             torch.backends.cudnn.benchmark = benchmark
-            vae = load_vae(path, cfg, dtype, device, fast=fast)
+            vae = load_vae(path, cfg, dtype=dtype, device=device, fast=fast)
             entry = runs.setdefault(name, {})
             for op, fn in (("encode", lambda vae=vae: vae.encode(video)),
                            ("decode", lambda vae=vae: vae.decode(latent))):

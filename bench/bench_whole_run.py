@@ -45,8 +45,8 @@ TARGETS = {"gpu_peak_gb": 12.0, "peak_rss_gb": 24.0, "overhead_share_of_40_step_
 def write_weights(root: Path, tiny: bool) -> dict[str, Any]:
     """The preset's weight folders under `root`. Tiny: itk.runtime.tiny's whole layout. Full: that layout's
     small files (tokenizers, wav2vec2 preprocessor), then every component replaced by a full-size one."""
-    from itk.manifest import load_manifest
     from itk.runtime.configs import MODEL_CONFIG_FILE
+    from itk.runtime.manifest import load_manifest
     from itk.runtime.tiny import write_tiny_weights
 
     layout = write_tiny_weights(root)
@@ -107,8 +107,8 @@ def preset_command(weights: Path, job: Path, stem: Path, preset_name: str, steps
 
     preset = get_preset(preset_name)
     settings = {**preset.generator, "sample_steps": steps}
-    return generator_argv(generator_command(), preset.path_flags(weights), settings, job, stem,
-                          loras=preset.lora_files(weights))
+    return generator_argv(generator_command(), path_flags=preset.path_flags(weights), settings=settings,
+                          job_path=job, stem=stem, loras=preset.lora_files(weights))
 
 
 def write_loras(weights: Path, preset_name: str) -> dict[str, Any]:

@@ -46,6 +46,9 @@ class Context:
     min_vram_gb: float
     weights_dir: Path
     deep: bool = False
+    # The preset's measured low-RAM mode (itk.measured): its peak RAM in GB and the sentence that states its cost.
+    low_ram_gb: float | None = None
+    low_ram_note: str = ""
 
 
 def gathered_once(fn: Callable[..., T]) -> Callable[..., T]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from itk.checks.base import Context, Result, Status
-from itk.manifest import load_manifest, missing_bytes
-from itk.paths import existing_parent, free_bytes
+from itk.runtime.manifest import load_manifest, missing_bytes
+from itk.runtime.paths import existing_parent, free_bytes
 
 GB = 10**9
 MARGIN = 2 * GB  # room for .incomplete files and the run's outputs

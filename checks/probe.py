@@ -24,6 +24,25 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def declared_range(dist: str, requirement: str) -> str | None:
+    """The version range `dist` declares for `requirement` in its metadata (numba: "numpy<2.6,>=1.22" -> "<2.6,>=1.22"),
+    None when it is not installed or declares none."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        requires = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        return None
+    for line in requires:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.name.lower() == requirement.lower() and not req.marker and str(req.specifier):
+            return str(req.specifier)
+    return None
+
+
 def _import_error(module: str) -> str | None:
     try:
         __import__(module)
@@ -39,6 +58,7 @@ def probe() -> dict[str, Any]:
     for dist, module in (("numpy", "numpy"), ("torch", "torch"), ("numba", "numba"), ("librosa", "librosa")):
         if facts[dist]["version"]:
             facts[dist]["import_error"] = _import_error(module)
+    facts["numba"]["numpy_range"] = declared_range("numba", "numpy")
     if facts["torch"]["version"] and not facts["torch"]["import_error"]:
         import torch
 

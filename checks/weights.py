@@ -12,8 +12,8 @@ import time
 from collections import Counter
 
 from itk.checks.base import Context, Result, Status
-from itk.manifest import load_manifest
-from itk.verify import UNUSABLE, FileStatus, check_files
+from itk.runtime.manifest import load_manifest
+from itk.runtime.verify import UNUSABLE, FileStatus, check_files
 
 
 def when(hashed_at: float | None) -> str:

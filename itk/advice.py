@@ -16,7 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from itk.toml import read_toml
+from itk.runtime.toml import read_toml
 
 RULES = Path(__file__).with_name("advice.toml")
 ITK_LOG_HEADER = "# itk run: "  # the first line itk.run writes into every generate.log
@@ -83,6 +83,7 @@ def _number(value: Any) -> str:
 def derived(facts: dict[str, Any], log_text: str,
             log_facts: dict[str, re.Pattern[str]]) -> tuple[dict[str, Any], dict[str, bool]]:
     """Placeholders and conditions from the raw facts (and the official scripts' printed arguments)."""
+    from itk.measured import low_ram_mode
     from itk.presets import FALLBACK, get_preset
 
     values = {k: v for k, v in facts.items() if v is not None}
@@ -101,6 +102,9 @@ def derived(facts: dict[str, Any], log_text: str,
                   fp8_quant_dir=str(fp8.path_flags(Path("weights"))["quant_dir"]),
                   fetch_fp8_command=f"itk fetch --preset {fp8.name}",
                   fetch_command=f"itk fetch --preset {values.get('preset', fp8.name)}")
+    low_ram = low_ram_mode(fp8.name)  # the doctor's ram check states it in the same words
+    if low_ram is not None:
+        values.update(low_ram_gb=f"{low_ram.peak_rss_gb:.0f}", low_ram_statement=low_ram.statement)
     others = values.get("gpu_processes", [])
     if others:
         values["gpu_process_list"] = ", ".join(f"pid {p['pid']} {p['name']} ({p['used_mib']} MiB)" for p in others)
@@ -114,6 +118,7 @@ def derived(facts: dict[str, Any], log_text: str,
         "itk_log": not official,
         # the FP8 preset's pinned streaming needs fp8_min_ram_gb; below it, only the mapped mode (ITK_PIN=0)
         "ram_below_fp8": usable is not None and usable < fp8.min_ram_gb,
+        "ram_below_low_ram": usable is not None and low_ram is not None and usable < low_ram.peak_rss_gb,
         "cgroup_limited": bool(cgroup and total and cgroup < total - 0.5),
         "container_oom_kill": bool(values.get("oom_kills_during_run")),
         "no_swap": values.get("swap_gb") == 0,
@@ -129,6 +134,8 @@ def derived(facts: dict[str, Any], log_text: str,
         "vram_below_preset": "preset_min_vram_gb" in values and "vram_gb" in values
         and values["vram_gb"] < float(values["preset_min_vram_gb"]),
     }
+    for key in log_facts:  # a log fact the log (or the run) holds is a condition of the same name
+        conditions.setdefault(key, bool(values.get(key)))
     return values, conditions
 
 

@@ -89,13 +89,93 @@ def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, prompt, output, p
     """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
     from itk.console import run_friendly, show_dry_run, show_run
     from itk.run import plan_run
+    from itk.spec import RunSpec
 
     def go() -> int:
-        plan = plan_run(image, video, audio, prompt, output, preset, input_json, sets, weights_dir, loras=loras,
-                        audio2=audio2, audio_mode=audio_mode, bboxes=(bbox1, bbox2), gpus=gpus)
+        spec = RunSpec.from_options(image=image, video=video, audio=audio, audio2=audio2, audio_mode=audio_mode,
+                                    bbox1=bbox1, bbox2=bbox2, prompt=prompt, input_json=input_json, output=output,
+                                    preset=preset, sets=sets, loras=loras, gpus=gpus, weights_dir=weights_dir)
+        plan = plan_run(spec)
         return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
 
     run_friendly(go, debug, as_json)
+
+
+@cli.command(context_settings={"max_content_width": 110})
+@click.argument("jobs_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Output folder: each job's video, its run folder (log, verdict) and the job store "
+                   "(default: the job file's name without .jsonl). On a shared filesystem for a cluster.")
+@click.option("--gpus", default=None, metavar="all|N",
+              help="GPUs to use, one warm generator each (default: all; on a machine without one: one on the CPU).")
+@PRESET
+@click.option("--status", "status_dir", default=None, type=click.Path(file_okay=False),
+              help="Show the jobs of the batch in this folder (also while it runs, from another terminal) and exit.")
+@WEIGHTS_DIR
+@JSON
+@DEBUG
+def batch(jobs_file, out_dir, gpus, preset, status_dir, weights_dir, as_json, debug) -> None:
+    """Make many videos: one job per line of JOBS_FILE, run by one warm generator per GPU that keeps its
+    models loaded between jobs. The same command again skips finished jobs and resumes an interrupted one
+    from its last finished clip; Ctrl-C stops cleanly (a second one at once).
+
+    \b
+    Job file (JSON Lines): the official job format plus optional output, preset, seed, settings:
+    {"prompt": "A woman is talking.", "cond_video": "anna.png", "cond_audio": {"person1": "anna-01.wav"},
+     "output": "anna-01.mp4", "preset": "rtx4090-24g-fast", "seed": 7, "settings": {"sample_steps": 6}}
+    Relative paths: the current folder, then the job file's folder. A bad line is reported with its number
+    before anything runs; a job whose input turns out unusable fails alone, with its fix.
+
+    \b
+    Exit codes: 0 every job done, 1 a job failed, 2 a bad job file or option, 130 stopped.
+    """
+    from itk.console import run_friendly, show_batch, show_batch_status
+
+    def go() -> int:
+        if status_dir:
+            return show_batch_status(status_dir, as_json)
+        if not jobs_file:
+            from itk.runtime.protocol import EXIT_BAD_INPUT, UserError
+
+            raise UserError("no job file given", "itk batch JOBS.jsonl (one job per line), or itk batch --status DIR",
+                            EXIT_BAD_INPUT)
+        return show_batch(jobs_file, out_dir=out_dir, gpus=gpus, preset=preset, weights_dir=weights_dir,
+                          as_json=as_json)
+
+    run_friendly(go, debug, as_json)
+
+
+@cli.command("eval", context_settings={"max_content_width": 110})
+@click.argument("video", type=click.Path(dir_okay=False))
+@click.option("--reference", default=None, type=click.Path(dir_okay=False),
+              help="The portrait or source video it was made from: colour drift against it, and for a video "
+                   "(dubbing) the drift outside the speaker.")
+@click.option("--audio", default=None, type=click.Path(dir_okay=False),
+              help="The speech to score lip-sync against (default: the video's own sound).")
+@click.option("--bbox", "boxes", multiple=True, metavar="Y0,X0,Y1,X1",
+              help="A dub's speaker region in source pixels, rows first (repeatable; default: the face, found).")
+@click.option("--first-clip", default=81, show_default=True, type=click.IntRange(1),
+              help="Frames of the first clip (the generator's frame_num).")
+@click.option("--clip-step", default=72, show_default=True, type=click.IntRange(1),
+              help="New frames of each later clip (frame_num - motion_frame).")
+@click.option("--plot", "plot_file", default=None, type=click.Path(dir_okay=False),
+              help="Also draw colour drift, seams and lip-sync per clip over time into this PNG.")
+@WEIGHTS_DIR
+@JSON
+@DEBUG
+def eval_(video, reference, audio, boxes, first_clip, clip_step, plot_file, weights_dir, as_json, debug) -> None:
+    """Measure a video per clip and whole: colour drift (CIEDE2000 against the first clip and the reference),
+    seams at the joins between clips, drift outside the speaker for a dub, and lip-sync (SyncNet's Sync-C /
+    Sync-D, once `itk fetch --component syncnet` has fetched its weights).
+
+    \b
+    Exit codes: 0 measured, 2 an unreadable video, no sound to score, or mismatched lengths.
+    """
+    from itk.console import run_friendly, show_eval
+
+    run_friendly(lambda: show_eval(video, reference=reference, audio=audio, boxes=boxes, first_clip=first_clip,
+                                   clip_step=clip_step, plot_file=plot_file, weights_dir=weights_dir,
+                                   as_json=as_json), debug, as_json)
 
 
 @cli.command()
@@ -198,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                                     as_json=True)) from None
     except click.exceptions.Abort:
         from itk.console import show_error
-        from itk.errors import EXIT_INTERRUPTED
+        from itk.runtime.protocol import EXIT_INTERRUPTED
 
         raise SystemExit(show_error("interrupted", "", EXIT_INTERRUPTED, as_json="--json" in args)) from None
     raise SystemExit(code or 0)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from itk.advice import Verdict, diagnose
-from itk.atomic import atomic_write_text
-from itk.errors import EXIT_USAGE, UserError
+from itk.runtime.atomic import atomic_write_text
+from itk.runtime.protocol import EXIT_BAD_INPUT, UserError
 
 MAX_LOG_BYTES = 8 * 2**20  # the end of a log holds the failure; tqdm-heavy logs can be huge
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -32,7 +32,7 @@ def read_log(path: Path) -> str:
                 raw = f.read()
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror}", "give the path of a log file, or - for standard "
-                            "input", EXIT_USAGE) from None
+                            "input", EXIT_BAD_INPUT) from None
     return ANSI.sub("", raw.decode("utf-8", errors="replace")).replace("\r\n", "\n").replace("\r", "\n")
 
 

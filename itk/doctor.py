@@ -12,9 +12,10 @@ from typing import Any
 
 from itk.checks import CHECKS
 from itk.checks.base import Context, Result, Status
-from itk.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
-from itk.paths import weights_dir as resolve_weights_dir
-from itk.presets import resolve_preset
+from itk.measured import low_ram_mode
+from itk.presets import Preset, resolve_preset
+from itk.runtime.paths import weights_dir as resolve_weights_dir
+from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, UserError
 
 
 def run_checks(ids: list[str], ctx: Context) -> list[Result]:
@@ -74,6 +75,21 @@ class DoctorReport:
         }
 
 
+def check_context(preset: Preset, weights_dir: str | Path | None, deep: bool = False) -> Context:
+    """What the checks judge against: the preset's needs, and its measured low-RAM mode where it has one."""
+    low_ram = low_ram_mode(preset.name)
+    return Context(
+        preset_name=preset.name,
+        preset_components=preset.components,
+        min_ram_gb=preset.min_ram_gb,
+        min_vram_gb=preset.min_vram_gb,
+        weights_dir=resolve_weights_dir(weights_dir),
+        deep=deep,
+        low_ram_gb=low_ram.peak_rss_gb if low_ram else None,
+        low_ram_note=low_ram.statement if low_ram else "",
+    )
+
+
 def run_doctor(only: list[str] | None = None, deep: bool = False, preset_name: str | None = None,
                weights_dir: str | Path | None = None) -> DoctorReport:
     """Run the checks (all, or `only` these ids) without printing. UserError (exit 2) for an unknown id."""
@@ -81,15 +97,8 @@ def run_doctor(only: list[str] | None = None, deep: bool = False, preset_name: s
     ids = only or list(CHECKS)
     unknown = [i for i in ids if i not in CHECKS]
     if unknown:
-        raise UserError(f"unknown check id(s): {', '.join(unknown)}", f"known: {', '.join(CHECKS)}", EXIT_USAGE)
+        raise UserError(f"unknown check id(s): {', '.join(unknown)}", f"known: {', '.join(CHECKS)}", EXIT_BAD_INPUT)
     preset, why = resolve_preset(preset_name)
-    ctx = Context(
-        preset_name=preset.name,
-        preset_components=preset.components,
-        min_ram_gb=preset.min_ram_gb,
-        min_vram_gb=preset.min_vram_gb,
-        weights_dir=resolve_weights_dir(weights_dir),
-        deep=deep,
-    )
+    ctx = check_context(preset, weights_dir, deep)
     results = run_checks(ids, ctx)
     return DoctorReport(preset.name, why, ctx.weights_dir, results, time.perf_counter() - start)

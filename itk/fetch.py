@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -25,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from itk.checks.disk import MARGIN  # the doctor's disk check and fetch agree on the margin
-from itk.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
-from itk.manifest import Manifest, Repo, WeightFile, load_manifest
-from itk.paths import existing_parent, free_bytes
-from itk.verify import Expected, FileStatus, VerdictStore, local_path, verify_file
+from itk.runtime.manifest import Manifest, Repo, WeightFile, load_manifest
+from itk.runtime.paths import existing_parent, free_bytes
+from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
+from itk.runtime.verify import NAME_FIX, Expected, FileStatus, VerdictStore, local_path, verify_file
 
 BACKOFF_S = (0.5, 1.0, 2.0)  # waits between attempts after a connection error
 OFFLINE_FIX = ("check the network and rerun later (finished files are kept); behind a firewall, point "
@@ -38,6 +40,17 @@ MIRROR_DOWN_FIX = ("HF_ENDPOINT names this mirror: check that it is up and reach
                    "use huggingface.co; rerun later (finished files are kept)")
 AUTH_FIX = ("log in with `hf auth login` (or set HF_TOKEN) using a token whose account has accepted the "
             "repo's terms on its Hugging Face page")
+# A server that answers but misbehaves (redirect loops, more bytes than it advertised): the network is fine.
+SERVER_FIX = ("huggingface.co (or a proxy on the way) is misbehaving: rerun later (finished files are kept); "
+              "behind a proxy, tell its operator, or point HF_ENDPOINT at a Hugging Face mirror")
+MIRROR_FAULT_FIX = ("HF_ENDPOINT names this mirror and it is misbehaving: tell whoever runs it, or unset HF_ENDPOINT "
+                    "to use huggingface.co; rerun later (finished files are kept)")
+# A body that sends nothing: the client's read timeout (HF_HUB_DOWNLOAD_TIMEOUT, 10 s by default) ends each wait,
+# and the client resumes the download 5 times before it gives up; we add no retries of our own on top (they made a
+# stalled body take 266 s to fail), so a stall fails after about 6 x (timeout + 1 s), a minute by default. A slow
+# download is never cut: the timeout is per read, and every byte that arrives restarts it.
+CLIENT_RESUMES = 5
+CONSISTENCY = re.compile(r"should be of size (\d+) but has size (\d+)")
 
 
 @dataclass
@@ -61,7 +74,7 @@ class Item:
 
 
 @dataclass
-class Plan:
+class FetchPlan:
     endpoint: str
     weights_dir: Path
     source: str
@@ -101,19 +114,43 @@ def offline_fix() -> str:
     return MIRROR_DOWN_FIX if os.environ.get("HF_ENDPOINT") else OFFLINE_FIX
 
 
+def server_fault_fix() -> str:
+    """The fix for a hub that answers wrongly; a mirror in HF_ENDPOINT is named as the one at fault."""
+    return MIRROR_FAULT_FIX if os.environ.get("HF_ENDPOINT") else SERVER_FIX
+
+
+def class_names(exc: BaseException) -> set[str]:
+    """Judged by the transport library's class names so it holds whichever httpx flavour huggingface_hub ships."""
+    return {c.__name__ for c in type(exc).__mro__}
+
+
+def body_sizes(exc: BaseException) -> tuple[int, int] | None:
+    """(advertised, received) from the client's "Consistency check failed" error, else None."""
+    m = CONSISTENCY.search(str(exc)) if isinstance(exc, OSError) else None
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def stalled(exc: BaseException) -> bool:
+    """A read timeout: no byte for HF_HUB_DOWNLOAD_TIMEOUT seconds."""
+    return "ReadTimeout" in class_names(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Connection refused, DNS, timeouts, a connection dropped mid-body: worth a retry. Judged by the
-    transport library's class names so it holds whichever httpx flavour huggingface_hub ships."""
-    names = {c.__name__ for c in type(exc).__mro__}
+    """Connection refused, DNS, timeouts, a connection dropped mid-body: worth a retry. Not a body longer than
+    advertised (the server's fault, the same on every try)."""
+    names = class_names(exc)
     if names & {"TransportError", "ConnectionError", "TimeoutError"}:
         return True
     if "LocalEntryNotFoundError" in names:  # the hub could not be reached and no local copy exists
         return True
-    return isinstance(exc, OSError) and "Consistency check failed" in str(exc)
+    sizes = body_sizes(exc)
+    return sizes is not None and sizes[1] < sizes[0]  # short: the connection ended early
 
 
-def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, size: int = 0) -> UserError:
-    """One line + fix for everything a download can hit. `what` names the repo or file."""
+def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, size: int = 0,
+            body: bool = False) -> UserError:
+    """One line + fix for everything a download can hit. `what` names the repo or file; body: the error came
+    from downloading a file's bytes (where the client resumes a silent body CLIENT_RESUMES times)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -139,6 +176,20 @@ def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, siz
         return UserError(f"disk full while writing {what}: it needs {size:,} bytes at {existing_parent(weights_dir)}"
                          " (the partial file was removed)",
                          "free space there (or use --weights-dir on a bigger disk) and rerun")
+    names = class_names(exc)
+    if "TooManyRedirects" in names:
+        return UserError(f"{what}: {endpoint} answers with redirects in a loop", server_fault_fix())
+    if body and stalled(exc):
+        from huggingface_hub import constants
+
+        timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+        return UserError(f"{what}: {endpoint} stopped sending it: no data for {timeout:g} s, "
+                         f"{CLIENT_RESUMES + 1} times in a row",
+                         f"on a link that pauses longer than {timeout:g} s, raise HF_HUB_DOWNLOAD_TIMEOUT; "
+                         f"{offline_fix()}")
+    if (sizes := body_sizes(exc)) and sizes[1] > sizes[0]:
+        return UserError(f"{what}: {endpoint} sent {sizes[1]:,} bytes, more than the {sizes[0]:,} it advertised",
+                         f"the server sends damaged or different bytes: {server_fault_fix()}")
     if is_transient(exc):
         cause = exc.__cause__ or exc.__context__ or exc
         return Unreachable(f"cannot reach {endpoint} for {what}: {type(cause).__name__}: {cause}", offline_fix())
@@ -147,12 +198,13 @@ def explain(exc: BaseException, what: str, endpoint: str, weights_dir: Path, siz
     raise exc
 
 
-def with_retries(fn: Callable[[], Any], on_retry: Callable[[BaseException], None] | None = None) -> Any:
+def with_retries(fn: Callable[[], Any], on_retry: Callable[[BaseException], None] | None = None,
+                 retry_if: Callable[[BaseException], bool] = is_transient) -> Any:
     for wait in (*BACKOFF_S, None):
         try:
             return fn()
         except Exception as exc:
-            if wait is None or not is_transient(exc):
+            if wait is None or not retry_if(exc):
                 raise
             if on_retry:
                 on_retry(exc)
@@ -208,9 +260,32 @@ def full_repo_files(api, manifest: Manifest, ep: str) -> list[WeightFile]:
     return files
 
 
-def make_plan(files: list[WeightFile], weights_dir: Path, source: str, api=None) -> Plan:
+def refuse_file_folder_clash(files: list[WeightFile]) -> None:
+    """A listing with both `a` and `a/b` in one folder cannot be written: `a` would be a file and a folder."""
+    names = {(f.repo.local_dir, f.path): f for f in files}
+    for f in files:
+        parts = f.path.split("/")
+        for n in range(1, len(parts)):
+            if (file := names.get((f.repo.local_dir, "/".join(parts[:n])))) is not None:
+                raise UserError(f"refusing {file.repo.id}@{file.revision}: {file.path!r} is listed as a file and "
+                                f"as the folder of {f.path!r}", NAME_FIX)
+
+
+def refuse_local_clash(path: Path, f: WeightFile, folder: Path) -> None:
+    """Something of the user's on disk where the file or one of its folders must go."""
+    if path.is_dir():
+        raise UserError(f"{f.label}: {path} is a folder, where the hub has a file",
+                        f"move or remove the folder {path}, then rerun")
+    for parent in (folder / p for p in path.relative_to(folder).parents):  # the repo folder itself last
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{f.label}: {parent} is a file, where {f.label} needs a folder",
+                            f"move or remove the file {parent}, then rerun")
+
+
+def make_plan(files: list[WeightFile], weights_dir: Path, source: str, api=None) -> FetchPlan:
     for f in files:  # every name the hub listed, before anything on disk is touched
         local_path(weights_dir, f)
+    refuse_file_folder_clash(files)
     api = api or hub_api()
     ep = endpoint()
     commits = resolve_commits(api, {(f.repo, f.revision) for f in files}, ep)
@@ -238,7 +313,7 @@ def make_plan(files: list[WeightFile], weights_dir: Path, source: str, api=None)
                             sha1=None if lfs else info.blob_id, revision=f.revision,
                             commit=commits[(f.repo.key, f.revision)])
         items.append(judge(f, expected, weights_dir, store))
-    return Plan(endpoint=ep, weights_dir=weights_dir, source=source, items=items,
+    return FetchPlan(endpoint=ep, weights_dir=weights_dir, source=source, items=items,
                 free=free_bytes(weights_dir), where=existing_parent(weights_dir))
 
 
@@ -246,6 +321,7 @@ def judge(f: WeightFile, expected: Expected, weights_dir: Path, store: VerdictSt
     """A present file is skipped only on a recorded ok verdict whose size and mtime still describe it and
     whose digest is the hub's; any other present file of the hub's size is hashed before it is kept."""
     path = local_path(weights_dir, f)
+    refuse_local_clash(path, f, weights_dir / f.repo.local_dir)
     if store.trusted(f.label, path, expected):
         return Item(f, expected, "verified", "present, verified")
     if path.is_file() and path.stat().st_size == expected.size:
@@ -258,12 +334,13 @@ def judge(f: WeightFile, expected: Expected, weights_dir: Path, store: VerdictSt
     return Item(f, expected, "download", "missing")
 
 
-def offline_plan(files: list[WeightFile], weights_dir: Path, source: str, why: str) -> Plan:
+def offline_plan(files: list[WeightFile], weights_dir: Path, source: str, why: str) -> FetchPlan:
     """What a dry run can say without the hub: the manifest's approximate sizes and what is on disk."""
     store = VerdictStore(weights_dir)
     items = []
     for f in files:
         path = local_path(weights_dir, f)
+        refuse_local_clash(path, f, weights_dir / f.repo.local_dir)
         expected = Expected(size=f.size, revision=f.revision)
         if store.trusted(f.label, path):
             items.append(Item(f, expected, "verified", "present, verified (against the hub's checksum then)"))
@@ -271,11 +348,11 @@ def offline_plan(files: list[WeightFile], weights_dir: Path, source: str, why: s
             items.append(Item(f, expected, "check", "present, not verified: hashed when fetched"))
         else:
             items.append(Item(f, expected, "download", "missing"))
-    return Plan(endpoint=endpoint(), weights_dir=weights_dir, source=source, items=items,
+    return FetchPlan(endpoint=endpoint(), weights_dir=weights_dir, source=source, items=items,
                 free=free_bytes(weights_dir), where=existing_parent(weights_dir), offline=why)
 
 
-def refuse_if_disk_short(plan: Plan) -> None:
+def refuse_if_disk_short(plan: FetchPlan) -> None:
     if plan.need and plan.free < plan.need:
         raise UserError(
             f"not enough disk at {plan.where}: {plan.need - MARGIN:,} bytes to download + {MARGIN:,} margin,"
@@ -322,7 +399,7 @@ def fetch_lock(weights_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def remove_leftovers(plan: Plan) -> None:
+def remove_leftovers(plan: FetchPlan) -> None:
     """Partial downloads of a killed run: huggingface_hub 2.x never resumes them across processes."""
     for local in {plan.weights_dir / i.file.repo.local_dir for i in plan.items}:
         downloads = local / ".cache" / "huggingface" / "download"
@@ -333,7 +410,7 @@ def remove_leftovers(plan: Plan) -> None:
 
 
 class Downloader:
-    def __init__(self, plan: Plan, progress: Callable[[str, str, int], None]):
+    def __init__(self, plan: FetchPlan, progress: Callable[[str, str, int], None]):
         self.plan = plan
         self.store = VerdictStore(plan.weights_dir)
         self.progress = progress  # (label, event: start|bytes|reset|done, n)
@@ -351,10 +428,10 @@ class Downloader:
                             force_download=force,
                             tqdm_class=functools.partial(ByteCounter, lambda n: self.progress(f.label, "bytes", n)))
 
-        try:
-            with_retries(once)
+        try:  # a stalled body is not tried again: the client has already resumed it CLIENT_RESUMES times
+            with_retries(once, retry_if=lambda exc: is_transient(exc) and not stalled(exc))
         except Exception as exc:
-            raise explain(exc, f.label, self.plan.endpoint, self.plan.weights_dir, item.size) from None
+            raise explain(exc, f.label, self.plan.endpoint, self.plan.weights_dir, item.size, body=True) from None
 
     def verify(self, item: Item) -> FileStatus:
         status, record = verify_file(local_path(self.plan.weights_dir, item.file), item.expected)
@@ -389,7 +466,7 @@ class Downloader:
         return "downloaded"
 
 
-def execute(plan: Plan, jobs: int, progress: Callable[[str, str, int], None],
+def execute(plan: FetchPlan, jobs: int, progress: Callable[[str, str, int], None],
             tick: Callable[[], None] = lambda: None) -> None:
     """Download with `jobs` worker threads. Workers are daemon threads: Ctrl-C ends the process at once
     (huggingface_hub keeps partial bytes under *.incomplete names only), and the rerun carries on."""
@@ -401,6 +478,9 @@ def execute(plan: Plan, jobs: int, progress: Callable[[str, str, int], None],
         return
     # Our preflight already compared free space with what is missing; the client's own warning repeats it.
     warnings.filterwarnings("ignore", message="Not enough free disk space")
+    # Its "Trying to resume download..." lines (several lines each) break the progress display; a download that
+    # fails for good ends in our one line, which says what the client tried.
+    logging.getLogger("huggingface_hub.file_download").setLevel(logging.ERROR)
     with fetch_lock(plan.weights_dir):
         remove_leftovers(plan)
         downloader = Downloader(plan, progress)
@@ -451,7 +531,7 @@ def select_files(preset: str | None, components: tuple[str, ...], all_files: boo
         try:
             return manifest.files_for(components), "components " + ", ".join(components)
         except KeyError as exc:
-            raise UserError(str(exc.args[0]), "see itk/manifest.toml for the components", EXIT_USAGE) from None
+            raise UserError(str(exc.args[0]), "see runtime/manifest.toml for the components", EXIT_BAD_INPUT) from None
     from itk.presets import resolve_preset
     from itk.variants import swap_components
 
@@ -462,34 +542,31 @@ def select_files(preset: str | None, components: tuple[str, ...], all_files: boo
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def render_plan(plan: Plan) -> None:
+def render_plan(plan: FetchPlan) -> None:
+    """The plan as a table in a terminal; outside one (a pipe, a CI log) one line per file, and no line is ever
+    wrapped, so a file name or a path reads whole (table_or_lines: the rule every command follows)."""
     from rich.filesize import decimal
-    from rich.table import Table
+    from rich.markup import escape
 
-    from itk.console import console
+    from itk.console import say, table_or_lines
 
-    console.print(f"[bold]plan[/] {plan.source}, from {plan.endpoint} into {plan.weights_dir}", highlight=False)
+    say(f"[bold]plan[/] {escape(plan.source)}, from {escape(plan.endpoint)} into {escape(str(plan.weights_dir))}")
     if plan.offline:
-        console.print(f"[yellow]the hub did not answer[/] ({plan.offline}): sizes are the manifest's approximate"
-                      " figures; the exact sizes and checksums come from the hub when it is reachable",
-                      highlight=False)
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("file", "size", "revision", "state"):
-        table.add_column(col, justify="right" if col == "size" else "left", overflow="fold")
-    for i in plan.items:
-        table.add_row(i.file.label, decimal(i.size), i.file.revision, i.note)
-    console.print(table)
+        say(f"[yellow]the hub did not answer[/] ({escape(plan.offline)}): sizes are the manifest's approximate"
+            " figures; the exact sizes and checksums come from the hub when it is reachable")
+    rows = [[escape(i.file.label), decimal(i.size), escape(i.file.revision), escape(i.note)] for i in plan.items]
+    table_or_lines(["file", "size", "revision", "state"], rows)
     for i in plan.items:
         if i.file.why:
-            console.print(f"[dim]note:[/] {i.file.label} comes from {i.file.revision}: {i.file.why}", highlight=False)
-    console.print(f"{len(plan.items)} files, {decimal(plan.total_bytes)}; to download {decimal(plan.download_bytes)};"
-                  f" {decimal(plan.free)} free at {plan.where}", highlight=False)
+            say(f"[dim]note:[/] {escape(i.file.label)} comes from {escape(i.file.revision)}: {escape(i.file.why)}")
+    say(f"{len(plan.items)} files, {decimal(plan.total_bytes)}; to download {decimal(plan.download_bytes)};"
+        f" {decimal(plan.free)} free at {escape(str(plan.where))}")
 
 
 class LiveProgress:
     """A rich display on stderr: one bar for the total, one per file in flight, with speed and ETA."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: FetchPlan):
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -528,8 +605,10 @@ class LiveProgress:
 
 def run_fetch(preset: str | None, components: tuple[str, ...], all_files: bool, dry_run: bool,
               weights_dir_option: str | None, jobs: int, as_json: bool, variant: str = "single") -> int:
-    from itk.console import console, print_json
-    from itk.paths import weights_dir as resolve_weights_dir
+    from rich.markup import escape
+
+    from itk.console import print_json, say
+    from itk.runtime.paths import weights_dir as resolve_weights_dir
 
     weights_dir = resolve_weights_dir(weights_dir_option)
     try:
@@ -546,7 +625,7 @@ def run_fetch(preset: str | None, components: tuple[str, ...], all_files: bool, 
         if as_json:
             print_json(plan.to_json())
         elif plan.need and plan.free < plan.need:
-            console.print(f"[yellow]the disk is short by {plan.need - plan.free:,} bytes (margin included)[/]")
+            say(f"[yellow]the disk is short by {plan.need - plan.free:,} bytes (margin included)[/]")
         return 0
     refuse_if_disk_short(plan)
     if as_json or all(i.state == "verified" for i in plan.items):
@@ -559,7 +638,6 @@ def run_fetch(preset: str | None, components: tuple[str, ...], all_files: bool, 
         print_json(plan.to_json())
         return 0
     fetched = sum(v == "downloaded" for v in plan.results.values())
-    console.print(f"[green]done:[/] {fetched} files downloaded, {len(plan.results) - fetched} already intact;"
-                  f" all {len(plan.items)} match the hub's checksums (recorded in {weights_dir}/.itk/verified.json)",
-                  highlight=False)
+    say(f"[green]done:[/] {fetched} files downloaded, {len(plan.results) - fetched} already intact;"
+        f" all {len(plan.items)} match the hub's checksums (recorded in {escape(str(weights_dir))}/.itk/verified.json)")
     return 0

@@ -13,29 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from itk.errors import EXIT_USAGE, UserError
-from itk.runtime.protocol import FPS, Job
+from itk.runtime.protocol import EXIT_BAD_INPUT, FPS, Job, UserError
+from itk.runtime.sampling import Sampling, plan_clips
 
 COLOUR_DRIFT_S = 60  # colour drifts visibly beyond about a minute (InfiniteTalk README)
 
 
 def bad_input(message: str, fix: str) -> UserError:
-    return UserError(message, fix, EXIT_USAGE)
-
-
-def job_from_options(image: str | None, video: str | None, audio: str | None, prompt: str | None) -> Job:
-    if bool(image) == bool(video):
-        raise bad_input("give exactly one of --image or --video (or a job file with --input-json)",
-                        "itk run --image face.png --audio speech.wav")
-    if not audio:
-        raise bad_input("--audio is missing", "itk run --image face.png --audio speech.wav")
-    return Job(
-        prompt=prompt or "A person is talking.",
-        cond_video=Path(image or video).expanduser().absolute(),  # type: ignore[arg-type]
-        cond_audio={"person1": Path(audio).expanduser().absolute()},
-    )
+    return UserError(message, fix, EXIT_BAD_INPUT)
 
 
 @dataclass
@@ -101,19 +87,7 @@ def probe_audio(path: Path) -> float:
     return samples / rate
 
 
-def clip_count(frames: int, settings: dict[str, Any]) -> int:
-    """Clips the streaming loop runs for `frames` output frames: the first clip gives frame_num frames,
-    every later one frame_num - motion_frame new ones. Audio of one clip or less is one (shorter) clip;
-    beyond that the loop always runs at least two in streaming mode, as the official one does."""
-    frame_num = int(settings.get("frame_num", 81))
-    if settings.get("mode", "clip") != "streaming" or frames <= frame_num:
-        return 1
-    limit = min(frames, int(settings.get("max_frame_num", 1000)))
-    step = frame_num - int(settings.get("motion_frame", 9))
-    return 1 + max(1, math.ceil((limit - frame_num) / step))
-
-
-def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
+def validate(job: Job, sampling: Sampling) -> MediaFacts:
     """Open and decode every input and work out the video it makes; what the runtime will do differently from
     what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2)."""
     tracks = job.audio_files()  # the official format's silent speaker ("None") has no file
@@ -129,7 +103,7 @@ def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
         if seconds * FPS < 1:
             raise bad_input(f"audio {tracks[key]} is {seconds * 1000:.0f} ms, shorter than one video frame "
                             f"({1000 // FPS} ms)", "give a recording of the speech to lip-sync")
-    frame_num = int(settings.get("frame_num", 81))
+    frame_num = sampling.frame_num
     # add: the turns follow each other, and a silent speaker ("None") takes a turn as long as the other's
     # track (the official layout), so one real track of two plays for twice its length.
     turns = list(audio_s.values()) * (job.speakers if len(audio_s) == 1 else 1)
@@ -143,20 +117,18 @@ def validate(job: Job, settings: dict[str, Any]) -> MediaFacts:
             f"to run it there, pad with silence: ffmpeg -i {name} -af apad=whole_dur="
             f"{math.ceil((frame_num + 1) / FPS)} padded.wav)"
         )
-    frames = int(total_s * FPS)
-    cap = int(settings.get("max_frame_num", 1000))
-    if settings.get("mode") == "streaming" and frames > cap:
+    audio_frames = int(total_s * FPS)
+    clips = plan_clips(audio_frames, sampling)  # the generator's own schedule
+    cap = sampling.max_frame_num
+    if sampling.streaming and audio_frames > cap:
         warnings.append(
             f"the audio is {total_s:.1f} s but the video stops at max_frame_num {cap} frames ({cap / FPS:.0f} s); "
-            f"for all of it: --set max_frame_num={frames}"
+            f"for all of it: --set max_frame_num={audio_frames}"
         )
-        frames = cap
-    elif settings.get("mode") != "streaming":
-        frames = min(frames, frame_num)
-    if frames / FPS > COLOUR_DRIFT_S:
-        warnings.append(f"{frames / FPS:.0f} s of video: colours may drift after about {COLOUR_DRIFT_S} s")
-    return MediaFacts("video" if job.is_video else "image", width, height, audio_s, frames,
-                      clip_count(frames, settings), warnings)
+    if clips.length / FPS > COLOUR_DRIFT_S:
+        warnings.append(f"{clips.length / FPS:.0f} s of video: colours may drift after about {COLOUR_DRIFT_S} s")
+    return MediaFacts("video" if job.is_video else "image", width, height, audio_s, clips.length, clips.clips,
+                      warnings)
 
 
 # --- a user's own LoRA (`itk run --lora FILE[:SCALE]`) --------------------------------------------------------
@@ -195,12 +167,11 @@ def parse_lora(text: str) -> tuple[Path, float]:
     return Path(path).expanduser().absolute(), scale
 
 
-def check_lora(text: str) -> LoraFile:
+def check_lora(path: Path, scale: float) -> LoraFile:
     """A user's LoRA, checked before the model loads: the file exists and is a readable safetensors file with
     LoRA-looking keys. Reads only the header (no torch); the generator checks the shapes against the model."""
-    from itk.safetensors_header import HeaderError, read_header
+    from itk.runtime.safetensors_header import HeaderError, read_header
 
-    path, scale = parse_lora(text)
     if path.is_dir():
         raise bad_input(f"--lora {path} is a folder", "give the LoRA's .safetensors file inside it")
     if not path.is_file():

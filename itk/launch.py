@@ -7,15 +7,12 @@ it stops the others and prints an error summary naming the failed rank, which th
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from itk.errors import EXIT_USAGE, UserError
 from itk.runtime.layout import Layout, LayoutError, choose_layout
+from itk.runtime.protocol import EXIT_BAD_INPUT, UserError
 
-OFFICIAL_HEADS = 40
-MODEL_CONFIG_FILE = "itk_model_config.json"  # a tiny test config beside the weights (runtime/configs.py)
 LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -27,28 +24,16 @@ def usable_gpus() -> int:
     return sum(1 for g in gather().gpus if g.compute_capability >= BF16_MIN_CC)
 
 
-def parse_gpus(value: str | int) -> int:
-    """`--gpus` as given: a count, or "auto" (every usable GPU, at least 1)."""
-    if str(value).strip().lower() == "auto":
-        return max(1, usable_gpus())
-    try:
-        count = int(value)
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise UserError(f"--gpus {value}: expected a count of 1 or more, or auto", "e.g. --gpus 2", EXIT_USAGE)
-    return count
+def model_heads(ckpt_dir: Path | None, model_config: Path | None = None) -> int:
+    """The DiT's attention heads, as the generator will build it (itk.runtime.configs: the official sizes, the
+    folder's config.json, then `model_config` or the folder's itk_model_config.json)."""
+    from itk.runtime.configs import load_model_config
 
-
-def model_heads(ckpt_dir: Path | None) -> int:
-    """The DiT's attention heads: the official 40, or those of a tiny config beside the weights."""
-    config = ckpt_dir / MODEL_CONFIG_FILE if ckpt_dir else None
-    if config is None or not config.is_file():
-        return OFFICIAL_HEADS
     try:
-        return int(json.loads(config.read_text(encoding="utf-8"))["dit"]["num_heads"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return OFFICIAL_HEADS
+        return load_model_config(folder=ckpt_dir, file=model_config).dit.num_heads
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model config: {exc}", "give a valid itk_model_config.json or leave it out",
+                        EXIT_BAD_INPUT) from None
 
 
 def layout_for(gpus: int, passes: int, heads: int) -> Layout:
@@ -56,7 +41,7 @@ def layout_for(gpus: int, passes: int, heads: int) -> Layout:
     try:
         return choose_layout(gpus, passes, heads)
     except LayoutError as exc:
-        raise UserError(str(exc), "pick --gpus as the line says", EXIT_USAGE) from None
+        raise UserError(str(exc), "pick --gpus as the line says", EXIT_BAD_INPUT) from None
 
 
 def launch_argv(generator: list[str], gpus: int) -> list[str]:
@@ -67,5 +52,5 @@ def launch_argv(generator: list[str], gpus: int) -> list[str]:
     python = Path(generator[0]).name.startswith("python") or generator[0] == sys.executable
     if not python or len(generator) < 2:
         raise UserError(f"--gpus {gpus}: cannot start {generator[0]} once per GPU (torchrun runs Python programs)",
-                        "run with --gpus 1, or point ITK_GENERATOR at a Python script", EXIT_USAGE)
+                        "run with --gpus 1, or point ITK_GENERATOR at a Python script", EXIT_BAD_INPUT)
     return [*LAUNCHER, f"--nproc_per_node={gpus}", *generator[1:]]

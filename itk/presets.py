@@ -5,7 +5,6 @@ Every command that needs a preset (doctor, fetch, run, diagnose, presets, selfte
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -13,30 +12,11 @@ from typing import Any
 
 from itk.machine import MachineFacts
 from itk.measured import Measurement, for_preset
-from itk.toml import read_toml
+from itk.runtime.sampling import Sampling
+from itk.runtime.toml import read_toml
 
 PRESETS_DIR = Path(__file__).with_name("presets")
 FALLBACK = "rtx4090-24g"
-
-
-def guidance_passes(settings: Mapping[str, Any]) -> int:
-    """DiT calls per denoising step under our runtime's rule: 3 (conditional, no text, no audio); 2 when the
-    text scale is 1 (the text pass changes nothing); 1 when the audio scale is 1 too. The official code
-    compares with math.isclose, and still runs 2 when both are 1."""
-    from itk.runtime.protocol import FLAG
-
-    def is_one(name: str) -> bool:
-        return math.isclose(float(settings.get(name, FLAG[name].default)), 1.0)
-
-    if not is_one("sample_text_guide_scale"):
-        return 3
-    return 1 if is_one("sample_audio_guide_scale") else 2
-
-
-def steps_of(settings: Mapping[str, Any]) -> int:
-    from itk.runtime.protocol import DEFAULT_STEPS
-
-    return int(settings.get("sample_steps") or DEFAULT_STEPS)
 
 
 @dataclass(frozen=True)
@@ -69,12 +49,17 @@ class Preset:
     gpus: int = 1  # GPUs of its class one video runs on (`itk run --gpus` defaults to this)
 
     @property
+    def sampling(self) -> Sampling:
+        """The preset's settings as the generator samples with them."""
+        return Sampling.from_flags(self.generator)
+
+    @property
     def steps(self) -> int:
-        return steps_of(self.generator)
+        return self.sampling.steps
 
     @property
     def passes(self) -> int:
-        return guidance_passes(self.generator)
+        return len(self.sampling.passes)
 
     @property
     def cost(self) -> str:
@@ -83,7 +68,7 @@ class Preset:
 
     def lora_files(self, weights_dir: Path) -> list[tuple[Path, float]]:
         """This preset's LoRA files under `weights_dir` with their scales, in the preset's order."""
-        from itk.manifest import load_manifest
+        from itk.runtime.manifest import load_manifest
 
         files = {f"{f.repo.key}:{f.path}": f for f in load_manifest().files_for(self.components)}
         return [(files[lora.file].local_path(weights_dir), lora.scale) for lora in self.loras]
@@ -98,7 +83,7 @@ class Preset:
         """The generator's path flags (--ckpt_dir ...) under `weights_dir`, from the manifest: a bare repo key
         names the repo's folder, `repo:file` one file of this preset's weights (checked, so a typo in a preset
         fails here and not an hour into a run)."""
-        from itk.manifest import load_manifest
+        from itk.runtime.manifest import load_manifest
 
         manifest = load_manifest()
         files = {(f.repo.key, f.path): f for f in manifest.files_for(self.components)}
@@ -134,7 +119,7 @@ class Preset:
     @property
     def download_bytes(self) -> int:
         """What `itk fetch --preset NAME` downloads into an empty folder (the manifest's approximate sizes)."""
-        from itk.manifest import load_manifest
+        from itk.runtime.manifest import load_manifest
 
         return sum(f.size for f in load_manifest().files_for(self.components))
 
@@ -166,7 +151,7 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
         loras = tuple(Lora(str(item["file"]), float(item["scale"])) for item in data.get("lora", []))
         _check_loras(path, loras, components)
         gpus = int(hw.get("gpus", 1))
-        _check_gpus(path, gpus, guidance_passes(data["generator"]))
+        _check_gpus(path, gpus, len(Sampling.from_flags(data["generator"]).passes))
         presets[data["name"]] = Preset(
             name=data["name"],
             summary=data["summary"],
@@ -190,12 +175,12 @@ def load_presets(folder: Path = PRESETS_DIR) -> dict[str, Preset]:
 
 
 def _check_gpus(path: Path, gpus: int, passes: int) -> None:
-    """[hardware] gpus splits the official model's 40 heads (runtime/layout.py), or the data is wrong."""
-    from itk.launch import OFFICIAL_HEADS
+    """[hardware] gpus splits the official model's heads (runtime/layout.py), or the data is wrong."""
+    from itk.runtime.configs import DiTConfig
     from itk.runtime.layout import LayoutError, choose_layout
 
     try:
-        choose_layout(gpus, passes, OFFICIAL_HEADS)
+        choose_layout(gpus, passes, DiTConfig().num_heads)
     except LayoutError as exc:
         raise ValueError(f"{path.name}: [hardware] {exc}") from None
 
@@ -216,7 +201,7 @@ def _check_settings(path: Path, generator: dict[str, Any]) -> None:
 
 def _check_loras(path: Path, loras: tuple[Lora, ...], components: tuple[str, ...]) -> None:
     """Each [[lora]] names a LoRA file of the preset's own components, with a finite scale."""
-    from itk.manifest import load_manifest
+    from itk.runtime.manifest import load_manifest
 
     files = {f"{f.repo.key}:{f.path}": f for f in load_manifest().files_for(components)}
     for lora in loras:
@@ -253,9 +238,9 @@ def resolve_preset(name: str | None, facts: MachineFacts | None = None) -> tuple
         try:
             return get_preset(name), f"{name} (chosen with --preset)"
         except KeyError as exc:
-            from itk.errors import EXIT_USAGE, UserError
+            from itk.runtime.protocol import EXIT_BAD_INPUT, UserError
 
-            raise UserError(str(exc.args[0]), "`itk presets` lists them", EXIT_USAGE) from None
+            raise UserError(str(exc.args[0]), "`itk presets` lists them", EXIT_BAD_INPUT) from None
     from itk import machine
 
     return choose_preset(facts or machine.gather())

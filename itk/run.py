@@ -10,25 +10,37 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shlex
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from itk.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_WEIGHTS, EXIT_OK, EXIT_USAGE, UserError
 from itk.inputs import MediaFacts
-from itk.runtime.protocol import DEFAULT_STEPS, RESUME_STATE, Job, parse_setting, resume_folder, to_argv
+from itk.runtime.layout import Layout
+from itk.runtime.paths import check_output
+from itk.runtime.protocol import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MISSING_WEIGHTS,
+    EXIT_OK,
+    RESUME_STATE,
+    Job,
+    UserError,
+    resume_folder,
+    to_argv,
+)
+from itk.runtime.sampling import Sampling
+from itk.spec import RunSpec
 
 if TYPE_CHECKING:
     from itk.advice import Verdict
     from itk.measured import Measurement
-    from itk.verify import FileStatus
+    from itk.runtime.verify import FileStatus
+    from itk.supervisor import Supervisor
 
 GENERATOR = [sys.executable, "-m", "itk.runtime.generate"]
 # A flag-compatible generator to drive instead (the official generate_infinitetalk.py, or a test double).
@@ -36,32 +48,23 @@ GENERATOR_ENV = "ITK_GENERATOR"
 ALLOC_CONF = "expandable_segments:True"  # VAE-decode OOMs on 24 GB cards are allocator fragmentation
 
 
-def parse_sets(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` items -> typed values. Names, types, ranges and refusals (a flag the generator does
-    not support yet is refused here, with its reason) come from the protocol's flag table."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE", "e.g. --set sample_steps=20", EXIT_USAGE)
-        out[key.strip().lstrip("-").replace("-", "_")] = parse_setting(key, raw)
-    return out
-
-
 def generator_command() -> list[str]:
     override = os.environ.get(GENERATOR_ENV)
     return shlex.split(override) if override else list(GENERATOR)
 
 
-def generator_argv(generator: list[str], path_flags: dict[str, Path], settings: dict[str, Any], job_path: Path,
-                   stem: Path, resume: bool = False, loras: list[tuple[Path, float]] | None = None) -> list[str]:
+def generator_argv(generator: list[str], *, path_flags: dict[str, Path], settings: dict[str, Any], job_path: Path,
+                   stem: Path, resume: bool = False, loras: list[tuple[Path, float]] | None = None,
+                   layout: Layout | None = None) -> list[str]:
     """The exact command line, spelled by the protocol's flag table: path flags (then --lora_dir), then the
     settings in the preset's order (as the guide writes them; then --lora_scale, one per file: the generator
-    pairs them with zip, as the official one does), then the job and the output stem, then --resume (itk's own
-    flag)."""
+    pairs them with zip, as the official one does), then the job and the output stem, then itk's own flags:
+    --gpu_layout (several GPUs: the split chosen here, so no rank chooses again) and --resume."""
     files = [("lora_dir", [path for path, _ in loras])] if loras else []
     scales = [("lora_scale", [scale for _, scale in loras])] if loras else []
     values = [*path_flags.items(), *files, *settings.items(), *scales, ("input_json", job_path), ("save_file", stem)]
+    if layout is not None and layout.world > 1:
+        values.append(("gpu_layout", layout.flag))
     if resume:
         values.append(("resume", True))
     return [*generator, *(arg for name, value in values for arg in to_argv({name: value}))]
@@ -94,47 +97,25 @@ def lora_pairs(preset_loras: list[tuple[Path, float]], user_loras: list[tuple[Pa
     if len(set_scales) != len(pairs):
         names = ", ".join(path.name for path, _ in pairs) or "none"
         raise UserError(f"--set lora_scale gives {len(set_scales)} scale(s) for {len(pairs)} LoRA file(s) ({names})",
-                        "give one scale per file, the preset's first, or set each with --lora FILE:SCALE", EXIT_USAGE)
+                        "give one scale per file, the preset's first, or set each with --lora FILE:SCALE",
+                        EXIT_BAD_INPUT)
     return [(path, scale) for (path, _), scale in zip(pairs, set_scales, strict=True)]
 
 
-def output_path(output: str | Path | None) -> Path:
-    """The video to write. The default name is unique (time + a random suffix): two runs started in the
-    same second must not share a run folder."""
-    if output is None:
-        return Path("outputs") / f"itk-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.mp4"
-    path = Path(output).expanduser()
-    if path.suffix.lower() != ".mp4":
-        raise UserError(f"--output {output}: the video is written as mp4", f"--output {path.with_suffix('.mp4')}",
-                        EXIT_USAGE)
-    return path
-
-
-def check_output(out: Path) -> None:
-    """UserError (exit 2) when the video could not be written: found here, not after the whole generation.
-    Creates the output's folder (the run folder goes there anyway) and writes a probe file in it: permission
-    bits say nothing to root, a read-only mount or a file in the way says the truth to everyone."""
-    other = f"choose another --output, e.g. --output {Path.home() / 'itk-outputs' / out.name}"
-    if out.is_dir():
-        raise UserError(f"--output {out} is an existing folder", f"name a file in it: --output {out / 'talk.mp4'}",
-                        EXIT_USAGE)
-    folder = out.parent
+def prepare_output(out: Path, inputs: list[Path]) -> None:
+    """UserError (exit 2) when the video could not be written, found here and not after the whole generation
+    (`itk.runtime.paths.check_output`, the generator's own rule); then the output's folder is made (the run folder
+    goes there anyway), and a file in the way of the run folder is refused."""
+    check_output(out, "--output", Path.home() / "itk-outputs" / out.name, inputs)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker else exc.strerror or type(exc).__name__
-        raise UserError(f"cannot create the folder {folder} for --output: {why}", other, EXIT_USAGE) from None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".itk-probe-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write in {folder} for --output ({exc.strerror or type(exc).__name__})", other,
-                        EXIT_USAGE) from None
+        raise UserError(f"cannot create the folder {out.parent} for --output ({exc.strerror or type(exc).__name__})",
+                        "choose another --output", EXIT_BAD_INPUT) from None
     run_dir = run_folder(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file: itk keeps the run's log in a folder of that name",
-                        f"move that file away or {other}", EXIT_USAGE)
+                        "move that file away or choose another --output", EXIT_BAD_INPUT)
 
 
 def run_folder(out: Path) -> Path:
@@ -156,42 +137,9 @@ def resume_line(out: Path) -> str | None:
 
 
 # --- two speakers ---------------------------------------------------------------------------------------------
-DEFAULT_AUDIO_MODE = "add"  # two recordings given one after the other read as turns; "para" plays them together
 MODE_WORDS = {"add": "taking turns (speaker 2 after speaker 1)", "para": "together (both tracks at once)"}
 LENGTH_RULE = {"add": "both tracks one after the other (add)",
                "para": "the longer track (para; the official code stops at speaker 1's end)"}
-
-
-def parse_box(text: str, option: str) -> list[float]:
-    """`--bbox1 y0,x0,y1,x1` -> four numbers: rows first, as the official job file's bbox is read."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        numbers = [float(p) for p in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) != 4:
-        raise UserError(f"{option} {text}: expected four numbers row_min,col_min,row_max,col_max (pixels)",
-                        f"e.g. {option} 40,20,300,200 (rows first, as the official bbox)", EXIT_USAGE)
-    return numbers
-
-
-def add_second_speaker(job: Job, audio2: str | None, mode: str | None, boxes: tuple[str | None, str | None]) -> Job:
-    """The command-line job with `--audio2` (and its mode and boxes) folded in, as a job file would hold them."""
-    if not audio2:
-        stray = [name for name, value in (("--audio-mode", mode), ("--bbox1", boxes[0]), ("--bbox2", boxes[1]))
-                 if value]
-        if stray:
-            raise UserError(f"{stray[0]} is for two speakers, and there is no --audio2",
-                            "add --audio2 SECOND.wav, or leave out " + " and ".join(stray), EXIT_USAGE)
-        return job
-    if bool(boxes[0]) != bool(boxes[1]):
-        raise UserError("give both --bbox1 and --bbox2, or neither (the official left/right split)",
-                        "add the other speaker's box: --bbox2 row_min,col_min,row_max,col_max", EXIT_USAGE)
-    job.cond_audio["person2"] = Path(audio2).expanduser().absolute()
-    job.audio_type = mode or DEFAULT_AUDIO_MODE
-    if boxes[0] and boxes[1]:
-        job.bbox = {"person1": parse_box(boxes[0], "--bbox1"), "person2": parse_box(boxes[1], "--bbox2")}
-    return job
 
 
 def check_speaker_boxes(job: Job, media: MediaFacts) -> None:
@@ -206,10 +154,10 @@ def check_speaker_boxes(job: Job, media: MediaFacts) -> None:
     except ValueError as exc:
         what, _, fix = str(exc).partition(": give ")
         raise UserError(f"bbox: {what}", f"give {fix}" if fix else "draw the box inside the picture",
-                        EXIT_USAGE) from None
+                        EXIT_BAD_INPUT) from None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     """Everything decided before launch: the job, what its inputs make, the settings and the command line."""
 
@@ -218,10 +166,12 @@ class Plan:
     job: Job
     media: MediaFacts
     settings: dict[str, Any]
+    sampling: Sampling  # the settings as the generator will sample with them (steps, passes, clips)
     output: Path
     run_dir: Path
-    argv: list[str]
-    unusable: list[FileStatus]  # weight files the run cannot start with (itk.verify's UNUSABLE states)
+    argv: list[str]  # the whole command: the generator (under torchrun for several GPUs), then `flags`
+    flags: list[str]  # the generator's flags alone (what a warm worker takes for one job)
+    unusable: list[FileStatus]  # weight files the run cannot start with (itk.runtime.verify's UNUSABLE states)
     fetch_command: str
     doctor_command: str
     step_time: Measurement | None = None  # OUR runtime's measured step on this GPU class (itk.measured)
@@ -230,7 +180,11 @@ class Plan:
     loras: list[tuple[Path, float]] = field(default_factory=list)  # --lora_dir/--lora_scale, in zip order
     variant: str = "single"  # the InfiniteTalk DiT the job's speakers need (itk.variants)
     variant_missing: list[str] = field(default_factory=list)  # multi files absent where the single ones are usable
-    gpus: int = 1  # generator processes, one per GPU, under torchrun when more than one (itk/launch.py)
+    layout: Layout = Layout(1, 1)  # how the GPUs split the work; one generator process per GPU (itk/launch.py)
+
+    @property
+    def gpus(self) -> int:
+        return self.layout.world
 
     @property
     def command_line(self) -> str:
@@ -248,13 +202,11 @@ class Plan:
     @property
     def passes(self) -> int:
         """DiT calls per step under these guidance settings (3, 2 with text guidance 1, 1 with both at 1)."""
-        from itk.presets import guidance_passes
-
-        return guidance_passes(self.settings)
+        return len(self.sampling.passes)
 
     @property
     def recipe(self) -> str:
-        return recipe(self.settings, self.loras)
+        return recipe(self.sampling, self.loras)
 
     @property
     def estimate(self) -> str:
@@ -289,7 +241,7 @@ class Plan:
 
     @property
     def steps(self) -> int:
-        return int(self.settings.get("sample_steps") or DEFAULT_STEPS)
+        return self.sampling.steps
 
     def write_job(self) -> Path:
         """The job file the command line names (a dry run writes it too, so the command runs as printed)."""
@@ -344,7 +296,7 @@ class Plan:
         a folder that has only the single-speaker DiT (the job asks for what these weights cannot do), else 3."""
         if self.variant_missing:
             raise UserError(f"two speakers need the multi-speaker InfiniteTalk DiT: {', '.join(self.variant_missing)}"
-                            " is missing (only the single-speaker one is here)", self.fetch_command, EXIT_USAGE)
+                            " is missing (only the single-speaker one is here)", self.fetch_command, EXIT_BAD_INPUT)
         if problem := self.weights_problem:
             raise UserError(problem, self.weights_fix, EXIT_MISSING_WEIGHTS)
 
@@ -361,12 +313,10 @@ class Plan:
                 "speakers": self.speaker_layout}
 
 
-def recipe(settings: dict[str, Any], loras: list[tuple[Path, float]]) -> str:
+def recipe(sampling: Sampling, loras: list[tuple[Path, float]]) -> str:
     """What one clip costs and what is merged into the DiT: "4 steps x 2 passes, LoRA a.safetensors x1"."""
-    from itk.presets import guidance_passes, steps_of
-
     merged = " + ".join(f"{path.name} x{scale:g}" for path, scale in loras)
-    return f"{steps_of(settings)} steps x {guidance_passes(settings)} passes" + (f", LoRA {merged}" if merged else "")
+    return f"{sampling.steps} steps x {len(sampling.passes)} passes" + (f", LoRA {merged}" if merged else "")
 
 
 def duration(seconds: float) -> str:
@@ -376,55 +326,36 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
-def plan_run(image: str | None = None, video: str | None = None, audio: str | None = None, prompt: str | None = None,
-             output: str | Path | None = None, preset_name: str | None = None, input_json: str | None = None,
-             sets: tuple[str, ...] | list[str] = (), weights_dir: str | Path | None = None,
-             generator: list[str] | None = None, gpu_name: str | None = None,
-             loras: tuple[str, ...] | list[str] = (), audio2: str | None = None, audio_mode: str | None = None,
-             bboxes: tuple[str | None, str | None] = (None, None), gpus: str | int | None = None) -> Plan:
-    """Check inputs, output, settings and weights and build the command line; launches nothing, prints
-    nothing. `generator`: the command to run (default: ours, or $ITK_GENERATOR). `gpu_name`: the GPU whose
-    measured step time the estimate uses (default: this machine's). `loras`: the user's own LoRA files as
-    `FILE[:SCALE]`, each checked here and merged after the preset's own. `audio2`, `audio_mode`, `bboxes`: a
-    second speaker (`itk run --audio2 --audio-mode --bbox1 --bbox2`; a job file holds them itself): the run then
-    takes the preset's weights in their multi-speaker variant (itk.variants). `gpus`: a count or "auto"
-    (default: the preset's; several run the generator under torchrun; a count the heads cannot split is refused
-    here)."""
+def plan_run(spec: RunSpec) -> Plan:
+    """Check the spec's inputs, output, settings and weights against this machine and build the command line;
+    launches nothing, prints nothing. The run takes the preset's weights in the variant its speakers need
+    (itk.variants); a GPU count the model's heads cannot split is refused here."""
     from itk import machine
-    from itk.inputs import COLOUR_DRIFT_S, check_lora, job_from_options, validate
-    from itk.launch import launch_argv, layout_for, model_heads, parse_gpus
-    from itk.manifest import load_manifest
+    from itk.inputs import COLOUR_DRIFT_S, check_lora, validate
+    from itk.launch import launch_argv, layout_for, model_heads
     from itk.measured import expected_step_s
-    from itk.paths import weights_dir as resolve_weights_dir
-    from itk.presets import guidance_passes, load_presets, resolve_preset
-    from itk.runtime.protocol import read_job
+    from itk.presets import load_presets, resolve_preset
+    from itk.runtime.manifest import load_manifest
+    from itk.runtime.paths import weights_dir as resolve_weights_dir
+    from itk.runtime.verify import UNUSABLE, check_files
     from itk.variants import swap_components, swap_paths, variant_for
-    from itk.verify import UNUSABLE, check_files
 
-    preset, reason = resolve_preset(preset_name)
-    settings = {**preset.generator, **parse_sets(sets)}
+    preset, reason = resolve_preset(spec.preset)
+    settings = {**preset.generator, **spec.settings}
     set_scales = settings.pop("lora_scale", None)
-    user_loras = [(f.path, f.scale) for f in map(check_lora, loras)]
-    out = output_path(output).absolute()
-    check_output(out)
-    if input_json:
-        if image or video or audio or audio2:
-            raise UserError("--input-json already names the image/video and audio",
-                            "give either --input-json FILE or --image/--video with --audio", EXIT_USAGE)
-        job = read_job(input_json)
-        if prompt:
-            job.prompt = prompt
-    else:
-        job = add_second_speaker(job_from_options(image, video, audio, prompt), audio2, audio_mode, bboxes)
-    media = validate(job, settings)
+    sampling = Sampling.from_flags(settings)
+    user_loras = [(f.path, f.scale) for f in (check_lora(path, scale) for path, scale in spec.loras)]
+    job, out = spec.job, spec.output
+    prepare_output(out, [job.cond_video, *job.audio_files().values()])
+    media = validate(job, sampling)
     check_speaker_boxes(job, media)
     if preset.long_video_warning and media.video_s > COLOUR_DRIFT_S:
         media.warnings.append(preset.long_video_warning)
-    facts = machine.gather() if preset_name or gpu_name is None else None
-    if preset_name:  # an automatic choice already fits this GPU
+    facts = machine.gather() if spec.preset or spec.gpu_name is None else None
+    if spec.preset:  # an automatic choice already fits this GPU
         media.warnings += setting_warnings(settings, facts.vram_gb if facts else None)
-    gpu = gpu_name or (facts.gpu_name if facts else None)
-    wdir = resolve_weights_dir(weights_dir).absolute()
+    gpu = spec.gpu_name or (facts.gpu_name if facts else None)
+    wdir = resolve_weights_dir(spec.weights_dir).absolute()
     # The doctor's weights check without hashing: presence, recorded size and mtime, header (a truncated
     # download fails here in milliseconds instead of after minutes of loading; a changed file is not trusted).
     variant = variant_for(job.speakers)
@@ -432,7 +363,7 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     statuses = check_files(wdir, load_manifest().files_for(components), deep=False)
     unusable = [st for st in statuses if st.state in UNUSABLE]
     variant_missing = missing_variant(statuses, preset.components, components, wdir, variant)
-    where = f" --weights-dir {shlex.quote(str(weights_dir))}" if weights_dir else ""
+    where = f" --weights-dir {shlex.quote(str(spec.weights_dir))}" if spec.weights_dir else ""
     fetch = f"itk fetch --preset {preset.name}{' --variant multi' if variant == 'multi' else ''}{where}"
     doctor = f"itk doctor --deep --only weights --preset {preset.name}{where}"
     run_dir = run_folder(out)
@@ -440,27 +371,33 @@ def plan_run(image: str | None = None, video: str | None = None, audio: str | No
     if settings.get("quant") and "quant_dir" not in path_flags:
         quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths and p.auto]
         raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
-                        f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_USAGE)
+                        f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_BAD_INPUT)
     resume = resume_line(out)
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
-    count = preset.gpus if gpus is None else parse_gpus(gpus)
+    count = spec.gpus or preset.gpus
     # a preset's measured step holds for its own GPU count only: another count gets no invented number
     step_time = expected_step_s(preset.name, gpu) if count == preset.gpus else None
-    layout = layout_for(count, guidance_passes(settings), model_heads(path_flags.get("ckpt_dir")))
-    argv = generator_argv(launch_argv(generator or generator_command(), count), path_flags, settings,
-                          run_dir / "job.json", out.with_suffix(""), resume=resume is not None, loras=pairs)
+    # the model's heads limit how several GPUs split a step (one GPU needs no split, nor the model's config)
+    heads = model_heads(path_flags.get("ckpt_dir"), path_flags.get("model_config")) if count > 1 else 1
+    layout = layout_for(count, len(sampling.passes), heads)
+    generator = list(spec.generator) if spec.generator else generator_command()
+    flags = generator_argv([], path_flags=path_flags, settings=settings, job_path=run_dir / "job.json",
+                           stem=out.with_suffix(""), resume=resume is not None, loras=pairs, layout=layout)
     # the preset line of a dry run says what a clip costs, which LoRAs are merged and how the GPUs split
-    spread = f"; {layout.describe(guidance_passes(settings))}" if count > 1 else ""
-    return Plan(preset.name, f"{reason}; {recipe(settings, pairs)}{spread}", job, media, settings, out, run_dir,
-                argv, unusable, fetch, doctor, step_time, gpu, resume, pairs, variant, variant_missing, count)
+    spread = f"; {layout.describe(len(sampling.passes))}" if count > 1 else ""
+    return Plan(preset_name=preset.name, preset_reason=f"{reason}; {recipe(sampling, pairs)}{spread}", job=job,
+                media=media, settings=settings, sampling=sampling, output=out, run_dir=run_dir,
+                argv=[*launch_argv(generator, count), *flags], flags=flags,
+                unusable=unusable, fetch_command=fetch, doctor_command=doctor, step_time=step_time, gpu_name=gpu,
+                resume=resume, loras=pairs, variant=variant, variant_missing=variant_missing, layout=layout)
 
 
 def missing_variant(statuses: list[FileStatus], preset_components: tuple[str, ...], components: tuple[str, ...],
                     weights_dir: Path, variant: str) -> list[str]:
     """The `variant` DiT files (labels) that are unusable while the preset's own (single-speaker) ones are
     fine: the case where the fix is `--variant multi`, not a fresh download of everything."""
+    from itk.runtime.verify import UNUSABLE, check_files
     from itk.variants import variant_files
-    from itk.verify import UNUSABLE, check_files
 
     if variant == "single":
         return []
@@ -529,7 +466,7 @@ def output_lock(plan: Plan) -> Iterator[None]:
             holder = "pid not yet recorded"
         raise UserError(f"{plan.output} is being written by another itk run ({holder})",
                         "wait for that run to finish (or stop it), or give this one another --output",
-                        EXIT_USAGE) from None
+                        EXIT_BAD_INPUT) from None
     try:
         plan.owner_path.write_text(f"{os.getpid()}\n", encoding="utf-8")
         yield
@@ -538,30 +475,63 @@ def output_lock(plan: Plan) -> Iterator[None]:
         lock.release()
 
 
-def run_job(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Launch the plan under the Supervisor (progress goes to `on_event`), keep the log in the run folder,
-    and on failure diagnose it with the advice rules (verdict.json beside the log). Prints nothing.
-    The output is locked for the whole run: a second run on it is refused, naming this one's pid. A run that
-    continues an interrupted one first sends `on_event` a `stage` event "resume" with the line to show."""
+def supervisor_for(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None = None) -> Supervisor:
+    """The Supervisor that runs this plan's command line, its log in the run folder and its progress going to
+    `on_event`. A caller that may cancel the run (the web page) keeps it and calls its `cancel()`."""
+    from itk.supervisor import Supervisor
+
+    return Supervisor(plan.argv, plan.log_path, env=child_env(), on_event=on_event)
+
+
+def run_job(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None = None, *,
+            supervisor: Supervisor | None = None) -> RunResult:
+    """Launch the plan under its Supervisor (`supervisor_for(plan, on_event)` unless one is given; its events
+    then go to its own callback), keep the log in the run folder, and on failure diagnose it with the advice rules
+    (verdict.json beside the log). Prints nothing. The output is locked for the whole run: a second run on it is
+    refused, naming this one's pid. A run that continues an interrupted one first sends the callback a `stage`
+    event "resume" with the line to show."""
+    supervisor = supervisor or supervisor_for(plan, on_event)
     plan.require_weights()
     with output_lock(plan):
-        if plan.resume and on_event is not None:
-            on_event({"event": "stage", "stage": "resume", "message": plan.resume, "origin": "itk"})
-        return _run_locked(plan, on_event)
+        if plan.resume:
+            supervisor.on_event({"event": "stage", "stage": "resume", "message": plan.resume, "origin": "itk"})
+        return _run_locked(plan, supervisor)
 
 
-def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -> RunResult:
+def explain_failure(plan: Plan, *, log_text: str, returncode: int, events: list[dict[str, Any]],
+                    oom_kills_before: int | None) -> Verdict:
+    """The advice rules' verdict on a failed generator (its log, exit status, last events and this machine's
+    facts), written as verdict.json in the run folder. `oom_kills_before`: the cgroup's OOM kills when it started."""
     from itk import machine
     from itk.advice import diagnose
     from itk.checks.ram import read_cgroup
     from itk.diagnose import write_verdict
-    from itk.supervisor import Supervisor, failed_rank
+    from itk.runtime.protocol import failed_rank
+    from itk.supervisor import Outcome
+
+    phase = Outcome(returncode, False, 0.0, plan.log_path, events).phase
+    facts = {**machine.gather().to_json(), "preset": plan.preset_name, "phase": phase}
+    errors = [e for e in events if e.get("event") == "error" and e.get("message")]
+    if errors:
+        facts["error_message"] = errors[-1]["message"]
+    kills_after = read_cgroup().oom_kills
+    if oom_kills_before is not None and kills_after is not None:
+        facts["oom_kills_during_run"] = kills_after - oom_kills_before
+    verdict = diagnose(log_text, returncode if returncode else None, facts, str(plan.log_path))
+    if (rank := failed_rank(log_text)) is not None:  # several GPUs: say which one failed first
+        verdict = replace(verdict, diagnosis=f"{rank}. {verdict.diagnosis}")
+    write_verdict(verdict, plan.run_dir / "verdict.json")
+    return verdict
+
+
+def _run_locked(plan: Plan, supervisor: Supervisor) -> RunResult:
+    from itk.checks.ram import read_cgroup
 
     plan.write_job()
     log_path = plan.log_path
     log_path.write_text(f"# itk run: {plan.command_line}\n", encoding="utf-8")
-    kills_before = read_cgroup()[3]
-    outcome = Supervisor(plan.argv, log_path, env=child_env(), on_event=on_event).run()
+    kills_before = read_cgroup().oom_kills
+    outcome = supervisor.run()
     if outcome.interrupted:
         return RunResult(log_path, outcome.elapsed_s, EXIT_INTERRUPTED, interrupted=True, events=outcome.events,
                          resumable=plan.resume_folder.is_dir())
@@ -569,20 +539,11 @@ def _run_locked(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None) -
     if outcome.returncode == 0 and video.is_file():
         return RunResult(log_path, outcome.elapsed_s, EXIT_OK, video, video_seconds(video),
                          (outcome.done or {}).get("gpu_peak_gb"), events=outcome.events)
-    kills_after = read_cgroup()[3]
-    facts = {**machine.gather().to_json(), "preset": plan.preset_name, "phase": outcome.phase}
-    errors = [e for e in outcome.events if e.get("event") == "error" and e.get("message")]
-    if errors:
-        facts["error_message"] = errors[-1]["message"]
-    if kills_before is not None and kills_after is not None:
-        facts["oom_kills_during_run"] = kills_after - kills_before
     text = log_path.read_text(encoding="utf-8", errors="replace")
     if outcome.returncode == 0:
         text += f"\nitk: the generator exited 0 but wrote no video at {video}\n"
-    verdict = diagnose(text, outcome.returncode if outcome.returncode else None, facts, str(log_path))
-    if (rank := failed_rank(text)) is not None:  # several GPUs: say which one failed first
-        verdict = replace(verdict, diagnosis=f"{rank}. {verdict.diagnosis}")
-    write_verdict(verdict, plan.run_dir / "verdict.json")
-    code = outcome.returncode if outcome.returncode in (EXIT_USAGE, EXIT_MISSING_WEIGHTS) else EXIT_FAILED
+    verdict = explain_failure(plan, log_text=text, returncode=outcome.returncode, events=outcome.events,
+                              oom_kills_before=kills_before)
+    code = outcome.returncode if outcome.returncode in (EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS) else EXIT_FAILED
     return RunResult(log_path, outcome.elapsed_s, code, verdict=verdict, events=outcome.events,
                      resumable=plan.resume_folder.is_dir())

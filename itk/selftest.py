@@ -8,9 +8,12 @@ weights, the REAL generator under the Supervisor, and the advice rules if it fai
 is exercised: the run plan, file formats, loaders, tokenizer, wav2vec2, the streaming loop, colour
 correction, the PyAV writer, the event protocol and the supervisor.
 
-By default it works in one cache folder (~/.cache/itk/selftest) with fixed names, so a run leaves nothing
-behind but the mp4 it prints: the tiny weights are written once per tiny-weights version and seed, into a
-partial folder renamed into place when complete (an interrupted write is never reused), and reused after.
+By default it works in one cache folder (~/.cache/itk/selftest) with fixed names: the tiny weights are written
+once per tiny-weights version, seed and kind (single- and two-speaker sets side by side), into a partial folder
+renamed into place when complete (an interrupted write is never reused), and reused after. Each kind writes its
+own video (selftest.mp4, selftest-two-speakers.mp4). A passing run then removes its inputs (<stem>.inputs) and
+its run folder (<stem>.run), so nothing but the cached weights and the mp4 it prints is left behind; a failing
+run keeps both for a look, and its result names them. With --workdir everything stays in that folder.
 """
 
 from __future__ import annotations
@@ -20,14 +23,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from itk.errors import EXIT_OK, UserError
 from itk.machine import MachineFacts
 from itk.run import GENERATOR, RunResult
-from itk.runtime.protocol import FPS, SAMPLE_RATE
+from itk.runtime.protocol import EXIT_OK, FPS, SAMPLE_RATE, UserError
 
 SPEECH_SECONDS = 3.6
 # --two-speakers: two turns (`add`) as long as the one speaker's track together, on tiny multi-speaker weights
@@ -37,6 +39,13 @@ TINY_SETTINGS = ("sample_steps=4",)  # random tiny weights: more steps would pro
 PROMPT = "A person is talking to the camera."
 SEED = 0
 PARTIAL = ".partial-"  # a tiny-weights folder being written: <name>.partial-<pid>
+MULTI = "-multi"  # the two-speaker set's key ends with it
+LEGACY_INPUTS = ("portrait.png", "speech.wav", "speech1.wav")  # before <stem>.inputs/
+
+
+def video_stem(two_speakers: bool) -> str:
+    """Each kind of selftest has its own video (and so its own run folder): neither replaces the other's."""
+    return "selftest-two-speakers" if two_speakers else "selftest"
 
 
 def cache_root() -> Path:
@@ -50,12 +59,12 @@ def tiny_key(seed: int = SEED, multi: bool = False) -> str:
     and the seed. A toolkit update that changes either writes a fresh set; one that does not reuses it."""
     from importlib.util import find_spec
 
-    from itk.manifest import MANIFEST
+    from itk.runtime.manifest import MANIFEST
 
     digest = hashlib.sha256()
     for path in (find_spec("itk.runtime.tiny").origin, MANIFEST):
         digest.update(Path(path).read_bytes())
-    return f"tiny-{digest.hexdigest()[:12]}-seed{seed}" + ("-multi" if multi else "")
+    return f"tiny-{digest.hexdigest()[:12]}-seed{seed}" + (MULTI if multi else "")
 
 
 def _alive(pid: int) -> bool:
@@ -71,15 +80,19 @@ def _alive(pid: int) -> bool:
 def cached_tiny_weights(root: Path, seed: int = SEED,
                         on_stage: Callable[[str], None] = lambda _: None, multi: bool = False) -> Path:
     """The tiny weights under `root`, written (and recorded as verified) only when this version is not there
-    yet: into `<key>.partial-<pid>`, renamed into place when complete. Older versions and partial folders
-    left by killed runs are removed; an interrupted write removes its own."""
+    yet: into `<key>.partial-<pid>`, renamed into place when complete. Older versions of the same kind
+    (single- or two-speaker: each kind keeps its own set) and partial folders left by killed runs are removed;
+    an interrupted write removes its own."""
     from itk.runtime.tiny import write_tiny_weights
 
     key = tiny_key(seed, multi)
     final = root / key
     for old in root.glob("tiny-*"):
-        stale_partial = PARTIAL in old.name and not _alive(int(old.name.rsplit("-", 1)[1] or 0))
-        if old != final and (stale_partial or PARTIAL not in old.name):
+        name, partial_pid = old.name.split(PARTIAL, 1) if PARTIAL in old.name else (old.name, "")
+        if name.endswith(MULTI) != multi:
+            continue  # the other kind's set (or its write in progress): not ours to judge
+        stale_partial = bool(partial_pid) and not _alive(int(partial_pid or 0))
+        if old != final and (stale_partial or not partial_pid):
             shutil.rmtree(old, ignore_errors=True)
     if final.is_dir():
         on_stage("tiny weights: reusing the cached set")
@@ -154,10 +167,10 @@ def record_tiny_verdicts(weights_dir: Path, preset: str = PRESET, multi: bool = 
     instead of passing them as "never verified". A file the tiny writer did not make stays missing, and
     the plan refuses to start, as it would for a real run. multi: the preset's multi-speaker files too.
     Returns the number recorded."""
-    from itk.manifest import load_manifest
     from itk.presets import get_preset
+    from itk.runtime.manifest import load_manifest
+    from itk.runtime.verify import Record, VerdictStore, file_digest
     from itk.variants import swap_components
-    from itk.verify import Record, VerdictStore, file_digest
 
     store = VerdictStore(weights_dir)
     recorded = 0
@@ -213,6 +226,7 @@ class SelftestResult:
     run: RunResult
     video: dict[str, Any] | None
     seconds: float
+    kept: tuple[Path, ...] = ()  # what a failing run left for a look: its inputs and its run folder
 
     @property
     def ok(self) -> bool:
@@ -224,7 +238,7 @@ class SelftestResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "workdir": str(self.workdir), "seconds": self.seconds, "video": self.video,
-                "run": self.run.to_json()}
+                "run": self.run.to_json(), "kept": [str(p) for p in self.kept]}
 
 
 def run_selftest(workdir: str | Path | None = None,
@@ -234,6 +248,7 @@ def run_selftest(workdir: str | Path | None = None,
     folder with cached tiny weights; prints nothing. Its own stages and the generator's events go to
     `on_event`. two_speakers: two turns (`add`, official left/right split) on tiny multi-speaker weights."""
     from itk.run import plan_run, run_job
+    from itk.spec import RunSpec
 
     emit = on_event or (lambda _: None)
 
@@ -242,6 +257,8 @@ def run_selftest(workdir: str | Path | None = None,
 
     root = Path(workdir) if workdir else cache_root()
     root.mkdir(parents=True, exist_ok=True)
+    stem = video_stem(two_speakers)
+    output, inputs = root / f"{stem}.mp4", root / f"{stem}.inputs"
     started = time.monotonic()
     if workdir:
         from itk.runtime.tiny import write_tiny_weights
@@ -252,29 +269,37 @@ def run_selftest(workdir: str | Path | None = None,
         record_tiny_verdicts(weights, multi=two_speakers)
     else:
         weights = cached_tiny_weights(root, SEED, stage, two_speakers)
-        (root / "selftest.mp4").unlink(missing_ok=True)  # the last run's video: replaced, never piled up
+        output.unlink(missing_ok=True)  # this kind's last video: replaced, never piled up
+        for legacy in LEGACY_INPUTS:  # where older versions left their inputs
+            (root / legacy).unlink(missing_ok=True)
     stage("inputs: a drawn portrait and speech-like sound")
-    image = (write_two_portraits if two_speakers else write_portrait)(root / "portrait.png")
+    inputs.mkdir(exist_ok=True)
+    image = (write_two_portraits if two_speakers else write_portrait)(inputs / "portrait.png")
     seconds = TWO_SPEAKER_SECONDS if two_speakers else (SPEECH_SECONDS,)
-    tracks = [write_speech(root / f"speech{n or ''}.wav", s) for n, s in enumerate(seconds)]
+    tracks = [write_speech(inputs / f"speech{n or ''}.wav", s) for n, s in enumerate(seconds)]
     second = {"audio2": str(tracks[1]), "audio_mode": "add"} if two_speakers else {}
+    spec = RunSpec.from_options(image=str(image), audio=str(tracks[0]), prompt=PROMPT, output=output,
+                                preset=PRESET, sets=TINY_SETTINGS, weights_dir=weights, **second)
     # The real generator even when $ITK_GENERATOR names another: this checks the install.
-    plan = plan_run(image=str(image), audio=str(tracks[0]), prompt=PROMPT, output=root / "selftest.mp4",
-                    preset_name=PRESET, sets=TINY_SETTINGS, weights_dir=weights, generator=GENERATOR, **second)
+    plan = plan_run(replace(spec, generator=tuple(GENERATOR)))
     stage("generator: loading the tiny models")
     result = run_job(plan, on_event)
     stage("checking the video")
     # the audio encoder's count; two turns (add) last as long as both tracks together
     frames = int(sum(int(s * SAMPLE_RATE) for s in seconds) / SAMPLE_RATE * FPS)
     video = check_mp4(result.output, frames) if result.ok and result.output else None
-    return SelftestResult(root, result, video, round(time.monotonic() - started, 1))
+    if video is not None and not workdir:  # passed: only the cached weights and the mp4 stay
+        for folder in (inputs, plan.run_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+    kept = (inputs, plan.run_dir) if video is None else ()
+    return SelftestResult(root, result, video, round(time.monotonic() - started, 1), kept)
 
 
 def closing_line(facts: MachineFacts) -> str:
     """The one line `make setup` ends with: the selftest passed, what that means on this machine (no NVIDIA
     GPU: real videos cannot run here; a GPU no preset fits; or ready), and what to do next."""
-    from itk.manifest import load_manifest
     from itk.presets import choose_preset
+    from itk.runtime.manifest import load_manifest
 
     if facts.vram_gb is None:
         return ("selftest passed: the install works (generator, file formats, video writer), but there is no "

@@ -11,14 +11,14 @@ SIGHUP of its own, so without this it would run on, an orphan holding the GPU.
 Several GPUs (`itk run --gpus N`): the child is torchrun, which starts each rank in a session of its own
 and forwards SIGINT/SIGTERM to them. The ranks are one job here: only rank 0 emits events (one progress
 display), the supervisor remembers every descendant it saw, and a stop is done only when none of them is
-left (SIGKILL reaches them too). `failed_rank` reads which rank failed first from the log.
+left (SIGKILL reaches them too). The protocol's `failed_rank` reads which rank failed first from the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
-import re
 import signal
 import subprocess
 import threading
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itk.runtime.protocol import EVENT_PREFIX, parse_event
+from itk.runtime.protocol import EXIT_INTERRUPTED, parse_event
 
 GRACE_S = float(os.environ.get("ITK_STOP_GRACE_S", "10"))  # per escalation step
 TAIL_LINES = 200
@@ -77,30 +77,7 @@ class _Stop(Exception):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-# torchrun's error summary and the generator's own line per failed rank (runtime/generate.py)
-ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: \d+\)"
-                        r"\s*exitcode\s*:\s*(-?\d+)", re.S)
-RANK_ERROR = re.compile(r"^error: rank (\d+) of (\d+) failed: (.+)$", re.M)
 DESCENDANTS_EVERY_S = 1.0
-
-
-def failed_rank(log_text: str) -> str | None:
-    """"rank K failed first: WHY" for a multi-GPU run that failed (None for a single process): the root cause
-    torchrun names, with that rank's own error line, or its exit status when it left none (killed)."""
-    errors: dict[int, str] = {}
-    for m in RANK_ERROR.finditer(log_text):
-        # The ranks share one stderr: another rank's event line can land inside this line; cut it off there.
-        errors.setdefault(int(m[1]), m[3].split(EVENT_PREFIX)[0].strip())
-    root = ROOT_CAUSE.search(log_text)
-    if root is None and not errors:
-        return None
-    rank = int(root[1]) if root else next(iter(errors))
-    why = errors.get(rank)
-    if why is None and root is not None:
-        code = int(root[2])
-        why = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
-            else f"exit status {code}"
-    return f"rank {rank} failed first: {why}"
 
 
 def group_members(pgid: int) -> list[int]:
@@ -117,18 +94,72 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def stop_process_group(leader: subprocess.Popen[Any], grace_s: float, *, first: int = signal.SIGINT,
+                       extra: Callable[[], list[Any]] = list) -> bool:
+    """The one stop ladder, as Ctrl-C does it, for a child started in a session of its own (its pid is its
+    group's id): `first` (SIGINT: the generator exits cleanly with 130) to the whole group, SIGTERM after
+    `grace_s`, SIGKILL after another, waiting until no process of the group is left.
+    `extra` lists other live processes (psutil) that belong to the job outside the group (torchrun's ranks run
+    in sessions of their own; the gentler signals reach them through torchrun, SIGKILL directly). A second
+    Ctrl-C or a SIGTERM to itk during the wait skips to SIGKILL. True once nothing is left."""
+
+    pgid = leader.pid
+
+    def gone() -> bool:
+        leader.poll()  # reap the leader so it does not linger as a zombie member
+        return not group_members(pgid) and not extra()
+
+    def wait(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not gone():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        if sig == signal.SIGKILL:
+            for proc in extra():
+                with contextlib.suppress(Exception):  # gone meanwhile
+                    proc.kill()
+
+    steps = [first, signal.SIGTERM] if first == signal.SIGINT else [first]
+    try:
+        for sig in steps:
+            send(sig)
+            if wait(grace_s):
+                return True
+    except (KeyboardInterrupt, _Stop):
+        pass
+    send(signal.SIGKILL)
+    return wait(30)
+
+
 class Supervisor:
+    """One child (the generator, torchrun, or a warm worker) in a session of its own, its output kept in a log and
+    its events passed to `on_event` as they come, stopped as a whole group.
+
+    A warm worker (`fed`): its stdin is a pipe `send` writes job requests to, and each job's lines go to the log
+    `job_log(job id)` names (from the job's "job" event to its "done" or "error"), the rest to `log_path`."""
+
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, grace_s: float = GRACE_S):
+                 on_event: Callable[[dict[str, Any]], None] | None = None, grace_s: float = GRACE_S, *,
+                 fed: bool = False, job_log: Callable[[str], Path] | None = None):
         self.argv = argv
         self.log_path = log_path
         self.env = env
         self.on_event = on_event or (lambda e: None)
         self.grace_s = grace_s
+        self.fed = fed
+        self.job_log = job_log
+        self._send_lock = threading.Lock()
         self.proc: subprocess.Popen[bytes] | None = None
         self.pgid = 0
         self.descendants: dict[int, Any] = {}  # pid -> psutil.Process: torchrun's ranks live in other sessions
         self._looked = 0.0
+        self._cancel = threading.Event()
 
     def _note_descendants(self) -> None:
         """Remember the leader's descendants (at most once a second): a rank outlives its reparenting."""
@@ -157,56 +188,80 @@ class Supervisor:
 
     def _read(self, lines: queue.Queue[tuple[str, dict[str, Any] | None] | None]) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "a", encoding="utf-8") as log:
+        main = open(self.log_path, "a", encoding="utf-8")  # closed in the finally below
+        log = main
+        try:
             for raw in self.proc.stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                event = parse_event(line)
+                if event is not None and event["event"] == "job" and self.job_log is not None:
+                    path = self.job_log(str(event.get("job")))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    log = open(path, "a", encoding="utf-8")  # closed at the job's end
                 log.write(line + "\n")
                 log.flush()
-                lines.put((line, parse_event(line)))
+                if event is not None and event["event"] in ("done", "error") and log is not main:
+                    log.close()
+                    log = main
+                lines.put((line, event))
+        finally:
+            if log is not main:
+                log.close()
+            main.close()
         lines.put(None)
 
-    def _signal(self, sig: int) -> None:
+    def send(self, line: str) -> bool:
+        """Write one line to a fed child's stdin (a job request); False when the child is gone."""
+        if self.proc is None or self.proc.stdin is None:
+            return False
         try:
-            os.killpg(self.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if sig == signal.SIGKILL:  # gentler signals reach the ranks through torchrun, which forwards them
-            for proc in self._live_descendants():
-                try:
-                    proc.kill()
-                except Exception:  # noqa: BLE001 - gone meanwhile
-                    pass
+            with self._send_lock:
+                self.proc.stdin.write(line.encode() + b"\n")
+                self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
 
-    def _wait_gone(self, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while True:
-            assert self.proc is not None
-            self.proc.poll()  # reap the leader so it does not linger as a zombie member
-            if not group_members(self.pgid) and not self._live_descendants():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+    def close_input(self) -> None:
+        """End a fed child's input: a warm worker finishes its job in progress, then exits."""
+        if self.proc is not None and self.proc.stdin is not None:
+            with self._send_lock, contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    def signal_child(self, sig: int) -> None:
+        """Send `sig` to the child process itself (a warm worker's SIGUSR1: stop the job in progress)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group and every descendant seen, now (a second Ctrl-C)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
+            for proc in self._live_descendants():
+                with contextlib.suppress(Exception):  # gone meanwhile
+                    proc.kill()
 
     def stop_group(self, first: int = signal.SIGINT) -> None:
-        """Escalate until no process of the group is left. A second Ctrl-C skips to SIGKILL."""
-        steps = [first, signal.SIGTERM] if first == signal.SIGINT else [first]
-        try:
-            for sig in steps:
-                self._signal(sig)
-                if self._wait_gone(self.grace_s):
-                    return
-        except (KeyboardInterrupt, _Stop):
-            pass
-        self._signal(signal.SIGKILL)
-        self._wait_gone(30)
+        """Escalate until no process of the group (nor a descendant seen) is left; a second Ctrl-C skips to
+        SIGKILL (`stop_process_group`)."""
+        assert self.proc is not None
+        stop_process_group(self.proc, self.grace_s, first=first, extra=self._live_descendants)
+
+    def cancel(self) -> None:
+        """Stop the run as Ctrl-C does, from any thread: the thread running `run` sees it within 0.2 s, stops the
+        whole group and returns an interrupted Outcome. Before the child starts, the run never starts it."""
+        self._cancel.set()
 
     def run(self) -> Outcome:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
+        if self._cancel.is_set():
+            return Outcome(EXIT_INTERRUPTED, True, 0.0, self.log_path)
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self.env, start_new_session=True,
+            self.argv, stdin=subprocess.PIPE if self.fed else subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
         )
         self.pgid = self.proc.pid  # a new session's leader is its group's id
         lines: queue.Queue[tuple[str, dict[str, Any] | None] | None] = queue.Queue()
@@ -220,6 +275,9 @@ class Supervisor:
         try:
             while True:
                 self._note_descendants()
+                if self._cancel.is_set() and not interrupted:
+                    interrupted = True
+                    self.stop_group(signal.SIGINT)
                 try:
                     item = lines.get(timeout=0.2)
                 except queue.Empty:

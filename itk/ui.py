@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from itk.errors import EXIT_USAGE, UserError
-from itk.runtime.protocol import Flag, settable
+from itk.runtime.protocol import EXIT_BAD_INPUT, Flag, UserError, settable
 from itk.ui_jobs import Fetching, Progress, Running, Staged, multi_speaker, page_error, repeat_command, stage_job
 
 DEFAULT_PORT = 8418  # the official app.py's port, which the doctor's port check watches
@@ -88,13 +87,14 @@ class Page:
                  *values: Any) -> Iterator[tuple[str, str, Any, Any, str]]:
         """Stage, plan and run one job; yields (progress, error, video, download, repeat line)."""
         from itk.run import plan_run
+        from itk.spec import RunSpec
 
         staged: Staged | None = None
         try:
             staged = stage_job(self.output_dir, face, [speech1, speech2], prompt or "", mode or "add", (box1, box2))
             sets = self.sets(seed, list(values))
-            plan = plan_run(input_json=str(staged.job_file), output=staged.output, preset_name=preset, sets=sets,
-                            weights_dir=self.weights_dir)
+            plan = plan_run(RunSpec.from_options(input_json=str(staged.job_file), output=staged.output,
+                                                 preset=preset, sets=sets, weights_dir=self.weights_dir))
             plan.require_weights()
         except Exception as exc:  # noqa: BLE001 - every failure is one line + fix on the page
             error = page_error(exc)
@@ -104,7 +104,7 @@ class Page:
         notes = "".join(f"<p class='itk-warning'>{html.escape(w)}</p>" for w in plan.media.warnings)
         head = (f"<p>{html.escape(plan.estimate)}; {plan.media.clips} clip(s), {plan.media.video_s:.1f} s of "
                 f"video</p>{notes}")
-        job = self.running = Running(plan, self.grace_s).start()
+        job = self.running = Running(plan).start()
         progress = Progress()
         yield head + progress_html(progress), "", None, None, repeat
         while not job.done.wait(POLL_S):
@@ -117,10 +117,8 @@ class Page:
         self.running = None
         result = job.result
         if job.cancelled.is_set():
-            # the job ends as soon as its generator does; the verdict on the rest of its group comes after
-            job.stop_ended.wait()  # bounded: stop_group ends with SIGKILL and a 30 s wait
-            left = "no process of the job is left" if job.stopped.is_set() else "some processes may still run"
-            yield f"<p id='itk-cancelled'>cancelled: {left}</p>", "", None, None, repeat
+            # the job's thread ends only once its Supervisor found no process of the group left
+            yield "<p id='itk-cancelled'>cancelled: no process of the job is left</p>", "", None, None, repeat
         elif job.error is not None:
             yield "", error_html(staged.explain(job.error)), None, None, repeat
         elif result is not None and result.ok:
@@ -154,9 +152,9 @@ class Page:
 
     def weights_plan(self, preset: str) -> tuple[str, int]:
         """The preset's weight files as they are here (no hashing, no network) and the bytes to download."""
-        from itk.manifest import load_manifest
         from itk.presets import get_preset
-        from itk.verify import check_files
+        from itk.runtime.manifest import load_manifest
+        from itk.runtime.verify import check_files
 
         files = load_manifest().files_for(get_preset(preset).components)
         statuses = check_files(self.weights_dir, files, deep=False)
@@ -305,13 +303,13 @@ def port_in_use(port: int, host: str) -> UserError | None:
     if port_free(port, host):
         return None
     return UserError(f"port {port} is in use by {_owner(port)}", f"stop it, or start the page on another port: "
-                     f"itk ui --port {port + 1}", EXIT_USAGE)
+                     f"itk ui --port {port + 1}", EXIT_BAD_INPUT)
 
 
 def serve(port: int = DEFAULT_PORT, listen: bool = False, auth: str | None = None,
           output_dir: str | Path = "outputs", weights_dir: str | None = None) -> int:
     """Start the page and serve until interrupted. UserError for a busy port or a malformed --auth."""
-    from itk.paths import weights_dir as resolve_weights_dir
+    from itk.runtime.paths import weights_dir as resolve_weights_dir
     from itk.supervisor import GRACE_S
 
     host = "0.0.0.0" if listen else "127.0.0.1"
@@ -319,7 +317,7 @@ def serve(port: int = DEFAULT_PORT, listen: bool = False, auth: str | None = Non
     if auth is not None:
         user, sep, password = auth.partition(":")
         if not (sep and user and password):
-            raise UserError("--auth expects USER:PASS", "e.g. --auth me:a-long-password", EXIT_USAGE)
+            raise UserError("--auth expects USER:PASS", "e.g. --auth me:a-long-password", EXIT_BAD_INPUT)
         credentials = (user, password)
     if problem := port_in_use(port, host):
         raise problem

@@ -13,7 +13,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itk.errors import EXIT_FAILED, EXIT_USAGE, UserError
-from itk.runtime.protocol import VIDEO_EXTENSIONS, BadInput, Job, write_job
+from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, VIDEO_EXTENSIONS, Job, UserError, write_job
 
 SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 MULTI_COMPONENTS = ("infinitetalk-multi-fp8", "infinitetalk-multi")  # either variant DiT enables a second speaker
@@ -33,8 +31,6 @@ def page_error(exc: BaseException) -> UserError:
     """Any failure as the one-line error + fix the page shows (never a stack trace)."""
     if isinstance(exc, UserError):
         return exc
-    if isinstance(exc, BadInput):
-        return UserError(exc.message, exc.fix, EXIT_USAGE)
     return UserError(f"{type(exc).__name__}: {exc}", "rerun the same job with `itk run --debug` for the full "
                      "traceback, and report it", EXIT_FAILED)
 
@@ -78,17 +74,17 @@ def stage_job(output_dir: Path, face: str | None, speech: list[str | None], prom
     UserError (exit 2) when the portrait or the speech is missing. mode and boxes (`--bbox1` text): two speakers."""
     if not face:
         raise UserError("no portrait image or source video", "upload a PNG/JPEG portrait or an mp4 to dub",
-                        EXIT_USAGE)
+                        EXIT_BAD_INPUT)
     tracks = [s for s in speech if s]
     if not tracks:
-        raise UserError("no speech track", "upload the speech to lip-sync (wav/mp3/m4a)", EXIT_USAGE)
+        raise UserError("no speech track", "upload the speech to lip-sync (wav/mp3/m4a)", EXIT_BAD_INPUT)
     bbox = None
     if len(tracks) > 1 and any(b and b.strip() for b in boxes):
-        from itk.run import parse_box
+        from itk.spec import parse_box
 
         if not all(b and b.strip() for b in boxes):
             raise UserError("give both speakers' boxes, or neither (the official left/right split)",
-                            "fill in the other box: row_min,col_min,row_max,col_max", EXIT_USAGE)
+                            "fill in the other box: row_min,col_min,row_max,col_max", EXIT_BAD_INPUT)
         bbox = {f"person{n}": parse_box(str(b), f"box {n}") for n, b in enumerate(boxes, 1)}
     stem = job_stem()
     folder = (output_dir / stem).absolute()
@@ -120,8 +116,8 @@ def repeat_command(staged: Staged, preset: str, sets: list[str], weights_dir: Pa
 def multi_speaker(weights_dir: Path) -> tuple[bool, str]:
     """Whether a second speech track can be given (the multi-speaker DiT of either precision is here), and the
     line the page shows under that control."""
-    from itk.manifest import load_manifest
-    from itk.verify import UNUSABLE, check_files
+    from itk.runtime.manifest import load_manifest
+    from itk.runtime.verify import UNUSABLE, check_files
 
     for component in MULTI_COMPONENTS:
         statuses = check_files(weights_dir, load_manifest().files_for([component]), deep=False)
@@ -131,39 +127,6 @@ def multi_speaker(weights_dir: Path) -> tuple[bool, str]:
                           "else speaker 1 is the left half and speaker 2 the right")
     return False, (f"a second speaker needs the multi-speaker weights: `itk fetch --variant multi --weights-dir "
                    f"{weights_dir}` adds them (with your --preset)")
-
-
-# -- stopping a process group ------------------------------------------------------------------------------
-def stop_group(pgid: int, grace_s: float) -> bool:
-    """What Ctrl-C does to a run: SIGINT to the whole group, SIGTERM after `grace_s`, SIGKILL after another;
-    True once no process of the group is left."""
-    from itk.supervisor import group_members
-
-    for sig, wait in ((signal.SIGINT, grace_s), (signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return not group_members(pgid)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not group_members(pgid):
-                return True
-            time.sleep(0.05)
-    return not group_members(pgid)
-
-
-def group_of(marker: str) -> int | None:
-    """The process group of this server's child whose command line holds `marker` (the job file's path),
-    started in its own session by the Supervisor, so its pid is its group's id."""
-    import psutil
-
-    for child in psutil.Process().children():
-        try:
-            if marker in child.cmdline() and os.getpgid(child.pid) == child.pid:
-                return child.pid
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return None
 
 
 # -- progress ----------------------------------------------------------------------------------------------
@@ -224,18 +187,18 @@ class Progress:
 
 # -- one generation job --------------------------------------------------------------------------------------
 class Running:
-    """One job: run_job in a worker thread, its events in a queue, and a cancel that stops its process group
-    as Ctrl-C does (the Supervisor traps signals only in the main thread, so the page signals the group)."""
+    """One job: run_job in a worker thread under a Supervisor this object keeps, its events in a queue, and a
+    cancel that asks that Supervisor to stop the whole process group as Ctrl-C does (`Supervisor.cancel`)."""
 
-    def __init__(self, plan: Any, grace_s: float):
+    def __init__(self, plan: Any):
+        from itk.run import supervisor_for
+
         self.plan = plan
-        self.grace_s = grace_s
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.supervisor = supervisor_for(plan, self.events.put)
         self.result: Any = None
         self.error: UserError | None = None
         self.cancelled = threading.Event()
-        self.stopped = threading.Event()  # the cancel found no process of the group left
-        self.stop_ended = threading.Event()  # the cancel's stopping is over: `stopped` holds its verdict
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._work, daemon=True)
 
@@ -247,35 +210,16 @@ class Running:
         from itk.run import run_job
 
         try:
-            self.result = run_job(self.plan, self.events.put)
+            self.result = run_job(self.plan, supervisor=self.supervisor)
         except BaseException as exc:  # noqa: BLE001 - shown on the page as one line + fix
             self.error = page_error(exc)
         finally:
             self.done.set()
 
     def cancel(self) -> None:
-        """Stop the job's whole process group (in a thread: the page's Cancel returns at once)."""
-        if self.cancelled.is_set():
-            return
+        """Stop the job (returns at once; the job's thread ends once no process of its group is left)."""
         self.cancelled.set()
-        threading.Thread(target=self._stop, daemon=True).start()
-
-    def _stop(self) -> None:
-        try:
-            self._stop_group()
-        finally:
-            self.stop_ended.set()
-
-    def _stop_group(self) -> None:
-        marker = str(self.plan.job_path)
-        while not self.done.is_set():
-            pgid = group_of(marker)
-            if pgid is not None:
-                if stop_group(pgid, self.grace_s):
-                    self.stopped.set()
-                return
-            self.done.wait(0.05)
-        self.stopped.set()
+        self.supervisor.cancel()
 
 
 # -- fetching weights ----------------------------------------------------------------------------------------
@@ -317,8 +261,10 @@ class Fetching:
         return self.proc.poll()
 
     def cancel(self) -> None:
+        from itk.supervisor import stop_process_group
+
         self.cancelled = True
-        stop_group(self.proc.pid, self.grace_s)
+        stop_process_group(self.proc, self.grace_s)
         self.proc.wait()
 
     def last_lines(self, n: int = 4) -> list[str]:

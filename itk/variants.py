@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from itk.manifest import Manifest, WeightFile, load_manifest
-
-VARIANTS = ("single", "multi")
+from itk.runtime.manifest import Manifest, WeightFile, load_manifest
 
 
 def variant_for(speakers: int) -> str:

@@ -1,4 +1,4 @@
-"""Size buckets: the output resolution picked from the reference image's aspect ratio (runtime-spec App. A).
+"""Size buckets: the output resolution picked from the reference image's aspect ratio (the official tables).
 
 The tables are data (buckets.toml). A tiny model config may add its own table (ModelConfig.buckets), which
 then replaces the official one of the same name, so tests and `itk selftest` run at a few dozen pixels.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from itk.toml import read_toml
+from itk.runtime.toml import read_toml
 
 
 def official_tables() -> dict[str, dict[str, list[int]]]:

@@ -2,7 +2,7 @@
 
 Long streamed videos drift in colour because every clip is conditioned on the previous clip's output;
 the official pipeline pulls each decoded clip back toward the run's first reference frame in CIE Lab
-(scikit-image), blended by a strength (runtime-spec §5.7). Two paths, one result:
+(scikit-image), blended by a strength (--color_correction_strength). Two paths, one result:
 - CPU clips: scikit-image itself, in the official order on the same numpy dtypes (bit-equal to the
   `color_correction` golden).
 - CUDA clips: the same formulas (skimage's rgb2lab/lab2rgb: sRGB gamma, the sRGB->XYZ matrix, D65 white,

@@ -28,7 +28,7 @@ def refuse(cfg: Any, name: str, supported: str) -> None:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Wan2.1 I2V DiT plus InfiniteTalk's audio adapter (runtime-spec §3.1).
+    """Wan2.1 I2V DiT plus InfiniteTalk's audio adapter: the official `WanModel` of wan/modules/multitalk_model.py.
 
     Every argument of the official `WanModel` constructor that shapes the network is a field here and is
     either built (the norms switch between a LayerNorm/RMSNorm and Identity as officially) or refused by
@@ -78,7 +78,7 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Wan2.1 causal 3D VAE (runtime-spec §4.3), the arguments of the official `WanVAE_` constructor.
+    """Wan2.1 causal 3D VAE, the arguments of the official `WanVAE_` constructor.
 
     `attn_scales`: the resolutions (1.0 = input, 0.5 = half, ...) after whose residual blocks an attention
     block is inserted, as officially (the release uses none). `dropout` has no counterpart: inference.
@@ -100,7 +100,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class T5Config:
-    """umT5-XXL encoder (runtime-spec §4.1)."""
+    """umT5-XXL encoder (the official `umt5_xxl` of wan/modules/t5.py)."""
 
     vocab_size: int = 256384
     dim: int = 4096
@@ -115,7 +115,7 @@ class T5Config:
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """The visual tower of open-clip XLM-RoBERTa-large ViT-H/14 (runtime-spec §4.2)."""
+    """The visual tower of open-clip XLM-RoBERTa-large ViT-H/14."""
 
     image_size: int = 224
     patch_size: int = 14
@@ -134,7 +134,8 @@ class CLIPConfig:
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """wav2vec2 feature extraction settings (runtime-spec §4.4)."""
+    """Speech preparation for wav2vec2: the sample rate, the video rate the features are resampled to, and the
+    loudness every track is normalised to (BS.1770 integrated, as the official preparation does)."""
 
     sample_rate: int = SAMPLE_RATE
     fps: int = FPS
@@ -194,7 +195,7 @@ def official_dit_fields(path: Path) -> dict[str, Any]:
 def load_model_config(folder: str | Path | None = None, file: str | Path | None = None) -> ModelConfig:
     """The config for a weights folder: the official sizes, then the folder's own config.json (the manifest's
     "config" file, as the official loader reads it), then `file` or `folder/itk_model_config.json`."""
-    from itk.manifest import load_manifest
+    from itk.runtime.manifest import load_manifest
 
     data: dict[str, Any] = {}
     if folder:

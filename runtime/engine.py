@@ -12,13 +12,11 @@ placed, streamed and compiled by one `DiTRunner` the engine owns.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,12 +25,14 @@ from itk.runtime.buckets import bucket_table
 from itk.runtime.configs import ModelConfig, load_model_config
 from itk.runtime.options import RuntimeOptions
 from itk.runtime.parallel import Parallel, writes
-from itk.runtime.pipeline import ClipOutput, ClipPlan, SeededNoise, Settings, StreamingPipeline, plan_clips
+from itk.runtime.pipeline import ClipOutput, SeededNoise, StreamingPipeline
 from itk.runtime.protocol import BadInput, Events, resume_folder
 from itk.runtime.request import Media, Request, read_media
 from itk.runtime.resume import ResumeState, fingerprint, settings_facts
-from itk.runtime.sampler import Guidance, Sampler
+from itk.runtime.sampler import local_passes
+from itk.runtime.sampling import ClipPlan, plan_clips
 from itk.runtime.video import stale_partials, to_uint8_frames, write_mp4_stream
+from itk.runtime.warm import WarmModels, file_key, release
 from itk.runtime.weights import QuantFile, WeightPaths, resolve
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,14 @@ NEGATIVE_PROMPT = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Placement:
     """Where each model runs and in which dtype: bf16 DiT/T5 and fp16 CLIP on a GPU, float32 on the CPU
     (which has no fast half-precision kernels). The VAE always runs in float32, as officially."""
 
     device: torch.device
-    low: torch.dtype  # DiT and T5 compute
-    half: torch.dtype  # CLIP
+    dit_dtype: torch.dtype  # the DiT's compute (and the T5's, on the GPU)
+    clip_dtype: torch.dtype
     t5_device: torch.device
     t5_dtype: torch.dtype
 
@@ -64,9 +64,10 @@ class Placement:
     def choose(cls, t5_cpu: bool) -> Placement:
         gpu = torch.cuda.is_available()
         device = torch.device("cuda" if gpu else "cpu")
-        low, half = (torch.bfloat16, torch.float16) if gpu else (torch.float32, torch.float32)
-        t5_device = torch.device("cpu") if t5_cpu else device
-        return cls(device, low, half, t5_device, torch.float32 if t5_cpu else low)
+        dit_dtype, clip_dtype = (torch.bfloat16, torch.float16) if gpu else (torch.float32, torch.float32)
+        return cls(device=device, dit_dtype=dit_dtype, clip_dtype=clip_dtype,
+                   t5_device=torch.device("cpu") if t5_cpu else device,
+                   t5_dtype=torch.float32 if t5_cpu else dit_dtype)
 
 
 def model_config(request: Request) -> ModelConfig:
@@ -84,18 +85,8 @@ def weight_paths(request: Request) -> WeightPaths:
                    request.quant_file, request.variant)
 
 
-def settings_of(request: Request) -> Settings:
-    s = request.sampling
-    return Settings(
-        frame_num=s.frame_num, motion_frame=s.motion_frame, streaming=s.streaming, max_frame_num=s.max_frame_num,
-        steps=s.steps, shift=s.shift,
-        guidance=Guidance(s.text_scale, s.audio_scale, s.use_apg, s.apg_momentum, s.apg_norm_threshold),
-        color_correction_strength=s.color_correction_strength,
-    )
-
-
-def run(request: Request, events: Events, options: RuntimeOptions, resume: bool = False,
-        parallel: Parallel | None = None) -> Path:
+def run(request: Request, events: Events, options: RuntimeOptions, *, resume: bool = False,
+        parallel: Parallel | None = None, models: WarmModels | None = None) -> Path:
     """Generate the request's video; returns the mp4 written (atomically) at request.output.
 
     resume: continue from the state folder an interrupted run of the same request left beside the output
@@ -117,7 +108,9 @@ def run(request: Request, events: Events, options: RuntimeOptions, resume: bool 
     if state.done:
         events.stage("resume", from_clip=state.done + 1, clips=state.clips, clips_done=state.done,
                      video_s=state.video_s)
-    engine = Engine(request, cfg, files, Placement.choose(request.t5_cpu), options, events, parallel)
+    engine = Engine(request=request, cfg=cfg, files=files, place=Placement.choose(request.t5_cpu), options=options,
+                    models=models or WarmModels(keep=False),
+                    events=events, parallel=parallel)
     return engine.generate(media, state)
 
 
@@ -132,23 +125,7 @@ def run_fingerprint(request: Request, cfg: ModelConfig, files: WeightPaths) -> d
     return fingerprint(settings, inputs, weights)
 
 
-def release() -> None:
-    """Return freed model memory now (callers `del` their last reference first): to the GPU, and to the
-    OS, since glibc keeps freed heap memory (a model loaded and dropped stays in the process's RSS, which
-    is what the kernel's OOM killer counts) until asked to trim."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim_heap()
-
-
-def trim_heap() -> None:
-    """glibc's malloc_trim(0); nothing where the C library is not glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Engine:
     """One run's models, loaded one after another and freed as soon as their output is computed."""
 
@@ -158,28 +135,42 @@ class Engine:
     place: Placement
     options: RuntimeOptions
     events: Events
+    models: WarmModels
     parallel: Parallel | None = None
+
+    @property
+    def streamed(self) -> bool:
+        """The DiT streams from host memory (a low-VRAM plan): a warm worker keeps no encoder on the GPU."""
+        return self.request.persistent_params is not None
+
+    @property
+    def dit_key(self) -> tuple[Any, ...]:
+        """Everything that decides the placed, compiled DiT runner: a warm worker reuses it while this matches."""
+        files = [self.files.dit.path, self.files.dit.map] if isinstance(self.files.dit, QuantFile) else self.files.dit
+        r = self.request
+        loras = [(f, s) for f, s in r.loras]
+        return ("dit", file_key(files), file_key([f for f, _ in loras]), tuple(s for _, s in loras), r.lora_alpha,
+                self.cfg.dit, str(self.place.dit_dtype), str(self.place.device), r.persistent_params, self.options,
+                self.parallel is None)
 
     @torch.no_grad()
     def generate(self, media: Media, state: ResumeState) -> Path:
         """Write the talk to request.output clip by clip, saving `state` after each; returns the mp4."""
-        settings = settings_of(self.request)
-        if self.parallel is not None:
-            settings = self.parallel.settings(settings)
         embedding = self.embed_speech(media)
-        plan = plan_clips(embedding.shape[-3], settings)  # frames: [F, ...] or, two speakers, [2, F, ...]
+        plan = plan_clips(embedding.shape[-3], self.request.sampling)  # frames: [F, ...] or, two speakers, [2, F, ...]
         state.check_plan(len(plan.starts))
         context, context_null = self.encode_prompt()
         references = media.reference.frames_for(plan.starts)
         clip_features = self.encode_references(references)
-        pipeline = self.pipeline(settings, plan, media.speaker_masks)
-        clips = pipeline.clips(references, clip_features, context, context_null, embedding, plan, state.carry())
+        pipeline = self.pipeline(plan, media.speaker_masks)
+        clips = pipeline.clips(references=references, clip_features=clip_features, context=context,
+                               context_null=context_null, audio=embedding, plan=plan, start=state.carry())
         if not writes(self.parallel):  # the other ranks compute the same clips with rank 0; only it writes
             for _ in clips:
                 pass
             return self.request.output
-        path = write_mp4_stream(self.request.output, self._frames(clips, state), plan.length, media.speech,
-                                media.sample_rate)
+        path = write_mp4_stream(self.request.output, self._frames(clips, state), count=plan.length,
+                                audio=media.speech, sample_rate=media.sample_rate)
         state.remove()
         return path
 
@@ -202,7 +193,9 @@ class Engine:
         self.events.stage("audio_embedding")
         # On the GPU when there is one (the official script runs wav2vec2 on the CPU: minutes of speech then
         # take a minute there), in true float32: cuDNN's TF32 convolutions would round the features at 1e-3.
-        encoder = AudioEncoder.from_folder(self.files.wav2vec, device=self.place.device)
+        key = ("audio", file_key([self.files.wav2vec_weights]), str(self.place.device))
+        encoder = self.models.get("audio", key,
+                                  lambda: AudioEncoder.from_folder(self.files.wav2vec, device=self.place.device))
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             if media.speakers is None:
                 embedding = encoder.embed(media.speech).float().cpu()
@@ -210,8 +203,10 @@ class Engine:
                 frames = self.speaker_layout(media)
                 embedding = encoder.embed_speakers([media.speakers.first, media.speakers.second]).float().cpu()
                 embedding = embedding[:, :frames]
+        kept = self.models.done("audio", key, encoder, streamed_dit=self.streamed)
         del encoder
-        release()
+        if not kept:
+            release()
         if embedding.shape[-3] < 1:
             raise BadInput(f"cond_audio.person1 {self.request.speech}: shorter than one video frame (40 ms)",
                            "give a longer speech recording")
@@ -240,14 +235,22 @@ class Engine:
         p = self.place
         tokenize = load_tokenizer(self.files.tokenizer, self.cfg.t5.text_len)
         t5_file = self.files.t5
-        if isinstance(t5_file, QuantFile):
-            t5 = load_t5_fp8(t5_file.path, t5_file.map, self.cfg.t5, p.t5_dtype, p.t5_device)
-        else:
-            t5 = load_t5(t5_file, self.cfg.t5, p.t5_dtype, p.t5_device)
+        quantised = isinstance(t5_file, QuantFile)
+        key = ("text", file_key([t5_file.path, t5_file.map] if quantised else [t5_file]), self.cfg.t5,
+               str(p.t5_dtype), str(p.t5_device))
+
+        def load() -> Any:
+            if quantised:
+                return load_t5_fp8(t5_file.path, t5_file.map, self.cfg.t5, dtype=p.t5_dtype, device=p.t5_device)
+            return load_t5(t5_file, self.cfg.t5, dtype=p.t5_dtype, device=p.t5_device)
+
+        t5 = self.models.get("text", key, load)
         ids, mask = tokenize([self.request.job.prompt, NEGATIVE_PROMPT])
         context, context_null = (c.to(p.device) for c in t5.encode(ids.to(p.t5_device), mask.to(p.t5_device)))
+        kept = self.models.done("text", key, t5, streamed_dit=self.streamed)
         del t5
-        release()
+        if not kept:
+            release()
         return context, context_null
 
     def encode_references(self, references: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -256,42 +259,50 @@ class Engine:
 
         self.events.stage("image_encoding")
         p = self.place
-        clip = load_clip(self.files.clip, self.cfg.clip, p.half, p.device)
+        key = ("image", file_key([self.files.clip]), self.cfg.clip, str(p.clip_dtype), str(p.device))
+        clip = self.models.get("image", key, lambda: load_clip(self.files.clip, self.cfg.clip, dtype=p.clip_dtype,
+                                                                device=p.device))
         features: dict[int, torch.Tensor] = {}
         for ref in references:
             if id(ref) not in features:
-                features[id(ref)] = clip.encode(ref.to(p.device, p.half)).float()
+                features[id(ref)] = clip.encode(ref.to(p.device, p.clip_dtype)).float()
+        kept = self.models.done("image", key, clip, streamed_dit=self.streamed)
         del clip
-        release()
+        if not kept:
+            release()
         return [features[id(r)] for r in references]
 
     def load_dit(self):
-        """The DiT behind its runner. Low-VRAM mode (persistent_params N): loaded into host memory, N
-        parameters on the GPU and the other blocks streamed in per forward."""
-        from itk.runtime.attention import configure_attention
+        """The DiT behind its runner, its attentions on the kernel of RuntimeOptions.attention and, on several
+        GPUs, on this rank's share. Low-VRAM mode (persistent_params N): loaded into host memory, N parameters
+        on the GPU and the other blocks streamed in per forward."""
+        from itk.runtime.attention import Attention
         from itk.runtime.offload import DiTRunner, host_mode
 
         p, budget = self.place, self.request.persistent_params
-        configure_attention(self.options.attention)
+        built_with = {"attention": Attention.resolve(self.options.attention, p.device), "parallel": self.parallel}
         load_device = torch.device("cpu") if budget is not None else p.device
         mapped = None
         if isinstance(self.files.dit, QuantFile):
             from itk.runtime.models.dit import load_dit_fp8
             from itk.runtime.quant import FP8Kernel
 
-            dit, mapped = load_dit_fp8(self.files.dit.path, self.files.dit.map, self.cfg.dit, p.low, load_device,
-                                       FP8Kernel(self.options.fp8_matmul, self.options.fp8_fast_accum))
+            kernel = FP8Kernel(self.options.fp8_matmul, self.options.fp8_fast_accum)
+            dit, mapped = load_dit_fp8(self.files.dit.path, self.files.dit.map, self.cfg.dit, dtype=p.dit_dtype,
+                                       device=load_device, kernel=kernel, **built_with)
         else:
             from itk.runtime.models.dit import load_dit
 
-            dit = load_dit(list(self.files.dit), self.cfg.dit, p.low, load_device)
+            dit = load_dit(list(self.files.dit), self.cfg.dit, dtype=p.dit_dtype, device=load_device, **built_with)
         mode = host_mode(dit, p.device, budget, self.options.pin)
         if self.request.loras and mode == "mmap":
             self.apply_loras(dit, "side")  # before placing: the side factors travel with each block
         # Compiling fuses the float32 norm/modulation/RoPE steps and the FP8 activation quantiser: 1.3-1.6x
-        # per step on the H100 (bench/results/dit-step-h100*.json); ITK_COMPILE=0 runs eagerly.
-        runner = DiTRunner(dit, p.device, budget, compile=p.gpu and self.options.compile, mapped=mapped,
-                           pin=self.options.pin, compile_threads=self.options.compile_threads)
+        # per step on the H100 (bench/results/dit-step-h100*.json); ITK_COMPILE=0 runs eagerly. The runner is
+        # told the host mode chosen above (free RAM is read once), so the LoRA method always matches it.
+        pin = {"pinned": True, "mmap": False}.get(mode, self.options.pin)
+        runner = DiTRunner(dit, device=p.device, budget=budget, compile=p.gpu and self.options.compile,
+                           mapped=mapped, pin=pin, compile_threads=self.options.compile_threads)
         if self.request.loras and mode != "mmap":
             self.apply_loras(dit, "merge")  # in place, into the pinned or GPU-resident blocks
         return runner
@@ -304,29 +315,34 @@ class Engine:
         from itk.runtime.lora import apply_loras
 
         p = self.place
-        applied = apply_loras(dit, self.request.loras, self.request.lora_alpha, method, p.low, device=p.device)
+        applied = apply_loras(dit, self.request.loras, alpha_mode=self.request.lora_alpha, fp8_method=method,
+                              dtype=p.dit_dtype, device=p.device)
         for path, modules in applied.files:
             log.info("LoRA %s: %d modules applied (FP8 layers: %d merged, %d side path)", path.name, modules,
                      applied.merged_fp8, applied.side)
 
-    def pipeline(self, settings: Settings, plan: ClipPlan,
-                 speaker_masks: torch.Tensor | None = None) -> StreamingPipeline:
+    def pipeline(self, plan: ClipPlan, speaker_masks: torch.Tensor | None = None) -> StreamingPipeline:
         """The VAE and the DiT loaded, behind the streaming loop (speaker_masks: two speakers' [3, N_h*N_w])."""
         from itk.runtime.models.vae import load_vae
 
         self.events.stage("load_models")
-        p = self.place
-        vae = load_vae(self.files.vae, self.cfg.vae, torch.float32, p.device)
-        runner = self.load_dit()
-        runner.dit.parallel = self.parallel
+        p, sampling = self.place, self.request.sampling
+        vae_key = ("vae", file_key([self.files.vae]), self.cfg.vae, str(p.device))
+        vae = self.models.get("vae", vae_key, lambda: load_vae(self.files.vae, self.cfg.vae, dtype=torch.float32,
+                                                               device=p.device))
+        self.models.done("vae", vae_key, vae, streamed_dit=self.streamed)
+        runner = self.models.get("dit", self.dit_key, self.load_dit)
+        self.models.done("dit", self.dit_key, runner, streamed_dit=self.streamed)
         dit = runner
-        if self.request.sampling.use_teacache:
+        if sampling.use_teacache:
             from itk.runtime.teacache import TeaCache, TeaCachedDiT
 
-            passes = len(Sampler(settings.guidance).passes())
-            cache = TeaCache(self.request.size, self.request.sampling.teacache_thresh, settings.steps, cycle=passes)
+            # one slot per pass this process runs (under guidance parallel: its group's one)
+            cache = TeaCache(self.request.size, thresh=sampling.teacache_thresh, steps=sampling.steps,
+                             cycle=len(local_passes(sampling, self.parallel)))
             dit = TeaCachedDiT(runner.dit, runner.streamer, cache)
-        pipeline = StreamingPipeline(dit, vae, settings, SeededNoise(self.request.sampling.seed, p.device),
-                                     self.events, p.device, p.low, speaker_masks=speaker_masks)
+        pipeline = StreamingPipeline(dit=dit, vae=vae, sampling=sampling, noise=SeededNoise(sampling.seed, p.device),
+                                     parallel=self.parallel, events=self.events, device=p.device, dtype=p.dit_dtype,
+                                     speaker_masks=speaker_masks)
         self.events.stage("generate", clips=len(plan.starts), frames=plan.length)
         return pipeline

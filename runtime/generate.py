@@ -30,6 +30,7 @@ from itk.runtime.protocol import (
     Events,
     build_parser,
     check_values,
+    rank_failure_line,
     resume_folder,
 )
 from itk.runtime.request import Request
@@ -37,6 +38,7 @@ from itk.runtime.weights import MissingWeights
 
 if TYPE_CHECKING:
     from itk.runtime.parallel import Parallel
+    from itk.runtime.warm import WarmModels
 
 
 def _options() -> RuntimeOptions:
@@ -47,23 +49,30 @@ def _options() -> RuntimeOptions:
 
 
 def _start_parallel(request: Request, options: RuntimeOptions) -> tuple[Parallel | None, Request]:
-    """Under torchrun: join the process group in the layout the step's passes and the model's heads allow,
-    and take rank 0's seed (a negative --base_seed draws one per process)."""
+    """Under torchrun: join the process group in the request's --gpu_layout (as `itk run --gpus` chose it) or,
+    without one, in the layout the step's passes and the model's heads allow; then take rank 0's seed (a
+    negative --base_seed draws one per process)."""
     from itk.runtime import parallel
     from itk.runtime.engine import model_config
-    from itk.runtime.layout import LayoutError
-    from itk.runtime.sampler import Guidance, Sampler
+    from itk.runtime.layout import LayoutError, check_layout, choose_layout
 
-    if options.launch.world_size == 1:
+    launch, given = options.launch, request.gpu_layout
+    if given is not None and given.world != launch.world_size:
+        raise BadInput(f"--gpu_layout {given.flag} is a layout of {given.world} GPUs, but this run has "
+                       f"{launch.world_size} process{'es' if launch.world_size > 1 else ''} (WORLD_SIZE)",
+                       f"start {given.world} processes (torchrun --nproc_per_node {given.world}), or leave out "
+                       "--gpu_layout")
+    if launch.world_size == 1:
         return None, request
-    s = request.sampling
-    passes = len(Sampler(Guidance(s.text_scale, s.audio_scale)).every_pass())
+    passes, heads = len(request.sampling.passes), model_config(request).dit.num_heads
     try:
-        group = parallel.start(options.launch, passes, model_config(request).dit.num_heads)
+        layout = check_layout(given, passes, heads) if given else choose_layout(launch.world_size, passes, heads)
     except LayoutError as exc:
-        raise BadInput(str(exc), "run on one of the valid GPU counts (itk run --gpus N)") from None
-    seed = parallel.agree(s.seed, group)
-    return group, dataclasses.replace(request, sampling=dataclasses.replace(s, seed=seed))
+        raise BadInput(str(exc), "run on one of the valid GPU counts (itk run --gpus N), which writes "
+                       "--gpu_layout itself") from None
+    group = parallel.start(launch, layout)
+    seed = parallel.agree(request.sampling.seed, group)
+    return group, dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, seed=seed))
 
 
 def _stop(signum: int, frame: Any) -> None:
@@ -81,21 +90,33 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
         signal.signal(sig, _stop)
     launch = Launch.from_env()
     events = Events(enabled=launch.rank == 0)  # one progress stream and one error line: rank 0's
+    if lifeline and not die_with_parent():  # the parent died while this process started: nobody wants the video
+        return _fail(events, EXIT_INTERRUPTED, "interrupted; no video was written")
+    return run_flags(argv, events, launch=launch)
+
+
+def run_flags(argv: list[str] | None, events: Events, *, launch: Launch | None = None,
+              models: WarmModels | None = None) -> int:
+    """One generation from the generator's flags: its events end with `done` or `error`, and its exit code is
+    returned (0, 2 bad input, 3 missing weights, 130 interrupted). Any other failure is raised, after a line
+    naming the rank on several GPUs. `models`: a warm worker's models, kept for its next job (default: a
+    one-shot run, each model freed once used)."""
+    launch = launch or Launch()
     started = time.monotonic()
     request: Request | None = None
     group: Parallel | None = None
     finished = False  # the video is written: the ranks meet before leaving their process group
     try:
-        if lifeline and not die_with_parent():
-            raise KeyboardInterrupt  # the parent died while this process started: nobody wants the video
         flags = vars(build_parser(description=__doc__.splitlines()[0]).parse_args(argv))
         check_values(flags)
         request = Request.from_flags(flags)
-        options = _options()
+        options = dataclasses.replace(_options(), launch=launch)
         from itk.runtime import engine  # torch: only once the flags and the job are known to be usable
+        from itk.runtime.warm import WarmModels
 
         group, request = _start_parallel(request, options)
-        output = engine.run(request, events, options, resume=bool(flags.get("resume")), parallel=group)
+        output = engine.run(request, events, options, resume=bool(flags.get("resume")), parallel=group,
+                            models=models or WarmModels(keep=False))
         finished = True
     except BadInput as exc:
         return _fail(events, EXIT_BAD_INPUT, exc.message, exc.fix)
@@ -109,8 +130,7 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
         return _fail(events, EXIT_INTERRUPTED, "interrupted; no video was written")
     except Exception as exc:
         if launch.world_size > 1:  # every rank's own line, so a crash names the rank it happened on
-            print(f"error: rank {launch.rank} of {launch.world_size} failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+            print(rank_failure_line(launch.rank, launch.world_size, exc), file=sys.stderr, flush=True)
         raise
     finally:
         if group is not None:
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None, lifeline: bool = False) -> int:
 
             stop(group, wait=finished)
     events.emit("done", path=str(output), seconds=round(time.monotonic() - started, 2))
-    if events.enabled:
+    if events.enabled and events.job is None:
         print(output)
     return EXIT_OK
 

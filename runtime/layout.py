@@ -34,6 +34,11 @@ class Layout:
     def world(self) -> int:
         return self.groups * self.sp
 
+    @property
+    def flag(self) -> str:
+        """The generator's --gpu_layout value (`parse_layout` reads it back)."""
+        return f"{self.groups}x{self.sp}"
+
     def describe(self, passes: int) -> str:
         per = "pass" if passes // self.groups == 1 else "passes"
         return (f"{self.world} GPU{'s' if self.world > 1 else ''}: {self.groups} guidance group"
@@ -64,3 +69,24 @@ def choose_layout(gpus: int, passes: int, heads: int) -> Layout:
                           f"sequence-parallel degree {sp} ({passes} guidance pass{'es' if passes > 1 else ''} "
                           f"per step); valid GPU counts: {valid}")
     return Layout(groups, sp)
+
+
+def check_layout(layout: Layout, passes: int, heads: int) -> Layout:
+    """`layout` (given, e.g. read back from --gpu_layout) if it can split a step of `passes` DiT passes on a model
+    of `heads` attention heads: one group runs every pass or each group one pass, and the sequence-parallel
+    degree divides the heads. LayoutError otherwise."""
+    if layout.groups not in (1, passes):
+        raise LayoutError(f"--gpu_layout {layout.flag}: {layout.groups} guidance groups cannot share {passes} guidance "
+                          f"pass{'es' if passes > 1 else ''} per step (1 group{f' or {passes}' if passes > 1 else ''})")
+    if heads % layout.sp:
+        raise LayoutError(f"--gpu_layout {layout.flag}: the model's {heads} attention heads do not divide by the "
+                          f"sequence-parallel degree {layout.sp}")
+    return layout
+
+
+def parse_layout(text: str) -> Layout:
+    """`GROUPSxSP` (the generator's --gpu_layout, written by `Layout.flag`) -> the Layout. LayoutError if malformed."""
+    groups, sep, sp = text.strip().lower().partition("x")
+    if not sep or not groups.isdigit() or not sp.isdigit() or int(groups) < 1 or int(sp) < 1:
+        raise LayoutError(f"--gpu_layout {text}: expected GROUPSxSP, e.g. 2x1")
+    return Layout(int(groups), int(sp))

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError
@@ -26,11 +27,11 @@ from torch import nn
 
 from itk.runtime.quant import FP8, QUANTO_KEYS, QUANTO_SCALARS, WEIGHTS_QTYPE, FP8Linear
 
-SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = MappingProxyType({
     "F8_E4M3": FP8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
     "BOOL": torch.bool,
-}
+})
 
 
 class WeightsError(Exception):
@@ -143,7 +144,7 @@ def map_file(path: str | Path) -> tuple[dict[str, torch.Tensor], MappedFile]:
     19.5 GB of RSS before anything else happens. Views of a private mapping cost nothing until touched, are
     backed by the page cache (the kernel can drop them under pressure) and go to the GPU without a copy.
     """
-    from itk.safetensors_header import HeaderError, read_header
+    from itk.runtime.safetensors_header import HeaderError, read_header
 
     path = Path(path)
     if not path.is_file():
@@ -207,7 +208,7 @@ def quantized_state(
 
 
 def assign_quantized(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype, device: torch.device | str
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, *, dtype: torch.dtype, device: torch.device | str
 ) -> None:
     """Strict assign: FP8 data stays FP8, everything else becomes `dtype`, all on `device`."""
     check_keys(model, state, source)
@@ -222,7 +223,7 @@ def assign_quantized(
 
 
 def dequantized_state(
-    path: Path, map_path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+    path: Path, map_path: Path, *, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
     """Official-key state dict with every quantised weight dequantised to `dtype` on `device`, layer by layer.
 

@@ -1,4 +1,4 @@
-"""LoRA files applied to the DiT: the official merge (`wan/wan_lora.py`, runtime-spec §5.10) and more.
+"""LoRA files applied to the DiT: the official merge (`wan/wan_lora.py`: weight += scale * up @ down) and more.
 
 Accepted key conventions (one file may mix them), each optionally prefixed `diffusion_model.` or
 `transformer.`:
@@ -37,6 +37,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -50,8 +51,9 @@ ALPHA_MODES = ("ignore", "scale")
 FP8_METHODS = ("side", "merge")
 FP8_DEFAULT = "merge"  # see the module docstring; bench/bench_lora.py measures both
 PREFIXES = ("diffusion_model.", "transformer.")
-LOW_RANK = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down", "lora_B.weight": "up"}
-FULL = {"diff": "weight", "diff_b": "bias"}
+LOW_RANK = MappingProxyType({"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "down",
+                             "lora_B.weight": "up"})
+FULL = MappingProxyType({"diff": "weight", "diff_b": "bias"})
 SHOWN = 3  # unmatched keys named in a warning
 # diffusers' transformer_wan module names -> ours, longest first (block-relative and top-level).
 DIFFUSERS = (
@@ -167,8 +169,9 @@ def parse(path: Path, scale: float, shapes: dict[str, torch.Size], alpha_mode: s
                                f"{'up' if have == 'down' else 'down'} weight", "this file is not a complete LoRA")
             target = _resolve(module, "weight", shapes)
             if target is not None:
-                out.deltas.append(_low_rank(path, module, target, low["down"], low["up"], parts.get("alpha"),
-                                            scale, shapes[target], alpha_mode))
+                out.deltas.append(_low_rank(path, module, target, down=low["down"], up=low["up"],
+                                            alpha=parts.get("alpha"), scale=scale, shape=shapes[target],
+                                            alpha_mode=alpha_mode))
                 matched = True
         for suffix, leaf in FULL.items():
             if suffix in parts:
@@ -185,7 +188,7 @@ def parse(path: Path, scale: float, shapes: dict[str, torch.Size], alpha_mode: s
     return out
 
 
-def _low_rank(path: Path, module: str, target: str, down: torch.Tensor, up: torch.Tensor,
+def _low_rank(path: Path, module: str, target: str, *, down: torch.Tensor, up: torch.Tensor,
               alpha: torch.Tensor | None, scale: float, shape: torch.Size, alpha_mode: str) -> Delta:
     rank = down.shape[0]
     fits = (len(shape) >= 2 and up.shape[0] == shape[0] and up.flatten(1).shape[1] == rank
@@ -229,13 +232,15 @@ def _report(path: Path, parsed: Parsed, alpha_mode: str) -> None:
                  "/".join(f"{a:g}" for a in sorted(alphas)), "/".join(map(str, sorted(ranks))), how)
 
 
-def apply_loras(model: nn.Module, files: Sequence[tuple[Path, float]], alpha_mode: str = "ignore",
+def apply_loras(model: nn.Module, files: Sequence[tuple[Path, float]], *, alpha_mode: str = "ignore",
                 fp8_method: str = FP8_DEFAULT, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None) -> Applied:
-    """Apply every (file, scale) to `model` in place (before it is placed or streamed; see
-    protocol.pair_loras for the official pairing of the flags). `dtype`: the side path's compute dtype
-    (default: each FP8 layer's scale dtype). `device`: where merges are computed (None: where each tensor
-    is); every tensor stays where it was."""
+    """Apply every (file, scale) to `model` in place, wherever its tensors are (see protocol.pair_loras for the
+    official pairing of the flags): merged deltas are written into the tensors where they lie, side factors
+    are attached beside each FP8 weight on its device. The engine merges once the DiT is placed (into its
+    pinned or GPU-resident blocks) and attaches side factors before placing (each streamed block then carries
+    its own). `dtype`: the side path's compute dtype (default: each FP8 layer's scale dtype). `device`: where
+    merges are computed (None: where each tensor is); every tensor stays where it was."""
     if alpha_mode not in ALPHA_MODES or fp8_method not in FP8_METHODS:
         raise ValueError(f"alpha_mode {alpha_mode!r} / fp8_method {fp8_method!r}")
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from itk.toml import read_toml
+from itk.runtime.toml import read_toml
 
 MANIFEST = Path(__file__).with_name("manifest.toml")
 QUANTIZED = frozenset({"fp8"})  # precisions that need a quantisation map
@@ -50,6 +50,7 @@ class Component:
     name: str
     about: str
     files: tuple[WeightFile, ...]
+    requires: tuple[str, ...] = ()  # components fetched and checked with this one (their files come first)
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,24 @@ class Manifest:
             raise KeyError(f"unknown component {name!r} (known: {known})")
         return self.components[name]
 
-    def files_for(self, component_names: list[str] | tuple[str, ...]) -> list[WeightFile]:
-        """Files of the named components (an FP8 file's map right after it), in manifest order, each once."""
-        seen: dict[tuple[str, str], WeightFile] = {}
+    def with_required(self, component_names: list[str] | tuple[str, ...]) -> list[str]:
+        """The named components and those they require (a component's requirements before it), each once."""
+        out: list[str] = []
+
+        def add(name: str) -> None:
+            if name not in out:
+                for required in self.component(name).requires:
+                    add(required)
+                out.append(name)
+
         for name in component_names:
+            add(name)
+        return out
+
+    def files_for(self, component_names: list[str] | tuple[str, ...]) -> list[WeightFile]:
+        """Files of the named components and those they require (an FP8 file's map right after it), each once."""
+        seen: dict[tuple[str, str], WeightFile] = {}
+        for name in self.with_required(component_names):
             for f in self.component(name).files:
                 for g in (f, f.map) if f.map else (f,):
                     seen.setdefault((g.repo.key, g.path), g)
@@ -98,7 +113,8 @@ def load_manifest(path: Path = MANIFEST) -> Manifest:
     for name, comp in data["components"].items():
         repo = repos[comp["repo"]]
         files = tuple(_weight_file(repo, f) for f in comp["files"])
-        components[name] = Component(name=name, about=comp["about"], files=files)
+        components[name] = Component(name=name, about=comp["about"], files=files,
+                                     requires=tuple(comp.get("requires", ())))
     return Manifest(repos=repos, components=components)
 
 

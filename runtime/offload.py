@@ -5,7 +5,7 @@ rest block by block, with the next block's copy overlapping the current block's 
 
 Same meaning as the official flag: a budget of parameter elements, filled in module order (the embeddings
 and head first, then blocks 0, 1, ...). Unlike the official wrapper (a synchronous copy from pageable memory
-per layer and per call, runtime-spec §7.1), the streamed blocks' weights sit in pinned host memory and are
+per layer and per call), the streamed blocks' weights sit in pinned host memory and are
 copied into one of two reusable GPU block buffers on a side CUDA stream while the other buffer computes.
 When host RAM cannot pin them all (psutil's available RAM minus a headroom, against their bytes), they stay
 where the loader put them (for `load_dit_fp8`: views of the memory-mapped file, so the page cache, not the
@@ -22,12 +22,14 @@ tests check it bit for bit against the resident model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -216,6 +218,11 @@ def copy_schedule(resident: Sequence[bool], primed: bool = False) -> list[Step]:
 Compiler = Callable[[nn.Module], Callable[..., torch.Tensor]]
 
 
+def eager(module: nn.Module) -> Callable[..., torch.Tensor]:
+    """The `Compiler` that compiles nothing: the module itself runs."""
+    return module
+
+
 class BlockStreamer:
     """Runs a list of identically shaped blocks on `device`, resident ones in place, the rest streamed.
 
@@ -223,8 +230,8 @@ class BlockStreamer:
     module itself, or its torch.compile'd version.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device,
-                 pin: bool | None, mapped: MappedFile | None = None, wrap: Compiler = lambda module: module):
+    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], *, device: torch.device,
+                 pin: bool | None = None, mapped: MappedFile | None = None, wrap: Compiler = eager):
         self.mapped = mapped  # the memory-mapped FP8 file the blocks came from: its bytes are read with pread
         self.blocks = list(blocks)
         self.resident = list(resident)
@@ -367,17 +374,50 @@ def resident_plan(model: nn.Module, budget: int) -> tuple[list[bool], int]:
     return plan, used
 
 
-COMPILE_OPTIONS = {"max_autotune_pointwise": True}  # torch._inductor.config switches for the blocks (see below)
+COMPILE_OPTIONS = MappingProxyType({"max_autotune_pointwise": True})  # inductor switches for the blocks (below)
 
 
-def compiled(module: nn.Module) -> Callable[..., torch.Tensor]:
-    """Fuse a block's float32 norm/modulation/RoPE arithmetic (and the FP8 activation quantiser) with
-    torch.compile: those element-wise steps are memory-bound and cost as much as the matmuls when run one
-    by one (1.3-1.6x per step on the H100, bench/results/dit-step-h100*.json). The compiled forward is
-    kept by the caller, not assigned to the module. Inductor benchmarks its launch configurations for the
+@dataclass(frozen=True)
+class BlockCompiler:
+    """torch.compile for the DiT's blocks, its configuration scoped to them: the process-wide compiler
+    configuration is never changed. Inductor's settings go through torch.compile's `options` (applied while it
+    compiles); dynamo's recompile limit is patched around each call of a compiled block (`scope`), where dynamo
+    checks it before compiling again.
+
+    Compiling fuses a block's float32 norm/modulation/RoPE arithmetic (and the FP8 activation quantiser): those
+    element-wise steps are memory-bound and cost as much as the matmuls when run one by one (1.3-1.6x per step
+    on the H100, bench/results/dit-step-h100*.json). Inductor benchmarks its launch configurations for the
     element-wise and reduction kernels (max_autotune_pointwise: ~10 s more on a first compile, then cached on
-    disk with the compiled graph; those kernels took 5% less GPU time on the H200, bench/results/fusion-h200.json)."""
-    return torch.compile(module.forward, dynamic=False, options=COMPILE_OPTIONS)
+    disk with the compiled graph; those kernels took 5% less GPU time on the H200, bench/results/fusion-h200.json).
+    threads: inductor's compile worker processes (RuntimeOptions.compile_threads)."""
+
+    blocks: int
+    threads: int = 1
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {**COMPILE_OPTIONS, "compile_threads": self.threads}
+
+    @property
+    def recompile_limit(self) -> int:
+        """One compiled graph per block instance and slot, and per speaker layout (one speaker, or two with
+        their masks), all of one code object (Block.forward): room for all, so none falls back to eager."""
+        return 2 * (self.blocks + 2) + 8
+
+    def scope(self) -> contextlib.AbstractContextManager[Any]:
+        """Dynamo's configuration while a compiled block runs (and compiles): the recompile limit raised."""
+        config = torch._dynamo.config
+        return config.patch(cache_size_limit=max(config.cache_size_limit, self.recompile_limit))
+
+    def __call__(self, module: nn.Module) -> Callable[..., torch.Tensor]:
+        """`module`'s forward compiled (on its first call), run inside `scope`; the module itself is unchanged."""
+        forward = torch.compile(module.forward, dynamic=False, options=self.options)
+
+        def call(*args: Any) -> torch.Tensor:
+            with self.scope():
+                return forward(*args)
+
+        return call
 
 
 class DiTRunner:
@@ -387,26 +427,23 @@ class DiTRunner:
     outside the blocks and the blocks that fit the budget in module order are resident, the rest stream
     from host memory (`mapped`: the memory-mapped FP8 file they are views of; `pin`: force or forbid
     pinning, None = decided from free RAM). compile: torch.compile every block that computes (on a CUDA
-    device; ignored elsewhere), with `compile_threads` worker processes. `mode`: "resident" | "pinned" | "mmap".
+    device; ignored elsewhere) with a `BlockCompiler` of `compile_threads` worker processes.
+    `mode`: "resident" | "pinned" | "mmap".
     """
 
-    def __init__(self, dit: InfiniteTalkDiT, device: torch.device, budget: int | None, compile: bool,
-                 mapped: MappedFile | None = None, pin: bool | None = None, compile_threads: int = 1):
+    def __init__(self, dit: InfiniteTalkDiT, *, device: torch.device | str, budget: int | None = None,
+                 compile: bool = False, mapped: MappedFile | None = None, pin: bool | None = None,
+                 compile_threads: int = 1):
         self.dit = dit
         self.device = torch.device(device)
         for name, child in dit.named_children():
             if name != "blocks" or budget is None:
                 child.to(self.device)
         plan = [True] * len(dit.blocks) if budget is None else resident_plan(dit, budget)[0]
-        wrap: Compiler = lambda module: module  # noqa: E731
+        wrap: Compiler = eager
         if compile and self.device.type == "cuda":
-            # One compiled graph per block instance and slot, and per speaker layout (one speaker, or two with
-            # their masks); leave room so none falls back to eager.
-            limit = 2 * (len(dit.blocks) + 2) + 8
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
-            torch._inductor.config.compile_threads = compile_threads  # see RuntimeOptions.compile_threads
-            wrap = compiled
-        self.streamer = BlockStreamer(dit.blocks, plan, self.device, pin, mapped, wrap)
+            wrap = BlockCompiler(blocks=len(dit.blocks), threads=compile_threads)
+        self.streamer = BlockStreamer(dit.blocks, plan, device=self.device, pin=pin, mapped=mapped, wrap=wrap)
         self.mode = self.streamer.mode
 
     def __call__(self, x, t, context, clip_fea, y, audio, *, speaker_masks=None) -> torch.Tensor:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 ATTENTION_CHOICES = ("auto", "fa4", "flash", "sage", "sdpa")
 # The optional kernels and the Python module each needs (torch SDPA is always there).
-ATTENTION_MODULES = {"fa4": "flash_attn.cute", "flash": "flash_attn", "sage": "sageattention"}
+ATTENTION_MODULES = MappingProxyType({"fa4": "flash_attn.cute", "flash": "flash_attn", "sage": "sageattention"})
 
 
 def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -40,20 +41,17 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
 @dataclass(frozen=True)
 class Launch:
     """Where this process stands in a multi-GPU run, as torchrun (torch.distributed.run) tells its workers:
-    RANK, WORLD_SIZE and LOCAL_RANK (MASTER_ADDR/MASTER_PORT are read by torch's own `env://` setup).
-    crash_rank: ITK_TEST_CRASH_RANK makes that rank raise at its first guidance gather, so the tests can
-    prove a crash on one rank ends the whole job (-1: off)."""
+    RANK, WORLD_SIZE and LOCAL_RANK (MASTER_ADDR/MASTER_PORT are read by torch's own `env://` setup)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    crash_rank: int = -1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
         env = os.environ if env is None else env
         return cls(rank=_int(env, "RANK", 0), world_size=_int(env, "WORLD_SIZE", 1),
-                   local_rank=_int(env, "LOCAL_RANK", 0), crash_rank=_int(env, "ITK_TEST_CRASH_RANK", -1))
+                   local_rank=_int(env, "LOCAL_RANK", 0))
 
 
 @dataclass(frozen=True)

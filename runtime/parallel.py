@@ -22,17 +22,14 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from itk.runtime.layout import Layout, choose_layout
+from itk.runtime.layout import Layout
 from itk.runtime.options import Launch
-
-if TYPE_CHECKING:
-    from itk.runtime.pipeline import Settings
 
 
 @functools.cache
@@ -66,7 +63,6 @@ class Parallel:
     layout: Layout
     sp_group: dist.ProcessGroup | None
     guidance_group: dist.ProcessGroup | None  # the ranks at this sequence position in every guidance group
-    crash_rank: int = -1
 
     @property
     def group(self) -> int:
@@ -82,18 +78,12 @@ class Parallel:
 
     def gather_passes(self, preds: dict[str, torch.Tensor], passes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Every pass's prediction on every rank, from the one(s) this rank computed."""
-        if self.rank == self.crash_rank:
-            raise RuntimeError(f"ITK_TEST_CRASH_RANK: rank {self.rank} crashed on purpose")
         if self.layout.groups == 1:
             return preds
         (mine,) = preds.values()
         parts = [torch.empty_like(mine) for _ in passes]
         dist.all_gather(parts, mine.contiguous(), group=self.guidance_group)
         return dict(zip(passes, parts, strict=True))
-
-    def settings(self, settings: Settings) -> Settings:
-        """The run's settings with the guidance spread over this layout's groups."""
-        return replace(settings, guidance=replace(settings.guidance, parallel=self))
 
     # --- sequence parallel ---------------------------------------------------------------------------------
     def shard(self, grid: tuple[int, int, int]) -> Shard | None:
@@ -204,12 +194,13 @@ def _groups(ranks: Sequence[Sequence[int]], mine: int) -> dist.ProcessGroup | No
     return found
 
 
-def start(launch: Launch, passes: int, heads: int) -> Parallel | None:
-    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) and build this rank's `Parallel`; None
-    for a single process. LayoutError when `heads` cannot be split over the world size."""
+def start(launch: Launch, layout: Layout) -> Parallel | None:
+    """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) and build this rank's `Parallel` in
+    `layout` (which must span the world); None for a single process."""
     if launch.world_size == 1:
         return None
-    layout = choose_layout(launch.world_size, passes, heads)
+    if layout.world != launch.world_size:
+        raise ValueError(f"layout {layout.flag} spans {layout.world} processes, torchrun started {launch.world_size}")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(launch.local_rank)  # "cuda" is this rank's GPU from here on
@@ -222,7 +213,7 @@ def arrange(launch: Launch, layout: Layout) -> Parallel:
     sp, groups = layout.sp, layout.groups
     sp_group = _groups([range(g * sp, (g + 1) * sp) for g in range(groups)], launch.rank)
     guidance_group = _groups([range(s, groups * sp, sp) for s in range(sp)], launch.rank)
-    return Parallel(launch.rank, layout, sp_group, guidance_group, launch.crash_rank)
+    return Parallel(launch.rank, layout, sp_group, guidance_group)
 
 
 def agree(value: int, parallel: Parallel | None) -> int:

@@ -1,4 +1,4 @@
-"""The streaming long-video loop of InfiniteTalk (runtime-spec §5, the `flow` of the pipeline_A golden).
+"""The streaming long-video loop of InfiniteTalk (the official `generate` loop; the pipeline_A golden records it).
 
 A talk of any length is generated as overlapping clips of `frame_num` frames. Each later clip is anchored on
 the last `motion_frame` decoded (and colour-corrected) frames of the one before, so the clips join without a
@@ -11,10 +11,9 @@ can replay the official run's recorded draws.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +22,11 @@ from itk.runtime.buckets import choose_bucket, resized_size
 from itk.runtime.color import match_colors
 from itk.runtime.models.audio import audio_windows
 from itk.runtime.protocol import FPS, Events
-from itk.runtime.sampler import Guidance, Sampler, euler_step, shifted_timesteps
+from itk.runtime.sampler import Sampler, euler_step, shifted_timesteps
+from itk.runtime.sampling import ClipPlan, Sampling
+
+if TYPE_CHECKING:
+    from itk.runtime.parallel import Parallel
 
 
 class Noise(Protocol):
@@ -56,61 +59,6 @@ class SeededNoise:
 
     def restore(self, state: torch.Tensor) -> None:
         self.generator.set_state(state.cpu())
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The sampling options of one run (the official flags' values)."""
-
-    frame_num: int = 81
-    motion_frame: int = 9
-    max_frame_num: int = 1000
-    streaming: bool = True
-    steps: int = 40
-    shift: float = 7.0
-    guidance: Guidance = field(default_factory=Guidance)
-    color_correction_strength: float = 1.0
-
-
-@dataclass(frozen=True)
-class ClipPlan:
-    """Where each clip starts in the audio, how long clips are, and the final length of the video."""
-
-    frames: int
-    starts: tuple[int, ...]
-    pad: int  # mirrored frames appended to the audio embedding before the last clip (0: none)
-    length: int  # frames of the finished video
-
-
-def plan_clips(audio_frames: int, s: Settings) -> ClipPlan:
-    """The official clip schedule (runtime-spec §5.5-5.6), extended to audio shorter than one clip.
-
-    The official code refuses audio of <= frame_num frames. Here such a talk becomes ONE shorter clip of
-    the smallest 4n+1 frames covering the audio (the DiT needs 4n+1), its embedding mirror-padded by the
-    official rule, and the video is cut to the audio's length: no wasted frames, no frozen tail.
-    """
-    if audio_frames < 1:
-        raise ValueError("the audio is shorter than one video frame (40 ms)")
-    frames = s.frame_num
-    if audio_frames <= s.frame_num:
-        frames = 4 * math.ceil((audio_frames - 1) / 4) + 1
-        return ClipPlan(frames, (0,), frames - audio_frames + 3 if frames >= audio_frames else 0, audio_frames)
-    if not s.streaming or s.max_frame_num <= s.frame_num:
-        return ClipPlan(frames, (0,), 0, min(s.frame_num, s.max_frame_num))
-    starts, start, pad = [0], 0, 0
-    limit = min(s.max_frame_num, audio_frames)
-    while True:
-        start += frames - s.motion_frame
-        starts.append(start)
-        end = start + frames
-        if end >= limit:
-            pad = end - audio_frames + 3 if end >= audio_frames else 0
-            break
-    total = frames + (len(starts) - 1) * (frames - s.motion_frame)
-    length = min(total, s.max_frame_num)
-    if pad:
-        length = min(length, audio_frames)
-    return ClipPlan(frames, tuple(starts), pad, length)
 
 
 def preprocess_reference(image, target: tuple[int, int]) -> torch.Tensor:
@@ -185,7 +133,7 @@ CallHook = Callable[[int, int, str, torch.Tensor, torch.Tensor, torch.Tensor], N
 ClipHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Carry:
     """Everything the loop carries from one clip to the next: with it a run continues at `clip` exactly as if
     it had never stopped (the resume state saves it after each clip)."""
@@ -207,14 +155,16 @@ class ClipOutput:
     carry: Carry | None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StreamingPipeline:
-    """Generates the frames of one talk, clip by clip (`clips`), or all at once (`run`)."""
+    """Generates the frames of one talk, clip by clip (`clips`). parallel: on several GPUs, this rank's place
+    (its Sampler runs this rank's share of each step's passes); None on one."""
 
     dit: DiT
     vae: VAE
-    settings: Settings
+    sampling: Sampling
     noise: Noise
+    parallel: Parallel | None = None
     events: Events | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -226,22 +176,9 @@ class StreamingPipeline:
     # that carry both speakers' audio (cond, drop_text) get them, the single zero speaker's passes do not.
     speaker_masks: torch.Tensor | None = None
 
-    def run(
-        self,
-        references: Sequence[torch.Tensor],
-        clip_features: Sequence[torch.Tensor],
-        context: torch.Tensor,
-        context_null: torch.Tensor,
-        audio: torch.Tensor,
-        plan: ClipPlan,
-    ) -> torch.Tensor:
-        """The whole video [3, T, H, W] float32 in [-1, 1] in memory: for tests and short talks (the engine
-        streams `clips` to the encoder instead)."""
-        outputs = self.clips(references, clip_features, context, context_null, audio, plan)
-        return torch.cat([out.frames for out in outputs], dim=1).float()
-
     def clips(
         self,
+        *,
         references: Sequence[torch.Tensor],
         clip_features: Sequence[torch.Tensor],
         context: torch.Tensor,
@@ -253,7 +190,7 @@ class StreamingPipeline:
         """Each clip of `plan` as it finishes (from `start.clip` when resuming); references/clip_features hold
         one entry per clip (see ReferenceSource). Only one clip's frames are alive at a time. audio:
         [F, layers, hidden] for one speaker, [2, F, layers, hidden] for two (speaker 1 first)."""
-        s, frames = self.settings, plan.frames
+        s, frames = self.sampling, plan.frames
         timesteps = [t.to(self.device) for t in shifted_timesteps(s.steps, s.shift)]
         if start is None:
             color_ref, written = references[0], 0
@@ -275,8 +212,9 @@ class StreamingPipeline:
             tracks = audio if audio.dim() == 4 else audio[None]
             window = torch.stack([audio_windows(mirror_pad(track, plan.pad) if last else track, plan.starts[k], frames)
                                   for track in tracks]).to(self.device, self.dtype)
-            latent = self._denoise(k, noise, motion, y_for[1], window, clip_features[k], context, context_null,
-                                   timesteps)
+            latent = self._denoise(k, noise=noise, motion=motion, y=y_for[1], window=window,
+                                   clip_fea=clip_features[k], context=context, context_null=context_null,
+                                   timesteps=timesteps)
             # Colour correction where the frames are: on a GPU it takes milliseconds, scikit-image on the CPU
             # took 11 s per 480p clip (bench/results/speed-h200.json); only the new frames go to the host.
             video = match_colors(self.vae.decode(latent)[None].float(), color_ref, s.color_correction_strength)
@@ -286,7 +224,7 @@ class StreamingPipeline:
             carry = None
             if not last:
                 motion = self.vae.encode(anchor[:, :, -s.motion_frame:].to(self.device)[0].float())
-                carry = Carry(k + 1, written, motion, color_ref, self.noise.state())
+                carry = Carry(clip=k + 1, frames=written, motion=motion, color_ref=color_ref, noise=self.noise.state())
             yield ClipOutput(k, new, carry)
 
     def _y(self, ref: torch.Tensor, frames: int) -> torch.Tensor:
@@ -296,9 +234,12 @@ class StreamingPipeline:
         mask = first_frame_mask(latent.shape[2], latent.shape[3], latent.shape[4]).to(latent)
         return torch.cat([mask, latent], dim=1).to(self.dtype)
 
-    def _denoise(self, k, noise, motion, y, window, clip_fea, context, context_null, timesteps):
-        s = self.settings
-        sampler = Sampler(s.guidance)
+    def _denoise(self, k: int, *, noise: torch.Tensor, motion: torch.Tensor, y: torch.Tensor, window: torch.Tensor,
+                 clip_fea: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor,
+                 timesteps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Clip `k`'s latent: `noise` denoised over `timesteps`, its first latent frames held at `motion`."""
+        s = self.sampling
+        sampler = Sampler(s, self.parallel)
         args = {
             "cond": (context, window),
             "drop_text": (context_null, window),

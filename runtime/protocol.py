@@ -14,11 +14,14 @@ import argparse
 import json
 import logging
 import math
+import re
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn, TextIO
 
 # --- exit codes (both sides) ---------------------------------------------------------------------------
@@ -32,7 +35,7 @@ EXIT_INTERRUPTED = 130
 FPS = 25  # video frames per second: the audio embedding is resampled to it
 SAMPLE_RATE = 16000  # wav2vec2's input rate
 SIZES = ("infinitetalk-480", "infinitetalk-720")
-DEFAULT_SHIFT = {"infinitetalk-480": 7.0, "infinitetalk-720": 11.0}
+DEFAULT_SHIFT = MappingProxyType({"infinitetalk-480": 7.0, "infinitetalk-720": 11.0})
 DEFAULT_STEPS = 40
 # The official reader tells a video from an image by extension; both sides do the same.
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".flv", ".wmv", ".webm", ".mpeg", ".mpg"})
@@ -49,12 +52,20 @@ def resume_folder(output: Path) -> Path:
     return output.with_name(output.name + ".itk-resume")
 
 
-class BadInput(Exception):
+class UserError(Exception):
+    """A failure the user can fix: shown as one line of what went wrong and one of how to fix it, and ending
+    the command with `exit_code`."""
+
+    def __init__(self, message: str, fix: str = "", exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.message, self.fix, self.exit_code = message, fix, exit_code
+
+
+class BadInput(UserError):
     """Exit 2: a flag, the job file or an input file cannot be used. `fix` says what to do instead."""
 
     def __init__(self, message: str, fix: str = ""):
-        super().__init__(message)
-        self.message, self.fix = message, fix
+        super().__init__(message, fix, EXIT_BAD_INPUT)
 
 
 # --- the job file ----------------------------------------------------------------------------------------
@@ -67,7 +78,7 @@ JOB_HELP = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
     """One generation job. Paths are resolved (see `resolve_job_path`); a silent speaker is None."""
 
@@ -187,14 +198,15 @@ def read_job(path: str | Path) -> Job:
 
 def write_job(job: Job, path: str | Path) -> Path:
     """Atomically: a half-written job file must never be what the generator reads."""
-    from itk.atomic import atomic_write_text
+    from itk.runtime.atomic import atomic_write_text
 
     return atomic_write_text(path, json.dumps(job.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
 # --- progress events -------------------------------------------------------------------------------------
 EVENT_PREFIX = "ITK-EVENT "
-EVENT_KINDS = ("stage", "clip", "step", "done", "error")
+# job and ready: the warm worker's (`python -m itk.runtime.worker`): a job starts; the worker waits for the next
+EVENT_KINDS = ("stage", "clip", "step", "done", "error", "job", "ready")
 
 
 def format_event(event: str, **fields: Any) -> str:
@@ -220,15 +232,22 @@ def parse_event(line: str) -> dict[str, Any] | None:
 
 class Events:
     """The generator's side: writes events to a stream (stderr by default), stamped with the seconds since
-    the start and, when a GPU is in use, its peak memory so far."""
+    the start (of the job, in a warm worker) and, when a GPU is in use, its peak memory so far. `job`: the warm
+    worker's job id, carried by every event of that job."""
 
-    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True, job: str | None = None) -> None:
         self.stream = stream
         self.enabled = enabled  # False on every rank but 0 of a multi-GPU run
+        self.job = job
         self.start = time.monotonic()
 
+    def for_job(self, job: str) -> Events:
+        """The events of one job of a warm worker: the same stream, the clock started now, tagged `job`."""
+        return Events(self.stream, self.enabled, job)
+
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        record = {**fields, "elapsed_s": round(time.monotonic() - self.start, 3)}
+        record = {**({"job": self.job} if self.job is not None else {}), **fields,
+                  "elapsed_s": round(time.monotonic() - self.start, 3)}
         peak = _gpu_peak_gb()
         if peak is not None:
             record["gpu_peak_gb"] = peak
@@ -247,6 +266,65 @@ def _gpu_peak_gb() -> float | None:
     if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+# --- the warm worker's job requests ---------------------------------------------------------------------------
+# `python -m itk.runtime.worker` reads one request per line on stdin and runs them one after another with its
+# models kept loaded: {"job": ID, "argv": [generator flags, as `python -m itk.runtime.generate` takes them]}.
+# Every event of a job carries "job": ID, from a "job" event to its "done" or "error" (with exit_code); a "ready"
+# event says the worker waits for the next line. SIGUSR1 stops the job in progress (exit code 130 for that job;
+# the worker stays); SIGINT/SIGTERM stop the job and the worker; end of input ends the worker.
+CANCEL_JOB_SIGNAL = signal.SIGUSR1
+
+
+def job_request(job: str, argv: list[str]) -> str:
+    """One request line (without the newline)."""
+    return json.dumps({"job": job, "argv": list(argv)}, ensure_ascii=False)
+
+
+def parse_job_request(line: str) -> tuple[str, list[str]]:
+    """(job id, generator flags) of a request line; BadInput for anything else."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"worker request is not JSON ({exc})", "send one {\"job\": ID, \"argv\": [...]} per line") \
+            from None
+    if not (isinstance(data, dict) and isinstance(data.get("job"), str) and isinstance(data.get("argv"), list)
+            and all(isinstance(a, str) for a in data["argv"])):
+        raise BadInput("worker request needs a string job and a list of string argv",
+                       "send one {\"job\": ID, \"argv\": [...]} per line")
+    return data["job"], data["argv"]
+
+
+# --- a failed rank of a multi-GPU run ------------------------------------------------------------------------
+# torchrun's error summary, and the generator's own line per failed rank (`rank_failure_line`).
+TORCHRUN_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+) \(local_rank: \d+\)"
+                                 r"\s*exitcode\s*:\s*(-?\d+)", re.S)
+RANK_FAILURE = re.compile(r"^error: rank (\d+) of (\d+) failed: (.+)$", re.M)
+
+
+def rank_failure_line(rank: int, world_size: int, exc: BaseException) -> str:
+    """The line every rank of a multi-GPU run prints for its own crash, so a crash names where it happened."""
+    return f"error: rank {rank} of {world_size} failed: {type(exc).__name__}: {exc}"
+
+
+def failed_rank(log_text: str) -> str | None:
+    """"rank K failed first: WHY" for a multi-GPU run that failed (None for a single process): the root cause
+    torchrun names, with that rank's own `rank_failure_line`, or its exit status when it left none (killed)."""
+    errors: dict[int, str] = {}
+    for m in RANK_FAILURE.finditer(log_text):
+        # The ranks share one stderr: another rank's event line can land inside this line; cut it off there.
+        errors.setdefault(int(m[1]), m[3].split(EVENT_PREFIX)[0].strip())
+    root = TORCHRUN_ROOT_CAUSE.search(log_text)
+    if root is None and not errors:
+        return None
+    rank = int(root[1]) if root else next(iter(errors))
+    why = errors.get(rank)
+    if why is None and root is not None:
+        code = int(root[2])
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
+            else f"exit status {code}"
+    return f"rank {rank} failed first: {why}"
 
 
 # --- the flag table --------------------------------------------------------------------------------------
@@ -355,15 +433,18 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dit_fsdp", bool, False, "shard the DiT with FSDP", refused=NOT_YET),
     Flag("t5_fsdp", bool, False, "shard the T5 with FSDP", refused=NOT_YET),
     Flag("scene_seg", bool, False, "split a source video into shots", refused=NOT_YET),
+    Flag("gpu_layout", str, None, "itk only: how the GPUs of a torchrun launch split the work, GROUPSxSP (guidance "
+         "groups x sequence-parallel degree), as `itk run --gpus` chose it (default: chosen from the world size)",
+         settable=False),
     Flag("resume", bool, False, "itk only (not an official flag): continue an interrupted run from the state "
          "folder beside the output (<save_file>.mp4.itk-resume); refused when the job, settings or weights "
          "changed", settable=False),
 )
-FLAG = {f.name: f for f in FLAGS}
+FLAG = MappingProxyType({f.name: f for f in FLAGS})
 # Refused values of otherwise supported flags: (flag, value) -> why.
-REFUSED_VALUES: dict[tuple[str, Any], str] = {
+REFUSED_VALUES: Mapping[tuple[str, Any], str] = MappingProxyType({
     ("quant", "int8"): "--quant int8 is not supported yet (its T5 file does not exist upstream); use --quant fp8",
-}
+})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 

@@ -1,6 +1,6 @@
 """FP8 weights: the arithmetic of the official quantised files (their reader is in runtime/loading.py).
 
-Format (optimum-quanto 0.2.6, runtime-spec §6): for every Linear `P` named in the companion JSON map,
+Format (optimum-quanto 0.2.6, as the official FP8 files store it): for every Linear `P` named in the companion JSON map,
 `P.weight._data` (float8_e4m3fn [out, in]), `P.weight._scale` ([out, 1], per output row), `P.bias`, and the
 scalars `P.input_scale` / `P.output_scale` (1.0 with `"activations": "none"`). Every other tensor is stored
 plain under its usual name. quanto loads these with strict=False and silently leaves a missing weight
@@ -12,8 +12,8 @@ host hold the 14B model) and follows gpt-fast's shape: two buffers and a short f
   `torch._scaled_mm` with the per-row weight scales and the activations quantised per token (row-wise
   absmax / 448). The activation quantisation is one `torch.compile`d function: Inductor fuses the row
   absmax, the division and the cast into a single Triton kernel (one read of x, one fp8 write). Eager it is
-  four passes over x, which on the H100 made FP8 linears slower than bf16 (shared/specs/perf-limit.md:
-  40.6 vs 32.9 ms per block). torch.compile rather than a hand-written Triton kernel: same fusion, no code
+  four passes over x, which on the H100 made FP8 linears slower than bf16 (measured: 40.6 vs 32.9 ms per
+  block). torch.compile rather than a hand-written Triton kernel: same fusion, no code
   of ours to keep correct per GPU, and Triton ships with torch. torchao's float8 inference would serve too
   but is one more dependency for ~20 lines.
 - Elsewhere (CPU, pre-Ada GPUs, float32 activations, odd shapes): the weight is dequantised per layer to
@@ -30,13 +30,14 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from itk.atomic import atomic_write, atomic_write_text
+from itk.runtime.atomic import atomic_write, atomic_write_text
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -44,7 +45,7 @@ GELU_DIP = 0.1701  # just above |min of the tanh GELU| (0.17004, at x = -0.7518)
 SQRT_8_OVER_PI = 1.5957691216057308  # 2 * sqrt(2 / pi)
 WEIGHTS_QTYPE = "qfloat8_e4m3fn"
 # The quanto names of one quantised Linear `P`, and where each goes in FP8Linear.
-QUANTO_KEYS = {"weight._data": "weight", "weight._scale": "scale"}
+QUANTO_KEYS = MappingProxyType({"weight._data": "weight", "weight._scale": "scale"})
 QUANTO_SCALARS = ("input_scale", "output_scale")
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 log = logging.getLogger(__name__)
@@ -95,18 +96,18 @@ def has_fp8_matmul(device: torch.device) -> bool:
 
 
 def fp8_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
     quantize: Quantizer | None = None, bias_in_matmul: bool = True, fast_accum: bool = False,
 ) -> torch.Tensor:
     """x [..., K] bf16 @ (weight [N, K] fp8 * scale [N, 1])^T + bias, as one FP8 tensor-core matmul
     (x quantised by `quantize`, default quantize_activations)."""
     xq, xs = (quantize or quantize_activations)(x.reshape(-1, x.shape[-1]))
-    return scaled_matmul(xq, xs, x, weight, scale, bias, bias_in_matmul, fast_accum)
+    return scaled_matmul(xq, xs, x, weight, scale, bias, bias_in_matmul=bias_in_matmul, fast_accum=fast_accum)
 
 
 def scaled_matmul(
     xq: torch.Tensor, xs: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-    bias: torch.Tensor | None, bias_in_matmul: bool = True, fast_accum: bool = False,
+    bias: torch.Tensor | None, *, bias_in_matmul: bool = True, fast_accum: bool = False,
 ) -> torch.Tensor:
     """The FP8 matmul of x already quantised (xq [M, K] fp8, xs [M, 1]); x [..., K] gives shape and dtype.
     fast_accum: Hopper's FP8 tensor cores accumulate at reduced precision without the periodic promotion
@@ -172,11 +173,13 @@ class FP8Kernel:
     def run(self, layer: FP8Linear, x: torch.Tensor, quantize: Quantizer | None = None) -> torch.Tensor:
         """`layer`'s FP8 matmul on x with this run's settings (x quantised by `quantize`, default
         quantize_activations); no fallback."""
-        return fp8_matmul(x, layer.weight, layer.scale, layer.bias, quantize, self.bias_in_matmul, self.fast_accum)
+        return fp8_matmul(x, layer.weight, layer.scale, layer.bias, quantize=quantize,
+                          bias_in_matmul=self.bias_in_matmul, fast_accum=self.fast_accum)
 
     def run_quantized(self, layer: FP8Linear, xq: torch.Tensor, xs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`layer`'s FP8 matmul on x already quantised (xq, xs), with this run's settings."""
-        return scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, self.bias_in_matmul, self.fast_accum)
+        return scaled_matmul(xq, xs, x, layer.weight, layer.scale, layer.bias, bias_in_matmul=self.bias_in_matmul,
+                             fast_accum=self.fast_accum)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled quantiser; if compiling fails here (no working Triton, say), eager from then on, logged."""

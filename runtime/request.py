@@ -10,10 +10,9 @@ by `read_media`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import random
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -21,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itk.runtime.layout import Layout, LayoutError, parse_layout
+from itk.runtime.paths import check_output
 from itk.runtime.protocol import (
-    DEFAULT_SHIFT,
-    DEFAULT_STEPS,
     FPS,
     SAMPLE_RATE,
     SPEAKERS,
@@ -32,6 +31,7 @@ from itk.runtime.protocol import (
     pair_loras,
     read_job,
 )
+from itk.runtime.sampling import Sampling
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,27 +46,6 @@ MAX_SEED = 99999999  # the official script draws a negative --base_seed's replac
 # 1x1 image becomes a flat colour and the model has no face to animate. The minimum follows the bucket the
 # image is resized to (40x40 for 480p's square bucket, 60x60 at 720p; a tiny test bucket needs a few pixels).
 OUTPUT_PIXELS_PER_TOKEN = 16
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How each clip is sampled and joined (the official flags' values, defaults filled in)."""
-
-    frame_num: int
-    motion_frame: int
-    max_frame_num: int
-    streaming: bool
-    steps: int
-    shift: float
-    text_scale: float
-    audio_scale: float
-    use_apg: bool
-    apg_momentum: float
-    apg_norm_threshold: float
-    color_correction_strength: float
-    seed: int
-    use_teacache: bool = False
-    teacache_thresh: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -88,6 +67,7 @@ class Request:
     variant: str = "single"  # the InfiniteTalk weights for the job's speakers (single | multi)
     loras: tuple[tuple[Path, float], ...] = ()  # (file, scale): --lora_dir zipped with --lora_scale
     lora_alpha: str = "ignore"  # --lora_alpha
+    gpu_layout: Layout | None = None  # --gpu_layout: how a torchrun launch splits the work (None: chosen there)
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> Request:
@@ -111,20 +91,13 @@ class Request:
         dit_flag = "--quant_dir" if f["quant"] else "--infinitetalk_dir"
         dit_file = f["quant_dir"] if f["quant"] else f["infinitetalk_dir"]
         variant = choose_variant(job, Path(dit_file), dit_flag)
-        streaming = f["mode"] == "streaming"
-        sampling = Sampling(
-            frame_num=f["frame_num"], motion_frame=f["motion_frame"],
-            max_frame_num=f["max_frame_num"] if streaming else f["frame_num"], streaming=streaming,
-            steps=f["sample_steps"] or DEFAULT_STEPS, shift=f["sample_shift"] or DEFAULT_SHIFT[f["size"]],
-            text_scale=f["sample_text_guide_scale"], audio_scale=f["sample_audio_guide_scale"],
-            use_apg=f["use_apg"], apg_momentum=f["apg_momentum"], apg_norm_threshold=f["apg_norm_threshold"],
-            color_correction_strength=f["color_correction_strength"],
-            seed=f["base_seed"] if f["base_seed"] >= 0 else random.randint(0, MAX_SEED),
-            use_teacache=f["use_teacache"], teacache_thresh=f["teacache_thresh"],
-        )
-        stem = f["save_file"] or default_stem(f["task"], f["size"], f["ulysses_size"], f["ring_size"], job.prompt)
+        sampling = Sampling.from_flags(f)
+        if sampling.seed < 0:  # the official rule: a negative --base_seed draws one
+            sampling = dataclasses.replace(sampling, seed=random.randint(0, MAX_SEED))
+        stem = f["save_file"] or default_stem(task=f["task"], size=f["size"], ulysses=f["ulysses_size"],
+                                              ring=f["ring_size"], prompt=job.prompt)
         output = Path(f"{stem}.mp4")
-        check_output(output, "--save_file" if f["save_file"] else "output (no --save_file)")
+        check_output(output, "--save_file", Path("talk"), inputs=[job.cond_video, *job.audio_files().values()])
         return cls(
             job=job, output=output, size=f["size"], sampling=sampling,
             ckpt_dir=Path(f["ckpt_dir"]), wav2vec_dir=Path(f["wav2vec_dir"]),
@@ -133,7 +106,7 @@ class Request:
             model_config=Path(f["model_config"]) if f["model_config"] else None, t5_cpu=f["t5_cpu"],
             persistent_params=f["num_persistent_param_in_dit"], variant=variant,
             loras=tuple(pair_loras(f["lora_dir"], f["lora_scale"])),
-            lora_alpha=f["lora_alpha"],
+            lora_alpha=f["lora_alpha"], gpu_layout=_gpu_layout(f.get("gpu_layout")),
         )
 
     @property
@@ -164,7 +137,7 @@ def dit_variant(path: Path | None) -> str | None:
     """single / multi when `path` is one of the manifest's variant DiT files by name (the unquantised adapters
     of both variants share one file name: their folder tells them apart),
     else None (a file of the user's own, taken as given)."""
-    from itk.manifest import load_manifest
+    from itk.runtime.manifest import load_manifest
 
     if path is None:
         return None
@@ -178,7 +151,7 @@ def dit_variant(path: Path | None) -> str | None:
 def choose_variant(job: Job, dit_file: Path | None, flag: str) -> str:
     """The DiT variant of the run: the given file's, else the one the job's speaker count needs. Two speakers
     on the single-speaker DiT are refused: its audio layers were never trained to tell two voices apart."""
-    from itk.manifest import load_manifest
+    from itk.runtime.manifest import load_manifest
 
     known = dit_variant(dit_file)
     if job.speakers > 1 and known == "single":
@@ -191,28 +164,16 @@ def choose_variant(job: Job, dit_file: Path | None, flag: str) -> str:
     return known or ("multi" if job.speakers > 1 else "single")
 
 
-def check_output(path: Path, source: str) -> None:
-    """Refuse an output the finished video could not be written to, before any model loads: an existing
-    folder under the name, a folder that cannot be created (a file in its path), or a folder nothing can be
-    written in (permissions, a read-only mount). Writing is tried, not predicted from mode bits: root may
-    write into a 0500 folder but not onto a read-only mount. Raises BadInput naming `source` (the flag)."""
-    fix = "give --save_file a stem in a folder you can write (.mp4 is appended)"
-    if path.is_dir():
-        raise BadInput(f"{source}: {path} is a folder", f"give a file stem, e.g. --save_file {path / 'talk'}")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise BadInput(f"{source}: cannot create the folder {path.parent}: {existing} is a file", fix)
+def _gpu_layout(text: str | None) -> Layout | None:
+    if not text:
+        return None
     try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".itk-write-test-")
-    except OSError as exc:
-        raise BadInput(f"{source}: cannot write in {existing} ({exc.strerror or exc})", fix) from None
-    os.close(fd)
-    os.unlink(probe)
+        return parse_layout(text)
+    except LayoutError as exc:
+        raise BadInput(str(exc), "leave --gpu_layout to `itk run --gpus N`, which writes it") from None
 
 
-def default_stem(task: str, size: str, ulysses: int, ring: int, prompt: str) -> str:
+def default_stem(*, task: str, size: str, ulysses: int, ring: int, prompt: str) -> str:
     """The official output name when --save_file is not given."""
     text = prompt.replace(" ", "_").replace("/", "_")[:50]
     return f"{task}_{size}_{ulysses}_{ring}_{text}_{time.strftime('%Y%m%d_%H%M%S')}"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from itk.atomic import atomic_write, atomic_write_text
+from itk.runtime.atomic import atomic_write, atomic_write_text
 from itk.runtime.pipeline import Carry
 from itk.runtime.protocol import FPS, RESUME_STATE, BadInput, resume_folder
 
@@ -104,8 +104,8 @@ class ResumeState:
         if resume and (folder / RESUME_STATE).is_file():
             try:
                 saved = json.loads((folder / RESUME_STATE).read_text(encoding="utf-8"))
-                state = cls(folder, saved["fingerprint"], saved["clips"], saved["clips_done"], saved["frames"],
-                            saved["carry"])
+                state = cls(folder, saved["fingerprint"], clips=saved["clips"], done=saved["clips_done"],
+                            frames=saved["frames"], carry_file=saved["carry"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise BadInput(f"cannot resume {output}: {folder / RESUME_STATE} is unreadable ({exc})",
                                "run without --resume to start over") from None
@@ -136,7 +136,7 @@ class ResumeState:
         from safetensors.torch import load_file
 
         tensors = load_file(str(self.folder / self.carry_file))
-        return Carry(self.done, self.frames, **{k: tensors[k] for k in CARRY_TENSORS})
+        return Carry(clip=self.done, frames=self.frames, **{k: tensors[k] for k in CARRY_TENSORS})
 
     def replay(self) -> Iterator[np.ndarray]:
         """The saved clips' frames, one clip at a time, for the new encoder."""

@@ -14,11 +14,13 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
-ITEM_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
-             "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
-             "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+ITEM_BITS = MappingProxyType({
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+})
 
 
 class HeaderError(ValueError):

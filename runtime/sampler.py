@@ -1,18 +1,19 @@
 """InfiniteTalk's sampler: shifted flow-matching timesteps, Euler steps and the text+audio guidance.
 
 InfiniteTalk does not use Wan's UniPC/DPM++ solvers. It integrates the rectified flow with plain Euler
-steps on a shifted grid, and guides with up to three DiT passes per step (runtime-spec §5.3-5.4). Every
-value is computed in float32 in the official operation order, so the timesteps match to the bit.
+steps on a shifted grid (`shift * s / (1 + (shift - 1) * s)` of a linear grid from 1000 to 1), and guides
+with up to three DiT passes per step (which ones: `sampling.passes_per_step`). Every value is computed in
+float32 in the official operation order, so the timesteps match to the bit.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from itk.runtime.sampling import PASSES_ONE, Sampling, drops_text_pass
 
 if TYPE_CHECKING:
     from itk.runtime.parallel import Parallel
@@ -41,24 +42,9 @@ def euler_step(latent: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, t_
     return latent + (-velocity) * dt.reshape((-1,) + (1,) * (latent.dim() - 1))
 
 
-def add_noise(original: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Flow-matching re-noising at timestep t: (1 - t/1000) * original + t/1000 * noise."""
-    s = (t.float() / NUM_TIMESTEPS).reshape((-1,) + (1,) * (noise.dim() - 1))
-    return (1 - s) * original + s * noise
-
-
-def two_pass(text_scale: float) -> bool:
-    """The official switch: a text scale of exactly 1 (math.isclose) drops the text guidance pass."""
-    return math.isclose(text_scale, 1.0)
-
-
-def one_pass(text_scale: float, audio_scale: float) -> bool:
-    """Both scales 1 (math.isclose, as the official text-scale switch): no guidance term remains."""
-    return two_pass(text_scale) and math.isclose(audio_scale, 1.0)
-
-
 def guide(
     cond: torch.Tensor,
+    *,
     text_scale: float,
     audio_scale: float,
     drop_text: torch.Tensor | None = None,
@@ -66,7 +52,7 @@ def guide(
     drop_audio: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combine the passes into the guided velocity (three-pass, or two-pass when text_scale is 1)."""
-    if two_pass(text_scale):
+    if drops_text_pass(text_scale):
         assert drop_audio is not None
         return drop_audio + audio_scale * (cond - drop_audio)
     assert drop_text is not None and uncond is not None
@@ -104,54 +90,42 @@ def apg(
     return (d64 - parallel).to(diff.dtype)
 
 
-@dataclass
-class Guidance:
-    """Scales and options of one sampling run. parallel: on several GPUs, which of a step's passes this
-    rank runs and where the others come from (runtime/parallel.py); None on one."""
-
-    text_scale: float = 5.0
-    audio_scale: float = 4.0
-    use_apg: bool = False
-    apg_momentum: float = -0.75
-    apg_norm_threshold: float = 55.0
-    parallel: Parallel | None = None
+def local_passes(sampling: Sampling, parallel: Parallel | None = None) -> tuple[str, ...]:
+    """The DiT calls this process runs per step: all of `sampling.passes`, or under guidance parallel its
+    group's share."""
+    return sampling.passes if parallel is None else parallel.local_passes(sampling.passes)
 
 
 class Sampler:
     """The guidance of one clip: which DiT passes each step runs, and how their predictions combine into
-    the velocity (APG's momentum carried from step to step)."""
+    the velocity (APG's momentum carried from step to step). parallel: on several GPUs, which of a step's
+    passes this rank runs and where the others come from (runtime/parallel.py); None on one."""
 
-    def __init__(self, guidance: Guidance) -> None:
-        self.g = guidance
-        self.text_buffer = MomentumBuffer(guidance.apg_momentum) if guidance.use_apg else None
-        self.audio_buffer = MomentumBuffer(guidance.apg_momentum) if guidance.use_apg else None
+    def __init__(self, sampling: Sampling, parallel: Parallel | None = None) -> None:
+        self.sampling = sampling
+        self.parallel = parallel
+        self.text_buffer = MomentumBuffer(sampling.apg_momentum) if sampling.use_apg else None
+        self.audio_buffer = MomentumBuffer(sampling.apg_momentum) if sampling.use_apg else None
 
     def passes(self) -> tuple[str, ...]:
-        """The DiT calls this process runs per step: all of `every_pass()`, or under guidance parallel its
-        group's share (`velocity` then gathers the other groups' predictions)."""
-        every = self.every_pass()
-        return every if self.g.parallel is None else self.g.parallel.local_passes(every)
-
-    def every_pass(self) -> tuple[str, ...]:
-        """The DiT calls of one step. Both scales 1: the guided velocity is `cond` itself (two-pass rule:
-        drop_audio + 1 * (cond - drop_audio); APG: cond + 0 * ...), so one call. The official code still
-        runs cond and drop_audio there and throws the second away. Text scale 1: two; otherwise three."""
-        if one_pass(self.g.text_scale, self.g.audio_scale):
-            return ("cond",)
-        return ("cond", "drop_audio") if two_pass(self.g.text_scale) else ("cond", "drop_text", "uncond")
+        """`local_passes` of this clip (under guidance parallel `velocity` gathers the other groups' ones)."""
+        return local_passes(self.sampling, self.parallel)
 
     def velocity(self, preds: dict[str, torch.Tensor]) -> torch.Tensor:
-        g = self.g
-        if g.parallel is not None:
-            preds = g.parallel.gather_passes(preds, self.every_pass())
-        if one_pass(g.text_scale, g.audio_scale):
+        """The guided velocity of one step from its passes' predictions. Both scales 1: `cond` itself (the
+        two-pass rule drop_audio + 1 * (cond - drop_audio), and APG's cond + 0 * ..., are `cond`)."""
+        s = self.sampling
+        if self.parallel is not None:
+            preds = self.parallel.gather_passes(preds, s.passes)
+        if s.passes == PASSES_ONE:
             return preds["cond"]
-        if not g.use_apg:
-            return guide(preds["cond"], g.text_scale, g.audio_scale, preds.get("drop_text"),
-                         preds.get("uncond"), preds.get("drop_audio"))
-        cond, th = preds["cond"], g.apg_norm_threshold
-        if two_pass(g.text_scale):
-            return cond + (g.audio_scale - 1) * apg(cond - preds["drop_audio"], cond, self.audio_buffer, th)
+        if not s.use_apg:
+            return guide(preds["cond"], text_scale=s.text_scale, audio_scale=s.audio_scale,
+                         drop_text=preds.get("drop_text"), uncond=preds.get("uncond"),
+                         drop_audio=preds.get("drop_audio"))
+        cond, th = preds["cond"], s.apg_norm_threshold
+        if s.drops_text_pass:
+            return cond + (s.audio_scale - 1) * apg(cond - preds["drop_audio"], cond, self.audio_buffer, th)
         text = apg(cond - preds["drop_text"], cond, self.text_buffer, th)
         audio = apg(preds["drop_text"] - preds["uncond"], cond, self.audio_buffer, th)
-        return cond + (g.text_scale - 1) * text + (g.audio_scale - 1) * audio
+        return cond + (s.text_scale - 1) * text + (s.audio_scale - 1) * audio

@@ -1,12 +1,12 @@
 """Where each of two speakers is in the picture: the masks the two-speaker DiT routes audio with.
 
-Three masks in the order [speaker 1, speaker 2, background] (runtime-spec §3.9), built at the original image
+Three masks in the order [speaker 1, speaker 2, background], built at the original image
 size, then resized and centre-cropped exactly like the reference image (nearest neighbour), nearest-sampled
 down to the latent grid and then to the DiT's token grid, thresholded > 0 and flattened to [3, N_h*N_w]:
 the `speaker_masks` argument of the DiT.
 
 A person box is the official job file's `bbox` entry `[a, b, c, d]`. The official code names its elements
-x_min, y_min, x_max, y_max but uses rows a:c and columns b:d (§9 row 15); we keep that meaning, so job files
+x_min, y_min, x_max, y_max but uses rows a:c and columns b:d; we keep that meaning, so job files
 written for the official generator frame the same people. Without boxes the official fixed split applies:
 rows 5-95 % of the height, speaker 1 in 5-95 % of the left half, speaker 2 the same in the right half.
 """

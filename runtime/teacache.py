@@ -1,7 +1,7 @@
 """TeaCache (`--use_teacache`): skip the DiT's blocks on calls whose time modulation barely moved.
 
-As the official `teacache_init` + `WanModel.forward` compute it (use_ret_steps=True, runtime-spec §5.4, the
-teacache_A golden): each call compares its modulated time input e0 with the previous one of its slot (the
+As the official `teacache_init` + `WanModel.forward` compute it (use_ret_steps=True; the teacache_A golden
+records it): each call compares its modulated time input e0 with the previous one of its slot (the
 relative L1 change, rescaled by a 4th-order polynomial per size) and accumulates that; while the sum stays
 below the threshold the call skips all blocks and adds the residual (blocks output - input) its slot last
 computed. The first 5 steps always compute, so a 4-step run never skips. The head always runs.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -26,17 +27,17 @@ import torch
 log = logging.getLogger(__name__)
 
 # teacache_init's coefficients with use_ret_steps=True, per --size.
-COEFFICIENTS = {
+COEFFICIENTS = MappingProxyType({
     "infinitetalk-480": (2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
     "infinitetalk-720": (8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),
-}
+})
 RET_STEPS = 5  # steps that always compute
 
 
 class TeaCache:
     """The skip decisions and cached residuals of one run (kept across its clips, as officially)."""
 
-    def __init__(self, size: str, thresh: float, steps: int, cycle: int = 3):
+    def __init__(self, size: str, *, thresh: float, steps: int, cycle: int = 3):
         self.rescale = np.poly1d(COEFFICIENTS[size])
         self.thresh = thresh
         self.cycle = cycle

@@ -1,7 +1,7 @@
 """Tiny random weights in the exact official file layout, for `itk selftest` and the end-to-end tests.
 
 Every file a real run opens is written in its official format under the manifest's name and folder
-(itk/manifest.toml; runtime-spec §2.1-2.3): the Wan folder (config, the VAE/CLIP/T5 `.pth` state dicts, the
+(runtime/manifest.toml): the Wan folder (config, the VAE/CLIP/T5 `.pth` state dicts, the
 umT5 tokenizer folder, the DiT shards with their index), chinese-wav2vec2-base (config, preprocessor
 config, the weights of a Wav2Vec2ForPreTraining), InfiniteTalk's single-speaker adapter and its FP8 set
 (with `multi`, the two-speaker adapter and FP8 DiT too). So
@@ -17,31 +17,40 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import torch
 
-from itk.manifest import Manifest, WeightFile, load_manifest
 from itk.runtime.configs import MODEL_CONFIG_FILE, config_from_dict
+from itk.runtime.manifest import Manifest, WeightFile, load_manifest
 from itk.runtime.protocol import SAMPLE_RATE, SIZES
 from itk.runtime.weights import base_dit, tokenizer_folder, wav2vec_weights
 
-# Tiny sizes (those of the pipeline_A golden); the bucket table replaces infinitetalk-480's for this folder.
-TINY = {
-    "dit": {"dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2, "text_dim": 32, "text_len": 16,
-            "clip_dim": 24, "audio_blocks": 3, "audio_channels": 16, "audio_intermediate_dim": 16,
-            "audio_output_dim": 32, "audio_context_tokens": 4},
-    "vae": {"dim": 4},
-    "t5": {"vocab_size": 64, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4, "num_layers": 2,
-           "text_len": 16},
-    "clip": {"width": 24, "heads": 4, "layers": 3},
-    "buckets": {SIZES[0]: {"1.00": [32, 32], "0.67": [32, 48], "1.50": [48, 32]}},
-}
-CLIP_TEXT = {"dim": 16, "heads": 2, "layers": 1, "vocab": 40, "max_len": 16, "embed_dim": 16}
-WAV2VEC = {"hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
-           "conv_dim": [16] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-           "conv_bias": False, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
-           "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_codevectors_per_group": 8,
-           "num_codevector_groups": 2, "codevector_dim": 8, "proj_codevector_dim": 8}
+
+def tiny_sizes() -> dict[str, Any]:
+    """The tiny sizes (those of the pipeline_A golden), as the itk_model_config.json of the tiny folder says
+    them; the bucket table replaces infinitetalk-480's for this folder. A fresh dict on every call."""
+    return {
+        "dit": {"dim": 64, "ffn_dim": 128, "num_heads": 2, "num_layers": 2, "text_dim": 32, "text_len": 16,
+                "clip_dim": 24, "audio_blocks": 3, "audio_channels": 16, "audio_intermediate_dim": 16,
+                "audio_output_dim": 32, "audio_context_tokens": 4},
+        "vae": {"dim": 4},
+        "t5": {"vocab_size": 64, "dim": 32, "dim_attn": 32, "dim_ffn": 64, "num_heads": 4, "num_layers": 2,
+               "text_len": 16},
+        "clip": {"width": 24, "heads": 4, "layers": 3},
+        "buckets": {SIZES[0]: {"1.00": [32, 32], "0.67": [32, 48], "1.50": [48, 32]}},
+    }
+
+
+CLIP_TEXT = MappingProxyType({"dim": 16, "heads": 2, "layers": 1, "vocab": 40, "max_len": 16, "embed_dim": 16})
+WAV2VEC = MappingProxyType({
+    "hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
+    "conv_dim": (16,) * 7, "conv_kernel": (10, 3, 3, 3, 3, 2, 2), "conv_stride": (5, 2, 2, 2, 2, 2, 2),
+    "conv_bias": False, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
+    "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_codevectors_per_group": 8,
+    "num_codevector_groups": 2, "codevector_dim": 8, "proj_codevector_dim": 8,
+})
 CORPUS_WORDS = ("A The . , a the person woman man is talking speaks to camera smiles looks at viewer slowly clearly in "
                 "bright room light face hair eyes mouth says hello good morning today we talk about things "
                 "overexposed static blurred details subtitles style works paintings images gray worst quality "
@@ -50,7 +59,7 @@ CORPUS_WORDS = ("A The . , a the person woman man is talking speaks to camera sm
                 "walking backwards").split()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TinyLayout:
     ckpt_dir: Path
     wav2vec_dir: Path
@@ -61,7 +70,7 @@ class TinyLayout:
 
 
 def _dit_shapes(d: dict) -> dict[str, tuple[int, ...]]:
-    """The official DiT keys (runtime-spec §3.11) for the given sizes: base first, then the adapter."""
+    """The official DiT keys (the checkpoint's names) for the given sizes: base first, then the adapter."""
     D, F, C = d["dim"], d["ffn_dim"], d["clip_dim"]
     s: dict[str, tuple[int, ...]] = {}
 
@@ -192,7 +201,7 @@ def _sentencepiece(folder: Path, model_file: str, seed: int, ids: dict[str, int]
     lines = [" ".join(rng.choice(CORPUS_WORDS) for _ in range(10)) for _ in range(400)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=TINY["t5"]["vocab_size"],
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=tiny_sizes()["t5"]["vocab_size"],
         model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **ids,
     )
     folder.mkdir(parents=True, exist_ok=True)
@@ -314,7 +323,7 @@ def write_tiny_weights(root: str | Path, seed: int = 0, multi: bool = False) -> 
     for folder in (ckpt, wav2vec, infinitetalk.parent):
         folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    tiny = json.loads(json.dumps(TINY))
+    tiny = tiny_sizes()
     tiny["t5"]["vocab_size"] = max(tiny["t5"]["vocab_size"], _tokenizer(tokenizer_folder(ckpt, manifest), seed))
     _xlm_tokenizer(ckpt / Path(manifest.select("clip-tokenizer")[0].path).parent, seed)
     (ckpt / MODEL_CONFIG_FILE).write_text(json.dumps(tiny, indent=2))
@@ -334,6 +343,8 @@ def write_tiny_weights(root: str | Path, seed: int = 0, multi: bool = False) -> 
     torch.save(_vae_state(cfg.vae, gen), ckpt / _only(manifest, "vae").path)
     _wav2vec(wav2vec, seed, wav2vec_weights(manifest))
     if not multi:
-        return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit)
+        return TinyLayout(ckpt_dir=ckpt, wav2vec_dir=wav2vec, infinitetalk=infinitetalk, fp8_dit=fp8_dit)
     multi_files = _multi_files(base, _random(_adapter_shapes(d), gen), root, manifest)
-    return TinyLayout(ckpt, wav2vec, infinitetalk, fp8_dit, *multi_files)
+    multi_infinitetalk, multi_fp8_dit = multi_files
+    return TinyLayout(ckpt_dir=ckpt, wav2vec_dir=wav2vec, infinitetalk=infinitetalk, fp8_dit=fp8_dit,
+                      multi_infinitetalk=multi_infinitetalk, multi_fp8_dit=multi_fp8_dit)

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from itk.atomic import atomic_write_text
-from itk.errors import UserError
-from itk.manifest import WeightFile
-from itk.safetensors_header import HeaderError, read_header
+from itk.runtime.atomic import atomic_write_text
+from itk.runtime.manifest import WeightFile
+from itk.runtime.protocol import UserError
+from itk.runtime.safetensors_header import HeaderError, read_header
 
 BLOCK = 16 << 20  # large reads: hashing runs at disk speed, not at syscall speed
 HASH_THREADS = 4  # hashlib releases the GIL, so files hash in parallel
@@ -32,6 +32,12 @@ SHA1 = re.compile(r"[0-9a-f]{40}")
 FETCH_FIX = "run `itk fetch`: it re-downloads only the files that are not intact"
 CHANGED_FIX = "run `itk fetch` (it re-hashes the file and re-downloads it only if it differs) or `itk doctor --deep`"
 DRIVE = re.compile(r"[A-Za-z]:")
+# The longest name one folder entry can have: 255 bytes on ext4, xfs, btrfs, zfs and APFS (255 UTF-16 units on
+# NTFS). The download client keeps `<name>.metadata` beside each file, so a repo file's name must leave room for it.
+NAME_MAX = 255
+CLIENT_SUFFIX = ".metadata"
+NAME_FIX = ("the hub or mirror lists a file name no repo can have: report it, and fetch with --preset or "
+            "--component, which take only the manifest's names")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,15 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+def length_problem(name: str) -> str | None:
+    """Why a repo file name cannot be created on a common file system: a path segment over NAME_MAX bytes."""
+    longest = max((len(part.encode()) for part in name.split("/")), default=0)
+    if longest + len(CLIENT_SUFFIX) > NAME_MAX:
+        return (f"a part of {longest} bytes, over the {NAME_MAX} a file system allows in one name (with the "
+                f"download client's {CLIENT_SUFFIX!r} added)")
+    return None
+
+
 def escaping_link(folder: Path, name: str) -> Path | None:
     """The first symlink on the way from `folder` to `folder/name` that leads out of `folder`, if any."""
     root = folder.resolve()
@@ -125,9 +140,9 @@ def local_path(weights_dir: Path, f: WeightFile) -> Path:
     what = f"{f.repo.id}@{f.revision}: {f.path!r}"
     for name in (f.repo.local_dir, f.path):
         if why := name_problem(name):
-            raise UserError(f"refusing {what}: {why} could put it outside {weights_dir}",
-                            "the hub or mirror lists a file name no repo can have: report it, and fetch with "
-                            "--preset or --component, which take only the manifest's names")
+            raise UserError(f"refusing {what}: {why} could put it outside {weights_dir}", NAME_FIX)
+        if why := length_problem(name):
+            raise UserError(f"refusing {what}: {why}", NAME_FIX)
     folder = weights_dir / f.repo.local_dir
     # The download client also writes the file's metadata and partial bytes under its .cache folder.
     if link := escaping_link(folder, f.path) or escaping_link(folder, f".cache/huggingface/download/{f.path}"):
@@ -190,28 +205,42 @@ def expected_from_hub_metadata(local_dir: Path, path: str) -> Expected | None:
 
 # -- the record -----------------------------------------------------------------------------------------
 class VerdictStore:
-    """`<weights_dir>/.itk/verified.json`, keyed by the file's path under weights_dir; written atomically."""
+    """`<weights_dir>/.itk/verified.json`, keyed by the file's path under weights_dir; written atomically.
+
+    Several writers share the file: fetch's download threads, a doctor --deep, the page's doctor beside a
+    fetch, a fetch interrupted while its threads still record next to the fetch that replaced it. Each store
+    reads the file once, so writing its own copy back would drop what the others recorded since (a kill storm
+    once left 17 ok records of 18). `put` therefore re-reads the file under a lock held across threads and
+    processes (filelock: an OS lock, released when its holder dies) and changes only its own label."""
 
     def __init__(self, weights_dir: Path):
         self.path = weights_dir / ".itk" / "verified.json"
         self.lock = threading.Lock()
+        self.records = self.read()
+
+    def read(self) -> dict[str, Record]:
         try:
             raw = json.loads(self.path.read_text())
-            self.records = {k: Record(**v) for k, v in raw.get("files", {}).items()}
+            return {k: Record(**v) for k, v in raw.get("files", {}).items()}
         except (OSError, ValueError, TypeError):
-            self.records = {}
+            return {}
 
     def get(self, label: str) -> Record | None:
         return self.records.get(label)
 
     def put(self, label: str, record: Record | None) -> None:
-        with self.lock:
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock, FileLock(self.path.with_name(self.path.name + ".lock")):
+            records = self.read()
             if record is None:
-                self.records.pop(label, None)
+                records.pop(label, None)
             else:
-                self.records[label] = record
-            atomic_write_text(self.path, json.dumps({"files": {k: asdict(v) for k, v in sorted(self.records.items())}},
+                records[label] = record
+            atomic_write_text(self.path, json.dumps({"files": {k: asdict(v) for k, v in sorted(records.items())}},
                                                     indent=1))
+            self.records = records
 
     def trusted(self, label: str, path: Path, expected: Expected | None = None) -> bool:
         """A recorded ok verdict that still describes the file (and, if given, matches the hub's digest)."""

@@ -2,10 +2,10 @@
 
 PyAV was chosen over imageio-ffmpeg because it bundles the ffmpeg libraries inside the wheel and gives
 direct access to streams, timestamps and encoders: no external ffmpeg binary, no temp wav, no shelling out.
-The official script writes the video, then crops the audio and muxes with two ffmpeg calls (runtime-spec
-§5.8); here one encoder pass writes both streams into a temporary file beside the target, which is renamed
-only when complete, so an interrupted run never leaves a partial mp4 under the final name. Frames arrive
-in chunks (one clip's new frames at a time) and go to the encoder at once: memory stays flat in the length.
+The official script writes the video, then crops the audio and muxes with two ffmpeg calls; here one
+encoder pass writes both streams into a temporary file beside the target, which is renamed only when
+complete, so an interrupted run never leaves a partial mp4 under the final name. Frames arrive in chunks
+(one clip's new frames at a time) and go to the encoder at once: memory stays flat in the length.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itk.atomic import atomic_write
+from itk.runtime.atomic import atomic_write
 from itk.runtime.protocol import FPS, VIDEO_EXTENSIONS
 
 PARTIAL_SUFFIX = ".partial.mp4"  # the temporary name's end: the muxer picks the format from it
@@ -126,7 +126,7 @@ class _Encoder:
 
 
 def write_mp4_stream(
-    path: str | Path, chunks: Iterable[np.ndarray], count: int, audio: np.ndarray | None, sample_rate: int,
+    path: str | Path, chunks: Iterable[np.ndarray], *, count: int, audio: np.ndarray | None, sample_rate: int,
     crf: int = 23,
 ) -> Path:
     """Write `count` frames arriving as [N, H, W, 3] uint8 chunks at 25 fps (libx264, yuv420p) plus mono
@@ -165,7 +165,7 @@ def write_mp4(
     frames: np.ndarray, audio: np.ndarray | None, sample_rate: int, path: str | Path, crf: int = 23
 ) -> Path:
     """Write [T, H, W, 3] uint8 frames at 25 fps plus mono audio as AAC, atomically (see write_mp4_stream)."""
-    return write_mp4_stream(path, [frames], len(frames), audio, sample_rate, crf)
+    return write_mp4_stream(path, [frames], count=len(frames), audio=audio, sample_rate=sample_rate, crf=crf)
 
 
 def stale_partials(path: str | Path) -> list[Path]:
@@ -192,7 +192,8 @@ def frames_at_25fps(path: str | Path) -> Iterator[np.ndarray]:
     """Frames [H, W, 3] uint8 sampled at 25 fps: frame i is the source frame on screen at time i/25.
 
     A 25 fps source yields every frame as it is; 30 fps drops some, 15 fps repeats some. The official code
-    indexes the source as if it were 25 fps (runtime-spec §9 #10); resampling keeps lips and audio in step.
+    indexes the source as if it were 25 fps, which puts a 30 fps source's lips out of step with its audio;
+    resampling keeps them in step.
     """
     previous: tuple[float, np.ndarray] | None = None
     index, start, step = 0, None, 1.0 / FPS

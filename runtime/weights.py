@@ -1,4 +1,4 @@
-"""Every weight file the generator opens, found through the manifest (itk/manifest.toml), checked up front.
+"""Every weight file the generator opens, found through the manifest (runtime/manifest.toml), checked up front.
 
 The manifest is the one place weight files are named: a request asks for roles (DiT, T5, CLIP, VAE, the
 tokenizer, wav2vec2) at a precision (unquantised or fp8) and a variant (single or multi speaker), and the
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from itk.manifest import Manifest, WeightFile, load_manifest
+from itk.runtime.manifest import Manifest, WeightFile, load_manifest
 
 FETCH = "run `itk fetch` (or check --ckpt_dir, --wav2vec_dir, --infinitetalk_dir, --quant_dir)"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from itk.runtime import parallel
+from itk.runtime.layout import choose_layout
 from itk.runtime.options import Launch
 
 HEADS, HEAD_DIM = 8, 4
@@ -15,7 +16,7 @@ GRID = (3, 7, 1)  # 3 latent frames of 7 tokens: 21 tokens, which no degree abov
 
 def main() -> None:
     launch = Launch.from_env()
-    group = parallel.start(launch, 1, HEADS)
+    group = parallel.start(launch, choose_layout(launch.world_size, 1, HEADS))
     assert group is not None and group.layout.sp == launch.world_size
     checked = False  # every check passed: the ranks meet before leaving the group
     try:

@@ -1,12 +1,15 @@
 """An HF-compatible HTTP server on 127.0.0.1 for tests: the REAL huggingface_hub client talks to it through
 HF_ENDPOINT, so `itk fetch` is exercised end to end without the network.
 
-It speaks what huggingface_hub 2.x needs (../shared/specs/hf-protocol.md): `GET /api/models/{id}/revision/{R}`,
+It speaks what huggingface_hub 2.x needs: `GET /api/models/{id}/revision/{R}`,
 `GET /api/models/{id}/tree/{R}`, `POST /api/models/{id}/paths-info/{R}`, and `HEAD`/`GET /{id}/resolve/{R}/{path}`
 with X-Repo-Commit, quoted ETags (git blob sha1 for regular files, sha256 for LFS files, plus X-Linked-Etag /
 X-Linked-Size), Range requests answered 206, and X-Error-Code on 401/404. Knobs let a test corrupt one file's
-bytes, require a token, throttle a file, or cut a connection mid-file; every request is logged. `hostile_hub`
-lists a file under a name that would lead outside the weights folder (`../../x`, an absolute path, ...).
+bytes, require a token, throttle a file, or cut a connection mid-file; hostile ones send a file's body longer
+than its advertised size, stall a body mid-file (the connection stays open, nothing more comes), or answer a
+file with a redirect to itself; every request is logged. `hostile_hub` lists a file under any name, such as
+one that would lead outside the weights folder (`../../x`, an absolute path, ...), one over the file system's
+name limit, or a file where another listed name needs a folder.
 
 Why the standard library: the kept packages considered were pytest-httpserver (werkzeug underneath; built
 around request expectations, not a stateful hub with branches and byte-level knobs), pytest-localserver
@@ -74,6 +77,10 @@ class Hub:
     corrupt: dict[str, int] = field(default_factory=dict)  # path -> how many more GETs send a flipped byte
     throttle: dict[str, float] = field(default_factory=dict)  # path -> bytes per second
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> drop the connection after N bytes, once
+    longer: dict[str, int] = field(default_factory=dict)  # path -> GET sends this many bytes more than listed
+    stall_after: dict[str, int] = field(default_factory=dict)  # path -> after N bytes send nothing, keep it open
+    redirect_loop: set[str] = field(default_factory=set)  # paths whose resolve answers 302 to itself
+    stopped: threading.Event = field(default_factory=threading.Event)  # set when the server shuts down
     log: list[dict] = field(default_factory=list)
     sent: dict[str, int] = field(default_factory=dict)  # path -> body bytes written so far
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -198,19 +205,22 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(404, "EntryNotFound", f"{path} does not exist on {branch}")
         with self.hub.lock:
             self.entry["path"] = path
+        if path in self.hub.redirect_loop:
+            return self.send(302, headers={"Location": self.path, "X-Repo-Commit": self.hub.commit(repo_id, branch)})
         f = files[path]
+        extra = self.hub.longer.get(path, 0) if self.command == "GET" else 0
         headers = {"X-Repo-Commit": self.hub.commit(repo_id, branch), "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
         if path.endswith(LFS_SUFFIXES):
             headers |= {"ETag": f'"{f.sha256}"', "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)}
         else:
             headers["ETag"] = f'"{f.blob_sha1}"'
-        start, end, status = 0, f.size, 200
+        start, end, status = 0, f.size + extra, 200
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
             first, _, last = rng[6:].partition("-")
-            start, end, status = int(first), (int(last) + 1 if last else f.size), 206
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size}"
+            start, end, status = int(first), (int(last) + 1 if last else f.size + extra), 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size + extra}"
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -227,7 +237,12 @@ class Handler(BaseHTTPRequestHandler):
             if corrupt:
                 hub.corrupt[path] -= 1
             cut = hub.cut_after.pop(path, None)
-        if isinstance(f.content, Path) and not corrupt and cut is None and path not in hub.throttle:
+            stall = hub.stall_after.get(path)
+        if stall is not None and start >= stall:  # a resumed request stalls at once, before any byte
+            hub.stopped.wait()
+            self.close_connection = True
+            return
+        if isinstance(f.content, Path) and not corrupt and cut is None and stall is None and path not in hub.throttle:
             self.wfile.flush()
             with open(f.content, "rb") as fh:  # big files on disk (the benchmark): the kernel copies them
                 self.connection.sendfile(fh, start, end - start)
@@ -241,7 +256,9 @@ class Handler(BaseHTTPRequestHandler):
             step = min(end - pos, CHUNK if rate is None else max(1024, int(rate / 20)))
             if cut is not None and pos + step > cut:
                 step = max(0, cut - pos)
-            chunk = bytearray(f.read(pos, pos + step))
+            if stall is not None and pos + step > stall:
+                step = max(0, stall - pos)
+            chunk = bytearray(f.read(pos, min(pos + step, f.size)) + b"\0" * max(0, pos + step - f.size))
             if corrupt and pos <= flip_at < pos + step:
                 chunk[flip_at - pos] ^= 0xFF
             try:
@@ -254,6 +271,10 @@ class Handler(BaseHTTPRequestHandler):
             with hub.lock:
                 hub.sent[path] = hub.sent.get(path, 0) + step
             if cut is not None and pos >= cut:
+                self.close_connection = True
+                return
+            if stall is not None and pos >= stall:
+                hub.stopped.wait()  # the headers promised more; nothing comes until the server shuts down
                 self.close_connection = True
                 return
             if rate is not None:
@@ -276,6 +297,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.hub.stopped.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -17,9 +17,9 @@ from itk.runtime.layout import choose_layout
 from itk.runtime.models.dit import InfiniteTalkDiT
 from itk.runtime.models.vae import WanVAE
 from itk.runtime.options import Launch
-from itk.runtime.pipeline import ClipPlan, SeededNoise, Settings, StreamingPipeline
-from itk.runtime.sampler import Guidance, Sampler
-from itk.runtime.tiny import TINY
+from itk.runtime.pipeline import SeededNoise, StreamingPipeline
+from itk.runtime.sampling import ClipPlan, Sampling, passes_per_step
+from itk.runtime.tiny import tiny_sizes
 
 # 3 latent frames of 3 x 3 tokens: L = 27 splits 14 + 13 over two sequence-parallel ranks, an uneven split
 # whose boundary falls inside frame 1 (its tokens 9..17), for the one-speaker video and the two-speaker call
@@ -28,10 +28,11 @@ SIDE = 48
 GRID = ((FRAMES - 1) // 4 + 1, SIDE // 16, SIDE // 16)  # latent frames x token rows x token columns
 
 
-def models() -> tuple[InfiniteTalkDiT, WanVAE]:
-    cfg = config_from_dict(TINY)
+def models(group: parallel.Parallel | None = None) -> tuple[InfiniteTalkDiT, WanVAE]:
+    """The tiny DiT (on this rank's share of `group`) and VAE, the same random weights on every call."""
+    cfg = config_from_dict(tiny_sizes())
     torch.manual_seed(0)
-    return InfiniteTalkDiT(cfg.dit).eval(), WanVAE(cfg.vae).eval()
+    return InfiniteTalkDiT(cfg.dit, parallel=group).eval(), WanVAE(cfg.vae).eval()
 
 
 def inputs(dit: InfiniteTalkDiT, audio_frames: int, speakers: int = 1) -> dict[str, torch.Tensor]:
@@ -48,13 +49,14 @@ def inputs(dit: InfiniteTalkDiT, audio_frames: int, speakers: int = 1) -> dict[s
 
 @torch.no_grad()
 def video(dit: InfiniteTalkDiT, vae: WanVAE, group: parallel.Parallel | None, text: float, audio: float):
-    settings = Settings(frame_num=FRAMES, motion_frame=5, steps=3, shift=5.0, guidance=Guidance(text, audio))
-    if group is not None:
-        settings = group.settings(settings)
+    sampling = Sampling(frame_num=FRAMES, motion_frame=5, streaming=True, steps=3, shift=5.0, text_scale=text,
+                        audio_scale=audio)
     x = inputs(dit, 16)
     plan = ClipPlan(FRAMES, (0, FRAMES - 5), 0, 13)  # two clips: the second anchored on the first
-    pipe = StreamingPipeline(dit, vae, settings, SeededNoise(3))
-    return pipe.run([x["reference"]] * 2, [x["clip"]] * 2, x["context"], x["context_null"], x["audio"][0], plan)
+    pipe = StreamingPipeline(dit=dit, vae=vae, sampling=sampling, noise=SeededNoise(3), parallel=group)
+    clips = pipe.clips(references=[x["reference"]] * 2, clip_features=[x["clip"]] * 2, context=x["context"],
+                       context_null=x["context_null"], audio=x["audio"][0], plan=plan)
+    return torch.cat([out.frames for out in clips], dim=1).float()
 
 
 @torch.no_grad()
@@ -76,17 +78,14 @@ def speakers(dit: InfiniteTalkDiT) -> torch.Tensor:
 
 def main(out: str, scales: list[tuple[float, float]]) -> None:
     """One result per (text, audio) scale pair, each in the layout its passes choose, in one process group."""
-    dit, vae = models()
     launch = Launch.from_env()
+    heads = config_from_dict(tiny_sizes()).dit.num_heads
     results = []
     group = None
     for text, audio in scales:
-        passes = len(Sampler(Guidance(text, audio)).every_pass())
-        if group is None:
-            group = parallel.start(launch, passes, dit.cfg.num_heads)
-        else:
-            group = parallel.arrange(launch, choose_layout(launch.world_size, passes, dit.cfg.num_heads))
-        dit.parallel = group
+        layout = choose_layout(launch.world_size, len(passes_per_step(text, audio)), heads)
+        group = parallel.start(launch, layout) if group is None else parallel.arrange(launch, layout)
+        dit, vae = models(group)
         results.append({"video": video(dit, vae, group, text, audio), "speakers": speakers(dit)})
     if parallel.writes(group):
         torch.save(results, out)

@@ -4,13 +4,14 @@ recorded machine facts: each failure names its rule, its numbers and this machin
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
 from run_media import LOGS, itk
 
-from itk.advice import diagnose, load_rules, signal_of
-from itk.toml import read_toml
+from itk.advice import derived, diagnose, load_rules, signal_of
+from itk.runtime.toml import read_toml
 
 EXPECTED = read_toml(LOGS / "expected.toml")
 
@@ -79,14 +80,14 @@ def test_the_same_oom_in_an_itk_log_suggests_the_fp8_preset_and_itk_settings():
 
 
 def test_a_kill_in_a_limited_container_names_the_limit_the_oom_counter_and_swap():
-    log = "Creating WanModel from weights/Wan2.1-I2V-14B-480P\n"
+    log = "# itk run: python -m itk.runtime.generate --size infinitetalk-480\n"
     verdict = diagnose(log, -9, {**BOX_4090, "preset": "gpu80g-480p"})
     assert verdict.rule == "host-oom" and "16.0 GB of RAM is usable" in verdict.diagnosis
     assert any("only 16.0 GB of the machine's 62.7 GB" in d for d in verdict.details)
     assert any("recorded 1 kill(s)" in d for d in verdict.details)
     assert any("preset gpu80g-480p needs 64 GB of RAM; this machine has 16.0 GB usable" in d for d in verdict.details)
     # unquantised preset: fp8 first, and in the mapped low-RAM mode, since 16 GB cannot hold its pinned 32 GB
-    assert "ITK_PIN=0 itk run --preset rtx4090-24g" in verdict.fixes[0] and "7.4 GB" in verdict.fixes[0]
+    assert "ITK_PIN=0 itk run --preset rtx4090-24g" in verdict.fixes[0] and "low-RAM mode" in verdict.fixes[0]
     assert not any("needs about 32 GB" in f for f in verdict.fixes)
     assert any("memory limit" in f for f in verdict.fixes) and any("swapon" in f for f in verdict.fixes)
     assert not any("wslconfig" in f for f in verdict.fixes)
@@ -198,10 +199,49 @@ def test_a_kill_never_first_suggests_a_preset_this_machines_ram_cannot_hold():
     assert diagnose("", 137, tight).fixes[0].startswith("31.9 GB cannot hold the 32 GB")
 
 
-def test_a_kill_in_an_official_log_on_a_small_box_offers_itk_in_mapped_mode_not_the_official_fp8_flags():
-    text = (LOGS / "official_killed_loading_wsl.log").read_text()
-    verdict = diagnose(text, 137, {"total_ram_gb": 24.0, "usable_ram_gb": 24.0, "swap_gb": 0.0})
-    assert "ITK_PIN=0 itk run --preset rtx4090-24g" in verdict.fixes[0]
+# Syntax only itk's own runtime understands: an official script's log must never be told to use it.
+ITK_ONLY = re.compile(r"\bitk (?:run|ui|batch|serve)\b|\bITK_[A-Z_]+=|--set |--weights-dir|(?<!itk fetch )--preset ")
+SMALL_BOX = {"total_ram_gb": 16.0, "usable_ram_gb": 16.0, "available_ram_gb": 14.0, "swap_gb": 0.0}
+BIG_BOX = {"total_ram_gb": 128.0, "usable_ram_gb": 128.0, "available_ram_gb": 120.0, "swap_gb": 8.0}
+
+
+@pytest.mark.parametrize("box", [SMALL_BOX, BIG_BOX, BOX_4090], ids=["16gb", "128gb", "4090-container"])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_an_official_scripts_log_never_gets_itk_only_syntax(name, box):
+    text = (LOGS / f"{name}.log").read_text()
+    _, conditions = derived(box, text, load_rules()[1])
+    if not conditions["official_log"]:
+        pytest.skip("an itk log (or one that does not say)")
+    verdict = diagnose(text, EXPECTED[name].get("exit_code"), box)
+    assert not [fix for fix in verdict.fixes if ITK_ONLY.search(fix)], verdict.fixes  # the diagnosis may quote the log
+
+
+def test_a_kill_while_the_official_script_loads_the_bf16_shards_names_fp8_first_on_any_box():
+    text = (LOGS / "official_killed_loading_bf16_shards.log").read_text()
+    fp8 = "--quant fp8 --quant_dir weights/InfiniteTalk/quant_models/infinitetalk_single_fp8.safetensors"
+    for box in (SMALL_BOX, BIG_BOX):
+        verdict = diagnose(text, 137, box)
+        assert verdict.rule == "host-oom-bf16-load" and "diffusion_pytorch_model-00004-of-00007" in verdict.diagnosis
+        assert fp8 in verdict.fixes[0] and "itk fetch --preset rtx4090-24g" in verdict.fixes[0]
+    small = diagnose(text, 137, SMALL_BOX)
+    assert any("16.0 GB" in d and "32 GB" in d for d in small.details) and any("swapon" in f for f in small.fixes)
+
+
+def test_the_tail_of_that_log_alone_is_still_known_as_the_official_scripts():
+    tail = "".join((LOGS / "official_killed_loading_bf16_shards.log").read_text().splitlines(True)[-3:])
+    verdict = diagnose(tail, None, SMALL_BOX)
+    assert verdict.rule == "host-oom-bf16-load" and "--quant fp8 --quant_dir" in verdict.fixes[0]
+    assert not any(ITK_ONLY.search(f) for f in verdict.fixes)
+
+
+def test_the_same_kill_in_an_itk_log_gets_the_fp8_preset_and_on_a_small_box_the_low_ram_mode():
+    from itk.measured import low_ram_mode
+
+    text = "# itk run: python -m itk.runtime.generate --size infinitetalk-480\n" + \
+        (LOGS / "official_killed_loading_bf16_shards.log").read_text()
+    verdict = diagnose(text, 137, SMALL_BOX)
+    assert verdict.rule == "host-oom-bf16-load"
+    assert any(low_ram_mode("rtx4090-24g").statement in f and "ITK_PIN=0 itk run" in f for f in verdict.fixes)
     assert not any("--quant_dir" in f for f in verdict.fixes)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from itk.atomic import atomic_write, atomic_write_text
+from itk.runtime.atomic import atomic_write, atomic_write_text
 
 
 def test_a_failing_writer_leaves_neither_a_file_nor_a_temporary_behind(tmp_path):

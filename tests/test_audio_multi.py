@@ -9,13 +9,9 @@ import pytest
 import torch
 from test_audio import VARIANTS, write_folder
 
-from itk.runtime.models.audio import (
-    AudioEncoder,
-    AudioError,
-    combine_speakers,
-    prepare_speakers,
-    two_speaker_frames,
-)
+from itk.runtime.models.audio import AudioEncoder, AudioError, SpeakerTracks, combine_speakers, two_speaker_frames
+from itk.runtime.protocol import SILENT_SPEAKER
+from itk.runtime.request import read_speech
 
 from golden import GOLDENS, load_golden, rel_err, weights_of
 
@@ -35,6 +31,13 @@ def encoders(golden, tmp_path_factory) -> dict[bool, AudioEncoder]:
     root = tmp_path_factory.mktemp("w2v_multi")
     return {flag: AudioEncoder.from_folder(write_folder(root / name, meta, weights_of(meta, tensors), flag))
             for flag, name in VARIANTS.items()}
+
+
+def prepare_speakers(first, second, mode: str) -> SpeakerTracks:
+    """Both tracks as the generator reads them (request.read_speech: loaded and loudness-normalised each on its
+    own; "None": a silent speaker), laid out by `mode`."""
+    tracks = [None if str(path) == SILENT_SPEAKER else read_speech(path) for path in (first, second)]
+    return combine_speakers(tracks[0], tracks[1], mode)
 
 
 @pytest.fixture(scope="module")

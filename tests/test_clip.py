@@ -34,7 +34,7 @@ def clip_file(golden, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clip(clip_file) -> CLIPVision:
-    return load_clip(clip_file, TINY, torch.float32, "cpu")
+    return load_clip(clip_file, TINY, dtype=torch.float32, device="cpu")
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
@@ -59,13 +59,13 @@ def test_clip_A_features_are_the_second_to_last_block_output(golden, clip):
 
 def test_the_text_tower_is_not_needed_but_every_visual_key_is(golden, tmp_path):
     visual_only = {k: v for k, v in weights_of(*golden).items() if k.startswith("visual.")}
-    load_clip(_save(visual_only, tmp_path / "visual.pth"), TINY, torch.float32, "cpu")
+    load_clip(_save(visual_only, tmp_path / "visual.pth"), TINY, dtype=torch.float32, device="cpu")
     for key in ("visual.head", "visual.transformer.2.mlp.2.bias"):
         state = dict(visual_only)
         del state[key]
         path = _save(state, tmp_path / "clip.pth")
         with pytest.raises(WeightsError, match=r"clip\.pth: missing key " + re.escape(key)):
-            load_clip(path, TINY, torch.float32, "cpu")
+            load_clip(path, TINY, dtype=torch.float32, device="cpu")
 
 
 def test_a_renamed_visual_key_is_named_with_the_file_in_the_error(golden, tmp_path):
@@ -73,7 +73,7 @@ def test_a_renamed_visual_key_is_named_with_the_file_in_the_error(golden, tmp_pa
     state["visual.pre_ln.weight"] = state.pop("visual.pre_norm.weight")
     path = _save(state, tmp_path / "renamed.pth")
     with pytest.raises(WeightsError) as err:
-        load_clip(path, TINY, torch.float32, "cpu")
+        load_clip(path, TINY, dtype=torch.float32, device="cpu")
     message = str(err.value)
     assert str(path) in message
     assert "missing key visual.pre_norm.weight" in message
@@ -82,7 +82,7 @@ def test_a_renamed_visual_key_is_named_with_the_file_in_the_error(golden, tmp_pa
 
 def test_a_checkpoint_of_another_width_is_refused_naming_the_key(clip_file):
     with pytest.raises(WeightsError, match=r"\.pth: visual\.\S+ has shape"):
-        load_clip(clip_file, CLIPConfig(width=48, heads=4, layers=3), torch.float32, "cpu")
+        load_clip(clip_file, CLIPConfig(width=48, heads=4, layers=3), dtype=torch.float32, device="cpu")
 
 
 def test_the_key_map_fits_the_full_size_vit_h_14_checkpoint():
@@ -107,7 +107,7 @@ def test_the_key_map_fits_the_full_size_vit_h_14_checkpoint():
         state[key] = torch.empty(shapes.get(short, (w,)), device="meta")
     with torch.device("meta"):
         clip = CLIPVision(cfg)
-    mapped = remap(state, CLIP_KEY_MAP, keys, clip.model, "full-size", "hint")
+    mapped = remap(state, CLIP_KEY_MAP, expected=keys, module=clip.model, source="full-size", hint="hint")
     assert len(keys) == 5 + 32 * 12 + 3
     assert set(mapped) == set(clip.model.state_dict())
     assert mapped["embeddings.position_embedding.weight"].shape == (257, 1280)
@@ -118,6 +118,6 @@ def test_pipeline_A_reference_frame_gives_the_recorded_clip_context():
 
     _, tensors = load_golden("pipeline_A")
     clip = load_clip(GOLDENS / "pipeline_A.clip.safetensors", CLIPConfig(width=24, heads=4, layers=3),
-                     torch.float32, "cpu")
+                     dtype=torch.float32, device="cpu")
     features = clip.encode(tensors["intermediate.clip_input"][:, :, -1:])
     assert rel_err(features, tensors["intermediate.clip_context"]) < TOL

@@ -47,12 +47,11 @@ class _CastVAE:
         return self.video
 
 
-def _settings_from_the_command_line(tmp_path, strength: str):
-    """The engine's Settings for a run given `--color_correction_strength strength` (flags -> Request ->
-    engine.settings_of), as the generator builds them."""
+def _sampling_from_the_command_line(tmp_path, strength: str):
+    """The Sampling of a run given `--color_correction_strength strength` (flags -> Request), as the generator
+    hands it to the pipeline."""
     import json
 
-    from itk.runtime.engine import settings_of
     from itk.runtime.protocol import build_parser, check_values
     from itk.runtime.request import Request
 
@@ -66,22 +65,25 @@ def _settings_from_the_command_line(tmp_path, strength: str):
         "--frame_num", "9", "--motion_frame", "5", "--sample_steps", "1",
         "--color_correction_strength", strength]))
     check_values(flags)
-    return settings_of(Request.from_flags(flags))
+    return Request.from_flags(flags).sampling
 
 
 def test_an_intermediate_strength_reaches_the_colour_step_of_a_generated_clip(tmp_path):
-    from itk.runtime.pipeline import SeededNoise, StreamingPipeline, plan_clips
+    from itk.runtime.pipeline import SeededNoise, StreamingPipeline
+    from itk.runtime.sampling import plan_clips
 
-    settings = _settings_from_the_command_line(tmp_path, "0.3")
-    assert settings.color_correction_strength == 0.3
+    sampling = _sampling_from_the_command_line(tmp_path, "0.3")
+    assert sampling.color_correction_strength == 0.3
     g = torch.Generator().manual_seed(0)
     video = (torch.rand(3, 9, 16, 16, generator=g) * torch.tensor([0.4, 1.0, 0.2])[:, None, None, None]) * 2 - 1
     reference = torch.rand(1, 3, 1, 16, 16, generator=g) * 2 - 1
-    plan = plan_clips(9, settings)
-    pipeline = StreamingPipeline(lambda x, t, context, clip_fea, y, audio: torch.zeros_like(x), _CastVAE(video),
-                                 settings, SeededNoise(0))
-    ours = pipeline.run([reference], [torch.zeros(1, 257, 8)], torch.zeros(1, 4, 8), torch.zeros(1, 4, 8),
-                        torch.zeros(9, 2, 4), plan)
+    plan = plan_clips(9, sampling)
+    pipeline = StreamingPipeline(dit=lambda x, t, context, clip_fea, y, audio: torch.zeros_like(x),
+                                 vae=_CastVAE(video), sampling=sampling, noise=SeededNoise(0))
+    (clip,) = pipeline.clips(references=[reference], clip_features=[torch.zeros(1, 257, 8)],
+                             context=torch.zeros(1, 4, 8), context_null=torch.zeros(1, 4, 8),
+                             audio=torch.zeros(9, 2, 4), plan=plan)
+    ours = clip.frames.float()
     expected = {s: match_colors(video[None], reference, s)[0] for s in (0.3, 1.0)}
     assert torch.equal(ours, expected[0.3])
     assert (ours - expected[1.0]).abs().max().item() > 1e-2  # the strength makes a visible difference here

@@ -168,7 +168,7 @@ def test_a_streamed_runner_passes_the_masks_to_every_block_like_the_resident_mod
     _, t, model = golden
     reference = call(model, t, t["input.audio"], token_masks(t))
     copy = load_dit_copy(model)
-    streamer = BlockStreamer(copy.blocks, [False, False], torch.device("cpu"), pin=False)
+    streamer = BlockStreamer(copy.blocks, [False, False], device=torch.device("cpu"), pin=False)
     with torch.no_grad():
         out = copy(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"], t["input.y"],
                    t["input.audio"], speaker_masks=token_masks(t), run_blocks=streamer)
@@ -180,7 +180,7 @@ def test_the_engines_runner_takes_the_masks_and_streams_like_the_resident_model(
 
     _, t, model = golden
     reference = call(model, t, t["input.audio"], token_masks(t))
-    runner = DiTRunner(load_dit_copy(model), torch.device("cpu"), budget=0, compile=False, pin=False)
+    runner = DiTRunner(load_dit_copy(model), device=torch.device("cpu"), budget=0, pin=False)
     with torch.no_grad():
         out = runner(t["input.x"], t["input.t"], t["input.context"], t["input.clip_fea"], t["input.y"],
                      t["input.audio"], speaker_masks=token_masks(t))
@@ -213,7 +213,8 @@ def test_fp8_blocks_take_the_same_two_speaker_path_and_equal_float_on_dequantise
         names = [n for n in linear_names(InfiniteTalkDiT(cfg)) if n.startswith("blocks.")]
     path = tmp_path / "multi_fp8.safetensors"
     write_quantized(weights_of(meta, t), names, path, tmp_path / "multi_fp8.json")
-    fp8 = dit_module.load_dit_fp8(path, tmp_path / "multi_fp8.json", cfg, torch.float32, "cpu", FP8Kernel())[0]
+    fp8 = dit_module.load_dit_fp8(path, tmp_path / "multi_fp8.json", cfg, dtype=torch.float32, device="cpu",
+                                    kernel=FP8Kernel())[0]
     ref = dequantised_reference(meta, t, cfg, names)
     ours = call(fp8, t, t["input.audio"], token_masks(t))
     assert rel_err(ours, call(ref, t, t["input.audio"], token_masks(t))) < 1e-5

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from itk.checks import disk, flash_attn, gpu, numpy_pin, packages, port, ram, torch_cuda
@@ -101,15 +104,15 @@ def test_cgroup_v1_limit_is_read_and_its_huge_no_limit_value_ignored(tmp_path: P
 
 
 def _probe(torch_version="2.8.0+cu128", cuda_build="12.8", available=True, fa=None, fa_error=None,
-           numpy="1.26.4", numba_error=None):
+           numpy="1.26.4", numba_error=None, numba_numpy=None, librosa_error=None):
     return {
         "python": "3.12.3",
         "torch": {"version": torch_version, "import_error": None, "cuda_build": cuda_build,
                   "cuda_available": available, "device_count": int(available), "cxx11_abi": True},
         "flash-attn": {"version": fa, "import_error": fa_error},
         "numpy": {"version": numpy, "import_error": None},
-        "numba": {"version": "0.60.0", "import_error": numba_error},
-        "librosa": {"version": "0.10.2", "import_error": None},
+        "numba": {"version": "0.60.0", "import_error": numba_error, "numpy_range": numba_numpy},
+        "librosa": {"version": "0.10.2", "import_error": librosa_error},
     }
 
 
@@ -195,9 +198,36 @@ def test_numba_refusing_this_numpy_fails_and_explains_the_pin():
     assert "librosa" in result.details[0]
 
 
-def test_numpy_outside_the_guide_pin_but_importing_cleanly_is_only_a_warning():
-    assert numpy_pin.judge(_probe(numpy="2.2.6")).status is Status.WARN
-    assert numpy_pin.judge(_probe(numpy="1.26.4")).status is Status.OK
+def test_numpy_outside_the_guides_pin_but_inside_what_numba_declares_is_ok_with_the_pin_only_explained():
+    result = numpy_pin.judge(_probe(numpy="2.4.6", numba_numpy="<2.6,>=1.22"))
+    assert result.status is Status.OK and result.fix == ""
+    assert any("<2.2" in d and "<2.6,>=1.22" in d for d in result.details)
+    assert numpy_pin.judge(_probe(numpy="2.2.6")).status is Status.OK  # numba's range unknown: imports decide
+
+
+def test_numpy_outside_the_range_numba_declares_warns_with_numbas_own_range_as_the_fix():
+    result = numpy_pin.judge(_probe(numpy="2.3.1", numba_numpy="<2.3,>=1.24"))
+    assert result.status is Status.WARN and "numba 0.60.0 declares numpy<2.3,>=1.24" in result.summary
+    assert 'pip install "numpy<2.3,>=1.24"' in result.fix and "2.2" not in result.fix
+
+
+def test_librosa_failing_to_import_fails_the_numpy_check_naming_it():
+    err = "ImportError: cannot import name 'jit' from 'numba'"
+    result = numpy_pin.judge(_probe(numpy="2.2.6", numba_numpy="<2.3,>=1.24", librosa_error=err))
+    assert result.status is Status.FAIL and "librosa does not import" in result.summary
+    assert 'pip install "numpy<2.3,>=1.24"' in result.fix
+
+
+def test_the_probe_reads_the_numpy_range_numba_declares_here():
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    from itk.checks import probe
+
+    declared = probe.declared_range("numba", "numpy")
+    assert declared and SpecifierSet(declared).contains(metadata.version("numpy"))
+    assert probe.declared_range("numba", "no-such-dist") is None
 
 
 def test_a_probe_that_crashed_fails_the_torch_check_and_skips_the_others():
@@ -229,6 +259,66 @@ def test_a_busy_gradio_port_is_a_warning_that_names_the_port():
         result = port.check(port=busy)
     assert result.status is Status.WARN and f"port {busy} is in use" in result.summary
     assert port.check(port=busy).status is Status.OK
+
+
+def test_the_page_is_recognised_by_its_command_line_however_it_was_started():
+    for cmdline in (["/srv/itk/.venv/bin/python", "/srv/itk/.venv/bin/itk", "ui", "--port", "8418"],
+                    ["python3", "-m", "itk", "ui", "--listen"], ["itk", "ui"]):
+        assert port.is_itk_ui(cmdline), cmdline
+    for cmdline in (["python", "app.py", "--server_port", "8418"], ["itk", "run", "--prompt", "ui"],
+                    ["python", "-m", "itk", "selftest"], ["python", "-m", "http.server", "8418"], []):
+        assert not port.is_itk_ui(cmdline), cmdline
+
+
+def test_the_port_held_by_this_very_page_is_its_own_not_a_warning_with_a_wrong_fix():
+    own = port.Holder(pid=4242, name="python3", cmdline=("/x/.venv/bin/itk", "ui"))
+    result = port.judge(8418, own, own_pid=4242)
+    assert result.status is Status.OK and "this page" in result.summary and "pid 4242" in result.summary
+    assert result.fix == "" and "app.py" in result.details[0]
+    other = port.judge(8418, port.Holder(pid=77, name="python", cmdline=("python", "app.py")), own_pid=4242)
+    assert other.status is Status.WARN and "stop pid 77" in other.fix and "--server_port" in other.fix
+
+
+def test_a_port_held_by_a_running_itk_ui_is_reported_as_the_page(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    itk = Path(sys.executable).with_name("itk")
+    page = subprocess.Popen([str(itk), "ui", "--port", str(free), "--weights-dir", str(tmp_path / "w"),
+                             "--output-dir", str(tmp_path / "out")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while port.port_free(free) and page.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+        result = port.check(port=free)
+    finally:
+        page.terminate()
+        page.wait(timeout=30)
+    assert result.status is Status.OK, result
+    assert f"port {free} is in use by the itk page (`itk ui`, pid {page.pid})" in result.summary
+    assert result.fix == "" and "--server_port" in result.details[0]
+
+
+NOTE = "its low-RAM mode peaks at about 12 GB of RAM (measured)"
+
+
+def test_a_16_gb_box_runs_the_4090_preset_in_its_low_ram_mode_a_warning_with_the_measured_cost():
+    box = ram.RamFacts(total=16 * GiB, available=14 * GiB, swap_total=0)
+    result = ram.judge(box, 32, "rtx4090-24g", low_ram_gb=12.1, low_ram_note=NOTE)
+    assert result.status is Status.WARN and "low-RAM mode" in result.summary and "16.0 GiB" in result.summary
+    assert NOTE in result.details and "swap" not in result.fix and "32 GB" in result.fix
+    assert ram.judge(box, 32, "rtx4090-24g").status is Status.FAIL  # a preset without a measured low-RAM mode
+
+
+def test_below_the_low_ram_modes_peak_the_ram_check_fails_naming_both_needs():
+    box = ram.RamFacts(total=8 * GiB, available=7 * GiB, swap_total=0)
+    result = ram.judge(box, 32, "rtx4090-24g", low_ram_gb=12.1, low_ram_note=NOTE)
+    assert result.status is Status.FAIL and "12.1 GB" in result.summary
+    assert "at least 13 GB" in result.fix and "32 GB for full speed" in result.fix and "swap" in result.fix
+    capped = ram.RamFacts(total=64 * GiB, available=60 * GiB, swap_total=0, cgroup_version=2,
+                          cgroup_limit=8 * GiB)
+    assert "--memory=13g" in ram.judge(capped, 32, "rtx4090-24g", low_ram_gb=12.1, low_ram_note=NOTE).fix
 
 
 def test_ram_exactly_at_the_preset_minimum_passes_and_a_byte_less_fails():

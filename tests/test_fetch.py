@@ -98,6 +98,22 @@ def test_dry_run_shows_the_plan_with_hub_sizes_and_the_pr_revision_and_downloads
     assert downloads(hub) == [] and not weights.exists()
 
 
+def test_a_piped_dry_run_prints_one_line_per_file_and_never_wraps_a_name_or_a_path(hub, tmp_path):
+    weights = tmp_path / ("a-rather-long-folder-name-for-the-weights-of-this-machine" * 2) / "weights"
+    proc = fetch(hub, tmp_path, "--preset", PRESET, "--variant", "multi", "--weights-dir", str(weights), "--dry-run",
+                 COLUMNS="80")  # what a pipe gets from a terminal 80 columns wide, as `itk fetch --dry-run | cat`
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    plan = json.loads(fetch(hub, tmp_path, "--preset", PRESET, "--variant", "multi", "--weights-dir", str(weights),
+                            "--dry-run", "--json").stdout)
+    for f in plan["files"]:
+        row = [line for line in lines if line.startswith(f["file"] + " | ")]
+        assert len(row) == 1 and f["revision"] in row[0] and "missing" in row[0], (f["file"], lines)
+    assert "InfiniteTalk/quant_models/infinitetalk_multi_fp8.safetensors" in proc.stdout
+    assert any(str(weights) in line for line in lines if line.startswith("plan "))
+    assert any(line.endswith(f" free at {tmp_path}") for line in lines)  # the folder that exists so far
+
+
 def test_all_reproduces_the_guides_full_download_of_every_repo(hub, tmp_path, weights):
     proc = fetch(hub, tmp_path, "--all", "--weights-dir", str(weights), "--jobs", "8")
     assert proc.returncode == 0, proc.stderr
@@ -224,8 +240,8 @@ def test_the_offline_fix_suggests_a_mirror_only_when_hf_endpoint_is_not_already_
 
 
 def test_a_dry_run_without_network_shows_the_plan_from_the_manifests_approximate_sizes(tmp_path, weights):
-    from itk.manifest import load_manifest
     from itk.presets import get_preset
+    from itk.runtime.manifest import load_manifest
 
     endpoint = f"http://127.0.0.1:{closed_port()}"
     proc = run_itk(endpoint, tmp_path / "hf-home", "fetch", "--preset", PRESET, "--weights-dir", str(weights),

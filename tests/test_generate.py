@@ -132,6 +132,17 @@ def test_an_unknown_flag_is_a_one_line_usage_error(job, capsys):
     _fails(capsys, _run(tmp_path, "--no_such_flag"), 2, "--no_such_flag")
 
 
+@pytest.mark.parametrize(("layout", "words"), [
+    ("2x1", ("--gpu_layout 2x1 is a layout of 2 GPUs, but this run has 1 process (WORLD_SIZE)",)),
+    ("two", ("--gpu_layout two: expected GROUPSxSP",)),
+])
+def test_a_gpu_layout_this_launch_cannot_run_is_refused_before_loading(job, capsys, monkeypatch, layout, words):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    tmp_path, _ = job
+    _fails(capsys, _run(tmp_path, "--gpu_layout", layout), 2, *words)
+    _no_output(tmp_path)
+
+
 def test_missing_weights_exit_3_naming_the_file(job, capsys):
     tmp_path, _ = job
     pytest.importorskip("itk.runtime.models.audio")

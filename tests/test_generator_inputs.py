@@ -171,7 +171,7 @@ def test_the_minimum_size_is_one_pixel_per_dit_token_of_the_chosen_bucket():
 
 def test_an_output_that_is_an_existing_folder_is_refused(job):
     (job / "out" / "talk.mp4").mkdir(parents=True)
-    refused(generate(job), "--save_file", "talk.mp4", "is a folder")
+    refused(generate(job), "--save_file", "talk.mp4", "is an existing folder")
     assert not any((job / "out" / "talk.mp4").iterdir())
 
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -16,6 +17,7 @@ from run_media import itk, write_image, write_wav, write_weights
 from itk import selftest
 from itk.run import GENERATOR, plan_run, run_job
 from itk.runtime.tiny import write_tiny_weights
+from itk.spec import RunSpec
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,11 @@ def test_a_gpu_count_the_heads_cannot_split_is_refused_with_the_valid_counts(tmp
             "passes per step); valid GPU counts: 1, 2, 4, 5, 8, 10, 16") in proc.stderr
 
 
-def plan(tiny: Path, media: tuple[Path, Path], out: Path, steps: int):
-    return plan_run(image=str(media[0]), audio=str(media[1]), output=out, preset_name=selftest.PRESET,
-                    sets=(f"sample_steps={steps}",), weights_dir=tiny, generator=GENERATOR, gpus=2)
+def plan(tiny: Path, media: tuple[Path, Path], out: Path, steps: int, generator: list[str] | None = GENERATOR):
+    """Two GPUs' plan on the tiny weights (`generator` None: $ITK_GENERATOR's)."""
+    spec = RunSpec.from_options(image=str(media[0]), audio=str(media[1]), output=out, preset=selftest.PRESET,
+                                sets=(f"sample_steps={steps}",), weights_dir=tiny, gpus=2)
+    return plan_run(replace(spec, generator=tuple(generator) if generator else None))
 
 
 def test_more_sequence_parallel_gpus_than_a_clip_has_latent_frames_split_its_tokens(tmp_path, media):
@@ -77,11 +81,13 @@ def test_more_sequence_parallel_gpus_than_a_clip_has_latent_frames_split_its_tok
 
 
 def test_a_rank_that_crashes_ends_the_job_naming_the_rank_with_no_process_left(tmp_path, tiny, media, monkeypatch):
-    monkeypatch.setenv("ITK_TEST_CRASH_RANK", "1")
-    result = run_job(plan(tiny, media, tmp_path / "talk.mp4", 2))
+    # The real generator, wrapped so that rank 1 raises at its first guidance gather (the test injects the
+    # failure: the runtime has no switch for it).
+    crash_generator = Path(__file__).parent / "crash_rank_generator.py"
+    monkeypatch.setenv("ITK_GENERATOR", f"{sys.executable} {crash_generator}")
+    result = run_job(plan(tiny, media, tmp_path / "talk.mp4", 2, generator=None))
     assert not result.ok and result.exit_code == 1
-    assert result.verdict.diagnosis.startswith(
-        "rank 1 failed first: RuntimeError: ITK_TEST_CRASH_RANK: rank 1 crashed on purpose. ")
+    assert result.verdict.diagnosis.startswith("rank 1 failed first: RuntimeError: rank 1 crashed on purpose. ")
     assert survivors(str(tmp_path)) == []
 
 
@@ -121,8 +127,8 @@ def test_the_doctor_reports_how_many_gpus_there_are():
 
 
 def test_gpus_auto_without_a_usable_gpu_is_one_and_a_count_below_one_is_refused():
-    from itk.errors import UserError
-    from itk.launch import parse_gpus
+    from itk.runtime.protocol import UserError
+    from itk.spec import parse_gpus
 
     assert parse_gpus("auto") == 1 and parse_gpus("4") == 4  # this CI box has no NVIDIA driver
     for bad in ("0", "two"):
@@ -131,7 +137,7 @@ def test_gpus_auto_without_a_usable_gpu_is_one_and_a_count_below_one_is_refused(
 
 
 def test_the_failed_ranks_error_line_is_cut_where_another_ranks_event_landed_inside_it():
-    from itk.supervisor import failed_rank
+    from itk.runtime.protocol import failed_rank
 
     log = ('error: rank 1 of 2 failed: RuntimeError: boom'
            'ITK-EVENT {"event": "step", "clip": 1, "step": 2, "steps": 4}\n'

@@ -1,7 +1,10 @@
-"""The project's modules import each other without a circle, counting imports inside functions too.
+"""The project's modules import each other without a circle and only downwards, counting imports inside
+functions too: the toolkit (itk/) may import the doctor checks (checks/) and the generator (runtime/), the checks
+only the generator, and the generator nothing of either.
 
-A circle hidden behind a function-level import still couples two modules both ways (and breaks the day
-someone moves the import to the top); only `if TYPE_CHECKING:` imports are left out, as they never run.
+A circle or an upward import hidden behind a function-level import still couples two modules both ways (and
+breaks the day someone moves the import to the top); only `if TYPE_CHECKING:` imports are left out, as they
+never run.
 """
 
 from __future__ import annotations
@@ -85,6 +88,30 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             strong(v)
     return found
+
+
+# From the top layer down: a module may import its own layer and those below it.
+LAYERS = ("itk", "itk.checks", "itk.runtime")
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the package a module belongs to (the longest matching prefix)."""
+    return max(i for i, package in enumerate(LAYERS) if module == package or module.startswith(package + "."))
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where a lower layer imports a higher one."""
+    return sorted((a, b) for a, deps in graph.items() for b in deps if layer_of(b) < layer_of(a))
+
+
+def test_imports_only_point_down_from_the_toolkit_to_the_checks_to_the_runtime():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_direction_rule_sees_the_runtime_importing_the_toolkit_or_the_checks():
+    graph = {"itk.runtime.engine": {"itk.run"}, "itk.checks.gpu": {"itk.runtime.protocol"},
+             "itk.run": {"itk.checks.gpu", "itk.runtime.protocol"}, "itk.runtime.request": {"itk.checks.ram"}}
+    assert upward_imports(graph) == [("itk.runtime.engine", "itk.run"), ("itk.runtime.request", "itk.checks.ram")]
 
 
 def test_no_two_modules_of_the_project_import_each_other_even_through_a_chain():

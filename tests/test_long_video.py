@@ -87,7 +87,7 @@ def test_the_streamed_mp4_equals_the_whole_video_writer_frame_by_frame_and_sampl
     audio = (0.3 * np.sin(np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE * 2 * np.pi * 220)).astype(np.float32)
     _write_old_way(frames, audio, SAMPLE_RATE, tmp_path / "old.mp4")
     chunks = [frames[:9], frames[9:13], frames[13:17], frames[17:21], frames[21:]]
-    write_mp4_stream(tmp_path / "new.mp4", iter(chunks), len(frames), audio, SAMPLE_RATE)
+    write_mp4_stream(tmp_path / "new.mp4", iter(chunks), count=len(frames), audio=audio, sample_rate=SAMPLE_RATE)
     (old_v, old_a), (new_v, new_a) = _decoded(tmp_path / "old.mp4"), _decoded(tmp_path / "new.mp4")
     assert old_v.shape == new_v.shape == (23, 32, 48, 3) and np.array_equal(old_v, new_v)
     assert old_a.shape == new_a.shape and np.array_equal(old_a, new_a)
@@ -96,7 +96,7 @@ def test_the_streamed_mp4_equals_the_whole_video_writer_frame_by_frame_and_sampl
 def test_a_stream_that_ends_short_of_its_announced_frames_leaves_no_file(tmp_path):
     frames = np.zeros((4, 16, 16, 3), np.uint8)
     with pytest.raises(Exception, match="announced"):
-        write_mp4_stream(tmp_path / "short.mp4", iter([frames]), 9, None, SAMPLE_RATE)
+        write_mp4_stream(tmp_path / "short.mp4", iter([frames]), count=9, audio=None, sample_rate=SAMPLE_RATE)
     assert list(tmp_path.iterdir()) == []
 
 

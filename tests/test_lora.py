@@ -48,7 +48,8 @@ def plain_model(files) -> InfiniteTalkDiT:
 
 def fp8_model(files) -> InfiniteTalkDiT:
     meta, _, _, fp8 = files
-    return load_dit_fp8(fp8, fp8.with_suffix(".json"), golden_config(meta), torch.float32, "cpu", FP8Kernel())[0]
+    return load_dit_fp8(fp8, fp8.with_suffix(".json"), golden_config(meta), dtype=torch.float32, device="cpu",
+                        kernel=FP8Kernel())[0]
 
 
 def run(model, t) -> torch.Tensor:
@@ -250,7 +251,7 @@ def test_a_side_path_on_some_blocks_streams_with_every_block_the_same_shape(file
         apply_loras(model, [(lora, 1.0)], fp8_method="side")
     assert streamed.blocks[1].cross_attn.q.lora_down.abs().sum() == 0
     assert streamed.blocks[1].cross_attn.q.lora_down.shape == (4, D)
-    runner = DiTRunner(streamed, torch.device("cpu"), budget=0, compile=False)
+    runner = DiTRunner(streamed, device=torch.device("cpu"), budget=0)
     assert runner.mode == "mmap"
     torch.testing.assert_close(run(runner, t), run(resident, t), rtol=0, atol=0)
 
@@ -268,7 +269,7 @@ def test_a_merged_fp8_layer_keeps_its_place_and_streams_like_any_other_block(fil
         assert (applied.merged_fp8, applied.side) == (1, 0)
     layer = streamed.blocks[0].cross_attn.q
     assert layer.lora_down is None and layer.weight.dtype == torch.float8_e4m3fn and layer.weight.device.type == "cpu"
-    runner = DiTRunner(streamed, torch.device("cpu"), budget=0, compile=False)
+    runner = DiTRunner(streamed, device=torch.device("cpu"), budget=0)
     torch.testing.assert_close(run(runner, t), run(resident, t), rtol=0, atol=0)
 
 # --- the generator end to end on tiny weights (itk.runtime.tiny) with a tiny LoRA file -----------------------

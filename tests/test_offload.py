@@ -45,7 +45,7 @@ def test_streamed_output_is_bit_identical_to_the_resident_model(golden, budget):
     model = load_dit([path], cfg, dtype=torch.float32)
     outside = sum(params_of(m) for name, m in model.named_children() if name != "blocks")
     n = {"none": 0, "one_block": outside + params_of(model.blocks[0]), "all": 10**12}[budget]
-    runner = DiTRunner(model, torch.device("cpu"), n, compile=False)
+    runner = DiTRunner(model, device=torch.device("cpu"), budget=n)
     assert runner.mode == ("resident" if budget == "all" else "mmap")
     assert torch.equal(forward(runner, t), reference)
     assert torch.equal(forward(runner, t), reference)  # the reused block buffers hold no stale state
@@ -61,9 +61,9 @@ def test_streaming_works_on_fp8_blocks(golden, tmp_path):
         names = linear_names(InfiniteTalkDiT(cfg))
     path, map_path = tmp_path / "fp8.safetensors", tmp_path / "fp8.json"
     write_quantized(weights_of(meta, t), names, path, map_path)
-    reference = forward(load_dit_fp8(path, map_path, cfg, torch.float32, "cpu", FP8Kernel())[0], t)
-    model, mapped = load_dit_fp8(path, map_path, cfg, torch.float32, "cpu", FP8Kernel())
-    runner = DiTRunner(model, torch.device("cpu"), 0, compile=False, mapped=mapped)
+    reference = forward(load_dit_fp8(path, map_path, cfg, dtype=torch.float32, device="cpu", kernel=FP8Kernel())[0], t)
+    model, mapped = load_dit_fp8(path, map_path, cfg, dtype=torch.float32, device="cpu", kernel=FP8Kernel())
+    runner = DiTRunner(model, device=torch.device("cpu"), budget=0, mapped=mapped)
     assert torch.equal(forward(runner, t), reference)
     streamer = runner.streamer
     # The streamed FP8 weights were read from the file with pread (not through the mapping).
@@ -148,7 +148,7 @@ def test_a_forward_that_fails_part_way_leaves_the_next_one_to_copy_its_first_blo
         p.data.mul_(0.5)
     model.blocks.append(third)
     reference = forward(model, t)
-    runner = DiTRunner(model, torch.device("cpu"), 0, compile=False)
+    runner = DiTRunner(model, device=torch.device("cpu"), budget=0)
     assert torch.equal(forward(runner, t), reference)
     streamer, first_slot, calls = runner.streamer, runner.streamer.slot_calls[0], []
 
@@ -172,13 +172,19 @@ def test_the_streamed_model_on_a_gpu_computes_what_the_resident_model_does(golde
     cfg = golden_config(meta)
     cuda = torch.device("cuda")
     inputs = {k: v.to(cuda) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-    resident = DiTRunner(load_dit([path], cfg, dtype=torch.float32), cuda, None, compile=False)
+    resident = DiTRunner(load_dit([path], cfg, dtype=torch.float32), device=cuda)
     assert resident.mode == "resident"
     reference = forward(resident, inputs)
-    streamed = DiTRunner(load_dit([path], cfg, dtype=torch.float32), cuda, 0, compile=False, pin=pin)
+    streamed = DiTRunner(load_dit([path], cfg, dtype=torch.float32), device=cuda, budget=0, pin=pin)
     assert streamed.mode == ("pinned" if pin else "mmap")
     for _ in range(2):  # the second forward reuses the slots and their events
         assert torch.equal(forward(streamed, inputs), reference)
+
+
+def compiler_config() -> tuple[int, int | None]:
+    import torch._inductor.config
+
+    return torch._dynamo.config.cache_size_limit, torch._inductor.config.compile_threads
 
 
 def test_the_runner_attaches_nothing_to_the_dit_and_ignores_compile_off_the_gpu(golden):
@@ -186,10 +192,41 @@ def test_the_runner_attaches_nothing_to_the_dit_and_ignores_compile_off_the_gpu(
     model = load_dit([path], golden_config(meta), dtype=torch.float32)
     reference = forward(model, t)
     attributes = {name: id(value) for name, value in vars(model).items()}
-    runner = DiTRunner(model, torch.device("cpu"), None, compile=True)
+    before = compiler_config()
+    runner = DiTRunner(model, device=torch.device("cpu"), compile=True, compile_threads=4)
+    assert compiler_config() == before  # no process-wide compiler setting changed by building a runner
     assert runner.mode == "resident" and runner.streamer.block_calls == list(model.blocks)
     assert {name: id(value) for name, value in vars(model).items()} == attributes
     assert torch.equal(forward(runner, t), reference)
+
+
+def test_the_block_compiler_scopes_its_settings_to_the_compile_and_the_calls_of_compiled_blocks(monkeypatch):
+    """Inductor's settings travel in torch.compile's options; dynamo's recompile limit is raised only while a
+    compiled block runs (where dynamo checks it), and the process-wide configuration is as it was after."""
+    from itk.runtime.offload import COMPILE_OPTIONS, BlockCompiler
+
+    before = compiler_config()
+    compiled: dict[str, object] = {}
+    during: list[tuple[int, int | None]] = []
+
+    def fake_compile(fn, *, dynamic, options):
+        compiled.update(dynamic=dynamic, options=options)
+
+        def run(*args):
+            during.append(compiler_config())
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiler = BlockCompiler(blocks=40, threads=3)
+    block = torch.nn.Linear(2, 2)
+    call = compiler(block)
+    x = torch.ones(1, 2)
+    assert torch.equal(call(x), block(x))
+    assert compiled == {"dynamic": False, "options": {**COMPILE_OPTIONS, "compile_threads": 3}}
+    assert during == [(max(before[0], 2 * (40 + 2) + 8), before[1])]
+    assert compiler_config() == before
 
 
 def test_fallback_pinned_groups_cover_every_block_in_order_and_waste_at_most_a_few_percent_of_the_480p_model():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from itk.runtime.layout import Layout, LayoutError, choose_layout, valid_gpu_counts
+from itk.runtime.layout import Layout, LayoutError, check_layout, choose_layout, parse_layout, valid_gpu_counts
 from itk.runtime.models.dit import AudioCrossAttention
 from itk.runtime.parallel import Parallel, Shard, split_tokens
 
@@ -75,6 +75,16 @@ def test_a_gpu_count_the_heads_do_not_divide_is_refused_with_the_valid_counts():
         choose_layout(3, 2, 40)
     assert str(err.value) == ("--gpus 3: the model's 40 attention heads do not divide by the sequence-parallel "
                               "degree 3 (2 guidance passes per step); valid GPU counts: 1, 2, 4, 5, 8, 10, 16")
+
+
+def test_a_given_layout_is_read_back_from_its_flag_and_checked_against_the_passes_and_heads():
+    assert parse_layout(Layout(3, 2).flag) == Layout(3, 2)
+    assert check_layout(Layout(3, 2), passes=3, heads=40) == Layout(3, 2)
+    assert check_layout(Layout(1, 8), passes=3, heads=40) == Layout(1, 8)
+    with pytest.raises(LayoutError, match="2 guidance groups cannot share 3 guidance passes per step"):
+        check_layout(Layout(2, 1), passes=3, heads=40)
+    with pytest.raises(LayoutError, match="40 attention heads do not divide by the sequence-parallel degree 3"):
+        check_layout(Layout(1, 3), passes=3, heads=40)
 
 
 def shards(grid: tuple[int, int, int], sp: int) -> list[Shard]:

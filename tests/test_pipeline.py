@@ -12,28 +12,25 @@ import pytest
 import torch
 
 from itk.runtime.models.audio import audio_windows
-from itk.runtime.pipeline import (
-    ClipPlan,
-    ReferenceSource,
-    SeededNoise,
-    Settings,
-    StreamingPipeline,
-    plan_clips,
-)
-from itk.runtime.sampler import Guidance
+from itk.runtime.pipeline import ReferenceSource, SeededNoise, StreamingPipeline
+from itk.runtime.sampling import ClipPlan, Sampling, plan_clips
 
 from golden import GOLDENS, load_golden, rel_err
 
 META, T = load_golden("pipeline_A")
 ARGS = META["arguments"]
 TABLE = {"1.00": [32, 32], "0.67": [32, 48], "1.50": [48, 32]}
-SETTINGS = Settings(
+SAMPLING = Sampling(
     frame_num=ARGS["frame_num"], motion_frame=ARGS["motion_frame"], max_frame_num=ARGS["max_frames_num"],
-    steps=ARGS["sampling_steps"], shift=ARGS["shift"],
-    guidance=Guidance(ARGS["text_guide_scale"], ARGS["audio_guide_scale"]),
-    color_correction_strength=ARGS["color_correction_strength"],
+    streaming=True, steps=ARGS["sampling_steps"], shift=ARGS["shift"], text_scale=ARGS["text_guide_scale"],
+    audio_scale=ARGS["audio_guide_scale"], color_correction_strength=ARGS["color_correction_strength"],
 )
 PASSES = ("cond", "drop_text", "uncond")
+
+
+def whole_video(pipeline: StreamingPipeline, **inputs) -> torch.Tensor:
+    """Every clip of the pipeline's run joined: the video [3, T, H, W] float32 (the engine streams them)."""
+    return torch.cat([out.frames for out in pipeline.clips(**inputs)], dim=1).float()
 
 
 class RecordedNoise:
@@ -110,7 +107,7 @@ class RecordedDiT:
 
 def _references():
     source = ReferenceSource(GOLDENS / "pipeline_ref.png", TABLE)
-    plan = plan_clips(T["input.audio_embedding"].shape[0], SETTINGS)
+    plan = plan_clips(T["input.audio_embedding"].shape[0], SAMPLING)
     return source, plan, source.frames_for(plan.starts)
 
 
@@ -121,7 +118,7 @@ def test_the_reference_image_is_bucketed_resized_and_cropped_like_the_official_c
 
 
 def test_the_clip_plan_is_six_clips_advancing_by_four_with_the_last_padded_and_cut_to_27():
-    assert plan_clips(27, SETTINGS) == ClipPlan(9, (0, 4, 8, 12, 16, 20), 5, 27)
+    assert plan_clips(27, SAMPLING) == ClipPlan(9, (0, 4, 8, 12, 16, 20), 5, 27)
 
 
 def test_audio_windows_clamp_to_the_embedding():
@@ -140,9 +137,9 @@ def test_the_seeded_generator_reproduces_the_official_cpu_draws():
 def test_the_loop_feeds_every_model_call_the_official_inputs_and_returns_the_official_video():
     _, plan, refs = _references()
     dit, vae, noise = RecordedDiT(), RecordedVAE(), RecordedNoise()
-    video = StreamingPipeline(dit, vae, SETTINGS, noise).run(
-        refs, [T["intermediate.clip_context"]] * len(refs), T["intermediate.context"],
-        T["intermediate.context_null"], T["input.audio_embedding"], plan)
+    video = whole_video(StreamingPipeline(dit=dit, vae=vae, sampling=SAMPLING, noise=noise), references=refs,
+                        clip_features=[T["intermediate.clip_context"]] * len(refs), context=T["intermediate.context"],
+                        context_null=T["intermediate.context_null"], audio=T["input.audio_embedding"], plan=plan)
     assert dit.calls == META["counts"]["dit_calls"] and noise.used == META["counts"]["rng_draws"]
     assert dit.worst < 1e-5
     assert video.shape == T["output.video"].shape
@@ -150,27 +147,34 @@ def test_the_loop_feeds_every_model_call_the_official_inputs_and_returns_the_off
 
 
 @pytest.mark.parametrize(
-    ("audio", "settings", "plan"),
+    ("audio", "sampling", "plan"),
     [
         # clip mode: one clip of frame_num frames, whatever the audio length
-        (200, Settings(streaming=False), ClipPlan(81, (0,), 0, 81)),
+        (200, Sampling(streaming=False), ClipPlan(81, (0,), 0, 81)),
+        (200, Sampling.from_flags({"mode": "clip"}), ClipPlan(81, (0,), 0, 81)),
         # audio shorter than one clip: one clip of the smallest 4n+1 frames covering it, cut to the audio
-        (30, Settings(), ClipPlan(33, (0,), 6, 30)),
-        (81, Settings(), ClipPlan(81, (0,), 3, 81)),
-        (1, Settings(), ClipPlan(1, (0,), 3, 1)),
+        (30, Sampling(streaming=True), ClipPlan(33, (0,), 6, 30)),
+        (81, Sampling(streaming=True), ClipPlan(81, (0,), 3, 81)),
+        (1, Sampling(streaming=True), ClipPlan(1, (0,), 3, 1)),
         # just over one clip: two clips (as officially), mirror-padded, cut to the audio
-        (82, Settings(), ClipPlan(81, (0, 72), 74, 82)),
+        (82, Sampling(streaming=True), ClipPlan(81, (0, 72), 74, 82)),
         # max_frame_num stops early, without padding
-        (500, Settings(max_frame_num=200), ClipPlan(81, (0, 72, 144), 0, 200)),
+        (500, Sampling(streaming=True, max_frame_num=200), ClipPlan(81, (0, 72, 144), 0, 200)),
     ],
 )
-def test_the_clip_plan_covers_clip_mode_short_audio_and_the_frame_cap(audio, settings, plan):
-    assert plan_clips(audio, settings) == plan
+def test_the_clip_plan_covers_clip_mode_short_audio_and_the_frame_cap(audio, sampling, plan):
+    assert plan_clips(audio, sampling) == plan
+
+
+def test_clip_mode_caps_the_video_at_one_clip_whatever_max_frame_num_says():
+    """The official script's rule: in clip mode max_frame_num is frame_num."""
+    assert Sampling.from_flags({"mode": "clip", "max_frame_num": 50}).max_frame_num == 81
+    assert Sampling.from_flags({"mode": "streaming", "max_frame_num": 50}).max_frame_num == 50
 
 
 def test_no_audio_frames_is_refused():
     with pytest.raises(ValueError, match="shorter than one video frame"):
-        plan_clips(0, Settings())
+        plan_clips(0, Sampling())
 
 
 def test_a_30_fps_video_gives_each_clip_the_source_frame_at_its_25_fps_start(tmp_path):
@@ -218,14 +222,14 @@ def encoders():
     t5_mod = pytest.importorskip("itk.runtime.models.t5")
     clip_mod = pytest.importorskip("itk.runtime.models.clip")
     _, t5_cfg, clip_cfg = _configs()
-    return (t5_mod.load_t5(FILES["t5"], t5_cfg, torch.float32, "cpu"),
-            clip_mod.load_clip(FILES["clip"], clip_cfg, torch.float32, "cpu"))
+    return (t5_mod.load_t5(FILES["t5"], t5_cfg, dtype=torch.float32, device="cpu"),
+            clip_mod.load_clip(FILES["clip"], clip_cfg, dtype=torch.float32, device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def dit():
     dit_mod = pytest.importorskip("itk.runtime.models.dit")
-    return dit_mod.load_dit([FILES["dit"]], _configs()[0], torch.float32, torch.device("cpu"))
+    return dit_mod.load_dit([FILES["dit"]], _configs()[0], dtype=torch.float32, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +237,7 @@ def vae():
     vae_mod = pytest.importorskip("itk.runtime.models.vae")
     from itk.runtime.configs import VAEConfig
 
-    return vae_mod.load_vae(FILES["vae"], VAEConfig(dim=META["vae_config"]["dim"]), torch.float32, "cpu")
+    return vae_mod.load_vae(FILES["vae"], VAEConfig(dim=META["vae_config"]["dim"]), dtype=torch.float32, device="cpu")
 
 
 def test_t5_and_clip_give_the_recorded_context_and_image_features(encoders):
@@ -277,9 +281,10 @@ def test_the_whole_streaming_run_reproduces_the_official_video_within_1e_3(dit, 
         return ref
 
     with torch.no_grad():
-        video = StreamingPipeline(dit, vae, SETTINGS, source, on_clip=official_clip).run(
-            refs, [T["intermediate.clip_context"]] * len(refs), T["intermediate.context"],
-            T["intermediate.context_null"], T["input.audio_embedding"], plan)
+        pipeline = StreamingPipeline(dit=dit, vae=vae, sampling=SAMPLING, noise=source, on_clip=official_clip)
+        video = whole_video(pipeline, references=refs, clip_features=[T["intermediate.clip_context"]] * len(refs),
+                            context=T["intermediate.context"], context_null=T["intermediate.context_null"],
+                            audio=T["input.audio_embedding"], plan=plan)
     assert len(clip_errors) == 6 and max(clip_errors) < 1e-3
     assert video.shape == T["output.video"].shape
     assert (video - T["output.video"]).abs().max().item() < 1e-3

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from itk.machine import MachineFacts
-from itk.presets import choose_preset, get_preset, guidance_passes, listing, load_presets
+from itk.presets import choose_preset, get_preset, listing, load_presets
+from itk.runtime.sampling import passes_per_step
 
 RTX4090_64G = MachineFacts(vram_gb=24564 / 1024, compute_capability=8.9, usable_ram_gb=62.7)
 H100_80G = MachineFacts(vram_gb=81559 / 1024, compute_capability=9.0, usable_ram_gb=251.0)
@@ -179,12 +181,14 @@ def test_a_measured_fast_preset_shows_its_step_time_in_the_listing(monkeypatch):
 
 @pytest.mark.parametrize(("text", "audio", "passes"), [(5.0, 4.0, 3), (1.0, 2.0, 2), (1.0, 1.0, 1), (2.0, 1.0, 3),
                                                        (1.0 + 1e-12, 1.0, 1)])
-def test_guidance_passes_follow_the_runtimes_rule(text, audio, passes):
-    assert guidance_passes({"sample_text_guide_scale": text, "sample_audio_guide_scale": audio}) == passes
+def test_a_presets_passes_are_the_runtimes_passes_for_its_guidance_scales(text, audio, passes):
+    settings = {"sample_text_guide_scale": text, "sample_audio_guide_scale": audio}
+    preset = replace(get_preset("rtx4090-24g"), generator=settings)
+    assert preset.passes == len(passes_per_step(text, audio)) == passes
 
 
 def test_the_default_guidance_is_three_passes():
-    assert guidance_passes({}) == 3
+    assert replace(get_preset("rtx4090-24g"), generator={}).passes == 3
 
 
 def test_a_preset_lora_outside_its_own_components_or_not_a_lora_fails_when_presets_load(tmp_path):

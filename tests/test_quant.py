@@ -32,7 +32,7 @@ from golden import load_golden, rel_err, weights_of
 
 def load_fp8(path, cfg, dtype=torch.float32):
     """The DiT of an FP8 file whose map sits beside it as <name>.json (as `write_quantized` is called here)."""
-    return load_dit_fp8(path, path.with_suffix(".json"), cfg, dtype, "cpu", FP8Kernel())[0]
+    return load_dit_fp8(path, path.with_suffix(".json"), cfg, dtype=dtype, device="cpu", kernel=FP8Kernel())[0]
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +170,13 @@ def test_the_fp8_t5_loads_dequantised_and_matches_the_float_t5(tmp_path):
     linears = sorted({k[: -len(".weight")] for k in official_t5_keys(cfg)
                       if k.endswith(".weight") and (".attn." in k or ".ffn." in k)})
     write_quantized(state, linears, tmp_path / "t5_fp8.safetensors", tmp_path / "t5_map_fp8.json")
-    fp8 = load_t5_fp8(tmp_path / "t5_fp8.safetensors", tmp_path / "t5_map_fp8.json", cfg, torch.float32, "cpu")
+    fp8 = load_t5_fp8(tmp_path / "t5_fp8.safetensors", tmp_path / "t5_map_fp8.json", cfg, dtype=torch.float32,
+                      device="cpu")
     for name in linears:
         data, scale = quantize_rowwise(state[f"{name}.weight"])
         state[f"{name}.weight"] = data.float() * scale.float()
     torch.save(state, tmp_path / "dequantised.pth")
-    ref = load_t5(tmp_path / "dequantised.pth", cfg, torch.float32, "cpu")
+    ref = load_t5(tmp_path / "dequantised.pth", cfg, dtype=torch.float32, device="cpu")
     ids, mask = t["input.ids"], t["input.mask"]
     for ours, theirs in zip(fp8.encode(ids, mask), ref.encode(ids, mask), strict=True):
         assert rel_err(ours, theirs) < 1e-6
@@ -246,7 +247,7 @@ def test_every_fp8_layer_of_a_loaded_dit_computes_with_the_one_kernel_given(quan
 
     _, _, cfg, _, path = quantized
     kernel = FP8Kernel(matmul=False)
-    model, mapped = load_dit_fp8(path, path.with_suffix(".json"), cfg, torch.float32, "cpu", kernel)
+    model, mapped = load_dit_fp8(path, path.with_suffix(".json"), cfg, dtype=torch.float32, device="cpu", kernel=kernel)
     layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
     assert layers and all(layer.kernel is kernel for layer in layers)
     assert mapped.path == path

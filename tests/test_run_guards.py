@@ -10,16 +10,24 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from run_media import FAKE, fake_env, itk, wait_for_json, write_image, write_wav, write_weights
 
-from itk.manifest import load_manifest
 from itk.measured import expected_step_s
 from itk.presets import get_preset
-from itk.run import output_path, plan_run, resume_folder, run_job
-from itk.verify import Record, VerdictStore
+from itk.run import plan_run, resume_folder, run_job
+from itk.runtime.manifest import load_manifest
+from itk.runtime.verify import Record, VerdictStore
+from itk.spec import RunSpec, output_path
+
+
+def plan_for(image: Path, audio: Path, output: Path, preset: str | None = None, **spec: object):
+    """The plan of `itk run --image --audio --output [--preset]`, with other RunSpec fields given directly."""
+    return plan_run(replace(RunSpec.from_options(image=str(image), audio=str(audio), output=output, preset=preset),
+                            **spec))
 
 
 @pytest.fixture()
@@ -138,7 +146,7 @@ def test_a_changed_file_alone_is_fixed_by_fetch_or_the_doctor(tmp_path, media):
     label = load_manifest().files_for(get_preset("rtx4090-24g").components)[0].label
     record_as_hashed(weights, paths[0], label)
     os.utime(paths[0], ns=(time.time_ns(), time.time_ns() + 10**9))
-    plan = plan_run(str(image), None, str(audio), None, tmp_path / "o.mp4", "rtx4090-24g", weights_dir=weights)
+    plan = plan_for(image, audio, tmp_path / "o.mp4", "rtx4090-24g", weights_dir=weights)
     assert [(st.label, st.state) for st in plan.unusable] == [(label, "changed")]
     assert plan.weights_fix == (f"re-hash the changed file(s): `itk fetch --preset rtx4090-24g --weights-dir "
                                 f"{weights}` or `itk doctor --deep --only weights --preset rtx4090-24g "
@@ -149,7 +157,7 @@ def test_a_changed_file_alone_is_fixed_by_fetch_or_the_doctor(tmp_path, media):
 # --- the time estimate -----------------------------------------------------------------------------------
 def test_the_estimate_uses_our_measured_step_time_for_this_gpu_class(tmp_path, media):
     image, audio = media
-    plan = plan_run(str(image), None, str(audio), None, tmp_path / "o.mp4", "rtx4090-24g",
+    plan = plan_for(image, audio, tmp_path / "o.mp4", "rtx4090-24g",
                     gpu_name="NVIDIA H200")
     measured = expected_step_s("rtx4090-24g", "NVIDIA H200")
     assert measured is not None and plan.step_time == measured and plan.expected_step_s == measured.seconds
@@ -160,19 +168,19 @@ def test_the_estimate_uses_our_measured_step_time_for_this_gpu_class(tmp_path, m
 
 def test_another_gpu_count_than_the_presets_gets_no_estimate_from_its_one_gpu_measurement(tmp_path, media):
     image, audio = media
-    plan = plan_run(str(image), None, str(audio), None, tmp_path / "o.mp4", "gpu80g-fp8-480p",
+    plan = plan_for(image, audio, tmp_path / "o.mp4", "gpu80g-fp8-480p",
                     gpu_name="NVIDIA H200", gpus=2)
     assert expected_step_s("gpu80g-fp8-480p", "NVIDIA H200") is not None and plan.step_time is None
     assert plan.estimate == ("no time estimate: preset gpu80g-fp8-480p's step time has not been measured on "
                              "2 x NVIDIA H200")
-    two = plan_run(str(image), None, str(audio), None, tmp_path / "o2.mp4", "gpu80g-fp8-480p-x2",
+    two = plan_for(image, audio, tmp_path / "o2.mp4", "gpu80g-fp8-480p-x2",
                    gpu_name="NVIDIA H200")
     assert two.step_time == expected_step_s("gpu80g-fp8-480p-x2", "NVIDIA H200")
 
 
 def test_without_a_measurement_for_this_gpu_the_estimate_says_so(tmp_path, media):
     image, audio = media
-    plan = plan_run(str(image), None, str(audio), None, tmp_path / "o.mp4", "rtx4090-24g",
+    plan = plan_for(image, audio, tmp_path / "o.mp4", "rtx4090-24g",
                     gpu_name="NVIDIA GeForce RTX 3060")
     assert plan.expected_step_s is None and plan.estimate_s is None
     assert plan.estimate == ("no time estimate: preset rtx4090-24g's step time has not been measured on an "
@@ -193,8 +201,8 @@ def test_a_state_folder_beside_the_output_makes_the_run_resume_and_say_so_first(
     state.mkdir()
     (state / "state.json").write_text(json.dumps({"clips_done": 3, "clips": 5, "video_s": 12.5}))
     argv_file = tmp_path / "argv.json"
-    plan = plan_run(str(image), None, str(audio), None, out, "rtx4090-24g", weights_dir=weights,
-                    generator=[sys.executable, str(FAKE)])
+    plan = plan_for(image, audio, out, "rtx4090-24g", weights_dir=weights,
+                    generator=(sys.executable, str(FAKE)))
     assert plan.resume == f"resuming {out}: 3 of 5 clips already done" and plan.argv[-1] == "--resume"
     seen: list[dict] = []
     monkeypatch.setenv("FAKE_MODE", "ok")
@@ -208,9 +216,9 @@ def test_a_state_folder_beside_the_output_makes_the_run_resume_and_say_so_first(
 def test_a_state_folder_without_counts_still_resumes_and_no_folder_means_a_fresh_run(tmp_path, media):
     image, audio = media
     out = tmp_path / "talk.mp4"
-    fresh = plan_run(str(image), None, str(audio), None, out)
+    fresh = plan_for(image, audio, out)
     assert fresh.resume is None and "--resume" not in fresh.argv
     resume_folder(out).mkdir()
     (resume_folder(out) / "motion.npy").write_bytes(b"\0" * 16)
-    plan = plan_run(str(image), None, str(audio), None, out)
+    plan = plan_for(image, audio, out)
     assert plan.resume == f"resuming {out} from {resume_folder(out)}" and "--resume" in plan.argv

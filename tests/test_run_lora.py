@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from run_media import fake_env, itk, write_image, write_wav, write_weights
 
-from itk.errors import EXIT_USAGE, UserError
 from itk.run import lora_pairs, plan_run
+from itk.runtime.protocol import EXIT_BAD_INPUT, UserError
+from itk.spec import RunSpec
 
 FAST_LORA = "Wan2.1-Distill-Loras/wan2.1_i2v_lora_rank64_lightx2v_4step.safetensors"
 
@@ -32,9 +34,10 @@ def media(tmp_path):
 
 
 def plan(tmp_path: Path, *loras: str, preset: str = "rtx4090-24g-fast", sets: tuple[str, ...] = (), audio_s=6.0):
-    return plan_run(image=str(write_image(tmp_path / "face.png")), audio=str(write_wav(tmp_path / "s.wav", audio_s)),
-                    output=tmp_path / "out" / "talk.mp4", preset_name=preset, weights_dir=tmp_path / "w",
-                    sets=sets, loras=loras, gpu_name="H200")
+    spec = RunSpec.from_options(image=str(write_image(tmp_path / "face.png")),
+                                audio=str(write_wav(tmp_path / "s.wav", audio_s)), output=tmp_path / "out" / "talk.mp4",
+                                preset=preset, weights_dir=tmp_path / "w", sets=sets, loras=loras)
+    return plan_run(replace(spec, gpu_name="H200"))
 
 
 def values_after(argv: list[str], flag: str) -> list[str]:
@@ -99,7 +102,7 @@ def test_a_bad_lora_is_one_line_and_a_fix_with_exit_2(tmp_path, case):
     value, says, fix = bad_loras(tmp_path)[case]
     with pytest.raises(UserError) as caught:
         plan(tmp_path, value)
-    assert caught.value.exit_code == EXIT_USAGE and says in caught.value.message and fix in caught.value.fix
+    assert caught.value.exit_code == EXIT_BAD_INPUT and says in caught.value.message and fix in caught.value.fix
     assert "\n" not in caught.value.message
 
 
@@ -168,7 +171,8 @@ def test_fusionx_warns_about_colour_shift_on_a_video_past_a_minute(tmp_path):
 
 def test_checking_a_lora_never_imports_torch(tmp_path):
     mine = write_lora(tmp_path / "mine.safetensors")
-    code = (f"import sys; from itk.inputs import check_lora; f = check_lora({str(mine) + ':0.5'!r}); "
+    code = (f"import sys; from itk.inputs import check_lora, parse_lora; "
+            f"f = check_lora(*parse_lora({str(mine) + ':0.5'!r})); "
             "assert f.scale == 0.5 and f.tensors == 2; assert 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

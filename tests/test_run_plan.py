@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from run_media import fake_env, itk, write_image, write_wav, write_weights
 
-from itk.errors import UserError
-from itk.inputs import clip_count, validate
-from itk.manifest import load_manifest
+from itk.inputs import validate
 from itk.presets import get_preset, load_presets
 from itk.run import setting_warnings
-from itk.runtime.protocol import Job, read_job
+from itk.runtime.layout import choose_layout
+from itk.runtime.manifest import load_manifest
+from itk.runtime.protocol import Job, UserError, read_job
+from itk.runtime.sampling import Sampling, plan_clips
 
 
 @pytest.fixture()
@@ -84,7 +85,11 @@ def test_every_preset_turns_into_its_path_flags_and_settings_in_order(tmp_path, 
     expected += ["--lora_dir", *(str(path) for path, _ in loras)] if loras else []
     expected += [x for key, value in preset.generator.items() for x in (f"--{key}", str(value))]
     expected += ["--lora_scale", *(str(scale) for _, scale in loras)] if loras else []
-    assert argv[:-4] == expected and argv[-4::2] == ["--input_json", "--save_file"]
+    # several GPUs: the split chosen once by `itk run`, handed to every rank
+    layout = ["--gpu_layout", choose_layout(preset.gpus, preset.passes, 40).flag] if preset.gpus > 1 else []
+    tail = 4 + len(layout)
+    assert argv[:-tail] == expected and argv[-tail::2] == ["--input_json", "--save_file", *layout[:1]]
+    assert argv[len(argv) - len(layout):] == layout
 
 
 def test_fp8_on_a_preset_without_quantised_weights_is_refused(tmp_path, media):
@@ -131,7 +136,7 @@ def test_a_video_input_is_decoded_and_two_speakers_taking_turns_add_up(tmp_path,
     write_wav(tmp_path / "b.wav", 5.0)
     (tmp_path / "job.json").write_text(json.dumps({"prompt": "p", "cond_video": "ref.mp4", "audio_type": "add",
                                                    "cond_audio": {"person1": "a.wav", "person2": "b.wav"}}))
-    facts = validate(read_job(tmp_path / "job.json"), {"mode": "streaming"})
+    facts = validate(read_job(tmp_path / "job.json"), Sampling.from_flags({"mode": "streaming"}))
     assert (facts.kind, facts.width, facts.height, facts.frames) == ("video", 64, 48, 225)
 
 
@@ -159,7 +164,7 @@ def test_audio_shorter_than_one_clip_is_one_short_clip_and_the_run_says_so(tmp_p
 def test_audio_of_exactly_one_clip_is_still_the_short_case_and_one_frame_more_is_not(tmp_path, media):
     """The boundary itself: audio of frame_num frames or fewer is refused by the official pipeline."""
     image, _ = media
-    settings = {"frame_num": 25, "mode": "streaming"}  # 25 frames = 1.00 s, exact in samples and in floats
+    settings = Sampling.from_flags({"frame_num": 25, "mode": "streaming"})  # 25 frames = 1.00 s, exact in floats
     at_limit = validate(Job("p", image, {"person1": write_wav(tmp_path / "a.wav", 1.0)}), settings)
     assert at_limit.frames == 25 and at_limit.clips == 1
     assert "1.00 s, shorter than one clip of 25 frames" in at_limit.warnings[0]
@@ -212,24 +217,28 @@ def test_bad_set_keys_and_values_are_usage_errors(tmp_path, media):
     assert proc.returncode == 2 and "not a valid int" in proc.stderr
 
 
-def test_clip_counts_follow_the_streaming_loop():
-    streaming = {"mode": "streaming"}
-    assert clip_count(82, streaming) == 2  # the official loop always runs two clips in streaming mode
-    assert clip_count(81, streaming) == 1  # exactly one clip's frames: one clip
-    assert clip_count(60, streaming) == 1  # audio under one clip: one shorter clip
-    assert clip_count(81 + 72 * 3, streaming) == 4
-    assert clip_count(5000, streaming) == 1 + 13  # capped at max_frame_num 1000
-    assert clip_count(5000, {"mode": "clip"}) == 1
+def test_the_plans_clip_count_is_the_generators_own_clip_schedule(tmp_path):
+    """`itk run`'s plan counts clips with the runtime's plan_clips itself, not with a copy of its rule."""
+    image = write_image(tmp_path / "face.png")
+    streaming = Sampling.from_flags({"mode": "streaming"})
+    for seconds in (2.4, 3.28, 12.0, 50.0):
+        facts = validate(Job("p", image, {"person1": write_wav(tmp_path / f"{seconds}.wav", seconds)}), streaming)
+        schedule = plan_clips(int(seconds * 25), streaming)
+        assert (facts.clips, facts.frames) == (len(schedule.starts), schedule.length)
+    assert plan_clips(82, streaming).clips == 2  # the official loop always runs two clips in streaming mode
+    assert plan_clips(81 + 72 * 3, streaming).clips == 4
+    assert plan_clips(5000, streaming).clips == 1 + 13  # capped at max_frame_num 1000
+    assert plan_clips(5000, Sampling.from_flags({"mode": "clip"})).clips == 1
 
 
 def test_long_audio_warns_about_the_frame_cap(tmp_path):
     image = write_image(tmp_path / "face.png")
     audio = write_wav(tmp_path / "long.wav", 45.0)
     job = Job("p", image, {"person1": audio})
-    facts = validate(job, {"mode": "streaming"})
+    facts = validate(job, Sampling.from_flags({"mode": "streaming"}))
     assert facts.frames == 1000 and "--set max_frame_num=1125" in facts.warnings[0]
     with pytest.raises(UserError):
-        validate(Job("p", image, {"person1": tmp_path / "nope.wav"}), {})
+        validate(Job("p", image, {"person1": tmp_path / "nope.wav"}), Sampling())
 
 
 def test_a_24_gb_card_without_weight_streaming_is_warned_before_it_runs_out():

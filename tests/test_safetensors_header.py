@@ -1,4 +1,4 @@
-"""itk.safetensors_header: the one torch-free header parser, on a file the safetensors library wrote and on the
+"""itk.runtime.safetensors_header: the one torch-free header parser, on a file the safetensors library wrote and on the
 ways a file is really damaged."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from itk.safetensors_header import MAX_HEADER, HeaderError, read_header
+from itk.runtime.safetensors_header import MAX_HEADER, HeaderError, read_header
 
 
 def raw_file(path, header: dict | bytes, data: bytes = b"") -> None:

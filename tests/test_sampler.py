@@ -1,4 +1,4 @@
-"""The sampler against the official scheduler golden: timesteps, Euler+CFG step, add_noise, APG."""
+"""The sampler against the official scheduler golden: timesteps, Euler+CFG step, APG."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from itk.runtime.sampler import Guidance, MomentumBuffer, Sampler, add_noise, apg, euler_step, shifted_timesteps
+from itk.runtime.sampler import MomentumBuffer, Sampler, apg, euler_step, shifted_timesteps
+from itk.runtime.sampling import Sampling
 
 from golden import GOLDENS, load_golden, rel_err
 
@@ -27,7 +28,7 @@ def test_shifted_timesteps_equal_the_official_schedule_bit_for_bit(name):
 def _step(text_scale):
     ts = shifted_timesteps(8, 7.0)
     preds = {k: T[f"input.step.pred_{k}"] for k in ("cond", "drop_text", "uncond", "drop_audio")}
-    sampler = Sampler(Guidance(text_scale=text_scale, audio_scale=4.0))
+    sampler = Sampler(Sampling(text_scale=text_scale, audio_scale=4.0))
     used = {k: preds[k] for k in sampler.passes()}
     return euler_step(T["input.step.latent"], sampler.velocity(used), ts[2], ts[3]), sampler.passes()
 
@@ -42,12 +43,6 @@ def test_a_text_scale_of_exactly_one_uses_two_passes_and_matches():
     ours, passes = _step(1.0)
     assert passes == ("cond", "drop_audio")
     assert rel_err(ours, T["output.step.latent_next_text_scale_1"]) == 0.0
-
-
-def test_motion_frame_renoising_matches_add_noise():
-    t = shifted_timesteps(8, 7.0)[2]
-    ours = add_noise(T["input.add_noise.original"], T["input.add_noise.noise"], t)
-    assert rel_err(ours, T["output.add_noise"]) == 0.0
 
 
 def test_apg_with_momentum_carried_over_two_steps_matches():
@@ -70,7 +65,8 @@ def test_the_text_scale_weighs_the_text_difference_and_the_audio_scale_the_audio
     # Official (wan/multitalk.py): text = cond - drop_text, audio = drop_text - uncond. Distinct scales and
     # APG's two momentum buffers carried over two steps: swapping either scales or buffers changes the result.
     text_scale, audio_scale, momentum, threshold = 5.0, 2.0, -0.75, 55.0
-    sampler = Sampler(Guidance(text_scale, audio_scale, use_apg, momentum, threshold))
+    sampler = Sampler(Sampling(text_scale=text_scale, audio_scale=audio_scale, use_apg=use_apg, apg_momentum=momentum,
+                               apg_norm_threshold=threshold))
     text_buffer, audio_buffer = MomentumBuffer(momentum), MomentumBuffer(momentum)
     for step in range(2):
         p = _preds(step)
@@ -91,14 +87,14 @@ def test_with_an_audio_scale_of_one_the_audio_free_pass_has_no_effect_beyond_the
     # text term, which does not contain it. A swapped scale would put (text_scale - 1) on the audio term.
     p = _preds()
     other = {**p, "uncond": p["uncond"] + 3.0 * torch.randn(p["uncond"].shape, generator=torch.Generator())}
-    guidance = Guidance(text_scale=5.0, audio_scale=1.0, use_apg=use_apg)
+    sampling = Sampling(text_scale=5.0, audio_scale=1.0, use_apg=use_apg)
     # (CFG: uncond + s_t (cond - drop_text) + s_a (drop_text - uncond) holds uncond with weight 1 - s_a.)
-    assert torch.allclose(Sampler(guidance).velocity(p), Sampler(guidance).velocity(other), atol=1e-5)
+    assert torch.allclose(Sampler(sampling).velocity(p), Sampler(sampling).velocity(other), atol=1e-5)
 
 
 def test_two_pass_apg_scales_the_audio_difference_by_the_audio_scale():
     p = _preds()
-    sampler = Sampler(Guidance(text_scale=1.0, audio_scale=3.0, use_apg=True, apg_norm_threshold=0.0))
+    sampler = Sampler(Sampling(text_scale=1.0, audio_scale=3.0, use_apg=True, apg_norm_threshold=0.0))
     expected = p["cond"] + 2.0 * apg(p["cond"] - p["drop_audio"], p["cond"], MomentumBuffer(-0.75), 0.0)
     assert torch.allclose(sampler.velocity({k: p[k] for k in sampler.passes()}), expected, atol=1e-6)
 
@@ -106,7 +102,7 @@ def test_two_pass_apg_scales_the_audio_difference_by_the_audio_scale():
 @pytest.mark.parametrize("text_scale,audio_scale,calls", [(1.0, 1.0, 1), (1.0, 2.0, 2), (5.0, 1.0, 3), (5.0, 4.0, 3)])
 def test_each_step_runs_one_dit_call_per_needed_pass(text_scale, audio_scale, calls):
     """Both scales 1: one call (the official code runs two and discards one); text 1: two; otherwise three."""
-    from itk.runtime.pipeline import Settings, StreamingPipeline
+    from itk.runtime.pipeline import StreamingPipeline
 
     seen: list[torch.Tensor] = []
 
@@ -115,12 +111,13 @@ def test_each_step_runs_one_dit_call_per_needed_pass(text_scale, audio_scale, ca
         return x * 0.5 + context.mean()
 
     steps = 4
-    settings = Settings(steps=steps, shift=2.0, guidance=Guidance(text_scale, audio_scale))
-    pipeline = StreamingPipeline(dit, vae=None, settings=settings, noise=None)
+    sampling = Sampling(steps=steps, shift=2.0, text_scale=text_scale, audio_scale=audio_scale)
+    pipeline = StreamingPipeline(dit=dit, vae=None, sampling=sampling, noise=None)
     window = torch.ones(1, 9, 5, 2, 3)
-    latent = pipeline._denoise(0, torch.randn(16, 3, 2, 2), torch.zeros(16, 1, 2, 2), torch.zeros(1, 20, 3, 2, 2),
-                               window, torch.zeros(1, 4, 8), torch.ones(3, 8), torch.zeros(3, 8),
-                               shifted_timesteps(steps, 2.0))
+    latent = pipeline._denoise(0, noise=torch.randn(16, 3, 2, 2), motion=torch.zeros(16, 1, 2, 2),
+                               y=torch.zeros(1, 20, 3, 2, 2), window=window, clip_fea=torch.zeros(1, 4, 8),
+                               context=torch.ones(3, 8), context_null=torch.zeros(3, 8),
+                               timesteps=shifted_timesteps(steps, 2.0))
     assert len(seen) == steps * calls and torch.isfinite(latent).all()
     if calls == 1:  # the one call is the conditional one, and its prediction is the velocity
         assert all(torch.equal(a, window) for a in seen)

@@ -82,28 +82,73 @@ def test_selftest_writes_the_official_layout_and_a_checked_video(tmp_path):
     assert verified["InfiniteTalk/quant_models/infinitetalk_single_fp8.safetensors"]["verdict"] == "ok"
 
 
-def test_selftest_by_default_reuses_its_cached_tiny_weights_and_leaves_only_the_mp4(tmp_path):
+def needs_the_models() -> None:
     for module in ("dit", "vae", "t5", "clip", "audio"):
         pytest.importorskip(f"itk.runtime.models.{module}")
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp")}
-    (tmp_path / "tmp").mkdir()
 
-    def selftest() -> list[str]:
-        proc = subprocess.run([sys.executable, "-m", "itk", "selftest"], capture_output=True, text=True, env=env,
-                              timeout=180)
+
+def run_selftest_cli(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "TMPDIR": str(cache.parent / "tmp")}
+    (cache.parent / "tmp").mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "itk", "selftest", *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One cache folder: the single-speaker selftest, the two-speaker one, then the single-speaker one again,
+    with the top-level listing of the cache after each."""
+    needs_the_models()
+    cache = tmp_path_factory.mktemp("selftest-cache") / "cache"
+    root = cache / "itk" / "selftest"
+    runs = {}
+    for name, args in (("single", ()), ("two", ("--two-speakers",)), ("again", ())):
+        proc = run_selftest_cli(cache, *args)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        return proc.stdout.splitlines()
+        runs[name] = {"lines": proc.stdout.splitlines(), "listing": sorted(p.name for p in root.iterdir()),
+                      "mtimes": {p.name: p.stat().st_mtime_ns for p in root.glob("*.mp4")}}
+    return {"cache": cache, "root": root, "runs": runs}
 
-    first = selftest()
-    root = tmp_path / "cache" / "itk" / "selftest"
-    before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    second = selftest()
-    assert any("writing them" in line for line in first) and not any("writing them" in line for line in second)
-    assert any("reusing the cached set" in line for line in second)
-    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing piles up
-    assert f"video: {root / 'selftest.mp4'}" in second and (root / "selftest.mp4").is_file()
+
+def test_a_passing_selftest_leaves_its_cached_tiny_weights_and_the_mp4_and_nothing_else(cached_runs):
+    root, single = cached_runs["root"], cached_runs["runs"]["single"]
+    assert single["listing"] == sorted([selftest.tiny_key(), "selftest.mp4"])  # no portrait, speech or run folder
+    assert f"video: {root / 'selftest.mp4'}" in single["lines"]
+    assert any("writing them" in line for line in single["lines"])
     # No temp folder per run; torch's own compile cache folder (one per user, reused) may appear.
-    assert [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")] == []
+    tmp = cached_runs["cache"].parent / "tmp"
+    assert [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_the_two_speaker_selftest_keeps_its_own_weights_and_video_beside_the_single_speaker_ones(cached_runs):
+    root, runs = cached_runs["root"], cached_runs["runs"]
+    assert runs["two"]["listing"] == sorted([selftest.tiny_key(), selftest.tiny_key(multi=True), "selftest.mp4",
+                                             "selftest-two-speakers.mp4"])
+    assert f"video: {root / 'selftest-two-speakers.mp4'}" in runs["two"]["lines"]
+    assert runs["two"]["mtimes"]["selftest.mp4"] == runs["single"]["mtimes"]["selftest.mp4"]  # not overwritten
+    again = runs["again"]
+    assert any("reusing the cached set" in line for line in again["lines"])  # the single set survived
+    assert not any("writing them" in line for line in again["lines"])
+    assert again["listing"] == runs["two"]["listing"]  # nothing piles up
+
+
+def test_a_failing_selftest_keeps_its_inputs_and_run_folder_and_says_where(cached_runs, tmp_path):
+    import shutil
+
+    import torch
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cached_runs["cache"], cache)
+    root = cache / "itk" / "selftest"
+    weights = root / selftest.tiny_key()
+    torch.save({"not_a_vae_key": torch.zeros(1)}, weights / "Wan2.1-I2V-14B-480P" / "Wan2.1_VAE.pth")
+    selftest.record_tiny_verdicts(weights)  # verified as written: only the generator's strict load finds it
+    proc = run_selftest_cli(cache)
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert (root / "selftest.run" / "generate.log").is_file() and (root / "selftest.inputs" / "portrait.png").is_file()
+    assert (root / "selftest.inputs" / "speech.wav").is_file() and not (root / "selftest.mp4").exists()
+    assert str(root / "selftest.run" / "generate.log") in said and f"the files are in {root}" in said
 
 
 def _fake_writer(calls: list[Path], fail: bool = False):

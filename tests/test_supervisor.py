@@ -15,8 +15,8 @@ from run_media import FAKE, LOGS, fake_env, itk, wait_for_json, write_image, wri
 
 from itk.advice import diagnose
 from itk.runtime.protocol import parse_event
+from itk.runtime.toml import read_toml
 from itk.supervisor import Supervisor
-from itk.toml import read_toml
 
 EXPECTED = read_toml(LOGS / "expected.toml")
 

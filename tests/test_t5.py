@@ -51,7 +51,7 @@ def _save_without(golden, path: Path, drop: str, rename_to: str | None = None) -
 
 def test_t5_A_outputs_match_the_official_encoder_trimmed_per_prompt(golden, t5_file):
     _, tensors = golden
-    encoder = load_t5(t5_file, TINY, torch.float32, "cpu")
+    encoder = load_t5(t5_file, TINY, dtype=torch.float32, device="cpu")
     outs = encoder.encode(tensors["input.ids"], tensors["input.mask"])
     assert [tuple(o.shape) for o in outs] == [(13, 32), (6, 32)]
     for i, out in enumerate(outs):
@@ -82,7 +82,7 @@ def test_the_key_map_takes_all_242_official_keys_of_the_full_size_encoder_to_tra
              for k in keys}
     with torch.device("meta"):
         encoder = T5Encoder(cfg)
-    mapped = remap(state, T5_KEY_MAP, keys, encoder.model, "full-size", "hint")
+    mapped = remap(state, T5_KEY_MAP, expected=keys, module=encoder.model, source="full-size", hint="hint")
     assert len(keys) == 2 + 24 * 10  # every block owns its relative-position table
     assert set(mapped) == set(encoder.model.state_dict())
 
@@ -90,13 +90,13 @@ def test_the_key_map_takes_all_242_official_keys_of_the_full_size_encoder_to_tra
 def test_a_missing_key_is_named_with_the_file_in_the_error(golden, tmp_path):
     path = _save_without(golden, tmp_path / "t5.pth", "blocks.1.ffn.fc1.weight")
     with pytest.raises(WeightsError, match=r"t5\.pth: missing key blocks\.1\.ffn\.fc1\.weight"):
-        load_t5(path, TINY, torch.float32, "cpu")
+        load_t5(path, TINY, dtype=torch.float32, device="cpu")
 
 
 def test_a_renamed_key_is_named_in_official_spelling_in_the_error(golden, tmp_path):
     path = _save_without(golden, tmp_path / "t5.pth", "norm.weight", rename_to="final_norm.weight")
     with pytest.raises(WeightsError) as err:
-        load_t5(path, TINY, torch.float32, "cpu")
+        load_t5(path, TINY, dtype=torch.float32, device="cpu")
     message = str(err.value)
     assert str(path) in message
     assert "missing key norm.weight" in message and "unexpected key final_norm.weight" in message
@@ -105,7 +105,7 @@ def test_a_renamed_key_is_named_in_official_spelling_in_the_error(golden, tmp_pa
 def test_a_checkpoint_of_other_sizes_is_refused_with_the_file_named(t5_file):
     wider = T5Config(vocab_size=96, dim=48, dim_attn=48, dim_ffn=64, num_heads=4, num_layers=2)
     with pytest.raises(WeightsError, match=r"\.pth: .* has shape"):
-        load_t5(t5_file, wider, torch.float32, "cpu")
+        load_t5(t5_file, wider, dtype=torch.float32, device="cpu")
 
 
 # --- tokenizer: a real sentencepiece unigram model trained here, in the google/umt5-xxl layout ---
@@ -213,7 +213,7 @@ def test_a_folder_without_the_tokenizer_is_a_one_line_error_naming_it(tmp_path):
 
 def test_a_prompt_encodes_the_same_alone_as_beside_a_longer_one(golden, t5_file):
     _, tensors = golden
-    encoder = load_t5(t5_file, TINY, torch.float32, "cpu")
+    encoder = load_t5(t5_file, TINY, dtype=torch.float32, device="cpu")
     alone = encoder.encode(tensors["input.ids"][1:], tensors["input.mask"][1:])[0]
     batched = encoder.encode(tensors["input.ids"], tensors["input.mask"])[1]
     assert alone.shape == batched.shape == (6, 32)
@@ -225,7 +225,7 @@ def test_pipeline_A_prompt_and_negative_prompt_contexts_come_out_as_recorded():
 
     _, tensors = load_golden("pipeline_A")
     cfg = T5Config(vocab_size=96, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, text_len=16)
-    encoder = load_t5(GOLDENS / "pipeline_A.t5.safetensors", cfg, torch.float32, "cpu")
+    encoder = load_t5(GOLDENS / "pipeline_A.t5.safetensors", cfg, dtype=torch.float32, device="cpu")
     ids = torch.zeros(2, cfg.text_len, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, name in enumerate(("input.t5_ids_prompt", "input.t5_ids_negative")):

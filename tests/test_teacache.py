@@ -10,8 +10,9 @@ from test_dit import golden_config
 
 from itk.runtime.models.audio import audio_windows
 from itk.runtime.models.dit import InfiniteTalkDiT, load_dit
-from itk.runtime.pipeline import Settings, StreamingPipeline
-from itk.runtime.sampler import Guidance, Sampler, shifted_timesteps
+from itk.runtime.pipeline import StreamingPipeline
+from itk.runtime.sampler import Sampler, shifted_timesteps
+from itk.runtime.sampling import Sampling
 from itk.runtime.teacache import TeaCache, TeaCachedDiT
 
 from golden import golden_weights_file, load_golden, rel_err
@@ -33,22 +34,23 @@ def run_golden(dit_a, name: str, cycle: int | None = None):
     model: InfiniteTalkDiT = load_dit([path], golden_config(meta_a), dtype=torch.float32)
     model.time_embedding[0].weight.data.copy_(t["time_embedding.0.weight"])
     args = meta["arguments"]
-    guidance = Guidance(args["text_guide_scale"], args["audio_guide_scale"])
     steps = args["sampling_steps"]
-    passes = Sampler(guidance).passes()
-    cache = TeaCache(args["extra_args"]["size"], args["extra_args"]["teacache_thresh"], steps,
+    sampling = Sampling(frame_num=args["frame_num"], steps=steps, shift=args["shift"],
+                        text_scale=args["text_guide_scale"], audio_scale=args["audio_guide_scale"])
+    passes = Sampler(sampling).passes()
+    cache = TeaCache(args["extra_args"]["size"], thresh=args["extra_args"]["teacache_thresh"], steps=steps,
                      cycle=cycle or len(passes))
     preds: dict[str, list[torch.Tensor]] = {p: [] for p in passes}
-    settings = Settings(frame_num=args["frame_num"], steps=steps, shift=args["shift"], guidance=guidance)
-    pipeline = StreamingPipeline(TeaCachedDiT(model, model.run_blocks, cache), vae=None, settings=settings,
+    pipeline = StreamingPipeline(dit=TeaCachedDiT(model, model.run_blocks, cache), vae=None, sampling=sampling,
                                  noise=None, on_dit_call=lambda k, i, p, lat, ts, pred: preds[p].append(pred))
     window = audio_windows(t["input.audio_embedding.person1"], 0, args["frame_num"])[None]
     motion = dit_tensors["input.y"][0, 4:][:, :1]
     context_null = t.get("input.context_null", dit_tensors["input.context"])
     timesteps = shifted_timesteps(steps, args["shift"])
     with torch.no_grad():
-        x0 = pipeline._denoise(0, t["input.noise"].clone(), motion, t["intermediate.y"], window,
-                               dit_tensors["input.clip_fea"], dit_tensors["input.context"], context_null, timesteps)
+        x0 = pipeline._denoise(0, noise=t["input.noise"].clone(), motion=motion, y=t["intermediate.y"], window=window,
+                               clip_fea=dit_tensors["input.clip_fea"], context=dit_tensors["input.context"],
+                               context_null=context_null, timesteps=timesteps)
     computed = torch.tensor(cache.computed).view(steps, len(passes))
     return meta, t, passes, preds, computed, x0
 
@@ -87,7 +89,7 @@ def test_with_text_guidance_1_our_slots_follow_the_passes_and_both_decide_alike(
 
 def test_teacache_never_skips_in_the_first_five_steps_and_says_so_for_four_steps(caplog):
     with caplog.at_level(logging.WARNING):
-        cache = TeaCache("infinitetalk-480", 1e9, steps=4, cycle=2)
+        cache = TeaCache("infinitetalk-480", thresh=1e9, steps=4, cycle=2)
     assert "changes nothing" in caplog.text
     run = cache.wrap(lambda tokens, e0: tokens + 1)
     for step in range(4):

@@ -73,13 +73,12 @@ def test_only_the_front_ends_import_the_doctor_and_the_presets_import_neither_do
     assert proc.stdout.strip() == "[]", proc.stderr
 
 
-def test_the_toolkits_exit_codes_are_the_protocols():
-    from itk import errors
-    from itk.runtime import protocol
+def test_the_generators_bad_input_is_the_toolkits_user_error_with_exit_2():
+    from itk.runtime.protocol import EXIT_BAD_INPUT, BadInput, UserError
 
-    assert errors.EXIT_USAGE == protocol.EXIT_BAD_INPUT
-    assert (errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_MISSING_WEIGHTS, errors.EXIT_INTERRUPTED) == (
-        protocol.EXIT_OK, protocol.EXIT_FAILED, protocol.EXIT_MISSING_WEIGHTS, protocol.EXIT_INTERRUPTED)
+    error = BadInput("cond_video x.png: file not found", "check the path")
+    assert isinstance(error, UserError) and error.exit_code == EXIT_BAD_INPUT == 2
+    assert (error.message, error.fix) == ("cond_video x.png: file not found", "check the path")
 
 
 def test_run_doctor_returns_a_report_and_prints_nothing(tmp_path, capsys):
@@ -106,13 +105,15 @@ def test_run_presets_and_run_diagnose_return_results_and_print_nothing(tmp_path,
 
 def test_run_job_streams_events_to_the_callers_callback_and_returns_the_result(tmp_path, monkeypatch, capsys):
     from itk.run import plan_run, run_job
+    from itk.spec import RunSpec
 
     monkeypatch.setenv("ITK_GENERATOR", f"{sys.executable} {FAKE}")
     monkeypatch.setenv("FAKE_MODE", "ok")
     write_weights(tmp_path / "w")
-    plan = plan_run(image=str(write_image(tmp_path / "face.png")), audio=str(write_wav(tmp_path / "s.wav", 6.0)),
-                    output=tmp_path / "out" / "talk.mp4", preset_name="rtx4090-24g", sets=["sample_steps=3"],
-                    weights_dir=tmp_path / "w")
+    plan = plan_run(RunSpec.from_options(
+        image=str(write_image(tmp_path / "face.png")), audio=str(write_wav(tmp_path / "s.wav", 6.0)),
+        output=tmp_path / "out" / "talk.mp4", preset="rtx4090-24g", sets=["sample_steps=3"],
+        weights_dir=tmp_path / "w"))
     seen: list[dict] = []
     result = run_job(plan, on_event=seen.append)
     assert capsys.readouterr() == ("", "")

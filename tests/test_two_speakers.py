@@ -115,15 +115,17 @@ class FlatVAE:
 
 @pytest.mark.parametrize("boxes", [None, [[0, 0, 64, 40], [0, 56, 64, 96]]])
 def test_the_masks_reach_the_passes_with_both_speakers_and_the_zero_speaker_pass_gets_none(boxes):
-    from itk.runtime.pipeline import SeededNoise, Settings, StreamingPipeline, plan_clips
+    from itk.runtime.pipeline import SeededNoise, StreamingPipeline
+    from itk.runtime.sampling import Sampling, plan_clips
     from itk.runtime.speakers import speaker_masks
 
     masks = speaker_masks((64, 96), (32, 48), boxes)
-    dit, settings = Recorder(), Settings(frame_num=9, motion_frame=5, steps=1)
-    pipeline = StreamingPipeline(dit, FlatVAE(), settings, SeededNoise(0), speaker_masks=masks)
-    plan = plan_clips(9, settings)
-    pipeline.run([torch.zeros(1, 3, 1, 32, 48)], [torch.zeros(1, 257, 24)], torch.zeros(16, 32),
-                 torch.zeros(16, 32), torch.randn(2, 9, 3, 16), plan)
+    dit, sampling = Recorder(), Sampling(frame_num=9, motion_frame=5, streaming=True, steps=1)
+    pipeline = StreamingPipeline(dit=dit, vae=FlatVAE(), sampling=sampling, noise=SeededNoise(0), speaker_masks=masks)
+    plan = plan_clips(9, sampling)
+    list(pipeline.clips(references=[torch.zeros(1, 3, 1, 32, 48)], clip_features=[torch.zeros(1, 257, 24)],
+                        context=torch.zeros(16, 32), context_null=torch.zeros(16, 32), audio=torch.randn(2, 9, 3, 16),
+                        plan=plan))
     assert [(n, m is masks) for n, m in dit.calls] == [(2, True), (2, True), (1, False)]  # cond, drop_text, uncond
 
 
@@ -170,7 +172,8 @@ def test_teacache_hands_both_speakers_masks_to_the_dit():
         return args[0]
 
     masks = torch.ones(3, 6)
-    cached = TeaCachedDiT(model, lambda tokens, *rest: tokens, TeaCache("infinitetalk-480", 0.2, 4, cycle=3))
+    cache = TeaCache("infinitetalk-480", thresh=0.2, steps=4, cycle=3)
+    cached = TeaCachedDiT(model, lambda tokens, *rest: tokens, cache)
     cached(torch.zeros(1), None, None, None, None, None, speaker_masks=masks)
     cached(torch.zeros(1), None, None, None, None, None)
     assert seen[0] is masks and seen[1] is None
@@ -260,11 +263,12 @@ def test_fetch_variant_multi_takes_the_multi_speaker_dit_instead_of_the_single_o
 def test_a_silent_second_speaker_in_add_mode_doubles_the_planned_length_as_the_generator_does(tmp_path):
     from itk.inputs import validate
     from itk.runtime.protocol import Job
+    from itk.runtime.sampling import Sampling
 
     face, speech = write_image(tmp_path / "two.png", (192, 128)), write_wav(tmp_path / "a.wav", 2.0)
     job = Job("two people", face, {"person1": speech, "person2": None}, audio_type="add")
-    facts = validate(job, {"mode": "streaming", "frame_num": 81})
+    streaming = Sampling.from_flags({"mode": "streaming", "frame_num": 81})
+    facts = validate(job, streaming)
     assert facts.frames == 2 * 2 * FPS  # speaker 2's silent turn lasts as long as speaker 1's track
-    para = validate(Job("two people", face, {"person1": speech, "person2": None}, audio_type="para"),
-                    {"mode": "streaming", "frame_num": 81})
+    para = validate(Job("two people", face, {"person1": speech, "person2": None}, audio_type="para"), streaming)
     assert para.frames == 2 * FPS

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ import psutil
 
 from itk.runtime.protocol import read_job
 from itk.ui import port_in_use
-from itk.ui_jobs import Progress, Running, group_of, multi_speaker, stage_job, stage_upload
+from itk.ui_jobs import Progress, Running, multi_speaker, stage_job, stage_upload
 
 
 def test_a_browser_file_name_never_chooses_a_path_outside_the_job_folder(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_the_second_speaker_control_is_enabled_when_the_multi_speaker_weights_ar
     import numpy as np
     from safetensors.numpy import save_file
 
-    from itk.manifest import load_manifest
+    from itk.runtime.manifest import load_manifest
     from itk.selftest import record_tiny_verdicts
 
     for f in load_manifest().files_for(["infinitetalk-multi-fp8"]):
@@ -95,23 +96,37 @@ def test_a_staged_two_speaker_job_keeps_the_mode_and_the_boxes(tmp_path: Path) -
     assert job.audio_type == "para" and job.bbox == {"person1": [0, 0, 10, 10], "person2": [0, 10, 10, 20]}
 
 
-def test_a_cancel_gives_its_verdict_only_once_the_whole_group_is_stopped(tmp_path: Path) -> None:
-    """The page reads `stopped` once `stop_ended` is set: a job ends as soon as its generator does, while the
-    stopping may still be waiting on the rest of the group (here a grandchild)."""
-    marker = tmp_path / "job.json"
-    grandchild = ("import subprocess, sys, time; "
-                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", grandchild, str(marker)], start_new_session=True)
-    try:
-        while group_of(str(marker)) is None or len(psutil.Process(child.pid).children()) < 1:
-            assert child.poll() is None
-        members = [child.pid, *(p.pid for p in psutil.Process(child.pid).children())]
-        job = Running(SimpleNamespace(job_path=marker), grace_s=5.0)
-        job.cancel()
-        assert job.stop_ended.wait(60)
-        child.wait(10)
-        assert job.stopped.is_set()
-        assert not [p for p in members if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, 9)
+def test_a_cancel_from_another_thread_stops_the_whole_group_before_the_job_ends(tmp_path: Path) -> None:
+    """The page's Cancel is `Supervisor.cancel()` called from its own thread: the job's thread returns only once
+    no process of the generator's group is left (here a child and a grandchild that ignore SIGINT)."""
+    from itk.supervisor import Supervisor
+
+    pids = tmp_path / "pids"
+    grandchild = ("import os, signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)']); "
+                  f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{p.pid}}'); time.sleep(60)")
+    plan = SimpleNamespace(argv=[sys.executable, "-c", grandchild], log_path=tmp_path / "run.log")
+    job = Running(plan)
+    job.supervisor = Supervisor(plan.argv, plan.log_path, grace_s=1.0, on_event=job.events.put)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(job.supervisor.run()))
+    worker.start()
+    while not pids.exists() or not pids.read_text():
+        assert worker.is_alive()
+        time.sleep(0.05)
+    members = [int(p) for p in pids.read_text().split()]
+    job.cancel()
+    worker.join(60)
+    assert not worker.is_alive() and outcome[0].interrupted and job.cancelled.is_set()
+    assert not [p for p in members if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_cancel_before_the_generator_starts_means_it_never_starts(tmp_path: Path) -> None:
+    from itk.supervisor import Supervisor
+
+    marker = tmp_path / "started"
+    supervisor = Supervisor([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / "run.log")
+    supervisor.cancel()
+    outcome = supervisor.run()
+    assert outcome.interrupted and not marker.exists()

@@ -1,4 +1,4 @@
-"""itk.verify on real files: the hub's two checksums, the header probes, the verdict record."""
+"""itk.runtime.verify on real files: the hub's two checksums, the header probes, the verdict record."""
 
 from __future__ import annotations
 
@@ -6,21 +6,26 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hfserver import tiny_pth, tiny_safetensors
 
-from itk.errors import UserError
-from itk.manifest import load_manifest
-from itk.verify import (
+from itk.runtime.manifest import load_manifest
+from itk.runtime.protocol import UserError
+from itk.runtime.verify import (
     BLOCK,
     Expected,
+    Record,
     VerdictStore,
     check_files,
     expected_from_hub_metadata,
     file_digest,
     header_problem,
+    length_problem,
     local_path,
     name_problem,
     verify_file,
@@ -77,7 +82,48 @@ def test_a_verdict_is_trusted_only_while_size_and_mtime_are_unchanged(tmp_path):
     os.utime(path, ns=(0, 0))
     assert not store.trusted("f.json", path)
     assert json.loads((tmp_path / ".itk" / "verified.json").read_text())["files"]["f.json"]["verdict"] == "ok"
-    assert [p.name for p in (tmp_path / ".itk").iterdir()] == ["verified.json"]  # no temp file left
+    assert sorted(p.name for p in (tmp_path / ".itk").iterdir()) == ["verified.json", "verified.json.lock"]  # no temp
+
+
+def a_record(n: int) -> Record:
+    return Record(size=n, mtime_ns=n, algo="sha1", digest="a" * 40, expected="a" * 40, revision="main",
+                  commit="c" * 40, verdict="ok", verified_at=float(n))
+
+
+def test_a_record_written_by_another_store_survives_this_stores_next_write(tmp_path):
+    fetching, doctor = VerdictStore(tmp_path), VerdictStore(tmp_path)  # e.g. the page's doctor beside a fetch
+    doctor.put("a", a_record(1))
+    fetching.put("b", a_record(2))  # its records were read before "a" was written
+    assert set(VerdictStore(tmp_path).records) == {"a", "b"}
+
+
+RECORDER = """
+import sys, threading
+from pathlib import Path
+from itk.runtime.verify import Record, VerdictStore
+folder, proc, threads, each = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+go = threading.Barrier(threads)
+def record(t):
+    store = VerdictStore(folder)  # each thread its own view, as separate parts of a program would have
+    go.wait()
+    for n in range(each):
+        store.put(f"p{proc}/t{t}/{n}", Record(size=n, mtime_ns=n, algo="sha1", digest="a" * 40, expected="a" * 40,
+                                               revision="main", commit="c" * 40, verdict="ok", verified_at=0.0))
+workers = [threading.Thread(target=record, args=(t,)) for t in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+"""
+
+
+def test_many_threads_in_many_processes_recording_at_once_keep_every_record(tmp_path):
+    procs, threads, each = 4, 6, 5
+    running = [subprocess.Popen([sys.executable, "-c", RECORDER, str(tmp_path), str(p), str(threads), str(each)])
+               for p in range(procs)]
+    assert [r.wait(timeout=120) for r in running] == [0] * procs
+    records = VerdictStore(tmp_path).records
+    assert len(records) == procs * threads * each and {r.verdict for r in records.values()} == {"ok"}
 
 
 def test_the_hf_clients_metadata_gives_the_expected_checksum(tmp_path):
@@ -126,6 +172,13 @@ def test_a_name_that_could_leave_its_folder_is_refused_on_its_text(name):
                                   "..hidden", "a..b/c", ".gitattributes"])
 def test_ordinary_repo_names_are_accepted(name):
     assert name_problem(name) is None
+
+
+def test_a_name_part_over_the_file_systems_limit_is_refused_on_its_text_and_a_long_path_is_not():
+    assert length_problem("a" * 246) is None and length_problem("/".join(["a" * 200] * 20)) is None
+    assert "247 bytes" in length_problem("dir/" + "a" * 247) and "255" in length_problem("é" * 124)
+    with pytest.raises(UserError, match="300 bytes"):
+        local_path(Path("w"), manifest_file("quant_models/" + "a" * 300))
 
 
 def manifest_file(path: str):

@@ -93,7 +93,7 @@ def test_clips_are_encoded_on_a_worker_thread_that_is_gone_when_the_file_is_writ
             yield _frames(12)[start:start + 4]
 
     threads = threading.active_count()
-    out = write_mp4_stream(tmp_path / "talk.mp4", clips(), 12, None, SR)
+    out = write_mp4_stream(tmp_path / "talk.mp4", clips(), count=12, audio=None, sample_rate=SR)
     assert all(seen[1:]) and _encoder_threads() == [] and threading.active_count() == threads
     assert len(list(frames_at_25fps(out))) == 12
 
@@ -110,7 +110,7 @@ def test_an_error_while_making_a_clip_stops_the_encoder_leaving_no_file_and_no_t
 
     threads = threading.active_count()
     with pytest.raises(error, match="the sampler stopped"):
-        write_mp4_stream(tmp_path / "talk.mp4", clips(), 8, np.zeros(SR, np.float32), SR)
+        write_mp4_stream(tmp_path / "talk.mp4", clips(), count=8, audio=np.zeros(SR, np.float32), sample_rate=SR)
     assert list(tmp_path.iterdir()) == [] and threading.active_count() == threads
 
 
@@ -125,7 +125,7 @@ def test_an_error_in_the_encoder_reaches_the_caller_with_its_own_type_leaving_no
 
     threads = threading.active_count()
     with pytest.raises(ValueError):
-        write_mp4_stream(tmp_path / "talk.mp4", clips(), 12, None, SR)
+        write_mp4_stream(tmp_path / "talk.mp4", clips(), count=12, audio=None, sample_rate=SR)
     assert list(tmp_path.iterdir()) == [] and threading.active_count() == threads
     assert made == ["after the bad clip"]  # found when the next clip is handed on
 

@@ -15,8 +15,8 @@ import pytest
 from hfserver import BIG, HubServer, standard_hub
 from hubcli import doctor_weights, itk_env, run_itk
 
-from itk.manifest import load_manifest
 from itk.presets import get_preset
+from itk.runtime.manifest import load_manifest
 
 PRESET = "rtx4090-24g"
 T5 = "InfiniteTalk/quant_models/t5_fp8.safetensors"

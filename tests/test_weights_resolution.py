@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from itk.manifest import load_manifest
+from itk.runtime.manifest import load_manifest
 from itk.runtime.weights import MissingWeights, QuantFile, official_map_path, resolve
 
 RUNTIME = Path(__file__).resolve().parents[1] / "runtime"

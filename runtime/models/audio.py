@@ -1,4 +1,4 @@
-"""Speech -> per-video-frame wav2vec2 features, computed the way InfiniteTalk computes them (spec §4.4, §5.2).
+"""Speech -> per-video-frame wav2vec2 features, computed the way InfiniteTalk computes them.
 
 The steps: librosa loads the track at 16 kHz mono; pyloudnorm brings it to -23 LUFS; the folder's
 Wav2Vec2FeatureExtractor prepares the waveform; chinese-wav2vec2-base (transformers' Wav2Vec2Model) turns it
@@ -16,10 +16,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from itk.runtime.configs import AudioConfig
-from itk.runtime.protocol import AUDIO_TYPES, SAMPLE_RATE, SILENT_SPEAKER
+from itk.runtime.protocol import AUDIO_TYPES, SAMPLE_RATE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,10 +36,10 @@ OFFICIAL = AudioConfig()
 # The key map from chinese-wav2vec2-base's checkpoint (a Wav2Vec2ForPreTraining state dict, saved before
 # torch's weight-norm parametrisations existed) to transformers' Wav2Vec2Model. Every other name is the same.
 CHECKPOINT_PREFIX = "wav2vec2."
-CHECKPOINT_RENAMES = {
+CHECKPOINT_RENAMES = MappingProxyType({
     "encoder.pos_conv_embed.conv.weight_g": "encoder.pos_conv_embed.conv.parametrizations.weight.original0",
     "encoder.pos_conv_embed.conv.weight_v": "encoder.pos_conv_embed.conv.parametrizations.weight.original1",
-}
+})
 # Pre-training heads of Wav2Vec2ForPreTraining (contrastive quantizer and projections): unused for features.
 PRETRAINING_HEADS = ("quantizer.", "project_q.", "project_hid.")
 
@@ -116,7 +117,8 @@ def _librosa_load(path: Path, sr: int) -> np.ndarray:
         raise _unreadable(path, exc) from exc
 
 
-def loudness_normalize(samples: np.ndarray, sr: int = SAMPLE_RATE, target: float = -23.0) -> np.ndarray:
+def loudness_normalize(samples: np.ndarray, sr: int = SAMPLE_RATE,
+                       target: float = OFFICIAL.target_lufs) -> np.ndarray:
     """The track scaled to `target` LUFS (BS.1770 integrated loudness), as the official preparation does.
 
     Silence measures -inf LUFS, and the official rule leaves any track with |loudness| > 100 unchanged. A
@@ -191,17 +193,6 @@ def combine_speakers(first: np.ndarray | None, second: np.ndarray | None, mode: 
     return SpeakerTracks(first, second, first + second, tuple(notes))
 
 
-def prepare_speakers(first: str | Path, second: str | Path, mode: str, cfg: AudioConfig = OFFICIAL) -> SpeakerTracks:
-    """`combine_speakers` of two files, each loaded and loudness-normalised on its own ("None": silent)."""
-
-    def read(path: str | Path):
-        if str(path) == SILENT_SPEAKER:
-            return None
-        return loudness_normalize(load_speech(path, cfg), cfg.sample_rate)
-
-    return combine_speakers(read(first), read(second), mode, cfg.sample_rate)
-
-
 def two_speaker_frames(first_samples: int, second_samples: int, mode: str, cfg: AudioConfig = OFFICIAL) -> int:
     """The video length (25 fps frames) of a two-speaker run: until both speakers are done.
 
@@ -264,7 +255,7 @@ class AudioEncoder:
         cls, folder: str | Path, device: str | torch.device = "cpu", cfg: AudioConfig = OFFICIAL
     ) -> AudioEncoder:
         """The encoder from a chinese-wav2vec2-base folder: its config, preprocessor config and the weights
-        the manifest names (only on the hub's refs/pr/1; main has just a pickle, see itk/manifest.toml).
+        the manifest names (only on the hub's refs/pr/1; main has just a pickle, see runtime/manifest.toml).
 
         The architecture and the feature extractor come from transformers (local files only). The weights go
         through our explicit key map and a strict load instead of `from_pretrained`, which would quietly
@@ -273,8 +264,8 @@ class AudioEncoder:
         import torch
         from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-        from itk.manifest import load_manifest
         from itk.runtime.loading import WeightsError, load_strict, read_state_dict
+        from itk.runtime.manifest import load_manifest
         from itk.runtime.weights import wav2vec_weights
 
         folder = Path(folder)

@@ -1,7 +1,7 @@
 """The CLIP image features the DiT needs: open-clip XLM-RoBERTa-large ViT-H/14's vision tower.
 
 Why transformers' class: `CLIPVisionModel` computes what the official VisionTransformer computes
-(runtime-spec §4.2), checked term by term and against the clip_A golden:
+(wan/modules/clip.py), checked term by term and against the clip_A golden:
 - patch conv without bias, class token first, learned absolute positions (official [1, 1, C] and
   [1, 257, C] parameters are the same numbers as transformers' [C] and [257, C]);
 - a LayerNorm on the embeddings before the blocks (official `pre_norm` = `pre_layrnorm`);
@@ -59,7 +59,7 @@ _BLOCK_KEYS = tuple(
     for kind in ("weight", "bias")
 )
 _HINT = (
-    "expected Wan2.1's open-clip XLM-RoBERTa-large ViT-H/14 checkpoint (the full CLIP, itk/manifest.toml role "
+    "expected Wan2.1's open-clip XLM-RoBERTa-large ViT-H/14 checkpoint (the full CLIP, runtime/manifest.toml role "
     "clip); "
     "fetch it again with `itk fetch`"
 )
@@ -126,14 +126,15 @@ class CLIPVision(nn.Module):
 
 
 def load_clip(
-    path: str | Path, cfg: CLIPConfig, dtype: torch.dtype, device: torch.device | str
+    path: str | Path, cfg: CLIPConfig, *, dtype: torch.dtype, device: torch.device | str
 ) -> CLIPVision:
     """The vision tower from the official full-CLIP file, built on meta and filled once in `dtype`."""
     with torch.device("meta"):
         clip = CLIPVision(cfg)
     state = read_state_dict(path)
     expected = official_clip_visual_keys(cfg)
-    mapped = remap(state, CLIP_KEY_MAP, expected, clip.model, str(path), _HINT, ignore=_UNUSED.fullmatch)
+    mapped = remap(state, CLIP_KEY_MAP, expected=expected, module=clip.model, source=str(path), hint=_HINT,
+                   ignore=_UNUSED.fullmatch)
     load_strict(clip.model, mapped, str(path), dtype=dtype, device=device)
     clip.init_non_persistent(device)
     return clip.eval().requires_grad_(False)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itk.runtime.attention import attention
+from itk.runtime.attention import SDPA, Attention
 from itk.runtime.configs import DiTConfig
 from itk.runtime.loading import (
     MappedFile,
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # (tokens, e0, context, audio tokens, grid, rope, speaker masks) -> tokens: what runs the blocks of one forward.
 BlockRunner = Callable[..., torch.Tensor]
 
-# Two-speaker L-RoPE (runtime-spec §3.8): each visual token gets a 1-D position inside its speaker's range
+# Two-speaker L-RoPE: each visual token gets a 1-D position inside its speaker's range
 # (from the reference-target map), the background sits between them, and each speaker's audio tokens sit at
 # the centre of their range, so a query attends most to the audio of the speaker it belongs to.
 SPEAKER_RANGES = ((0.0, 4.0), (20.0, 24.0))
@@ -151,9 +151,10 @@ def qk_norm(dim: int, eps: float, on: bool) -> nn.Module:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, norm: bool):
+    def __init__(self, dim: int, num_heads: int, *, eps: float, norm: bool, attention: Attention = SDPA):
         super().__init__()
         self.num_heads = num_heads
+        self.attention = attention
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = qk_norm(dim, eps, norm)
         self.norm_k = qk_norm(dim, eps, norm)
@@ -175,19 +176,20 @@ class SelfAttention(nn.Module):
         q, k = rope_apply(q, *rope).type_as(v), rope_apply(k, *rope).type_as(v)
         if shard is not None:
             q, k, v = shard.scatter_heads(q), shard.scatter_heads(k), shard.scatter_heads(v)
-        out = attention(q, k, v)
-        ref_map = None if speaker_masks is None else reference_target_map(q, k, speaker_masks)
+        out = self.attention(q, k, v)
+        ref_map = None if speaker_masks is None else reference_target_map(q, k, speaker_masks,
+                                                                          attention=self.attention)
         if shard is not None:
             out = shard.gather_heads(out)
             ref_map = None if ref_map is None else shard.mean_over_heads(ref_map)
         return self.o(out.flatten(2)), ref_map
 
 
-def reference_target_map(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor,
-                         chunk: int = MAP_QUERY_CHUNK) -> torch.Tensor:
+def reference_target_map(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor, chunk: int = MAP_QUERY_CHUNK, *,
+                         attention: Attention = SDPA) -> torch.Tensor:
     """[3, L] float32: for every visual token and class c of `masks` [3, F] (speaker 1, speaker 2,
     background over the F = N_h*N_w tokens of latent frame 0), the softmax mass its query puts on the class's
-    keys of frame 0, divided by the class size and averaged over the heads (runtime-spec §3.9).
+    keys of frame 0, divided by the class size and averaged over the heads.
 
     q, k: [1, L, N, d] after RoPE. The official code materialises softmax(q k^T) per half of the heads;
     the sum of softmax weights over masked keys is an attention whose values are the masks, so this runs
@@ -209,9 +211,11 @@ def reference_target_map(q: torch.Tensor, k: torch.Tensor, masks: torch.Tensor,
 class ImageTextCrossAttention(nn.Module):
     """Queries attend to the text tokens and, separately, to the CLIP image tokens; the two are summed."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float, image_tokens: int, norm: bool):
+    def __init__(self, dim: int, num_heads: int, *, eps: float, image_tokens: int, norm: bool,
+                 attention: Attention = SDPA):
         super().__init__()
         self.num_heads = num_heads
+        self.attention = attention
         self.image_tokens = image_tokens
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = qk_norm(dim, eps, norm)
@@ -225,17 +229,18 @@ class ImageTextCrossAttention(nn.Module):
         image, text = context[:, : self.image_tokens], context[:, self.image_tokens :]
         q = self.norm_q(self.q(x)).view(b, -1, n, x.shape[-1] // n)
         heads = lambda t: t.view(b, -1, n, q.shape[-1])  # noqa: E731
-        out = attention(q, heads(self.norm_k(self.k(text))), heads(self.v(text)))
-        out_img = attention(q, heads(self.norm_k_img(self.k_img(image))), heads(self.v_img(image)))
+        out = self.attention(q, heads(self.norm_k(self.k(text))), heads(self.v(text)))
+        out_img = self.attention(q, heads(self.norm_k_img(self.k_img(image))), heads(self.v_img(image)))
         return self.o((out + out_img).flatten(2))
 
 
 class AudioCrossAttention(nn.Module):
     """InfiniteTalk's per-latent-frame attention: frame i's visual tokens attend to frame i's audio tokens."""
 
-    def __init__(self, dim: int, audio_dim: int, num_heads: int):
+    def __init__(self, dim: int, audio_dim: int, num_heads: int, *, attention: Attention = SDPA):
         super().__init__()
         self.num_heads = num_heads
+        self.attention = attention
         self.q_linear = nn.Linear(dim, dim)
         self.kv_linear = nn.Linear(audio_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -264,7 +269,7 @@ class AudioCrossAttention(nn.Module):
         before, after = (0, 0) if shard is None else shard.frame_padding
         if before or after:
             q = F.pad(q, (0, 0, 0, 0, before, after))
-        out = attention(q.view(-1, frame_tokens, n, d), k, v)  # [T, frame_tokens, N, d]
+        out = self.attention(q.view(-1, frame_tokens, n, d), k, v)  # [T, frame_tokens, N, d]
         out = out.reshape(b, -1, dim)[:, before : before + seq]
         return self.proj(out)
 
@@ -322,17 +327,18 @@ class FeedForward(nn.Sequential):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, *, attention: Attention = SDPA):
         super().__init__()
         dim, eps = cfg.dim, cfg.eps
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(dim, cfg.num_heads, eps, cfg.qk_norm)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, eps=eps, norm=cfg.qk_norm, attention=attention)
         self.norm3 = LayerNorm(dim, eps) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = ImageTextCrossAttention(dim, cfg.num_heads, eps, cfg.image_tokens, cfg.qk_norm)
+        self.cross_attn = ImageTextCrossAttention(dim, cfg.num_heads, eps=eps, image_tokens=cfg.image_tokens,
+                                                  norm=cfg.qk_norm, attention=attention)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, cfg.ffn_dim)
-        self.audio_cross_attn = AudioCrossAttention(dim, cfg.audio_output_dim, cfg.num_heads)
+        self.audio_cross_attn = AudioCrossAttention(dim, cfg.audio_output_dim, cfg.num_heads, attention=attention)
         self.norm_x = LayerNorm(dim, eps) if cfg.norm_input_visual else nn.Identity()
 
     def forward(
@@ -347,11 +353,12 @@ class Block(nn.Module):
         shard: Shard | None = None,  # sequence parallel: x and rope hold this rank's tokens (grid: all of them)
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
-        y, ref_map = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope, speaker_masks,
-                                    shard)
+        y, ref_map = self.self_attn((self.norm1(x).float() * (1 + scale1) + shift1).type_as(x), rope,
+                                    speaker_masks=speaker_masks, shard=shard)
         x = (x.float() + y.float() * gate1).type_as(x)
         x = x + self.cross_attn(self.norm3(x), context)
-        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, grid[1] * grid[2], ref_map, shard)
+        x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frame_tokens=grid[1] * grid[2], ref_map=ref_map,
+                                      shard=shard)
         y = self.ffn((self.norm2(x).float() * (1 + scale2) + shift2).type_as(x))
         return (x.float() + y.float() * gate2).type_as(x)
 
@@ -414,12 +421,15 @@ def gather_audio_windows(audio: torch.Tensor, vae_scale: int) -> tuple[torch.Ten
 
 
 class InfiniteTalkDiT(nn.Module):
-    # Several GPUs (runtime/parallel.py): set by the engine under sequence parallel; None runs on one.
-    parallel: Parallel | None = None
+    """The denoiser. attention: the kernel every attention of its blocks runs (runtime/attention.py; SDPA by
+    default). parallel: on several GPUs, this rank's place (runtime/parallel.py: under sequence parallel each
+    rank runs the blocks on its share of the tokens); None on one."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, *, attention: Attention = SDPA, parallel: Parallel | None = None):
         super().__init__()
         self.cfg = cfg
+        self.attention = attention
+        self.parallel = parallel
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
@@ -427,7 +437,7 @@ class InfiniteTalkDiT(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, attention=attention) for _ in range(cfg.num_layers))
         self.head = Head(dim, cfg.out_dim * math.prod(cfg.patch_size), cfg.eps)
         self.img_emb = nn.Module()
         self.img_emb.proj = nn.Sequential(
@@ -518,9 +528,13 @@ def two_speaker_masks(speakers: int, masks: torch.Tensor | None, grid: tuple[int
     return masks.to(device)
 
 
-def load_dit(paths: list[Path], cfg: DiTConfig, dtype: torch.dtype = torch.bfloat16, device="cpu") -> InfiniteTalkDiT:
+def load_dit(paths: list[Path], cfg: DiTConfig, *, dtype: torch.dtype = torch.bfloat16,
+             device: torch.device | str = "cpu", attention: Attention = SDPA,
+             parallel: Parallel | None = None) -> InfiniteTalkDiT:
+    """The InfiniteTalk DiT from its official files (the base model's shards, then the InfiniteTalk adapter),
+    its attentions run by `attention`, on this rank's share of a multi-GPU run (`parallel`)."""
     with torch.device("meta"):
-        model = InfiniteTalkDiT(cfg)
+        model = InfiniteTalkDiT(cfg, attention=attention, parallel=parallel)
     source = ", ".join(str(p) for p in paths)
     load_strict(model, read_state_dicts(paths), source, dtype=dtype, device=device)
     model.rope = rope_table(cfg.head_dim)
@@ -528,24 +542,26 @@ def load_dit(paths: list[Path], cfg: DiTConfig, dtype: torch.dtype = torch.bfloa
 
 
 def load_dit_fp8(
-    path: Path, map_path: Path, cfg: DiTConfig, dtype: torch.dtype, device: torch.device | str, kernel: FP8Kernel
+    path: Path, map_path: Path, cfg: DiTConfig, *, dtype: torch.dtype, device: torch.device | str,
+    kernel: FP8Kernel, attention: Attention = SDPA, parallel: Parallel | None = None,
 ) -> tuple[InfiniteTalkDiT, MappedFile]:
     """The complete InfiniteTalk DiT from the official FP8 file (the manifest's fp8 DiT) + its map.
 
     Returns the model and the file behind it (for a streamer to pread the bytes of CPU-resident blocks).
     On the CPU the FP8 weights stay views of the memory-mapped file until something reads them. Every FP8
-    layer computes with `kernel`. The caller resolves `map_path` (through the manifest).
+    layer computes with `kernel`, every attention with `attention`; `parallel` as for `load_dit`. The caller
+    resolves `map_path` (through the manifest).
     """
     path = Path(path)
     qmap = read_quant_map(map_path)
     with torch.device("meta"):
-        model = InfiniteTalkDiT(cfg)
+        model = InfiniteTalkDiT(cfg, attention=attention, parallel=parallel)
     modules = dict(model.named_modules())
     for name in qmap:
         if not isinstance(modules.get(name), nn.Linear):
             raise WeightsError(f"{path}: the map names {name}, which is not a Linear layer of this model")
     swap_linears(model, qmap, kernel)
     raw, mapped = map_file(path)
-    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype, device)
+    assign_quantized(model, quantized_state(raw, qmap, str(path)), str(path), dtype=dtype, device=device)
     model.rope = rope_table(cfg.head_dim)
     return model.eval().requires_grad_(False), mapped

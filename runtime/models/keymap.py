@@ -38,6 +38,7 @@ def _first(keys: list[str]) -> str:
 def remap(
     state: Mapping[str, torch.Tensor],
     rules: Iterable[Rule],
+    *,
     expected: Iterable[str],
     module: nn.Module,
     source: str,

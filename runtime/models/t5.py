@@ -1,6 +1,6 @@
 """umT5-XXL text encoder on transformers' `UMT5Stack`, loading the official bf16 file as is.
 
-Why transformers' class: the official encoder (runtime-spec §4.1) and `UMT5Stack` compute the same thing,
+Why transformers' class: the official encoder (wan/modules/t5.py) and `UMT5Stack` compute the same thing,
 checked term by term and against the t5_A golden (bit-identical in float32 with eager attention):
 - no 1/sqrt(d) scaling of the attention logits (UMT5Attention.scaling is 1.0);
 - a relative-position embedding in EVERY layer (umT5, unlike T5, does not share layer 0's), bidirectional,
@@ -130,29 +130,31 @@ class T5Encoder(nn.Module):
 
 
 def t5_from_state(
-    state: dict[str, torch.Tensor], source: str, cfg: T5Config, dtype: torch.dtype, device: torch.device | str
+    state: dict[str, torch.Tensor], source: str, cfg: T5Config, *, dtype: torch.dtype, device: torch.device | str
 ) -> T5Encoder:
     """The encoder from an official-key state dict, built on meta and filled once in `dtype` on `device`."""
     with torch.device("meta"):
         encoder = T5Encoder(cfg)
-    mapped = remap(state, T5_KEY_MAP, official_t5_keys(cfg), encoder.model, source, _HINT)
+    mapped = remap(state, T5_KEY_MAP, expected=official_t5_keys(cfg), module=encoder.model, source=source,
+                   hint=_HINT)
     load_strict(encoder.model, mapped, source, dtype=dtype, device=device)
     return encoder.eval().requires_grad_(False)
 
 
-def load_t5(path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
+def load_t5(path: str | Path, cfg: T5Config, *, dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
     """The encoder from the official bf16 `.pth`."""
-    return t5_from_state(read_state_dict(path), str(path), cfg, dtype, device)
+    return t5_from_state(read_state_dict(path), str(path), cfg, dtype=dtype, device=device)
 
 
 def load_t5_fp8(
-    path: str | Path, map_path: str | Path, cfg: T5Config, dtype: torch.dtype, device: torch.device | str
+    path: str | Path, map_path: str | Path, cfg: T5Config, *, dtype: torch.dtype, device: torch.device | str
 ) -> T5Encoder:
     """The encoder from the official FP8 T5 file + its map, dequantised to `dtype`.
 
     The T5 runs once per job, so its weights are dequantised at load rather than kept in FP8.
     """
-    return t5_from_state(dequantized_state(Path(path), Path(map_path), dtype, device), str(path), cfg, dtype, device)
+    state = dequantized_state(Path(path), Path(map_path), dtype=dtype, device=device)
+    return t5_from_state(state, str(path), cfg, dtype=dtype, device=device)
 
 
 def clean_prompt(text: str) -> str:

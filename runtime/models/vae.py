@@ -58,7 +58,6 @@ LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.55
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
 LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
-MEMORY_FRAMES = 2  # a kernel-3 causal conv needs the 2 frames before a chunk
 FIRST_CHUNK = "first"  # memory marker of a temporal upsampler that has seen only the first chunk
 FAST_FORMAT = torch.channels_last_3d
 NORM_ELEMENTS = 4096  # values per Triton program of the norm+SiLU kernel (rows of C contiguous channels)
@@ -537,8 +536,8 @@ class WanVAE(nn.Module):
         return video.clamp_(-1, 1) if clamp else video
 
 
-def load_vae(path: str | Path, cfg: VAEConfig, dtype: torch.dtype = torch.float32, device="cpu",
-             fast: bool | None = None) -> WanVAE:
+def load_vae(path: str | Path, cfg: VAEConfig, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu", fast: bool | None = None) -> WanVAE:
     """The VAE with weights (and so convolutions and activations) in `dtype`; encode/decode take and return
     float32 either way. float32 is the official choice and the default; bfloat16 halves the activation
     memory and runs the convolutions on the tensor cores, at about 1e-2 relative error (tests/test_vae.py).

@@ -1,0 +1,493 @@
+"""`itk batch`: many videos on one machine, one warm generator per GPU, every job's state in a durable store.
+
+The jobs go into the output folder's store (itk.store); one worker per GPU (`python -m itk.runtime.worker`,
+the generator in a job loop that keeps its models loaded) takes them one after another, each planned and
+checked like `itk run` (itk.run.plan_run) right before it runs. A job's bad input fails that job only; a
+worker that crashes (or runs out of memory) fails its job with the advice rules' verdict and is started again
+for the next one. Killed at any moment, the same command carries on: done jobs are skipped, a job that was
+running resumes from its last finished clip (the generator's resume state), and a job whose video was already
+written when the batch died is recorded as done without being made again.
+
+Nothing here prints: `run_batch` returns a BatchResult and reports progress through `on_change`; the console
+renders both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from itk.jobfile import BatchJob, read_job_file
+from itk.runtime.protocol import (
+    CANCEL_JOB_SIGNAL,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MISSING_WEIGHTS,
+    EXIT_OK,
+    UserError,
+    job_request,
+)
+from itk.store import JobRecord, JobStore
+
+WORKER = [sys.executable, "-m", "itk.runtime.worker"]
+LOCK_FILE = ".itk-batch.lock"
+RECOVERED = "its runner stopped before it ended: resumed from its last finished clip"
+
+
+def worker_label(gpu: int | None) -> str:
+    return "CPU" if gpu is None else f"GPU {gpu}"
+
+
+def batch_gpus(value: str | None) -> list[int | None]:
+    """The GPUs of `--gpus all|N` (default all): their indices, or [None] for one worker on the CPU when this
+    machine has no usable NVIDIA GPU. A count above the GPUs present is refused."""
+    from itk.launch import usable_gpus
+
+    present = usable_gpus()
+    if value is None or str(value).strip().lower() in ("all", "auto"):
+        return list(range(present)) or [None]
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise UserError(f"--gpus {value}: expected all or a count of 1 or more", "e.g. --gpus 2", EXIT_BAD_INPUT)
+    if present == 0:
+        if count > 1:
+            raise UserError(f"--gpus {count}: this machine has no usable NVIDIA GPU", "leave out --gpus (one worker "
+                            "runs on the CPU: tiny test weights only)", EXIT_BAD_INPUT)
+        return [None]
+    if count > present:
+        raise UserError(f"--gpus {count}: this machine has {present} usable GPU(s)", f"--gpus {present} or --gpus all",
+                        EXIT_BAD_INPUT)
+    return list(range(count))
+
+
+@dataclass
+class WorkerView:
+    """What one worker is doing, for the display."""
+
+    label: str
+    job: str | None = None
+    clip: int = 0
+    clips: int = 0
+    step: int = 0
+    steps: int = 0
+    stage: str = "starting"
+    restarts: int = 0
+
+
+@dataclass
+class BatchResult:
+    """How a batch ended: every job of its file as recorded, and whether it was stopped."""
+
+    folder: Path
+    jobs: list[JobRecord]
+    elapsed_s: float
+    interrupted: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = {"done": 0, "failed": 0, "queued": 0, "running": 0, "cancelled": 0}
+        for job in self.jobs:
+            out[job.state] = out.get(job.state, 0) + 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_OK if all(j.state in ("done", "cancelled") for j in self.jobs) else EXIT_FAILED
+
+    def to_json(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "elapsed_s": round(self.elapsed_s, 1), "interrupted": self.interrupted,
+                "counts": self.counts, "exit_code": self.exit_code, "jobs": [j.to_json() for j in self.jobs]}
+
+
+@dataclass
+class Batch:
+    """One `itk batch` run: the store, the jobs of this file, the workers and what the display reads."""
+
+    folder: Path
+    store: JobStore
+    jobs: dict[str, BatchJob]
+    gpus: list[int | None]
+    preset: str | None = None
+    weights_dir: Path | None = None
+    on_change: Callable[[Batch], None] = lambda batch: None
+    views: list[WorkerView] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
+    job_times: list[float] = field(default_factory=list)  # seconds per job finished by this run
+    slots: list[WorkerSlot] = field(default_factory=list)
+    startup_failure: Path | None = None  # a worker's log when it died before it was ready
+
+    def spec_for(self, name: str) -> Any:
+        from itk.spec import RunSpec
+
+        job = self.jobs[name]
+        return RunSpec(job=job.job, output=self.folder / f"{name}.mp4", preset=job.preset or self.preset,
+                       settings=job.settings, gpus=1, weights_dir=self.weights_dir)
+
+    def counts(self) -> dict[str, int]:
+        return self.store.counts(names=self.jobs)
+
+    def eta_s(self) -> float | None:
+        """Seconds until every queued and running job is done, from this batch's own finished jobs."""
+        if not self.job_times:
+            return None
+        counts = self.counts()
+        left = counts["queued"] + counts["running"]
+        return mean(self.job_times) * left / max(1, len(self.views))
+
+    def changed(self) -> None:
+        self.on_change(self)
+
+
+class WorkerSlot:
+    """One GPU's warm worker, and the jobs it takes from the store one after another, in a thread."""
+
+    def __init__(self, batch: Batch, gpu: int | None, view: WorkerView) -> None:
+        self.batch, self.gpu, self.view = batch, gpu, view
+        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.supervisor: Any = None
+        self.current: str | None = None
+        self.cancelled: set[str] = set()
+        self.ended = threading.Event()  # set as the job loop ends
+        self.thread = threading.Thread(target=self.work, name=f"itk-batch-{view.label}", daemon=True)
+
+    # --- the worker process -------------------------------------------------------------------------------
+    def start_worker(self) -> bool:
+        """Start the worker (its Supervisor runs in a thread that lives as long as it: the worker's parent-death
+        signal is tied to that thread) and wait until it is ready; False if it died first."""
+        from itk.run import child_env
+        from itk.supervisor import Supervisor
+
+        env = child_env()
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
+        log = self.batch.folder / "workers" / f"{self.view.label.replace(' ', '-').lower()}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.events = queue.Queue()
+        self.supervisor = Supervisor(list(WORKER), log, env=env, on_event=self.events.put, fed=True,
+                                     job_log=lambda job: self.batch.folder / f"{job}.run" / "generate.log")
+        outcome: list[Any] = []
+
+        def run() -> None:
+            outcome.append(self.supervisor.run())
+            self.events.put(None)
+
+        threading.Thread(target=run, name=f"itk-worker-{self.view.label}", daemon=True).start()
+        self.view.stage = "starting the generator"
+        self.batch.changed()
+        while True:
+            event = self.events.get()
+            if event is None:
+                return False
+            if event.get("event") == "ready":
+                self.view.stage = "ready"
+                return True
+
+    # --- the job loop -------------------------------------------------------------------------------------
+    def work(self) -> None:
+        ready = False
+        try:
+            while not self.batch.stopping.is_set():
+                record = self.batch.store.claim(self.view.label, self.batch.jobs)
+                if record is None:
+                    break
+                self.current = record.name
+                self.view.job, self.view.clip, self.view.step = record.name, 0, 0
+                self.batch.changed()
+                if not ready:
+                    ready = self.start_worker()
+                    if not ready:
+                        self.view.restarts += 1
+                        self.batch.store.requeue(record.name, "the worker could not start")
+                        self.batch.stopping.set()
+                        self.batch.startup_failure = self.supervisor.log_path
+                        break
+                ready = self.run_job(record)
+        finally:
+            self.current = None
+            self.view.job, self.view.stage = None, "stopped"
+            if self.supervisor is not None:
+                self.supervisor.close_input()
+            self.batch.changed()
+            self.ended.set()
+
+    def run_job(self, record: JobRecord) -> bool:
+        """Plan and run one job on the worker; record how it ended. Returns whether the worker is still ready."""
+        from itk.run import output_lock, plan_run
+
+        store, name = self.batch.store, record.name
+        try:
+            plan = plan_run(self.batch.spec_for(name))
+            plan.require_weights()
+        except UserError as exc:
+            store.fail(name, exc.message, exc.fix, exc.exit_code)
+            return True
+        try:
+            with output_lock(plan):
+                plan.write_job()
+                plan.log_path.write_text(f"# itk batch, {self.view.label}: {plan.command_line}\n", encoding="utf-8")
+                return self.follow(plan, record)
+        except UserError as exc:  # the output is being written by another itk run
+            store.fail(name, exc.message, exc.fix, exc.exit_code)
+            return True
+
+    def follow(self, plan: Any, record: JobRecord) -> bool:
+        from itk.checks.ram import read_cgroup
+        from itk.run import explain_failure, video_seconds
+
+        store, name = self.batch.store, record.name
+        kills_before = read_cgroup().oom_kills
+        if not self.supervisor.send(job_request(name, plan.flags)):
+            store.requeue(name, "the worker was gone before the job was sent")
+            return False
+        events: list[dict[str, Any]] = []
+        started, first_step = time.monotonic(), None
+        while True:
+            event = self.events.get()
+            if event is None:  # the worker died with this job
+                return self.worker_died(plan, record, events, kills_before)
+            if event.get("job") != name:
+                continue
+            events.append(event)
+            kind = event.get("event")
+            if kind == "step":
+                if first_step is None:
+                    first_step = time.monotonic() - started
+                    store.progress(name, setup_s=round(first_step, 2))
+                self.view.clip, self.view.step = int(event.get("clip") or 0), int(event.get("step") or 0)
+                self.view.steps, self.view.stage = int(event.get("steps") or 0), "generating"
+                store.progress(name, clip=self.view.clip, step=self.view.step, steps=self.view.steps)
+            elif kind == "clip":
+                self.view.clip, self.view.clips = int(event.get("clip") or 0), int(event.get("clips") or 0)
+                store.progress(name, clip=self.view.clip, clips=self.view.clips)
+            elif kind == "stage":
+                self.view.stage = str(event.get("stage") or "")
+            elif kind == "done":
+                video = Path(event.get("path") or plan.output)
+                seconds = video_seconds(video) if video.is_file() else None
+                if seconds is None:
+                    store.fail(name, f"the generator said done but {video} is not a readable video",
+                               "run the job again; if it repeats, report it with its log", EXIT_FAILED)
+                else:
+                    store.finish(name, video, seconds, note=resume_note(events))
+                    self.batch.job_times.append(time.monotonic() - started)
+                self.batch.changed()
+                return True
+            elif kind == "error":
+                code = int(event.get("exit_code") or EXIT_FAILED)
+                if code == EXIT_INTERRUPTED:
+                    if name in self.cancelled:
+                        store.cancel(name)
+                    else:
+                        store.requeue(name, "interrupted: resumes from its last finished clip")
+                elif code in (EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS):
+                    store.fail(name, str(event.get("message") or "bad input"), str(event.get("fix") or ""), code)
+                else:
+                    log_text = plan.log_path.read_text(encoding="utf-8", errors="replace")
+                    verdict = explain_failure(plan, log_text=log_text, returncode=code, events=events,
+                                              oom_kills_before=kills_before)
+                    store.fail(name, verdict.diagnosis, verdict.fixes[0] if verdict.fixes else "", EXIT_FAILED)
+                self.batch.changed()
+                return True
+            self.batch.changed()
+
+    def worker_died(self, plan: Any, record: JobRecord, events: list[dict[str, Any]],
+                    kills_before: int | None) -> bool:
+        """The worker ended during the job: stopped by us (the job goes back to the queue), or crashed (the job
+        fails with the advice rules' verdict; the next job starts a new worker)."""
+        from itk.run import explain_failure
+
+        store, name = self.batch.store, record.name
+        outcome_code = self.supervisor.proc.returncode if self.supervisor.proc is not None else None
+        if self.batch.stopping.is_set() or outcome_code == EXIT_INTERRUPTED:
+            if name in self.cancelled:
+                store.cancel(name)
+            else:
+                store.requeue(name, "interrupted: resumes from its last finished clip")
+            return False
+        self.view.restarts += 1
+        log_text = plan.log_path.read_text(encoding="utf-8", errors="replace") if plan.log_path.is_file() else ""
+        verdict = explain_failure(plan, log_text=log_text, returncode=outcome_code or EXIT_FAILED, events=events,
+                                  oom_kills_before=kills_before)
+        store.fail(name, f"the worker crashed: {verdict.diagnosis}", verdict.fixes[0] if verdict.fixes else "",
+                   EXIT_FAILED)
+        self.batch.changed()
+        return False
+
+    # --- stopping -----------------------------------------------------------------------------------------
+    def cancel_job(self, name: str) -> None:
+        """Stop `name` if this worker runs it (the worker stays, warm, for the next job)."""
+        if self.current == name and self.supervisor is not None:
+            self.cancelled.add(name)
+            self.supervisor.signal_child(CANCEL_JOB_SIGNAL)
+
+    def stop(self) -> None:
+        """Stop the job in progress and the worker, as Ctrl-C does (the job keeps its resume state)."""
+        if self.supervisor is not None:
+            self.supervisor.cancel()
+
+    def kill(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.kill()
+
+
+def resume_note(events: list[dict[str, Any]]) -> str | None:
+    resumed = next((e for e in events if e.get("event") == "stage" and e.get("stage") == "resume"), None)
+    return f"resumed at clip {resumed.get('from_clip')}" if resumed else None
+
+
+def recover_finished(store: JobStore, folder: Path, names: list[str]) -> None:
+    """Jobs a dead runner left `running` go back to the queue; one whose video was completely written after it
+    started (the runner died between the file and the record) is done, never made twice."""
+    from itk.run import video_seconds
+
+    for name in store.recover(RECOVERED):
+        record = store.get(name)
+        video = folder / f"{name}.mp4"
+        if record is None or name not in names or not video.is_file() or record.started is None:
+            continue
+        if video.stat().st_mtime >= record.started - 1 and (seconds := video_seconds(video)) is not None:
+            claimed = store.claim("recovery", [name])
+            if claimed is not None:
+                store.finish(name, video, seconds, note="its video was written before its runner stopped")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """One batch per output folder (an OS lock the kernel drops when its holder dies, so a killed batch never
+    blocks the next); the holder's pid is written beside it for the refusal to name."""
+    from filelock import FileLock, Timeout
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, owner = FileLock(folder / LOCK_FILE, timeout=0), folder / (LOCK_FILE + ".pid")
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = f"pid {int(owner.read_text().strip())}"
+        except (OSError, ValueError):
+            holder = "pid not yet recorded"
+        raise UserError(f"{folder} is being worked on by another itk batch ({holder})",
+                        f"wait for it, look at it with `itk batch --status {folder}`, or use another --out",
+                        EXIT_BAD_INPUT) from None
+    try:
+        owner.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def prepare(jobs_file: Path, *, out: Path, preset: str | None) -> list[BatchJob]:
+    """The job file read and checked as a whole (UserError listing every bad line), and the preset name."""
+    from itk.presets import resolve_preset
+
+    if preset is not None:
+        resolve_preset(preset)  # an unknown name is refused before anything runs
+    return read_job_file(jobs_file)
+
+
+def run_batch(jobs_file: Path, *, out: Path, gpus: str | None = None, preset: str | None = None,
+              weights_dir: Path | None = None, on_change: Callable[[Batch], None] | None = None) -> BatchResult:
+    """Run every job of `jobs_file` not yet done into `out`; returns when all have ended, or after a Ctrl-C (a
+    second one stops at once). Prints nothing."""
+    out = out.absolute()
+    jobs = prepare(jobs_file, out=out, preset=preset)
+    devices = batch_gpus(gpus)
+    with folder_lock(out):
+        store = JobStore.open(out)
+        try:
+            for position, job in enumerate(jobs, 1):
+                store.add(job.name, job.to_json(), job.fingerprint, position)
+            recover_finished(store, out, [j.name for j in jobs])
+            batch = Batch(folder=out, store=store, jobs={j.name: j for j in jobs}, gpus=devices, preset=preset,
+                          weights_dir=weights_dir, on_change=on_change or (lambda b: None))
+            interrupted = drive(batch)
+            return BatchResult(out, store.jobs(names=batch.jobs), time.monotonic() - batch.started, interrupted)
+        finally:
+            store.close()
+
+
+def drive(batch: Batch) -> bool:
+    """Start a slot per GPU and wait for them; Ctrl-C (or SIGTERM/SIGHUP) stops cleanly, a second one at once.
+    Returns whether it was stopped."""
+    batch.views = [WorkerView(worker_label(gpu)) for gpu in batch.gpus]
+    batch.slots = [WorkerSlot(batch, gpu, view) for gpu, view in zip(batch.gpus, batch.views, strict=True)]
+    previous = trap_stops()
+    interrupted = False
+    try:
+        for slot in batch.slots:
+            slot.thread.start()
+        try:
+            wait_for(batch.slots)
+        except KeyboardInterrupt:
+            interrupted = True
+            batch.stopping.set()
+            for slot in batch.slots:
+                slot.stop()
+            batch.changed()
+            try:
+                wait_for(batch.slots)
+            except KeyboardInterrupt:
+                for slot in batch.slots:
+                    slot.kill()
+                wait_for(batch.slots)
+    finally:
+        restore(previous)
+    return interrupted
+
+
+def wait_for(slots: list[WorkerSlot]) -> None:
+    """Until every slot's job loop has ended. Not Thread.join: a Ctrl-C arriving inside join() leaves CPython 3.11
+    believing the thread has ended while it still runs (its state lock is released on the way out)."""
+    for slot in slots:
+        while not slot.ended.wait(0.2):
+            pass
+
+
+def trap_stops() -> dict[int, Any]:
+    """SIGTERM and SIGHUP to the batch unwind like Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def batch_status(folder: Path) -> list[JobRecord]:
+    """Every job of the store in `folder` (for `itk batch --status`, from another terminal while it runs)."""
+    from itk.store import StoreError
+
+    try:
+        store = JobStore.open(folder.absolute(), create=False)
+    except StoreError as exc:
+        raise UserError(str(exc), f"give the --out folder of an itk batch (it holds {folder.name}/itk-jobs.sqlite)",
+                        EXIT_BAD_INPUT) from None
+    try:
+        return store.jobs()
+    finally:
+        store.close()
+

@@ -1,0 +1,175 @@
+"""The durable job store and the job file of `itk batch`: states that survive the process, a job never taken
+twice, a changed job made again, and every bad line of a job file named with its number before anything runs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+import pytest
+from run_media import write_image, write_wav
+
+from itk.jobfile import read_job_file
+from itk.runtime.protocol import UserError
+from itk.store import STORE_FILE, JobStore, StoreError
+
+
+def store_in(folder: Path) -> JobStore:
+    return JobStore.open(folder)
+
+
+def test_a_job_added_twice_is_one_job_and_a_finished_one_stays_finished(tmp_path):
+    store = store_in(tmp_path)
+    assert store.add("a", {"x": 1}, "f1") == "new"
+    assert store.add("a", {"x": 1}, "f1") == "queued"
+    job = store.claim("GPU 0")
+    assert job is not None and job.name == "a" and job.state == "running" and job.attempts == 1
+    store.finish("a", tmp_path / "a.mp4", 3.2)
+    assert store.add("a", {"x": 1}, "f1") == "done" and store.claim("GPU 0") is None
+    assert store.get("a").state == "done" and store.get("a").video_s == 3.2
+
+
+def test_a_job_changed_under_the_same_name_is_queued_again_with_a_note(tmp_path):
+    store = store_in(tmp_path)
+    store.add("a", {"x": 1}, "f1")
+    store.claim("GPU 0")
+    store.finish("a", tmp_path / "a.mp4", 3.2)
+    assert store.add("a", {"x": 2}, "f2") == "changed"
+    job = store.get("a")
+    assert job.state == "queued" and job.spec_data == {"x": 2} and "changed" in job.note and job.output is None
+
+
+def test_a_failed_job_is_tried_again_by_the_next_run_and_keeps_its_error_in_the_note(tmp_path):
+    store = store_in(tmp_path)
+    store.add("a", {}, "f")
+    store.claim("CPU")
+    store.fail("a", "cond_video x.png: file not found", "check the path", 2)
+    failed = store.get("a")
+    assert (failed.state, failed.error, failed.fix, failed.exit_code) == ("failed", "cond_video x.png: file not "
+                                                                         "found", "check the path", 2)
+    assert store.add("a", {}, "f") == "retry" and "file not found" in store.get("a").note
+
+
+def test_jobs_are_taken_in_their_position_order_and_only_from_the_names_asked_for(tmp_path):
+    store = store_in(tmp_path)
+    for position, name in [(3, "c"), (1, "a"), (2, "b")]:
+        store.add(name, {}, name, position)
+    assert store.claim("w", ["b", "c"]).name == "b"
+    assert [store.claim("w").name for _ in range(2)] == ["a", "c"] and store.claim("w") is None
+
+
+def test_running_jobs_left_by_a_dead_runner_are_queued_again_by_recover(tmp_path):
+    store = store_in(tmp_path)
+    store.add("a", {}, "f")
+    store.claim("GPU 1")
+    store.close()
+    again = store_in(tmp_path)  # a new process would open it like this
+    assert again.recover("its runner stopped") == ["a"]
+    job = again.get("a")
+    assert job.state == "queued" and job.worker is None and job.note == "its runner stopped" and job.attempts == 1
+
+
+def claim_all(folder: str, worker: str, found: multiprocessing.Queue) -> None:
+    store = JobStore.open(Path(folder))
+    while (job := store.claim(worker)) is not None:
+        found.put(job.name)
+    found.put(None)
+
+
+def test_two_processes_claiming_at_once_never_take_the_same_job(tmp_path):
+    store = store_in(tmp_path)
+    for n in range(60):
+        store.add(f"j{n:02d}", {}, str(n))
+    found: multiprocessing.Queue = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=claim_all, args=(str(tmp_path), f"w{i}", found)) for i in range(2)]
+    for p in procs:
+        p.start()
+    names, ended = [], 0
+    while ended < 2:
+        item = found.get(timeout=60)
+        ended += item is None
+        if item is not None:
+            names.append(item)
+    for p in procs:
+        p.join(10)
+    assert sorted(names) == [f"j{n:02d}" for n in range(60)]
+
+
+def test_the_store_is_sqlite_in_wal_mode_in_the_output_folder(tmp_path):
+    store_in(tmp_path).add("a", {}, "f")
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_reading_a_folder_without_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="holds no itk job store"):
+        JobStore.open(tmp_path, create=False)
+    (tmp_path / STORE_FILE).write_text("not a database")
+    with pytest.raises(StoreError, match="not a readable itk job store"):
+        JobStore.open(tmp_path, create=False)
+
+
+# --- the job file ----------------------------------------------------------------------------------------
+def write_lines(path: Path, lines: list[object]) -> Path:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def job_line(face: Path, speech: Path, **extra: object) -> dict:
+    return {"prompt": "A person is talking.", "cond_video": str(face), "cond_audio": {"person1": str(speech)},
+            **extra}
+
+
+def test_every_bad_line_is_named_with_its_number_before_anything_runs(tmp_path):
+    face, speech = write_image(tmp_path / "face.png"), write_wav(tmp_path / "s.wav", 2.0)
+    path = write_lines(tmp_path / "jobs.jsonl", [
+        job_line(face, speech),
+        "{not json",
+        job_line(face, speech, settings={"sample_steps": "many"}),
+        {"prompt": "no picture"},
+        job_line(face, speech, seeds=3),
+        job_line(face, speech, output="../escape.mp4"),
+        "[" * 200_000,
+    ])
+    with pytest.raises(UserError) as caught:
+        read_job_file(path)
+    message = caught.value.message
+    assert "6 bad line(s)" in message and caught.value.exit_code == 2
+    for number, words in [(2, "not valid JSON"), (3, "settings: sample_steps=many: not a valid int"),
+                          (4, "lacks cond_video, cond_audio"), (5, "unknown key 'seeds'")]:
+        assert f"line {number}: {words}" in message
+    assert "(and 1 more)" in message and "line 1:" not in message
+
+
+def test_a_job_file_with_comments_gets_default_names_made_unique_in_order(tmp_path):
+    face, speech = write_image(tmp_path / "anna.png"), write_wav(tmp_path / "hello.wav", 2.0)
+    path = write_lines(tmp_path / "jobs.jsonl", [
+        "# a season of greetings", job_line(face, speech), "", job_line(face, speech, seed=3),
+        job_line(face, speech, output="anna-hello-2.mp4"), job_line(face, speech, preset="rtx4090-24g-fast"),
+    ])
+    jobs = read_job_file(path)
+    assert [(j.line, j.name) for j in jobs] == [(2, "anna-hello"), (4, "anna-hello-3"), (5, "anna-hello-2"),
+                                               (6, "anna-hello-4")]
+    assert jobs[1].settings == {"base_seed": 3} and jobs[3].preset == "rtx4090-24g-fast"
+    assert len({j.fingerprint for j in jobs}) == 3  # lines 2 and 5 are the same job under two names
+
+
+def test_an_output_name_given_twice_is_refused_naming_both_lines(tmp_path):
+    face, speech = write_image(tmp_path / "f.png"), write_wav(tmp_path / "s.wav", 2.0)
+    path = write_lines(tmp_path / "jobs.jsonl", [job_line(face, speech, output="x.mp4"),
+                                                 job_line(face, speech, output="x.mp4")])
+    with pytest.raises(UserError, match="line 2: output x.mp4 is also given on line 1"):
+        read_job_file(path)
+
+
+def test_relative_paths_in_a_job_file_are_found_beside_it(tmp_path, monkeypatch):
+    folder = tmp_path / "season"
+    folder.mkdir()
+    write_image(folder / "face.png")
+    write_wav(folder / "s.wav", 2.0)
+    path = write_lines(folder / "jobs.jsonl", [job_line(Path("face.png"), Path("s.wav"))])
+    monkeypatch.chdir(tmp_path)
+    (job,) = read_job_file(path)
+    assert job.job.cond_video == folder / "face.png" and job.job.cond_audio["person1"] == folder / "s.wav"
