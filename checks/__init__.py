@@ -14,4 +14,5 @@ CHECKS: dict[str, str] = {
     "ffmpeg": "itk.checks.ffmpeg",
     "port": "itk.checks.port",
     "weights": "itk.checks.weights",
+    "tts": "itk.checks.tts",
 }

@@ -69,6 +69,20 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
               help="Two speakers: speaker 1's box in pixels of the image, ROWS FIRST: row_min,col_min,row_max,col_max "
                    "(the official bbox order); without boxes speaker 1 is the left half, speaker 2 the right.")
 @click.option("--bbox2", default=None, metavar="Y0,X0,Y1,X1", help="Two speakers: speaker 2's box, as --bbox1.")
+@click.option("--text", default=None, metavar='"WORDS"',
+              help="Speech from text instead of --audio: Kokoro-82M speaks it (English), written beside the video as "
+                   "VIDEO.speech.wav; tag turns (s1) ... (s2) ... for two speakers (itk fetch --component tts; "
+                   "pip install 'itk[tts]').")
+@click.option("--text-file", default=None, type=click.Path(dir_okay=False),
+              help="As --text, from a UTF-8 file (a two-speaker script: (s1) Hello. (s2) Hi there.).")
+@click.option("--voice", default=None, metavar="NAME",
+              help="Kokoro voice of speaker 1 (default af_heart; any voices/NAME.pt of the Kokoro folder).")
+@click.option("--voice2", default=None, metavar="NAME", help="Kokoro voice of speaker 2 (default am_adam).")
+@click.option("--speed", default=None, type=float, help="Speech speed from text, 0.5 to 2 (default 1).")
+@click.option("--dub-region", type=click.Choice(["full", "face", "bbox"]), default=None,
+              help="For --video: where the generated frames replace the source. full (default, as officially): the "
+                   "whole frame; face: the speaker's face and mouth, found and tracked, every other pixel the "
+                   "source's own with a soft edge; bbox: the --bbox1 (and --bbox2) boxes.")
 @click.option("--prompt", default=None, help="Text prompt (default: a neutral talking-person prompt).")
 @click.option("--output", default=None, metavar="FILE.mp4", help="Video to write (default: outputs/itk-<time>.mp4).")
 @PRESET
@@ -84,8 +98,8 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @WEIGHTS_DIR
 @JSON
 @DEBUG
-def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, prompt, output, preset, input_json, sets, loras,
-        gpus, dry_run, weights_dir, as_json, debug) -> None:
+def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, text, text_file, voice, voice2, speed, dub_region,
+        prompt, output, preset, input_json, sets, loras, gpus, dry_run, weights_dir, as_json, debug) -> None:
     """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
     from itk.console import run_friendly, show_dry_run, show_run
     from itk.run import plan_run
@@ -94,7 +108,9 @@ def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, prompt, output, p
     def go() -> int:
         spec = RunSpec.from_options(image=image, video=video, audio=audio, audio2=audio2, audio_mode=audio_mode,
                                     bbox1=bbox1, bbox2=bbox2, prompt=prompt, input_json=input_json, output=output,
-                                    preset=preset, sets=sets, loras=loras, gpus=gpus, weights_dir=weights_dir)
+                                    preset=preset, sets=sets, loras=loras, gpus=gpus, weights_dir=weights_dir,
+                                    text=text, text_file=text_file, voice=voice, voice2=voice2, speed=speed,
+                                    dub_region=dub_region)
         plan = plan_run(spec)
         return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
 

@@ -15,9 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from itk.runtime.protocol import EXIT_BAD_INPUT, Job, UserError, parse_setting, read_job
+
+if TYPE_CHECKING:
+    from itk.speech import SpeechText
 
 DEFAULT_PROMPT = "A person is talking."
 DEFAULT_AUDIO_MODE = "add"  # two recordings given one after the other read as turns; "para" plays them together
@@ -90,9 +93,12 @@ def job_from_options(*, image: str | None, video: str | None, audio: str | None,
 
 
 def add_second_speaker(job: Job, *, audio2: str | None, mode: str | None,
-                       boxes: tuple[str | None, str | None]) -> Job:
-    """The job with `--audio2` (and its mode and boxes) folded in, as a job file would hold them."""
+                       boxes: tuple[str | None, str | None], dub_boxes: bool = False) -> Job:
+    """The job with `--audio2` (and its mode and boxes) folded in, as a job file would hold them. One speaker's
+    `--bbox1` is accepted as the region of `--dub-region bbox` (`dub_boxes`)."""
     if not audio2:
+        if dub_boxes and boxes[0] and not boxes[1] and not mode:
+            return replace(job, bbox={"person1": parse_box(boxes[0], "--bbox1")})
         stray = [name for name, value in (("--audio-mode", mode), ("--bbox1", boxes[0]), ("--bbox2", boxes[1]))
                  if value]
         if stray:
@@ -138,22 +144,81 @@ class RunSpec:
                      bbox2: str | None = None, prompt: str | None = None, input_json: str | None = None,
                      output: str | Path | None = None, preset: str | None = None,
                      sets: tuple[str, ...] | list[str] = (), loras: tuple[str, ...] | list[str] = (),
-                     gpus: str | int | None = None,
-                     weights_dir: str | Path | None = None) -> RunSpec:
+                     gpus: str | int | None = None, weights_dir: str | Path | None = None,
+                     text: str | None = None, text_file: str | None = None, voice: str | None = None,
+                     voice2: str | None = None, speed: float | None = None,
+                     dub_region: str | None = None) -> RunSpec:
         """The spec of `itk run`'s options (the page passes the same names). UserError (exit 2) for options that
-        do not go together or a value of the wrong shape; the files themselves are checked by plan_run."""
+        do not go together or a value of the wrong shape; the files themselves are checked by plan_run. With
+        `text` (or `text_file`) the speech is made from it first (itk.speech: Kokoro, offline), beside the video.
+        `dub_region`: for a source video, where the generated frames replace it (itk.runtime.dub)."""
         from itk.inputs import parse_lora
 
+        settings = parse_sets(sets)
+        if dub_region is not None:
+            settings["dub_region"] = parse_setting("dub_region", dub_region)
+        out = output_path(output)
+        wdir = Path(weights_dir).expanduser() if weights_dir else None
+        speech = speech_of(text=text, text_file=text_file, voice=voice, voice2=voice2, speed=speed)
         if input_json:
-            if image or video or audio or audio2:
+            if image or video or audio or audio2 or speech:
                 raise bad_input("--input-json already names the image/video and audio",
-                                "give either --input-json FILE or --image/--video with --audio")
+                                "give either --input-json FILE or --image/--video with --audio or --text")
             job = read_job(input_json)
             job = replace(job, prompt=prompt) if prompt else job
+        elif speech is not None:
+            job = spoken_job(speech, image=image, video=video, audio=audio or audio2, prompt=prompt, out=out,
+                             weights_dir=wdir, boxes=(bbox1, bbox2), audio_mode=audio_mode)
         else:
             job = add_second_speaker(job_from_options(image=image, video=video, audio=audio, prompt=prompt),
-                                     audio2=audio2, mode=audio_mode, boxes=(bbox1, bbox2))
-        return cls(job=job, output=output_path(output), preset=preset, settings=parse_sets(sets),
-                   loras=tuple(parse_lora(text) for text in loras),
-                   gpus=None if gpus is None else parse_gpus(gpus),
-                   weights_dir=Path(weights_dir).expanduser() if weights_dir else None)
+                                     audio2=audio2, mode=audio_mode, boxes=(bbox1, bbox2),
+                                     dub_boxes=settings.get("dub_region") == "bbox")
+        return cls(job=job, output=out, preset=preset, settings=settings,
+                   loras=tuple(parse_lora(item) for item in loras),
+                   gpus=None if gpus is None else parse_gpus(gpus), weights_dir=wdir)
+
+
+def speech_of(*, text: str | None, text_file: str | None, voice: str | None, voice2: str | None,
+              speed: float | None) -> SpeechText | None:
+    """The `--text`/`--text-file` request (None without one); the voice options only go with it."""
+    from itk.speech import SpeechText, read_text_file
+
+    if text is not None and text_file:
+        raise bad_input("give --text or --text-file, not both", "itk run --text-file script.txt")
+    if text is None and not text_file:
+        stray = [name for name, value in (("--voice", voice), ("--voice2", voice2), ("--speed", speed)) if value]
+        if stray:
+            raise bad_input(f"{stray[0]} is for speech from text, and there is no --text",
+                            "add --text \"...\" (or --text-file), or leave out " + " and ".join(stray))
+        return None
+    return SpeechText(text=text if text is not None else read_text_file(text_file), voice=voice, voice2=voice2,
+                      speed=1.0 if speed is None else float(speed))
+
+
+def spoken_job(speech: SpeechText, *, image: str | None, video: str | None, audio: str | None,
+               prompt: str | None, out: Path, weights_dir: Path | None, boxes: tuple[str | None, str | None],
+               audio_mode: str | None) -> Job:
+    """The job whose speech is made from text: the script is checked first, then spoken beside the video."""
+    from itk.runtime.paths import weights_dir as resolve_weights_dir
+    from itk.speech import check_text, job_with_speech
+
+    if audio:
+        raise bad_input("give --audio or --text, not both", "the speech comes from a recording or from text")
+    if audio_mode:
+        raise bad_input("--audio-mode is for two recordings; a script's turns are already laid out",
+                        "leave out --audio-mode")
+    if bool(image) == bool(video):
+        raise bad_input("give exactly one of --image or --video", 'itk run --image face.png --text "Hello!"')
+    speakers = check_text(speech)
+    if any(boxes) and speakers < 2:
+        raise bad_input("--bbox1/--bbox2 are for two speakers, and the text has one",
+                        "tag the turns (s1) ... (s2) ..., or leave out the boxes")
+    base = Job(prompt=prompt or DEFAULT_PROMPT, cond_video=Path(image or video).expanduser().absolute(),
+               cond_audio={})
+    job = job_with_speech(base, speech, video=out, weights_dir=resolve_weights_dir(weights_dir).absolute())
+    if boxes[0] or boxes[1]:
+        if not (boxes[0] and boxes[1]):
+            raise bad_input("give both --bbox1 and --bbox2, or neither (the official left/right split)",
+                            "add the other speaker's box: --bbox2 row_min,col_min,row_max,col_max")
+        job = replace(job, bbox={"person1": parse_box(boxes[0], "--bbox1"), "person2": parse_box(boxes[1], "--bbox2")})
+    return job

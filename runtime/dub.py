@@ -39,10 +39,8 @@ from types import MappingProxyType
 import numpy as np
 
 from itk.runtime.buckets import resized_size
-from itk.runtime.protocol import BadInput
+from itk.runtime.protocol import DUB_REGIONS, BadInput
 
-DUB_REGIONS = ("full", "face", "bbox")
-DEFAULT_DUB_REGION = "full"
 DUB_REGION_HELP = MappingProxyType({
     "full": "the whole generated frame, as the official generator makes it (default)",
     "face": "the speaker's face and mouth, found and tracked in the source video; every other pixel stays the "

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from itk.runtime.sampler import local_passes
 from itk.runtime.sampling import ClipPlan, plan_clips
 from itk.runtime.video import stale_partials, to_uint8_frames, write_mp4_stream
 from itk.runtime.warm import WarmModels, file_key, release
+
+if TYPE_CHECKING:
+    from itk.runtime.dub import Dubber
 from itk.runtime.weights import QuantFile, WeightPaths, resolve
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,8 @@ def run_fingerprint(request: Request, cfg: ModelConfig, files: WeightPaths) -> d
                 "lora_alpha": request.lora_alpha}
     if request.job.speakers > 1:  # how the two tracks are laid out and where each speaker is decide the frames
         settings.update(audio_type=request.job.audio_type, bbox=request.job.bbox)
+    if request.dub_region != "full":  # the saved clips are composited onto the source inside this region
+        settings.update(dub_region=request.dub_region, bbox=request.job.bbox)
     return fingerprint(settings, inputs, weights)
 
 
@@ -169,17 +174,38 @@ class Engine:
             for _ in clips:
                 pass
             return self.request.output
-        path = write_mp4_stream(self.request.output, self._frames(clips, state), count=plan.length,
+        dubber = self.dubber(media, plan)
+        path = write_mp4_stream(self.request.output, self._frames(clips, state, dubber), count=plan.length,
                                 audio=media.speech, sample_rate=media.sample_rate)
         state.remove()
         return path
 
-    def _frames(self, clips: Iterator[ClipOutput], state: ResumeState) -> Iterator[np.ndarray]:
-        """uint8 frames for the encoder: the saved clips first, then each new clip as it finishes (saved
-        to the state before it is handed on, so a kill after the hand-off loses nothing)."""
-        yield from state.replay()
+    def dubber(self, media: Media, plan: ClipPlan) -> Dubber | None:
+        """For `--dub_region face|bbox`, what composites each clip onto the source video's own frames."""
+        if self.request.dub_region == "full":
+            return None
+        from itk.runtime.dub import Dubber
+
+        job = self.request.job
+        self.events.stage("dub_region", region=self.request.dub_region)
+        boxes = [job.bbox[key] for key in ("person1", "person2") if job.bbox and key in job.bbox]
+        return Dubber.open(job.cond_video, target=media.reference.target, length=plan.length,
+                           mode=self.request.dub_region, boxes=boxes, speakers=job.speakers)
+
+    def _frames(self, clips: Iterator[ClipOutput], state: ResumeState,
+                dubber: Dubber | None = None) -> Iterator[np.ndarray]:
+        """uint8 frames for the encoder: the saved clips first, then each new clip as it finishes (composited onto
+        the source when dubbing, then saved to the state before it is handed on, so a kill after the hand-off
+        loses nothing and a resumed run replays finished frames)."""
+        written = 0
+        for frames in state.replay():
+            written += len(frames)
+            yield frames
         for out in clips:
             frames = to_uint8_frames(out.frames)
+            if dubber is not None:
+                frames = dubber.apply(frames, start=written)
+            written += len(frames)
             if out.carry is None:
                 self.events.stage("write_video", path=str(self.request.output))
             else:

@@ -42,6 +42,8 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".flv", ".wmv", ".
 SPEAKERS = ("person1", "person2")
 AUDIO_TYPES = ("add", "para")
 SILENT_SPEAKER = "None"  # the official job format's placeholder for a speaker without a track
+# Dubbing a source video: where the generated frames replace the source's (runtime/dub.py)
+DUB_REGIONS = ("full", "face", "bbox")
 
 
 RESUME_STATE = "state.json"  # in the resume folder: {"clips_done": int, "clips": int, "video_s": float, ...}
@@ -433,6 +435,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dit_fsdp", bool, False, "shard the DiT with FSDP", refused=NOT_YET),
     Flag("t5_fsdp", bool, False, "shard the T5 with FSDP", refused=NOT_YET),
     Flag("scene_seg", bool, False, "split a source video into shots", refused=NOT_YET),
+    Flag("dub_region", str, "full", "itk only, for a source video: where the generated frames replace it. full: "
+         "the whole frame, as officially; face: the speaker's face and mouth, found and tracked in the source, "
+         "every other pixel the source's own (a soft edge between); bbox: the job's bbox (itk run --bbox1), fixed",
+         choices=DUB_REGIONS),
     Flag("gpu_layout", str, None, "itk only: how the GPUs of a torchrun launch split the work, GROUPSxSP (guidance "
          "groups x sequence-parallel degree), as `itk run --gpus` chose it (default: chosen from the world size)",
          settable=False),

@@ -336,3 +336,14 @@ def test_vram_exactly_at_the_preset_minimum_passes_and_a_mib_less_fails():
 
     assert gpu.judge(card(20 * 1024), min_vram_gb=20, own_pid=1).status is Status.OK
     assert gpu.judge(card(20 * 1024 - 1), min_vram_gb=20, own_pid=1).status is Status.FAIL
+
+
+def test_the_tts_check_is_a_skip_naming_the_fetch_command_while_kokoros_files_are_missing(tmp_path):
+    from itk.checks import tts
+    from itk.checks.base import Context
+
+    ctx = Context(preset_name="rtx4090-24g", preset_components=(), min_ram_gb=32, min_vram_gb=20,
+                  weights_dir=tmp_path)
+    result = tts.check(ctx)
+    assert result.status.value == "skip" and "itk fetch --component tts" in result.summary
+    assert result.fix == "itk fetch --component tts"
