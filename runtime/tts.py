@@ -1,7 +1,7 @@
 """Text to speech with Kokoro-82M (the `kokoro` package, extra `itk[tts]`), offline: 24 kHz mono speech.
 
 Everything comes from two folders the manifest fills, and nothing from a hub at run time:
-- `kokoro`: hexgrad/Kokoro-82M's layout: config.json, kokoro-v1_0.pth (a dict of five state dicts, bert,
+- `kokoro`: hexgrad/Kokoro-82M's layout: config.json, the weights file (a dict of five state dicts, bert,
   bert_encoder, predictor, text_encoder and decoder, keys prefixed `module.`), voices/NAME.pt (a [510, 1, 256]
   style tensor per phoneme count). `kokoro.KModel` builds from the config and loads the file; passed both, it
   downloads nothing. Its loader falls back to a non-strict load for the `module.` prefix, so the weights it
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 SAMPLE_RATE = 24_000  # Kokoro's output rate
 REPO_ID = "hexgrad/Kokoro-82M"
 CONFIG_FILE = "config.json"
-MODEL_FILE = "kokoro-v1_0.pth"
 VOICES_DIR = "voices"
 G2P_FILES = ("config.cfg", "meta.json")  # what makes a folder a spaCy pipeline
 G2P_COMPONENTS = ("tok2vec", "tagger")  # the pipes misaki enables; the others are not loaded (nor fetched)
@@ -68,8 +67,17 @@ class TtsFolders:
     g2p: Path  # a spaCy English pipeline (spacy/en_core_web_sm's layout)
 
     def missing_files(self) -> list[Path]:
-        wanted = [self.kokoro / CONFIG_FILE, self.kokoro / MODEL_FILE, *(self.g2p / f for f in G2P_FILES)]
+        wanted = [self.kokoro / CONFIG_FILE, self.kokoro / model_file(), *(self.g2p / f for f in G2P_FILES)]
         return [p for p in wanted if not p.is_file()]
+
+
+def model_file() -> str:
+    """Kokoro's weights file name in its folder: the manifest's one file of role tts-model (the manifest alone
+    names weight files)."""
+    from itk.runtime.manifest import load_manifest
+
+    (entry,) = load_manifest().select("tts-model")
+    return entry.path
 
 
 def missing_packages() -> list[str]:
@@ -214,11 +222,11 @@ def load_tts(folders: TtsFolders, *, device: str = "cpu") -> Kokoro:
 
 
 def load_model(folder: Path, *, device: str = "cpu") -> Any:
-    """kokoro.KModel built from `folder`/config.json with every used weight from `folder`/kokoro-v1_0.pth."""
+    """kokoro.KModel built from `folder`/config.json with every used weight from its weights file (`model_file`)."""
     import torch
     from kokoro import KModel
 
-    config_path, weights = folder / CONFIG_FILE, folder / MODEL_FILE
+    config_path, weights = folder / CONFIG_FILE, folder / model_file()
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

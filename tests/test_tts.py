@@ -28,7 +28,6 @@ from itk.runtime.speech_script import parse_script
 from itk.runtime.tts import (
     CONFIG_FILE,
     INSTALL_FIX,
-    MODEL_FILE,
     SAMPLE_RATE,
     TtsFolders,
     chunk_phonemes,
@@ -36,6 +35,7 @@ from itk.runtime.tts import (
     load_g2p_pipeline,
     load_model,
     load_tts,
+    model_file,
     problem,
     write_wav,
 )
@@ -85,7 +85,7 @@ def write_tiny_tts(root: Path) -> TtsFolders:
         head.bias.fill_(math.log((DURATION_FRAMES + 0.2) / (50 - DURATION_FRAMES - 0.2)))
     parts = {name: {f"module.{key}": value for key, value in module.state_dict().items()}
              for name, module in model.named_children()}
-    torch.save(parts, folders.kokoro / MODEL_FILE)
+    torch.save(parts, folders.kokoro / model_file())
     for name in TINY_VOICES:
         torch.save(torch.randn(510, 1, 256) * 0.1, folders.kokoro / "voices" / f"{name}.pt")
     write_tiny_g2p(folders.g2p)
@@ -123,7 +123,7 @@ def write_tiny_g2p(folder: Path) -> None:
 def tiny_files(tmp_path) -> TtsFolders:
     """Empty files under the names the checks look for (one voice), for the checks that read no file."""
     folders = TtsFolders(kokoro=tmp_path / "Kokoro-82M", g2p=tmp_path / "en_core_web_sm")
-    for path in (CONFIG_FILE, MODEL_FILE, "voices/af_heart.pt"):
+    for path in (CONFIG_FILE, model_file(), "voices/af_heart.pt"):
         (folders.kokoro / path).parent.mkdir(parents=True, exist_ok=True)
         (folders.kokoro / path).write_bytes(b"")
     folders.g2p.mkdir()
@@ -294,9 +294,9 @@ def test_weights_that_lack_part_of_the_model_are_refused(tiny, tmp_path):
     folder = tmp_path / "Kokoro-82M"
     folder.mkdir()
     shutil.copy(tiny.kokoro / CONFIG_FILE, folder / CONFIG_FILE)
-    parts = torch.load(tiny.kokoro / MODEL_FILE, weights_only=True)
+    parts = torch.load(tiny.kokoro / model_file(), weights_only=True)
     del parts["bert_encoder"], parts["decoder"]  # kokoro's own loader would leave them random without a word
-    torch.save(parts, folder / MODEL_FILE)
+    torch.save(parts, folder / model_file())
     with pytest.raises(UserError, match=r"lacks \d+ weights of the model .* \(first: bert_encoder.bias\)") as err:
         load_model(folder)
     assert err.value.fix == "itk fetch --component tts"
@@ -309,7 +309,7 @@ def test_a_config_that_does_not_fit_the_weights_is_refused(tiny, tmp_path):
     config = json.loads((tiny.kokoro / CONFIG_FILE).read_text(encoding="utf-8"))
     config["plbert"]["hidden_size"] = 32
     (folder / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
-    (folder / MODEL_FILE).symlink_to(tiny.kokoro / MODEL_FILE)
+    (folder / model_file()).symlink_to(tiny.kokoro / model_file())
     with pytest.raises(UserError, match=r"kokoro-v1_0.pth does not load with .*config.json: "):
         load_model(folder)
 
