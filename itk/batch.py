@@ -8,6 +8,10 @@ for the next one. Killed at any moment, the same command carries on: done jobs a
 running resumes from its last finished clip (the generator's resume state), and a job whose video was already
 written when the batch died is recorded as done without being made again.
 
+The same dispatcher serves `itk serve` (itk.serve): there its workers start at once and keep taking jobs from
+the store as they arrive, until told to stop, and a job can be cancelled (a queued one never runs; a running one
+is stopped by its worker, which stays warm, and keeps its resume state until the job is deleted).
+
 Nothing here prints: `run_batch` returns a BatchResult and reports progress through `on_change`; the console
 renders both.
 """
@@ -76,7 +80,8 @@ def batch_gpus(value: str | None) -> list[int | None]:
 
 @dataclass
 class WorkerView:
-    """What one worker is doing, for the display."""
+    """What one worker is doing, for the display; the gaps between its job's consecutive steps of one clip give
+    the job's ETA."""
 
     label: str
     job: str | None = None
@@ -86,6 +91,27 @@ class WorkerView:
     steps: int = 0
     stage: str = "starting"
     restarts: int = 0
+    step_times: list[float] = field(default_factory=list)
+    last_step_at: float | None = None
+
+    def begin(self, job: str) -> None:
+        self.job, self.clip, self.clips, self.step, self.steps = job, 0, 0, 0, 0
+        self.step_times, self.last_step_at = [], None
+
+    def stepped(self, clip: int, step: int, steps: int, now: float) -> None:
+        if self.last_step_at is not None and clip == self.clip:
+            self.step_times.append(now - self.last_step_at)
+        self.clip, self.step, self.steps, self.last_step_at = clip, step, steps, now
+        self.stage = "generating"
+
+    def eta_s(self) -> float | None:
+        """Seconds until the job's last step, from its own step times (None before two steps of one clip)."""
+        from itk.progress import eta_s
+
+        if not (self.steps and self.clips):
+            return None
+        left = (self.clips - max(self.clip, 1)) * self.steps + self.steps - self.step
+        return eta_s(self.step_times, [], left, 0)
 
 
 @dataclass
@@ -115,28 +141,41 @@ class BatchResult:
                 "counts": self.counts, "exit_code": self.exit_code, "jobs": [j.to_json() for j in self.jobs]}
 
 
+POLL_S = 1.0  # a serving worker without a job looks at the store this often (a submission wakes it at once)
+
+
 @dataclass
 class Batch:
-    """One `itk batch` run: the store, the jobs of this file, the workers and what the display reads."""
+    """The store of one output folder, the workers that take its jobs and what the display reads: one `itk batch`
+    run (`jobs`: the jobs of its file; it ends once none of them is queued) or one `itk serve` (`polling`: every
+    job of the store, taken as it arrives until `stopping`)."""
 
     folder: Path
     store: JobStore
-    jobs: dict[str, BatchJob]
+    jobs: dict[str, BatchJob] | None
     gpus: list[int | None]
     preset: str | None = None
     weights_dir: Path | None = None
+    polling: bool = False
     on_change: Callable[[Batch], None] = lambda batch: None
     views: list[WorkerView] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
     job_times: list[float] = field(default_factory=list)  # seconds per job finished by this run
     slots: list[WorkerSlot] = field(default_factory=list)
+    cancelled: set[str] = field(default_factory=set)  # jobs cancelled while this run holds the store
     startup_failure: Path | None = None  # a worker's log when it died before it was ready
 
-    def spec_for(self, name: str) -> Any:
+    def job_for(self, record: JobRecord) -> BatchJob:
+        """The job of a store row: this batch's own line, else the job its spec describes (BadInput)."""
+        if self.jobs is not None and record.name in self.jobs:
+            return self.jobs[record.name]
+        return BatchJob.from_json(record.spec_data)
+
+    def run_spec(self, name: str, job: BatchJob) -> Any:
+        """The RunSpec of job `name`: its video in this folder, on one GPU, the batch's preset unless its own."""
         from itk.spec import RunSpec
 
-        job = self.jobs[name]
         return RunSpec(job=job.job, output=self.folder / f"{name}.mp4", preset=job.preset or self.preset,
                        settings=job.settings, gpus=1, weights_dir=self.weights_dir)
 
@@ -154,6 +193,49 @@ class Batch:
     def changed(self) -> None:
         self.on_change(self)
 
+    # --- the workers --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """A slot per GPU, each in its own thread."""
+        self.views = [WorkerView(worker_label(gpu)) for gpu in self.gpus]
+        self.slots = [WorkerSlot(self, gpu, view) for gpu, view in zip(self.gpus, self.views, strict=True)]
+        for slot in self.slots:
+            slot.thread.start()
+
+    def wake(self) -> None:
+        """A job was queued (or the run is stopping): idle serving workers look at the store now."""
+        for slot in self.slots:
+            slot.wake.set()
+
+    def cancel(self, name: str) -> bool:
+        """Cancel a queued or running job: the store marks it cancelled at once and the worker running it stops it
+        (its resume state stays). False when it had already ended (or is unknown)."""
+        if not self.store.cancel(name):
+            return False
+        self.cancelled.add(name)
+        for slot in self.slots:
+            slot.cancel_job(name)
+        self.changed()
+        return True
+
+    def busy_with(self, name: str) -> bool:
+        """Whether a worker still holds `name` (a cancelled job until its worker has let it go)."""
+        return any(slot.current == name for slot in self.slots)
+
+    def stop(self) -> None:
+        """Stop every worker as Ctrl-C does: a job in progress goes back to the queue with its resume state."""
+        self.stopping.set()
+        self.wake()
+        for slot in self.slots:
+            slot.stop()
+        self.changed()
+
+    def kill(self) -> None:
+        for slot in self.slots:
+            slot.kill()
+
+    def wait(self) -> None:
+        wait_for(self.slots)
+
 
 class WorkerSlot:
     """One GPU's warm worker, and the jobs it takes from the store one after another, in a thread."""
@@ -162,8 +244,12 @@ class WorkerSlot:
         self.batch, self.gpu, self.view = batch, gpu, view
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.supervisor: Any = None
-        self.current: str | None = None
-        self.cancelled: set[str] = set()
+        self.runner: threading.Thread | None = None  # the Supervisor's thread: it lives as long as the worker
+        self.current: str | None = None  # the job this slot took, until it has ended here
+        self.live: str | None = None  # the job the worker runs: from its "job" event to its end
+        self.signalled: str | None = None  # the job a cancel signal was sent for
+        self.lock = threading.Lock()  # live and signalled, between this thread and a cancel
+        self.wake = threading.Event()
         self.ended = threading.Event()  # set as the job loop ends
         self.thread = threading.Thread(target=self.work, name=f"itk-batch-{view.label}", daemon=True)
 
@@ -182,13 +268,16 @@ class WorkerSlot:
         self.events = queue.Queue()
         self.supervisor = Supervisor(list(WORKER), log, env=env, on_event=self.events.put, fed=True,
                                      job_log=lambda job: self.batch.folder / f"{job}.run" / "generate.log")
+        if self.batch.stopping.is_set():
+            self.supervisor.cancel()  # a stop that came before this Supervisor existed: it never starts the worker
         outcome: list[Any] = []
 
         def run() -> None:
             outcome.append(self.supervisor.run())
             self.events.put(None)
 
-        threading.Thread(target=run, name=f"itk-worker-{self.view.label}", daemon=True).start()
+        self.runner = threading.Thread(target=run, name=f"itk-worker-{self.view.label}", daemon=True)
+        self.runner.start()
         self.view.stage = "starting the generator"
         self.batch.changed()
         while True:
@@ -197,35 +286,64 @@ class WorkerSlot:
                 return False
             if event.get("event") == "ready":
                 self.view.stage = "ready"
+                self.batch.changed()
                 return True
+
+    def could_not_start(self) -> None:
+        """The worker died before it was ready: the whole run stops (its log says why), unless it was stopping."""
+        if not self.batch.stopping.is_set():
+            self.view.restarts += 1
+            self.batch.startup_failure = self.supervisor.log_path
+            self.batch.stopping.set()
+            self.batch.wake()
 
     # --- the job loop -------------------------------------------------------------------------------------
     def work(self) -> None:
         ready = False
         try:
             while not self.batch.stopping.is_set():
-                record = self.batch.store.claim(self.view.label, self.batch.jobs)
+                if self.batch.polling and not ready:  # serving: warm before the first job comes
+                    ready = self.start_worker()
+                    if not ready:
+                        self.could_not_start()
+                        break
+                record = self.next_job()
                 if record is None:
                     break
                 self.current = record.name
-                self.view.job, self.view.clip, self.view.step = record.name, 0, 0
+                self.view.begin(record.name)
                 self.batch.changed()
                 if not ready:
                     ready = self.start_worker()
                     if not ready:
-                        self.view.restarts += 1
                         self.batch.store.requeue(record.name, "the worker could not start")
-                        self.batch.stopping.set()
-                        self.batch.startup_failure = self.supervisor.log_path
+                        self.could_not_start()
                         break
                 ready = self.run_job(record)
+                self.current = None
         finally:
             self.current = None
             self.view.job, self.view.stage = None, "stopped"
             if self.supervisor is not None:
-                self.supervisor.close_input()
+                self.supervisor.close_input()  # an idle worker exits at the end of its input
+            if self.runner is not None:
+                self.runner.join()  # the worker has ended (and is reaped) before the loop counts as ended
             self.batch.changed()
             self.ended.set()
+
+    def next_job(self) -> JobRecord | None:
+        """The next queued job, now running here. A batch's slot gets None once none of its jobs is queued; a
+        serving slot waits for one (a submission wakes it) and gets None only when the run stops."""
+        while not self.batch.stopping.is_set():
+            self.wake.clear()  # before the claim: a job queued after it sets the event again
+            record = self.batch.store.claim(self.view.label, self.batch.jobs)
+            if record is not None or not self.batch.polling:
+                return record
+            if self.view.stage != "waiting for jobs":
+                self.view.job, self.view.stage = None, "waiting for jobs"
+                self.batch.changed()
+            self.wake.wait(POLL_S)
+        return None
 
     def run_job(self, record: JobRecord) -> bool:
         """Plan and run one job on the worker; record how it ended. Returns whether the worker is still ready."""
@@ -233,7 +351,7 @@ class WorkerSlot:
 
         store, name = self.batch.store, record.name
         try:
-            plan = plan_run(self.batch.spec_for(name))
+            plan = plan_run(self.batch.run_spec(name, self.batch.job_for(record)))
             plan.require_weights()
         except UserError as exc:
             store.fail(name, exc.message, exc.fix, exc.exit_code)
@@ -249,77 +367,97 @@ class WorkerSlot:
 
     def follow(self, plan: Any, record: JobRecord) -> bool:
         from itk.checks.ram import read_cgroup
-        from itk.run import explain_failure, video_seconds
+        from itk.run import video_seconds
 
         store, name = self.batch.store, record.name
+        if name in self.batch.cancelled:  # cancelled while it was being planned: the store says so already
+            return True
         kills_before = read_cgroup().oom_kills
         if not self.supervisor.send(job_request(name, plan.flags)):
             store.requeue(name, "the worker was gone before the job was sent")
             return False
         events: list[dict[str, Any]] = []
-        started, first_step = time.monotonic(), None
-        while True:
-            event = self.events.get()
-            if event is None:  # the worker died with this job
-                return self.worker_died(plan, record, events, kills_before)
-            if event.get("job") != name:
-                continue
-            events.append(event)
-            kind = event.get("event")
-            if kind == "step":
-                if first_step is None:
-                    first_step = time.monotonic() - started
-                    store.progress(name, setup_s=round(first_step, 2))
-                self.view.clip, self.view.step = int(event.get("clip") or 0), int(event.get("step") or 0)
-                self.view.steps, self.view.stage = int(event.get("steps") or 0), "generating"
-                store.progress(name, clip=self.view.clip, step=self.view.step, steps=self.view.steps)
-            elif kind == "clip":
-                self.view.clip, self.view.clips = int(event.get("clip") or 0), int(event.get("clips") or 0)
-                store.progress(name, clip=self.view.clip, clips=self.view.clips)
-            elif kind == "stage":
-                self.view.stage = str(event.get("stage") or "")
-            elif kind == "done":
-                video = Path(event.get("path") or plan.output)
-                seconds = video_seconds(video) if video.is_file() else None
-                if seconds is None:
-                    store.fail(name, f"the generator said done but {video} is not a readable video",
-                               "run the job again; if it repeats, report it with its log", EXIT_FAILED)
-                else:
-                    store.finish(name, video, seconds, note=resume_note(events))
-                    self.batch.job_times.append(time.monotonic() - started)
+        started, first_step = time.monotonic(), True
+        try:
+            while True:
+                event = self.events.get()
+                if event is None:  # the worker died with this job
+                    return self.worker_died(plan, record, events, kills_before)
+                if event.get("job") != name:
+                    continue
+                events.append(event)
+                kind = event.get("event")
+                if kind == "job":
+                    self.started_live(name)
+                elif kind == "step":
+                    if first_step:
+                        first_step = False
+                        store.progress(name, setup_s=round(time.monotonic() - started, 2))
+                    self.view.stepped(int(event.get("clip") or 0), int(event.get("step") or 0),
+                                      int(event.get("steps") or 0), time.monotonic())
+                    store.progress(name, clip=self.view.clip, step=self.view.step, steps=self.view.steps)
+                elif kind == "clip":
+                    self.view.clip, self.view.clips = int(event.get("clip") or 0), int(event.get("clips") or 0)
+                    self.view.last_step_at = None
+                    store.progress(name, clip=self.view.clip, clips=self.view.clips)
+                elif kind == "stage":
+                    self.view.stage = str(event.get("stage") or "")
+                    if event.get("clips"):
+                        self.view.clips = int(event["clips"])
+                elif kind == "done":
+                    self.ended_live()  # the job is over: a cancel from now on must not signal the worker
+                    video = Path(event.get("path") or plan.output)
+                    seconds = video_seconds(video) if video.is_file() else None
+                    if seconds is None:
+                        store.fail(name, f"the generator said done but {video} is not a readable video",
+                                   "run the job again; if it repeats, report it with its log", EXIT_FAILED)
+                    elif store.finish(name, video, seconds, note=resume_note(events)):
+                        self.batch.job_times.append(time.monotonic() - started)
+                    self.batch.changed()
+                    return True
+                elif kind == "error":
+                    self.ended_live()
+                    self.job_error(plan, name, event, events, kills_before)
+                    self.batch.changed()
+                    return True
                 self.batch.changed()
-                return True
-            elif kind == "error":
-                code = int(event.get("exit_code") or EXIT_FAILED)
-                if code == EXIT_INTERRUPTED:
-                    if name in self.cancelled:
-                        store.cancel(name)
-                    else:
-                        store.requeue(name, "interrupted: resumes from its last finished clip")
-                elif code in (EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS):
-                    store.fail(name, str(event.get("message") or "bad input"), str(event.get("fix") or ""), code)
-                else:
-                    log_text = plan.log_path.read_text(encoding="utf-8", errors="replace")
-                    verdict = explain_failure(plan, log_text=log_text, returncode=code, events=events,
-                                              oom_kills_before=kills_before)
-                    store.fail(name, verdict.diagnosis, verdict.fixes[0] if verdict.fixes else "", EXIT_FAILED)
-                self.batch.changed()
-                return True
-            self.batch.changed()
+        finally:
+            self.ended_live()
+
+    def job_error(self, plan: Any, name: str, event: dict[str, Any], events: list[dict[str, Any]],
+                  kills_before: int | None) -> None:
+        """Record a job's error event: stopped (cancelled, or back to the queue), bad input, or a failure the
+        advice rules explain."""
+        from itk.run import explain_failure
+
+        store, code = self.batch.store, int(event.get("exit_code") or EXIT_FAILED)
+        if code == EXIT_INTERRUPTED:
+            if name in self.batch.cancelled:
+                store.cancel(name)
+            else:
+                store.requeue(name, "interrupted: resumes from its last finished clip")
+        elif code in (EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS):
+            store.fail(name, str(event.get("message") or "bad input"), str(event.get("fix") or ""), code)
+        else:
+            log_text = plan.log_path.read_text(encoding="utf-8", errors="replace")
+            verdict = explain_failure(plan, log_text=log_text, returncode=code, events=events,
+                                      oom_kills_before=kills_before)
+            store.fail(name, verdict.diagnosis, verdict.fixes[0] if verdict.fixes else "", EXIT_FAILED)
 
     def worker_died(self, plan: Any, record: JobRecord, events: list[dict[str, Any]],
                     kills_before: int | None) -> bool:
-        """The worker ended during the job: stopped by us (the job goes back to the queue), or crashed (the job
-        fails with the advice rules' verdict; the next job starts a new worker)."""
+        """The worker ended during the job: stopped by us or while its job was being cancelled (the job goes back
+        to the queue, or stays cancelled), or crashed (the job fails with the advice rules' verdict; the next job
+        starts a new worker)."""
         from itk.run import explain_failure
 
         store, name = self.batch.store, record.name
         outcome_code = self.supervisor.proc.returncode if self.supervisor.proc is not None else None
+        if name in self.batch.cancelled:
+            store.cancel(name)
+            return False
         if self.batch.stopping.is_set() or outcome_code == EXIT_INTERRUPTED:
-            if name in self.cancelled:
-                store.cancel(name)
-            else:
-                store.requeue(name, "interrupted: resumes from its last finished clip")
+            store.requeue(name, "interrupted: resumes from its last finished clip")
             return False
         self.view.restarts += 1
         log_text = plan.log_path.read_text(encoding="utf-8", errors="replace") if plan.log_path.is_file() else ""
@@ -331,14 +469,32 @@ class WorkerSlot:
         return False
 
     # --- stopping -----------------------------------------------------------------------------------------
+    def started_live(self, name: str) -> None:
+        """The worker has started `name` (its "job" event): a cancel that came earlier is sent now."""
+        with self.lock:
+            self.live = name
+            self.signal_cancel()
+
+    def ended_live(self) -> None:
+        with self.lock:
+            self.live = None
+
     def cancel_job(self, name: str) -> None:
-        """Stop `name` if this worker runs it (the worker stays, warm, for the next job)."""
-        if self.current == name and self.supervisor is not None:
-            self.cancelled.add(name)
+        """Stop `name` if this worker runs it (the worker stays, warm, for the next job). The signal goes only to
+        a worker inside that job (between its "job" event and its end), once."""
+        with self.lock:
+            if self.live == name:
+                self.signal_cancel()
+
+    def signal_cancel(self) -> None:
+        """With the lock held: SIGUSR1 to the worker if its live job is cancelled and not yet signalled."""
+        if self.live is not None and self.live in self.batch.cancelled and self.signalled != self.live:
+            self.signalled = self.live
             self.supervisor.signal_child(CANCEL_JOB_SIGNAL)
 
     def stop(self) -> None:
         """Stop the job in progress and the worker, as Ctrl-C does (the job keeps its resume state)."""
+        self.wake.set()
         if self.supervisor is not None:
             self.supervisor.cancel()
 
@@ -383,7 +539,7 @@ def folder_lock(folder: Path):
             holder = f"pid {int(owner.read_text().strip())}"
         except (OSError, ValueError):
             holder = "pid not yet recorded"
-        raise UserError(f"{folder} is being worked on by another itk batch ({holder})",
+        raise UserError(f"{folder} is being worked on by another itk batch or itk serve ({holder})",
                         f"wait for it, look at it with `itk batch --status {folder}`, or use another --out",
                         EXIT_BAD_INPUT) from None
     try:
@@ -427,30 +583,29 @@ def run_batch(jobs_file: Path, *, out: Path, gpus: str | None = None, preset: st
 def drive(batch: Batch) -> bool:
     """Start a slot per GPU and wait for them; Ctrl-C (or SIGTERM/SIGHUP) stops cleanly, a second one at once.
     Returns whether it was stopped."""
-    batch.views = [WorkerView(worker_label(gpu)) for gpu in batch.gpus]
-    batch.slots = [WorkerSlot(batch, gpu, view) for gpu, view in zip(batch.gpus, batch.views, strict=True)]
     previous = trap_stops()
     interrupted = False
     try:
-        for slot in batch.slots:
-            slot.thread.start()
+        batch.start()
         try:
-            wait_for(batch.slots)
+            batch.wait()
         except KeyboardInterrupt:
             interrupted = True
-            batch.stopping.set()
-            for slot in batch.slots:
-                slot.stop()
-            batch.changed()
-            try:
-                wait_for(batch.slots)
-            except KeyboardInterrupt:
-                for slot in batch.slots:
-                    slot.kill()
-                wait_for(batch.slots)
+            wind_down(batch)
     finally:
         restore(previous)
     return interrupted
+
+
+def wind_down(batch: Batch) -> None:
+    """Stop every worker cleanly (a job in progress goes back to the queue) and wait until they have; a Ctrl-C
+    (or SIGTERM/SIGHUP, under `trap_stops`) meanwhile kills them at once."""
+    batch.stop()
+    try:
+        batch.wait()
+    except KeyboardInterrupt:
+        batch.kill()
+        batch.wait()
 
 
 def wait_for(slots: list[WorkerSlot]) -> None:

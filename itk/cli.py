@@ -94,7 +94,9 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @click.option("--gpus", default=None, metavar="N|auto",
               help="GPUs for one video (default: the preset's, 1 for most; auto: every usable one); more than 1 "
                    "runs the generator under torchrun.")
-@click.option("--dry-run", is_flag=True, help="Check the inputs and print the exact generator command; run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the inputs and print the exact generator command; run nothing (the job file the command "
+                   "names is written, so it runs as printed; --text makes the speech first).")
 @WEIGHTS_DIR
 @JSON
 @DEBUG

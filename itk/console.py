@@ -76,9 +76,11 @@ def run_friendly(fn: Callable[[], int | None], debug: bool, as_json: bool = Fals
     raise SystemExit(code)
 
 
-def table_or_lines(columns: list[str], rows: list[list[str]], out: Console | None = None) -> None:
+def table_or_lines(columns: list[str], rows: list[list[str]], out: Console | None = None,
+                   whole: tuple[int, ...] = ()) -> None:
     """A table in a terminal; outside one (a pipe, a CI log, tee) each row as one soft-wrapped line, so no
-    cell (a path, a fix) is folded mid-word at rich's default 80 columns: "✓ check | result"."""
+    cell (a path, a fix) is folded mid-word at rich's default 80 columns: "✓ check | result". `whole`: the
+    columns (indices) whose cells are never wrapped in a table either (names a person copies)."""
     out = out or console
     if not out.is_terminal:
         marked = columns[0] == ""  # a first column of symbols (✓, →) leads the line
@@ -89,8 +91,10 @@ def table_or_lines(columns: list[str], rows: list[list[str]], out: Console | Non
     from rich.table import Table
 
     table = Table(show_header=any(columns), header_style="bold", box=None, pad_edge=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")  # fold wraps on whitespace first; only a too-long word folds
+    for i, column in enumerate(columns):
+        # fold wraps on whitespace first; only a too-long word folds
+        table.add_column(column, overflow="fold", no_wrap=i in whole, min_width=len(max(
+            (row[i] for row in rows), key=len, default="")) if i in whole else None)
     for row in rows:
         table.add_row(*row)
     out.print(table)
@@ -149,10 +153,10 @@ def show_presets(listing: PresetListing, as_json: bool) -> int:
         return EXIT_OK
     rows = []
     for row in listing.rows:
-        fits = "fits" if not row["unmet"] else "lacks " + "; ".join(row["unmet"])
+        fits = "fits" if not row["unmet"] else "does not fit: " + "; ".join(row["unmet"])
         rows.append(["→" if row["chosen"] else "", row["name"], row["status"], row["requirements"],
                      f"{row['download_gb']:.1f} GB", fits, row["summary"]])
-    table_or_lines(["", "preset", "status", "needs", "download", "this machine", "what it is"], rows)
+    table_or_lines(["", "preset", "status", "needs", "download", "this machine", "what it is"], rows, whole=(1,))
     for row in listing.rows:
         say(f"[dim]{row['name']}: {row['provenance']}[/]")
     say(f"[bold]this machine gets:[/] {listing.reason}")
@@ -227,6 +231,7 @@ def show_run(plan: Plan, as_json: bool) -> int:
     from itk.progress import ProgressView
     from itk.run import run_job
 
+    plan.require_gpus()
     plan.require_weights()
     out = err_console if as_json else console
     for line in plan_lines(plan):
@@ -265,7 +270,8 @@ def show_selftest(workdir: str | None, as_json: bool, two_speakers: bool = False
     with out.status("selftest: starting", spinner="dots") as status:
         def on_event(event: dict[str, Any]) -> None:
             if event.get("event") == "step":
-                line = f"selftest: generator step {event.get('step')} of {event.get('steps')}"
+                clip = f"clip {event.get('clip')}, " if event.get("clip") else ""
+                line = f"selftest: generator {clip}step {event.get('step')} of {event.get('steps')}"
             elif event.get("stage"):
                 line = f"selftest: {event['stage']}"
             else:

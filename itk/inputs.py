@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from itk.runtime.protocol import EXIT_BAD_INPUT, FPS, Job, UserError
+from itk.runtime.request import MISSING, check_clip_settings, file_problem, image_size
 from itk.runtime.sampling import Sampling, plan_clips
 
 COLOUR_DRIFT_S = 60  # colour drifts visibly beyond about a minute (InfiniteTalk README)
@@ -42,8 +43,11 @@ class MediaFacts:
 
 
 def probe_image(path: Path) -> tuple[int, int]:
+    """(width, height), once the header passed the generator's pixel limit (`image_size`) and every pixel
+    decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    image_size(path)  # before decoding: a decompression bomb is refused from its header
     try:
         with Image.open(path) as im:
             im.load()  # decode every pixel: a truncated file fails here, not in the runtime
@@ -90,11 +94,14 @@ def probe_audio(path: Path) -> float:
 def validate(job: Job, sampling: Sampling) -> MediaFacts:
     """Open and decode every input and work out the video it makes; what the runtime will do differently from
     what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2)."""
+    check_clip_settings(sampling)  # the generator's rule: clip lengths that can make a video
     tracks = job.audio_files()  # the official format's silent speaker ("None") has no file
     for what, path in [("cond_video", job.cond_video), *((f"audio {k}", p) for k, p in tracks.items())]:
-        if not path.is_file():
-            raise bad_input(f"{what} file {path} does not exist",
-                            "check the path (relative paths: the current folder, then the job file's folder)")
+        problem = file_problem(path)
+        if problem:
+            raise bad_input(f"{what} file {path} {problem}",
+                            "check the path (relative paths: the current folder, then the job file's folder)"
+                            if problem == MISSING else "give the image or speech file itself")
     width, height = (probe_video if job.is_video else probe_image)(job.cond_video)
     audio_s = {k: probe_audio(p) for k, p in tracks.items()}
     if not audio_s:
@@ -122,7 +129,7 @@ def validate(job: Job, sampling: Sampling) -> MediaFacts:
     cap = sampling.max_frame_num
     if sampling.streaming and audio_frames > cap:
         warnings.append(
-            f"the audio is {total_s:.1f} s but the video stops at max_frame_num {cap} frames ({cap / FPS:.0f} s); "
+            f"the audio is {total_s:.1f} s but the video stops at max_frame_num {cap} frames ({cap / FPS:.1f} s); "
             f"for all of it: --set max_frame_num={audio_frames}"
         )
     if clips.length / FPS > COLOUR_DRIFT_S:

@@ -50,8 +50,19 @@ class BatchJob:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        return {"line": self.line, "name": self.name, "job": self.job.to_json(), "preset": self.preset,
-                "settings": self.settings}
+        """The job as one line of a job file, its paths absolute and its output named: what the store keeps, so
+        every front door's jobs read the same and `from_json` makes the same job again."""
+        line: dict[str, Any] = {**self.job.to_json(), "output": f"{self.name}.mp4"}
+        if self.preset is not None:
+            line["preset"] = self.preset
+        if self.settings:
+            line["settings"] = dict(self.settings)
+        return line
+
+    @classmethod
+    def from_json(cls, data: Any) -> BatchJob:
+        """The job a store row's spec (`to_json`) describes, checked again as a job file's line is (BadInput)."""
+        return parse_line(data, 0, Path.cwd())
 
 
 def setting_text(value: Any) -> str:

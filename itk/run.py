@@ -181,6 +181,7 @@ class Plan:
     variant: str = "single"  # the InfiniteTalk DiT the job's speakers need (itk.variants)
     variant_missing: list[str] = field(default_factory=list)  # multi files absent where the single ones are usable
     layout: Layout = Layout(1, 1)  # how the GPUs split the work; one generator process per GPU (itk/launch.py)
+    no_gpu_here: bool = False  # this machine has no NVIDIA GPU (the run can only be one on tiny weights)
 
     @property
     def gpus(self) -> int:
@@ -291,6 +292,19 @@ class Plan:
             fixes.append(f"re-hash the changed file(s): {fetch}`{self.doctor_command}`")
         return "; ".join(fixes) or self.fetch_command
 
+    def require_gpus(self) -> None:
+        """UserError (exit 2) when the plan splits one video over more GPUs than this machine has: several
+        generator processes would share a GPU, or run on the CPU. A dry run may plan for another machine."""
+        if self.gpus < 2:
+            return
+        from itk.launch import usable_gpus
+
+        present = usable_gpus()
+        if present < self.gpus:
+            here = f"this machine has {present} usable NVIDIA GPU{'s' if present != 1 else ''}"
+            raise UserError(f"--gpus {self.gpus}: {here}", f"--gpus {present}" if present > 1 else
+                            "leave out --gpus (one GPU), or run on a machine with that many GPUs", EXIT_BAD_INPUT)
+
     def require_weights(self) -> None:
         """UserError naming each unusable weight file with its state, and the fix: exit 2 for two speakers on
         a folder that has only the single-speaker DiT (the job asks for what these weights cannot do), else 3."""
@@ -298,6 +312,11 @@ class Plan:
             raise UserError(f"two speakers need the multi-speaker InfiniteTalk DiT: {', '.join(self.variant_missing)}"
                             " is missing (only the single-speaker one is here)", self.fetch_command, EXIT_BAD_INPUT)
         if problem := self.weights_problem:
+            if self.no_gpu_here:  # first what matters more: even with the weights, no real video runs here
+                raise UserError(f"this machine has no NVIDIA GPU, so it cannot make real videos; and {problem}",
+                                f"`itk selftest` checks the install here on tiny weights (or `itk ui` with "
+                                f"--weights-dir on them); on a machine with an NVIDIA GPU: {self.weights_fix}",
+                                EXIT_MISSING_WEIGHTS)
             raise UserError(problem, self.weights_fix, EXIT_MISSING_WEIGHTS)
 
     def to_json(self) -> dict[str, Any]:
@@ -351,10 +370,10 @@ def plan_run(spec: RunSpec) -> Plan:
     check_speaker_boxes(job, media)
     if preset.long_video_warning and media.video_s > COLOUR_DRIFT_S:
         media.warnings.append(preset.long_video_warning)
-    facts = machine.gather() if spec.preset or spec.gpu_name is None else None
+    facts = machine.gather()
     if spec.preset:  # an automatic choice already fits this GPU
-        media.warnings += setting_warnings(settings, facts.vram_gb if facts else None)
-    gpu = spec.gpu_name or (facts.gpu_name if facts else None)
+        media.warnings += setting_warnings(settings, facts.vram_gb)
+    gpu = spec.gpu_name or facts.gpu_name
     wdir = resolve_weights_dir(spec.weights_dir).absolute()
     # The doctor's weights check without hashing: presence, recorded size and mtime, header (a truncated
     # download fails here in milliseconds instead of after minutes of loading; a changed file is not trusted).
@@ -389,7 +408,8 @@ def plan_run(spec: RunSpec) -> Plan:
                 media=media, settings=settings, sampling=sampling, output=out, run_dir=run_dir,
                 argv=[*launch_argv(generator, count), *flags], flags=flags,
                 unusable=unusable, fetch_command=fetch, doctor_command=doctor, step_time=step_time, gpu_name=gpu,
-                resume=resume, loras=pairs, variant=variant, variant_missing=variant_missing, layout=layout)
+                resume=resume, loras=pairs, variant=variant, variant_missing=variant_missing, layout=layout,
+                no_gpu_here=facts.vram_gb is None)
 
 
 def missing_variant(statuses: list[FileStatus], preset_components: tuple[str, ...], components: tuple[str, ...],

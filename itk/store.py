@@ -7,7 +7,9 @@ one transaction made durable before the call returns (synchronous=FULL), so a SI
 the last committed state.
 
 States: queued -> running (on a worker) -> done (its mp4 verified) | failed (error + fix) | cancelled; a
-running job whose runner died is queued again by `recover`, and resumes from its last finished clip.
+running job whose runner died is queued again by `recover`, and resumes from its last finished clip. Only a
+running job can end (a job cancelled while its worker finished it stays cancelled); an ended job stays until
+`delete` forgets it.
 """
 
 from __future__ import annotations
@@ -219,31 +221,44 @@ class JobStore:
             db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in known)} WHERE name = ? AND state = 'running'",
                        (*known.values(), name))
 
-    def _end(self, name: str, state: str, **values: Any) -> None:
+    def _end(self, name: str, state: str, **values: Any) -> bool:
+        """A running job ends in `state`; False (nothing changed) when it was not running: a job cancelled
+        while its worker was finishing it stays cancelled."""
         now = time.time()
         with self._transaction() as db:
             sets = ", ".join(f"{k} = ?" for k in values)
-            db.execute(f"UPDATE jobs SET state = ?, worker = NULL, finished = ?, "
-                       f"busy_s = busy_s + MAX(0, ? - COALESCE(started, ?)){', ' + sets if sets else ''} "
-                       "WHERE name = ?", (state, now, now, now, *values.values(), name))
+            return bool(db.execute(
+                f"UPDATE jobs SET state = ?, worker = NULL, finished = ?, "
+                f"busy_s = busy_s + MAX(0, ? - COALESCE(started, ?)){', ' + sets if sets else ''} "
+                "WHERE name = ? AND state = 'running'", (state, now, now, now, *values.values(), name)).rowcount)
 
-    def finish(self, name: str, output: Path, video_s: float | None, note: str | None = None) -> None:
-        """The job is done: its mp4 (verified by the caller) is in place."""
-        self._end(name, "done", output=str(output), video_s=video_s, note=note)
+    def finish(self, name: str, output: Path, video_s: float | None, note: str | None = None) -> bool:
+        """The job is done: its mp4 (verified by the caller) is in place. False when it was not running."""
+        return self._end(name, "done", output=str(output), video_s=video_s, note=note)
 
-    def fail(self, name: str, error: str, fix: str, exit_code: int) -> None:
-        self._end(name, "failed", error=error, fix=fix, exit_code=exit_code)
+    def fail(self, name: str, error: str, fix: str, exit_code: int) -> bool:
+        return self._end(name, "failed", error=error, fix=fix, exit_code=exit_code)
 
-    def requeue(self, name: str, note: str) -> None:
+    def requeue(self, name: str, note: str) -> bool:
         """Back to the queue (its runner stopped or died); the next attempt resumes from its last finished clip."""
-        self._end(name, "queued", note=note)
+        return self._end(name, "queued", note=note)
 
     def cancel(self, name: str) -> bool:
-        """Cancel a queued or running job (the caller stops its worker); False when it had already ended."""
+        """Cancel a queued or running job (the caller stops its worker; a running one's time so far is counted);
+        False when it had already ended."""
+        now = time.time()
         with self._transaction() as db:
-            changed = db.execute("UPDATE jobs SET state = 'cancelled', worker = NULL, finished = ? "
-                                 "WHERE name = ? AND state IN ('queued', 'running')", (time.time(), name)).rowcount
+            changed = db.execute(
+                "UPDATE jobs SET busy_s = busy_s + CASE WHEN state = 'running' THEN MAX(0, ? - COALESCE(started, ?)) "
+                "ELSE 0 END, state = 'cancelled', worker = NULL, finished = ? "
+                "WHERE name = ? AND state IN ('queued', 'running')", (now, now, now, name)).rowcount
         return bool(changed)
+
+    def delete(self, name: str) -> bool:
+        """Forget a job that has ended (done, failed or cancelled); False when it is unknown, queued or running."""
+        with self._transaction() as db:
+            return bool(db.execute("DELETE FROM jobs WHERE name = ? AND state IN ('done', 'failed', 'cancelled')",
+                                   (name,)).rowcount)
 
     def recover(self, note: str) -> list[str]:
         """Every job left running by a runner that is gone (the caller holds the folder's lock, so no runner is

@@ -1,6 +1,8 @@
-"""What the web page (itk.ui) does besides drawing: stage uploads into the output folder, run one job through
-itk.run's plan_run + run_job in a worker thread, turn its events into a progress line, and stop its whole
-process group on Cancel; and run `itk fetch` as a cancellable child with a progress fraction.
+"""What the web page (itk.ui) does besides drawing: stage uploads into the output folder, build the job's RunSpec
+as `itk run` does, run one job at a time through itk.run's plan_run + run_job in a worker thread, turn its events
+into a progress line, stop its whole process group however the job ends, drop the uploads Gradio kept once a job
+has used them, say errors in the page's words (its controls, the names the person uploaded, never the server's
+folders), read a job store for the queue view, and run `itk fetch` as a cancellable child.
 
 No Gradio here: the page's handlers call these, and tests can too.
 """
@@ -17,14 +19,34 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, VIDEO_EXTENSIONS, Job, UserError, write_job
+from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, VIDEO_EXTENSIONS, BadInput, Flag, UserError
 
 SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 MULTI_COMPONENTS = ("infinitetalk-multi-fp8", "infinitetalk-multi")  # either variant DiT enables a second speaker
+# The generator's stage names (runtime/engine.py) as the page says them.
+STAGE_WORDS = MappingProxyType({
+    "load": "loading the models", "load_models": "loading the models", "read_inputs": "reading the inputs",
+    "audio_embedding": "reading the speech", "text_encoding": "reading the prompt",
+    "image_encoding": "reading the portrait", "speakers": "placing the two speakers",
+    "dub_region": "finding the speaker in the source video", "generate": "generating",
+    "write_video": "writing the video", "resume": "resuming the interrupted run",
+})
+# `itk run`'s options as the page's controls name them (errors come from the same checks as the command line).
+OPTION_WORDS = MappingProxyType({
+    "--image": "the portrait", "--video": "the source video", "--audio2": "the second speaker's speech",
+    "--audio-mode": "the two-speaker mode", "--audio": "the speech", "--bbox1": "speaker 1's box",
+    "--bbox2": "speaker 2's box", "--text-file": "the text", "--text": "the text to say",
+    "--voice2": "speaker 2's voice", "--voice": "the voice", "--speed": "the speed", "--dub-region": "the dub region",
+    "--prompt": "the prompt", "--preset": "the preset", "--output": "the video", "--input-json": "the job",
+})
+# Commands a person runs on the server (fetch, doctor, installs) keep their options as typed.
+COMMAND = re.compile(r"(?:\bitk (?!run\b)\w+|\bpip install|\bpython -m|\bapt-get)[^;()]*")
 
 
 def page_error(exc: BaseException) -> UserError:
@@ -35,22 +57,117 @@ def page_error(exc: BaseException) -> UserError:
                      "traceback, and report it", EXIT_FAILED)
 
 
+# -- the page's words ----------------------------------------------------------------------------------------
+def web_words(text: str) -> str:
+    """A line of the command line's checks in the page's words: `--set NAME=VALUE` is the Advanced field NAME,
+    a generator flag `--NAME` is that field's name, `itk run`'s options are the controls they stand for; commands
+    to run on the server stay as they are."""
+    from itk.runtime.protocol import FLAG
+
+    def option(match: re.Match[str]) -> str:
+        name = match.group(0)
+        if name in OPTION_WORDS:
+            return OPTION_WORDS[name]
+        return name[2:] if name[2:] in FLAG else name
+
+    def rewrite(part: str) -> str:
+        part = re.sub(r"`?--set (\w+)=([^\s`:;,]*)`?", r"Advanced: \1 = \2", part)
+        part = re.sub(r"\bitk run (?=--)", "", part)
+        return re.sub(r"--[a-z][a-z0-9_-]*", option, part)
+
+    out, at = [], 0
+    for command in COMMAND.finditer(text):
+        out += [rewrite(text[at:command.start()]), command.group(0)]
+        at = command.end()
+    return "".join(out) + rewrite(text[at:])
+
+
+def hide_paths(text: str, names: Mapping[str, str], folders: Mapping[Path, str]) -> str:
+    """`text` with each file the person uploaded named as they named it (`names`: server path -> their name) and
+    the server's folders left out (`folders`: folder -> what to call it; a path inside one is kept relative, an
+    option naming one, like `--weights-dir DIR`, becomes "(with the server's --weights-dir)")."""
+    for path in sorted(names, key=len, reverse=True):
+        text = text.replace(path, names[path])
+    for folder in sorted(folders, key=lambda f: len(str(f)), reverse=True):
+        text = re.sub(rf"(--[a-z][a-z-]*) {re.escape(str(folder))}(?=$|[\s;,)])", r"(with the server's \1)", text)
+        text = text.replace(f"{folder}{os.sep}", "").replace(str(folder), folders[folder])
+    return text
+
+
+def public_error(error: UserError, names: Mapping[str, str], folders: Mapping[Path, str]) -> UserError:
+    """The error as the page shows it: the page's words, the person's file names, no server folder."""
+    return UserError(web_words(hide_paths(error.message, names, folders)),
+                     web_words(hide_paths(error.fix, names, folders)), error.exit_code)
+
+
+def requirement(flag: Flag) -> str:
+    """What a value of `flag` must be, in words: "a whole number of at least 1", "one of fp8, int8"."""
+    if flag.choices:
+        return "one of " + ", ".join(map(str, flag.choices))
+    kind = {int: "a whole number", float: "a number"}.get(flag.type, "a value")
+    if flag.nargs:
+        kind = kind.replace("a ", "", 1) + "s separated by commas"
+    bounds = []
+    if flag.minimum is not None and flag.maximum is not None:
+        bounds.append(f"from {flag.minimum:g} to {flag.maximum:g}")
+    elif flag.minimum is not None:
+        bounds.append(f"of at least {flag.minimum:g}")
+    elif flag.maximum is not None:
+        bounds.append(f"of at most {flag.maximum:g}")
+    if flag.above is not None:
+        bounds.append(f"greater than {flag.above:g}")
+    return " ".join([kind, *bounds])
+
+
+def advanced_setting(flag: Flag, text: str) -> str:
+    """An Advanced field's text as a `--set` item, checked by the protocol's table; UserError (exit 2) in the
+    page's words: "Advanced: sample_steps must be a whole number of at least 1 (given: 0)"."""
+    from itk.runtime.protocol import parse_setting
+
+    try:
+        parse_setting(flag.name, text)
+    except BadInput as exc:
+        fix = f"change {flag.name} under Advanced settings, or clear it for the preset's value"
+        try:
+            value = [flag.type(p) for p in text.split(",")] if flag.nargs else flag.type(text)
+            shape_ok = flag.check(value) is None and (not flag.choices or value in flag.choices)
+        except ValueError:
+            shape_ok = False
+        if shape_ok:  # the value has the right shape but is refused (not supported yet): say why
+            raise UserError(f"Advanced: {web_words(exc.message)}", fix, EXIT_BAD_INPUT) from None
+        raise UserError(f"Advanced: {flag.name} must be {requirement(flag)} (given: {text})", fix,
+                        EXIT_BAD_INPUT) from None
+    return f"{flag.name}={text}"
+
+
+def flag_choice_words(flag: Flag) -> str:
+    """A flag's help in the page's words, without the "itk only, for ...:" preamble."""
+    return web_words(re.sub(r"^itk only[^:]*:\s*", "", flag.help))
+
+
 # -- the job folder -----------------------------------------------------------------------------------------
 @dataclass
 class Staged:
     """One job's folder in --output-dir: the uploads (renamed by role), job.json and the video's path."""
 
     folder: Path
-    job_file: Path
     output: Path
+    face: Path
+    speech: list[Path] = field(default_factory=list)
     names: dict[Path, str] = field(default_factory=dict)  # staged copy -> the browser's file name
+
+    @property
+    def job_file(self) -> Path:
+        return self.folder / "job.json"
+
+    @property
+    def is_video(self) -> bool:
+        return self.face.suffix in VIDEO_EXTENSIONS
 
     def explain(self, error: UserError) -> UserError:
         """The error naming the files as the person uploaded them, not by their staged copies."""
-        message, fix = error.message, error.fix
-        for path, name in self.names.items():
-            message, fix = message.replace(str(path), name), fix.replace(str(path), name)
-        return UserError(message, fix, error.exit_code)
+        names = {str(path): name for path, name in self.names.items()}
+        return UserError(hide_paths(error.message, names, {}), hide_paths(error.fix, names, {}), error.exit_code)
 
 
 def job_stem() -> str:
@@ -68,46 +185,65 @@ def stage_upload(source: str | Path, folder: Path, role: str) -> Path:
     return dest
 
 
-def stage_job(output_dir: Path, face: str | None, speech: list[str | None], prompt: str, mode: str = "add",
-              boxes: tuple[str | None, str | None] = (None, None)) -> Staged:
-    """The job folder with copies of the uploads and the job file `itk run --input-json` repeats it from.
-    UserError (exit 2) when the portrait or the speech is missing. mode and boxes (`--bbox1` text): two speakers."""
+def stage_uploads(output_dir: Path, face: str | None, speech: list[str | None], text: str = "") -> Staged:
+    """The job folder with copies of the uploads. UserError (exit 2) when the portrait is missing, or the speech
+    (a recording, or `text` to say), or both a recording and text are given, or an upload is gone (uploads are
+    dropped once a job has used them)."""
     if not face:
         raise UserError("no portrait image or source video", "upload a PNG/JPEG portrait or an mp4 to dub",
                         EXIT_BAD_INPUT)
     tracks = [s for s in speech if s]
-    if not tracks:
-        raise UserError("no speech track", "upload the speech to lip-sync (wav/mp3/m4a)", EXIT_BAD_INPUT)
-    bbox = None
-    if len(tracks) > 1 and any(b and b.strip() for b in boxes):
-        from itk.spec import parse_box
-
-        if not all(b and b.strip() for b in boxes):
-            raise UserError("give both speakers' boxes, or neither (the official left/right split)",
-                            "fill in the other box: row_min,col_min,row_max,col_max", EXIT_BAD_INPUT)
-        bbox = {f"person{n}": parse_box(str(b), f"box {n}") for n, b in enumerate(boxes, 1)}
+    if not tracks and not text.strip():
+        raise UserError("no speech", "upload the speech to lip-sync (wav/mp3/m4a), or type what to say",
+                        EXIT_BAD_INPUT)
+    if tracks and text.strip():
+        raise UserError("both a speech recording and text to say", "remove the recording to have the text "
+                        "spoken, or clear the text box to use the recording", EXIT_BAD_INPUT)
+    for upload in [face, *tracks]:
+        if not Path(upload).is_file():
+            raise UserError(f"{Path(upload).name} is no longer on the server (uploads are removed once a job has "
+                            "used them)", "upload it again", EXIT_BAD_INPUT)
     stem = job_stem()
     folder = (output_dir / stem).absolute()
     folder.mkdir(parents=True, exist_ok=False)
-    names: dict[Path, str] = {}
     is_video = Path(face).suffix.lower() in VIDEO_EXTENSIONS
     cond = stage_upload(face, folder, "video" if is_video else "image")
-    names[cond] = Path(face).name
-    audio: dict[str, Path | None] = {}
+    staged = Staged(folder, folder / f"{stem}.mp4", cond, names={cond: Path(face).name})
     for n, track in enumerate(tracks, 1):
-        staged = stage_upload(track, folder, f"speech{n}")
-        names[staged] = Path(track).name
-        audio[f"person{n}"] = staged
-    job = Job(prompt=prompt.strip() or "A person is talking.", cond_video=cond, cond_audio=audio,
-              audio_type=mode if len(audio) > 1 else None, bbox=bbox)
-    job_file = write_job(job, folder / "job.json")
-    return Staged(folder, job_file, folder / f"{stem}.mp4", names)
+        copy = stage_upload(track, folder, f"speech{n}")
+        staged.names[copy] = Path(track).name
+        staged.speech.append(copy)
+    return staged
 
 
-def repeat_command(staged: Staged, preset: str, sets: list[str], weights_dir: Path | None) -> str:
+def job_spec(staged: Staged, *, prompt: str = "", mode: str | None = None,
+             boxes: tuple[str | None, str | None] = (None, None), text: str = "",
+             voices: tuple[str | None, str | None] = (None, None), dub_region: str | None = None,
+             preset: str | None = None, sets: Iterable[str] = (), weights_dir: Path | None = None) -> Any:
+    """The staged job as `itk run` would take it (itk.spec.RunSpec.from_options: the same checks): a second
+    recording with its mode, the boxes, text to speak with its voices (made beside the video now), and for a
+    source video the dub region."""
+    from itk.spec import RunSpec
+
+    box1, box2 = (b.strip() if b and b.strip() else None for b in boxes)
+    two = len(staged.speech) > 1
+    said = text.strip() or None
+    return RunSpec.from_options(
+        image=None if staged.is_video else str(staged.face), video=str(staged.face) if staged.is_video else None,
+        audio=str(staged.speech[0]) if staged.speech else None, audio2=str(staged.speech[1]) if two else None,
+        audio_mode=(mode or "add") if two else None, bbox1=box1, bbox2=box2, prompt=prompt.strip() or None,
+        output=staged.output, preset=preset, sets=list(sets), weights_dir=weights_dir, text=said,
+        voice=(voices[0] or None) if said else None, voice2=(voices[1] or None) if said else None,
+        dub_region=(dub_region or None) if staged.is_video else None)
+
+
+def repeat_command(staged: Staged, preset: str, sets: list[str], weights_dir: Path | str | None,
+                   dub_region: str | None = None) -> str:
     """The `itk run` line that repeats this job from the command line."""
     argv = ["itk", "run", "--input-json", str(staged.job_file), "--preset", preset,
             *(a for s in sets for a in ("--set", s))]
+    if dub_region and staged.is_video:
+        argv += ["--dub-region", dub_region]
     if weights_dir:
         argv += ["--weights-dir", str(weights_dir)]
     return shlex.join(argv)
@@ -129,7 +265,47 @@ def multi_speaker(weights_dir: Path) -> tuple[bool, str]:
                    f"{weights_dir}` adds them (with your --preset)")
 
 
+def speech_from_text(weights_dir: Path) -> tuple[list[str], UserError | None]:
+    """The Kokoro voices in the weights folder, and why speech cannot be made from text here (None: it can); the
+    reason names files inside the weights folder relative to it."""
+    from itk.runtime.tts import list_voices, problem
+    from itk.speech import tts_folders
+
+    folders = tts_folders(weights_dir)
+    why = problem(folders)
+    if why is not None:
+        why = UserError(hide_paths(why.message, {}, {weights_dir: "the weights folder"}), why.fix, why.exit_code)
+    return list_voices(folders.kokoro), why
+
+
+def drop_uploads(paths: Iterable[str | None], root: Path | None) -> None:
+    """Delete the copies Gradio keeps of a job's uploads (each in a folder of its own under `root`, its temp
+    folder) with their folders; nothing outside `root` is touched."""
+    if root is None:
+        return
+    top = root.resolve()
+    for name in paths:
+        if not name:
+            continue
+        path = Path(name).resolve()
+        if top not in path.parents:
+            continue
+        path.unlink(missing_ok=True)
+        folder = path.parent
+        while folder != top and top in folder.parents:
+            try:
+                folder.rmdir()  # only once empty
+            except OSError:
+                break
+            folder = folder.parent
+
+
 # -- progress ----------------------------------------------------------------------------------------------
+def stage_words(name: str) -> str:
+    """A generator stage as the page says it: "audio_embedding" -> "reading the speech"."""
+    return STAGE_WORDS.get(name, name.replace("_", " "))
+
+
 @dataclass
 class Progress:
     """The run's events folded into what the page shows: clip, step, ETA (from this run's own step times)
@@ -149,7 +325,8 @@ class Progress:
         if isinstance(event.get("gpu_peak_gb"), (int, float)):
             self.gpu_peak_gb = float(event["gpu_peak_gb"])
         if kind == "stage":
-            self.stage = str(event.get("message") or event.get("stage") or self.stage)
+            name = str(event.get("stage") or "")
+            self.stage = str(event.get("message") or (stage_words(name) if name else self.stage))
             self.clips = int(event.get("clips") or self.clips)
         elif kind == "clip":
             self.clip, self.clips = int(event.get("clip") or 0), int(event.get("clips") or self.clips)
@@ -185,15 +362,33 @@ class Progress:
         return " · ".join(parts)
 
 
-# -- one generation job --------------------------------------------------------------------------------------
+# -- one generation job at a time ---------------------------------------------------------------------------
+class GpuSlot:
+    """One generator at a time on this server. A job takes the slot before its generator starts, and the job's
+    own thread gives it back only when run_job has returned, that is once its Supervisor found no process of the
+    group left: however the job ended (Cancel, Gradio's cancel, a closed tab, the server stopping), the next one
+    cannot start beside it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def take(self, timeout: float) -> bool:
+        return self._lock.acquire(timeout=timeout)
+
+    def give_back(self) -> None:
+        self._lock.release()
+
+
 class Running:
     """One job: run_job in a worker thread under a Supervisor this object keeps, its events in a queue, and a
-    cancel that asks that Supervisor to stop the whole process group as Ctrl-C does (`Supervisor.cancel`)."""
+    cancel that asks that Supervisor to stop the whole process group as Ctrl-C does (`Supervisor.cancel`).
+    `release` (the GpuSlot's give_back) is called once the job's thread is done with every process."""
 
-    def __init__(self, plan: Any):
+    def __init__(self, plan: Any, release: Callable[[], None] = lambda: None):
         from itk.run import supervisor_for
 
         self.plan = plan
+        self.release = release
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.supervisor = supervisor_for(plan, self.events.put)
         self.result: Any = None
@@ -214,12 +409,52 @@ class Running:
         except BaseException as exc:  # noqa: BLE001 - shown on the page as one line + fix
             self.error = page_error(exc)
         finally:
-            self.done.set()
+            try:
+                self.release()
+            finally:
+                self.done.set()
 
     def cancel(self) -> None:
         """Stop the job (returns at once; the job's thread ends once no process of its group is left)."""
         self.cancelled.set()
         self.supervisor.cancel()
+
+
+@dataclass
+class Ticket:
+    """A page's (one browser tab's or API client's) current job: a cancel that arrives before the generator
+    starts means it never starts; one that arrives after stops it."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    job: Running | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.job is not None:
+            self.job.cancel()
+
+
+# -- the queue of `itk batch` / `itk serve` ------------------------------------------------------------------
+def queue_rows(folder: Path) -> list[dict[str, str]]:
+    """The jobs of the store in `folder`, read-only, as the page's queue table shows them: name, state, worker,
+    where it is (clip/step) and its error with the fix. itk.store.StoreError when there is no store there."""
+    from itk.store import JobStore
+
+    store = JobStore.open(folder, create=False)
+    try:
+        rows = []
+        for job in store.jobs():
+            where = []
+            if job.clip:
+                where.append(f"clip {job.clip} of {job.clips or '?'}")
+            if job.step:
+                where.append(f"step {job.step} of {job.steps or '?'}")
+            error = " · fix: ".join(x for x in (job.error, job.fix) if x)
+            rows.append({"name": job.name, "state": job.state, "worker": job.worker or "",
+                         "where": ", ".join(where), "error": error})
+        return rows
+    finally:
+        store.close()
 
 
 # -- fetching weights ----------------------------------------------------------------------------------------

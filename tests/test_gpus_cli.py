@@ -91,12 +91,26 @@ def test_a_rank_that_crashes_ends_the_job_naming_the_rank_with_no_process_left(t
     assert survivors(str(tmp_path)) == []
 
 
+RUN_TWO_RANKS = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from itk.run import plan_run, run_job
+from itk.spec import RunSpec
+image, audio, out, weights, preset = sys.argv[1:6]
+spec = RunSpec.from_options(image=image, audio=audio, output=out, preset=preset, weights_dir=weights,
+                            sets=["sample_steps=1000"])
+sys.exit(run_job(plan_run(replace(spec, gpus=2))).exit_code)
+"""
+
+
 def test_sigterm_to_itk_stops_every_rank(tmp_path, tiny, media):
+    """Two generator processes on this GPU-less box (the library allows CPU ranks; `itk run --gpus 2` itself
+    refuses a machine without two GPUs): SIGTERM to itk stops both ranks and itk ends with 130."""
     image, audio = media
-    proc = subprocess.Popen([sys.executable, "-m", "itk", "run", "--image", str(image), "--audio", str(audio),
-                             "--output", str(tmp_path / "talk.mp4"), "--preset", selftest.PRESET, "--weights-dir",
-                             str(tiny), "--set", "sample_steps=1000", "--gpus", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", RUN_TWO_RANKS, str(image), str(audio), str(tmp_path / "talk.mp4"),
+                             str(tiny), selftest.PRESET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path)
     log = tmp_path / "talk.run" / "generate.log"
     try:
         wait_for_step(log)
@@ -107,6 +121,13 @@ def test_sigterm_to_itk_stops_every_rank(tmp_path, tiny, media):
         assert survivors(str(tmp_path)) == []
     finally:
         proc.kill()
+
+
+def test_itk_run_refuses_more_gpus_than_the_machine_has_before_anything_starts(tmp_path, media):
+    image, audio = media
+    proc = itk("run", "--image", str(image), "--audio", str(audio), "--gpus", "3", cwd=tmp_path)  # 3 guidance groups
+    assert proc.returncode == 2 and "--gpus 3: this machine has 0 usable NVIDIA GPUs" in proc.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").glob("*.run/generate.log"))
 
 
 def wait_for_step(log: Path, seconds: float = 120) -> None:

@@ -135,8 +135,18 @@ def test_unusable_weights_are_named_with_their_state_and_a_changed_file_gets_the
     assert f"{files[changed].label} (changed: changed since it was verified" in proc.stderr
     assert f"{files[corrupt].label} (corrupt: sha256 does not match the hub)" in proc.stderr
     assert f"{files[truncated].label} (truncated: " in proc.stderr
-    assert (f"fix: itk fetch --preset rtx4090-24g --weights-dir {weights}; re-hash the changed file(s): "
+    assert (f"itk fetch --preset rtx4090-24g --weights-dir {weights}; re-hash the changed file(s): "
             f"`itk doctor --deep --only weights --preset rtx4090-24g --weights-dir {weights}`") in proc.stderr
+
+
+def test_on_a_machine_without_a_gpu_missing_weights_say_first_that_no_real_video_runs_here(tmp_path, media):
+    image, audio = media
+    proc = itk("run", "--image", str(image), "--audio", str(audio), "--weights-dir", str(tmp_path / "none"),
+               cwd=tmp_path)  # this CI box has no NVIDIA GPU
+    assert proc.returncode == 3
+    first, fix = proc.stderr.splitlines()[:2]
+    assert first.startswith("error: this machine has no NVIDIA GPU, so it cannot make real videos; and preset ")
+    assert fix.startswith("fix: `itk selftest` checks the install here on tiny weights") and "itk fetch" in fix
 
 
 def test_a_changed_file_alone_is_fixed_by_fetch_or_the_doctor(tmp_path, media):
