@@ -163,6 +163,49 @@ def batch(jobs_file, out_dir, gpus, preset, status_dir, weights_dir, as_json, de
     run_friendly(go, debug, as_json)
 
 
+@cli.command("serve", context_settings={"max_content_width": 110})
+@click.option("--port", default=8419, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to serve on (0: any free one; the first line printed says which).")
+@click.option("--listen", is_flag=True,
+              help="Serve on every network interface (default: 127.0.0.1 only); needs --token.")
+@click.option("--token", default=None, envvar="ITK_SERVE_TOKEN", metavar="TOKEN",
+              help="Every request must send `Authorization: Bearer TOKEN` (required with --listen). Default: "
+                   "$ITK_SERVE_TOKEN, which keeps it out of the process list.")
+@click.option("--out", "out_dir", default="outputs/serve", show_default=True, type=click.Path(file_okay=False),
+              help="The job folder: its store, and per job ID its uploads (ID.inputs/), video (ID.mp4) and run "
+                   "folder (ID.run/: log, verdict).")
+@click.option("--allow-paths", default=None, type=click.Path(file_okay=False), metavar="FOLDER",
+              help="Also take JSON jobs naming files on this machine, inside FOLDER only (default: uploads only).")
+@click.option("--max-upload-mb", default=200, show_default=True, type=click.IntRange(1),
+              help="The largest uploaded file (image, video or speech).")
+@click.option("--gpus", default=None, metavar="all|N",
+              help="GPUs to use, one warm generator each (default: all; on a machine without one: one on the CPU).")
+@PRESET
+@WEIGHTS_DIR
+@JSON
+@DEBUG
+def serve_(port, listen, token, out_dir, allow_paths, max_upload_mb, gpus, preset, weights_dir, as_json,
+           debug) -> None:
+    """Serve the job queue over HTTP: POST /v1/videos (multipart image or video + speech + job JSON) returns a
+    job id at once; GET /v1/videos/ID (state, progress, ETA, error + fix), GET /v1/videos/ID/content (the mp4),
+    DELETE /v1/videos/ID (cancel; again once ended: delete), GET /v1/videos?state=... The API page is /docs.
+
+    \b
+    One warm generator per GPU takes the jobs from the folder's store (the same as itk batch: `itk batch
+    --status DIR` shows them). Killed, the same command carries on: queued jobs wait, a running one resumes
+    from its last finished clip. Ctrl-C stops it cleanly (running jobs go back to the queue).
+
+    \b
+    Exit codes: 0 stopped, 1 a worker could not start, 2 a bad option, a busy port or folder.
+    """
+    from itk.console import run_friendly
+    from itk.serve import show_serve
+
+    run_friendly(lambda: show_serve(out=out_dir, port=port, listen=listen, token=token, allow_paths=allow_paths,
+                                    gpus=gpus, preset=preset, weights_dir=weights_dir, max_upload_mb=max_upload_mb,
+                                    as_json=as_json), debug, as_json)
+
+
 @cli.command("eval", context_settings={"max_content_width": 110})
 @click.argument("video", type=click.Path(dir_okay=False))
 @click.option("--reference", default=None, type=click.Path(dir_okay=False),

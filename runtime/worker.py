@@ -55,33 +55,31 @@ def main() -> int:
     events, models = Events(), WarmModels()
     events.emit("ready")
     while not stopping.is_set():
-        try:
+        job_events: Events | None = None
+        ended = False
+        try:  # a stop or a cancel may land anywhere in here, also between the job's own handlers
             line = sys.stdin.readline()
-        except JobCancelled:  # between jobs: nothing to stop
-            continue
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
-        if not line:
-            return EXIT_OK
-        if not line.strip():
-            continue
-        try:
-            job, argv = parse_job_request(line)
-        except BadInput as exc:
-            events.emit("error", message=exc.message, fix=exc.fix, exit_code=EXIT_BAD_INPUT)
-            continue
-        job_events, ended = events.for_job(job), False
-        try:
+            if not line:
+                return EXIT_OK
+            if not line.strip():
+                continue
+            try:
+                job, argv = parse_job_request(line)
+            except BadInput as exc:
+                events.emit("error", message=exc.message, fix=exc.fix, exit_code=EXIT_BAD_INPUT)
+                continue
+            job_events = events.for_job(job)
             job_events.emit("job")
             run_flags(argv, job_events, models=models)  # its last event: done or error
             ended = True
             events.emit("ready")
-        except KeyboardInterrupt:  # outside the job's own handling: before it started, or once it had ended
-            if not ended:
+        except KeyboardInterrupt:
+            if job_events is not None and not ended:  # the job had not started its own handling: end it here
                 job_events.emit("error", message="interrupted before the job started", exit_code=EXIT_INTERRUPTED)
             if stopping.is_set():
                 return EXIT_INTERRUPTED
-            events.emit("ready")
+            if job_events is not None:
+                events.emit("ready")
     return EXIT_INTERRUPTED
 
 

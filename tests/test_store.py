@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from run_media import write_image, write_wav
 
-from itk.jobfile import read_job_file
+from itk.jobfile import BatchJob, read_job_file
 from itk.runtime.protocol import UserError
 from itk.store import STORE_FILE, JobStore, StoreError
 
@@ -69,6 +69,34 @@ def test_running_jobs_left_by_a_dead_runner_are_queued_again_by_recover(tmp_path
     assert again.recover("its runner stopped") == ["a"]
     job = again.get("a")
     assert job.state == "queued" and job.worker is None and job.note == "its runner stopped" and job.attempts == 1
+
+
+def test_a_job_cancelled_while_running_stays_cancelled_whatever_its_worker_reports_then(tmp_path):
+    store = store_in(tmp_path)
+    for name in ("a", "b", "c"):
+        store.add(name, {}, name)
+    store.claim("GPU 0")
+    assert store.cancel("a") and store.cancel("b") and not store.cancel("a")
+    assert not store.finish("a", tmp_path / "a.mp4", 1.0) and not store.requeue("a", "interrupted")
+    assert not store.fail("a", "crashed", "", 1)
+    assert [(j.name, j.state) for j in store.jobs()] == [("a", "cancelled"), ("b", "cancelled"), ("c", "queued")]
+    assert store.get("a").busy_s > 0 and store.get("b").busy_s == 0 and store.get("b").attempts == 0
+    assert store.claim("GPU 0").name == "c"
+
+
+def test_only_a_job_that_has_ended_can_be_deleted(tmp_path):
+    store = store_in(tmp_path)
+    for name in ("queued", "running", "done", "failed", "cancelled"):
+        store.add(name, {}, name)
+    for name in ("running", "done", "failed"):
+        store.claim("w", [name])
+    store.finish("done", tmp_path / "done.mp4", 1.0)
+    store.fail("failed", "bad", "fix", 2)
+    store.cancel("cancelled")
+    deleted = {name: store.delete(name) for name in ("queued", "running", "done", "failed", "cancelled", "nope")}
+    assert deleted == {"queued": False, "running": False, "done": True, "failed": True, "cancelled": True,
+                       "nope": False}
+    assert [j.name for j in store.jobs()] == ["queued", "running"]
 
 
 def claim_all(folder: str, worker: str, found: multiprocessing.Queue) -> None:
@@ -173,3 +201,16 @@ def test_relative_paths_in_a_job_file_are_found_beside_it(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     (job,) = read_job_file(path)
     assert job.job.cond_video == folder / "face.png" and job.job.cond_audio["person1"] == folder / "s.wav"
+
+
+def test_a_jobs_store_spec_is_a_job_file_line_that_makes_the_same_job_again(tmp_path):
+    face, speech = write_image(tmp_path / "f.png"), write_wav(tmp_path / "s.wav", 2.0)
+    settings = {"sample_steps": 6, "use_teacache": True, "teacache_thresh": 0.3}
+    path = write_lines(tmp_path / "jobs.jsonl", [job_line(face, speech, output="x.mp4", preset="rtx4090-24g-fast",
+                                                          seed=4, settings=settings)])
+    (job,) = read_job_file(path)
+    spec = json.loads(json.dumps(job.to_json()))  # as the store keeps it
+    assert spec["output"] == "x.mp4" and spec["cond_video"] == str(face) and spec["settings"]["base_seed"] == 4
+    again = BatchJob.from_json(spec)
+    assert (again.name, again.job, again.preset, again.settings) == (job.name, job.job, job.preset, job.settings)
+    assert again.fingerprint == job.fingerprint
