@@ -214,3 +214,26 @@ def test_a_jobs_store_spec_is_a_job_file_line_that_makes_the_same_job_again(tmp_
     again = BatchJob.from_json(spec)
     assert (again.name, again.job, again.preset, again.settings) == (job.name, job.job, job.preset, job.settings)
     assert again.fingerprint == job.fingerprint
+
+
+def test_a_line_with_text_instead_of_cond_audio_is_a_job_whose_speech_is_made_when_it_runs(tmp_path):
+    from itk.jobfile import BatchJob
+
+    face = write_image(tmp_path / "face.png")
+    path = write_lines(tmp_path / "jobs.jsonl", [
+        {"prompt": "p", "cond_video": str(face), "text": "(s1) Hello. (s2) Hi!", "voice": "af_heart", "speed": 1.1},
+        {"prompt": "p", "cond_video": str(face), "text": "Hello.", "cond_audio": {"person1": "x.wav"}},
+        {"prompt": "p", "cond_video": str(face), "text": "(s1) Hi. (s3) Who?"},
+        {"prompt": "p", "cond_video": str(face), "cond_audio": {"person1": "x.wav"}, "voice": "am_adam"},
+    ])
+    with pytest.raises(UserError) as caught:
+        read_job_file(path)
+    assert "line 2: give cond_audio or text, not both" in caught.value.message
+    assert "line 3: line 1: unknown speaker tag (s3)" in caught.value.message
+    assert "line 4: voice is for speech from text, and the line has no text" in caught.value.message
+    (job,) = read_job_file(write_lines(tmp_path / "one.jsonl", [
+        {"prompt": "p", "cond_video": str(face), "text": "(s1) Hello. (s2) Hi!", "voice": "af_heart", "speed": 1.1}]))
+    assert job.speech is not None and job.speech.speed == 1.1 and job.job.cond_audio == {}
+    line = job.to_json()
+    assert "cond_audio" not in line and line["text"] == "(s1) Hello. (s2) Hi!"
+    assert BatchJob.from_json(line).fingerprint == job.fingerprint
