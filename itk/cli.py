@@ -314,14 +314,17 @@ def selftest(workdir, two_speakers, as_json, debug) -> None:
 @click.option("--auth", default=None, metavar="USER:PASS", help="Ask for this user name and password.")
 @click.option("--output-dir", default="outputs", show_default=True, type=click.Path(file_okay=False),
               help="Where every job's uploads, job file, log and video go.")
+@click.option("--queue", "queue_dir", default=None, metavar="DIR", type=click.Path(file_okay=False),
+              help="Also show the jobs of the `itk batch`/`itk serve` writing to DIR (read-only, refreshed every "
+                   "few seconds).")
 @WEIGHTS_DIR
 @DEBUG
-def ui(port, listen, auth, output_dir, weights_dir, debug) -> None:
+def ui(port, listen, auth, output_dir, queue_dir, weights_dir, debug) -> None:
     """A web page for doctor, fetch and run: open it in a browser, drop in a portrait and speech, get a video."""
     from itk.console import run_friendly
     from itk.ui import serve
 
-    run_friendly(lambda: serve(port, listen, auth, output_dir, weights_dir), debug)
+    run_friendly(lambda: serve(port, listen, auth, output_dir, weights_dir, queue_dir=queue_dir), debug)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,7 @@ from itk.ui_jobs import (
     repeat_command,
     speech_from_text,
     stage_uploads,
+    web_words,
 )
 
 DEFAULT_PORT = 8418  # the official app.py's port, which the doctor's port check watches
@@ -54,6 +55,7 @@ SEED_FLAG = "base_seed"
 OWN_CONTROLS = (SEED_FLAG, "dub_region")  # settings with a control of their own, not in Advanced
 PREVIEWABLE_VIDEO = (".mp4", ".webm")
 STATUS_WORDS = {"ok": ("✓", "fine"), "warn": ("⚠", "warning"), "fail": ("✗", "problem"), "skip": ("–", "skipped")}
+MAX_SESSIONS = 1024
 STOP_WAIT_S = 120.0  # at most this long for the jobs' processes when the server stops
 CSS = """
 #itk-error-box:empty, #itk-cancel-note:empty { display: none; }
@@ -198,6 +200,8 @@ class Page:
             if ticket.cancelled.is_set() or self.stopping.is_set():
                 job.cancel()  # the Supervisor then never starts the generator
             job.start()
+            if len(self.dropped) > MAX_SESSIONS:  # API clients never ask after_job: keep the set bounded
+                self.dropped.clear()
             self.dropped.add(session)
             progress = Progress()
             while not job.done.wait(POLL_S):
@@ -293,7 +297,8 @@ class Page:
         rows = "".join(
             f"<tr class='itk-check itk-{r.status.value}'>{status_cell(r.status.value)}<td>{html.escape(r.id)}</td>"
             f"<td>{code_html(r.summary)}</td><td>{code_html(r.fix)}</td></tr>" for r in report.results)
-        return (f"<p>preset {code_html(report.preset_reason)}; {code_html(report.summary)}</p>"
+        summary = re.sub(r"\b(\d+) ok\b", r"\1 fine", report.summary)  # the table's words, not the status enum
+        return (f"<p>preset {code_html(report.preset_reason)}; {code_html(summary)}</p>"
                 "<table id='itk-doctor-table'><thead><tr><th>status</th><th>check</th><th>result</th><th>fix</th>"
                 f"</tr></thead><tbody>{rows}</tbody></table>")
 
@@ -405,11 +410,12 @@ def field_update(flag: Flag, preset: dict[str, Any]) -> dict[str, Any]:
 def flag_field(gr: Any, flag: Flag, preset: dict[str, Any]) -> Any:
     """A checkbox for a switch, a dropdown for choices, else a text field (blank: the preset's value)."""
     shown = field_update(flag, preset)
+    common = {"label": flag.name, "info": web_words(flag.help), "elem_id": f"itk-set-{flag.name}"}
     if flag.is_switch:
-        return gr.Checkbox(label=flag.name, info=flag.help, elem_id=f"itk-set-{flag.name}", **shown)
+        return gr.Checkbox(**common, **shown)
     if flag.choices:
-        return gr.Dropdown(label=flag.name, info=flag.help, value="", elem_id=f"itk-set-{flag.name}", **shown)
-    return gr.Textbox(label=flag.name, info=flag.help, elem_id=f"itk-set-{flag.name}", **shown)
+        return gr.Dropdown(value="", **common, **shown)
+    return gr.Textbox(**common, **shown)
 
 
 # -- the page ----------------------------------------------------------------------------------------------------
@@ -550,7 +556,7 @@ class HideApiBeforeLogin:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("GET", "HEAD"):
+        if scope["type"] != "http" or scope.get("method") != "GET":
             await self.app(scope, receive, send)
             return
         start: dict[str, Any] | None = None

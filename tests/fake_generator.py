@@ -6,6 +6,8 @@ grandchild that ignores it too, write both pids to FAKE_PIDS, then wait) | hang-
 FAKE_ARGV: a file to write the received argv to (JSON).
 FAKE_SIGNALS: a file the hanging child appends the name of every signal it receives to, one a line (so a
 test sees the supervisor's escalation itself, not only that the processes ended).
+FAKE_STARTS: a file each hanging child appends a JSON line to as it starts: its own and its grandchild's pids, and
+which pids of the children before it were still alive at that moment (so a test sees two generators side by side).
 """
 
 from __future__ import annotations
@@ -56,13 +58,33 @@ def recorder(path: str | None, ends: bool) -> Any:
     return record
 
 
+def still_alive(starts: Path) -> list[int]:
+    """The pids the earlier lines of `starts` name that are alive now (zombies are not)."""
+    import psutil
+
+    earlier = [json.loads(line)["pids"] for line in starts.read_text().splitlines() if line] if starts.exists() else []
+    living = []
+    for pid in (p for pids in earlier for p in pids):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                living.append(pid)
+        except psutil.Error:
+            continue
+    return living
+
+
 def hang(ignore_term: bool) -> None:
+    starts = os.environ.get("FAKE_STARTS")
+    before = still_alive(Path(starts)) if starts else []
     record = os.environ.get("FAKE_SIGNALS")
     signal.signal(signal.SIGINT, recorder(record, ends=False))
     signal.signal(signal.SIGTERM, recorder(record, ends=not ignore_term))
     code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
     grandchild = subprocess.Popen([sys.executable, "-c", code])
     Path(os.environ["FAKE_PIDS"]).write_text(json.dumps([os.getpid(), grandchild.pid]))
+    if starts:
+        with open(starts, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"pids": [os.getpid(), grandchild.pid], "alive_before": before}) + "\n")
     event("stage", stage="load")
     while True:
         time.sleep(0.1)
