@@ -97,11 +97,14 @@ def doctor(only, deep, preset, weights_dir, as_json, verbose, debug) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Check the inputs and print the exact generator command; run nothing (the job file the command "
                    "names is written, so it runs as printed; --text makes the speech first).")
+@click.option("--restart", is_flag=True,
+              help="Start over: delete the resume state an interrupted run of this --output left (<output>.itk-resume) "
+                   "instead of continuing from it.")
 @WEIGHTS_DIR
 @JSON
 @DEBUG
 def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, text, text_file, voice, voice2, speed, dub_region,
-        prompt, output, preset, input_json, sets, loras, gpus, dry_run, weights_dir, as_json, debug) -> None:
+        prompt, output, preset, input_json, sets, loras, gpus, dry_run, restart, weights_dir, as_json, debug) -> None:
     """Generate a talking-head video: validate, launch the generator, show progress, explain failures."""
     from itk.console import run_friendly, show_dry_run, show_run
     from itk.run import plan_run
@@ -112,7 +115,7 @@ def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, text, text_file, 
                                     bbox1=bbox1, bbox2=bbox2, prompt=prompt, input_json=input_json, output=output,
                                     preset=preset, sets=sets, loras=loras, gpus=gpus, weights_dir=weights_dir,
                                     text=text, text_file=text_file, voice=voice, voice2=voice2, speed=speed,
-                                    dub_region=dub_region)
+                                    dub_region=dub_region, restart=restart)
         plan = plan_run(spec)
         return show_dry_run(plan, as_json) if dry_run else show_run(plan, as_json)
 

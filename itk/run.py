@@ -33,6 +33,7 @@ from itk.runtime.protocol import (
     resume_folder,
     to_argv,
 )
+from itk.runtime.request import check_output_name
 from itk.runtime.sampling import Sampling
 from itk.spec import RunSpec
 
@@ -106,6 +107,7 @@ def prepare_output(out: Path, inputs: list[Path]) -> None:
     """UserError (exit 2) when the video could not be written, found here and not after the whole generation
     (`itk.runtime.paths.check_output`, the generator's own rule); then the output's folder is made (the run folder
     goes there anyway), and a file in the way of the run folder is refused."""
+    check_output_name(out, "--output")  # the generator's rule: the name and its temporary names fit (255 bytes)
     check_output(out, "--output", Path.home() / "itk-outputs" / out.name, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +393,7 @@ def plan_run(spec: RunSpec) -> Plan:
         quantised = [p.name for p in load_presets().values() if "quant_dir" in p.paths and p.auto]
         raise UserError(f"preset {preset.name} has no quantised weights for --set quant={settings['quant']}",
                         f"use a preset with them: --preset {' or --preset '.join(quantised)}", EXIT_BAD_INPUT)
-    resume = resume_line(out)
+    resume = None if spec.restart else resume_line(out)  # --restart: no --resume, so the generator deletes the state
     pairs = lora_pairs(preset.lora_files(wdir), user_loras, set_scales)
     count = spec.gpus or preset.gpus
     # a preset's measured step holds for its own GPU count only: another count gets no invented number

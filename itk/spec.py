@@ -132,6 +132,7 @@ class RunSpec:
     loras: tuple[tuple[Path, float], ...] = ()
     gpus: int | None = None
     weights_dir: Path | None = None
+    restart: bool = False  # --restart: an interrupted run's resume state is deleted and the video made afresh
     generator: tuple[str, ...] | None = None
     gpu_name: str | None = None
 
@@ -147,7 +148,7 @@ class RunSpec:
                      gpus: str | int | None = None, weights_dir: str | Path | None = None,
                      text: str | None = None, text_file: str | None = None, voice: str | None = None,
                      voice2: str | None = None, speed: float | None = None,
-                     dub_region: str | None = None) -> RunSpec:
+                     dub_region: str | None = None, restart: bool = False) -> RunSpec:
         """The spec of `itk run`'s options (the page passes the same names). UserError (exit 2) for options that
         do not go together or a value of the wrong shape; the files themselves are checked by plan_run. With
         `text` (or `text_file`) the speech is made from it first (itk.speech: Kokoro, offline), beside the video.
@@ -175,7 +176,7 @@ class RunSpec:
                                      dub_boxes=settings.get("dub_region") == "bbox")
         return cls(job=job, output=out, preset=preset, settings=settings,
                    loras=tuple(parse_lora(item) for item in loras),
-                   gpus=None if gpus is None else parse_gpus(gpus), weights_dir=wdir)
+                   gpus=None if gpus is None else parse_gpus(gpus), weights_dir=wdir, restart=restart)
 
 
 def speech_of(*, text: str | None, text_file: str | None, voice: str | None, voice2: str | None,

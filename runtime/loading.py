@@ -15,6 +15,7 @@ and a streamed model can page its weights straight from the file (`MappedFile`, 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +28,10 @@ from torch import nn
 
 from itk.runtime.quant import FP8, QUANTO_KEYS, QUANTO_SCALARS, WEIGHTS_QTYPE, FP8Linear
 
+# A tensor is cast or moved in slices of at most this many bytes (of the result): each slice is one short
+# operation, so a Ctrl-C during loading is seen after one slice. One copy of umT5's 2 GB embedding read from a
+# cold page cache otherwise holds the interrupt (and any signal handler) for seconds.
+COPY_SLICE_BYTES = 64 << 20
 SAFETENSORS_DTYPES = MappingProxyType({
     "F8_E4M3": FP8, "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -99,9 +104,26 @@ def load_strict(
     cast = {}
     for key, value in state.items():
         target_dtype = dtype if dtype is not None and value.is_floating_point() else value.dtype
-        cast[key] = value.to(device=device or value.device, dtype=target_dtype)
+        cast[key] = cast_sliced(value, dtype=target_dtype, device=device or value.device)
     module.load_state_dict(cast, strict=True, assign=True)
     return module
+
+
+def cast_sliced(value: torch.Tensor, *, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`value.to(device=device, dtype=dtype)`, the same values, in copies of at most COPY_SLICE_BYTES (a
+    tensor already in place is returned as it is, as `.to` does: a memory-mapped one stays mapped)."""
+    device = torch.device(device)
+    same_device = device.type == value.device.type and device.index in (None, value.device.index)
+    if same_device and dtype == value.dtype:
+        return value
+    itemsize = max(dtype.itemsize, value.element_size())
+    if value.numel() * itemsize <= COPY_SLICE_BYTES or not value.is_contiguous():
+        return value.to(device=device, dtype=dtype)
+    out = torch.empty(value.shape, dtype=dtype, device=device)
+    source, target, step = value.reshape(-1), out.view(-1), COPY_SLICE_BYTES // itemsize
+    for start in range(0, source.numel(), step):
+        target[start:start + step].copy_(source[start:start + step])
+    return out
 
 
 class MappedFile:
@@ -213,7 +235,7 @@ def assign_quantized(
     """Strict assign: FP8 data stays FP8, everything else becomes `dtype`, all on `device`."""
     check_keys(model, state, source)
     cast = {
-        k: v.to(device=device, dtype=v.dtype if v.dtype == FP8 or not v.is_floating_point() else dtype)
+        k: cast_sliced(v, device=device, dtype=v.dtype if v.dtype == FP8 or not v.is_floating_point() else dtype)
         for k, v in state.items()
     }
     for name, module in model.named_modules():
@@ -235,6 +257,20 @@ def dequantized_state(
     qmap = read_quant_map(map_path)
     state = quantized_state(map_file(path)[0], qmap, str(path))
     for name in qmap:
-        data, scale = state.pop(f"{name}.weight").to(device), state.pop(f"{name}.scale").to(device)
-        state[f"{name}.weight"] = data.to(dtype) * scale.to(dtype)
-    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+        state[f"{name}.weight"] = dequantize_sliced(state.pop(f"{name}.weight"), state.pop(f"{name}.scale"),
+                                                    dtype=dtype, device=device)
+    return {k: cast_sliced(v, device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in state.items()}
+
+
+def dequantize_sliced(data: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype,
+                      device: torch.device | str) -> torch.Tensor:
+    """data * scale (one scale per row) in `dtype` on `device`, computed in blocks of rows of at most
+    COPY_SLICE_BYTES of the result (see `cast_sliced`)."""
+    out = torch.empty(data.shape, dtype=dtype, device=device)
+    row_bytes = max(1, math.prod(data.shape[1:])) * out.element_size()
+    step = max(1, COPY_SLICE_BYTES // row_bytes)
+    for start in range(0, data.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = data[rows].to(device).to(dtype) * scale[rows].to(device).to(dtype)
+    return out

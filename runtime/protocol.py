@@ -195,6 +195,11 @@ def read_job(path: str | Path) -> Job:
         raise BadInput(f"job file {path} is a folder", "give the path of a .json file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadInput(f"job file {path} is not valid JSON ({exc})", JOB_HELP) from None
+    except RecursionError:  # json's parser recurses once per [ or {: a file nested 200k deep ends it
+        raise BadInput(f"job file {path}: its JSON is nested too deeply to read", JOB_HELP) from None
+    except OSError as exc:  # a name over 255 bytes, a device, a permission
+        raise BadInput(f"job file {path} cannot be read ({exc.strerror or type(exc).__name__})",
+                       "check the path given to --input_json") from None
     return job_from_dict(data, f"job file {path}", path.parent.absolute())
 
 

@@ -6,13 +6,21 @@ output path chosen and checked writable) and raises BadInput with one line and a
 too small and speech too short into BadInput too. All of it happens before any model loads, so a bad input
 costs seconds, not a generation. The engine takes a Request and never sees a flag. Torch is imported only
 by `read_media`.
+
+The rules `itk run` applies before launching are the same functions (itk/inputs.py imports them):
+`check_clip_settings` (clip lengths that can make a video), `file_problem` (an input that is not a regular
+file, said as what it is), `check_output_name` (a name the output and its temporary files fit) and
+`image_size` (the pixel limit, read from the header).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
 import random
+import stat
 import time
 import warnings
 from collections.abc import Mapping
@@ -24,6 +32,7 @@ from itk.runtime.layout import Layout, LayoutError, parse_layout
 from itk.runtime.paths import check_output
 from itk.runtime.protocol import (
     FPS,
+    JOB_HELP,
     SAMPLE_RATE,
     SPEAKERS,
     BadInput,
@@ -46,6 +55,13 @@ MAX_SEED = 99999999  # the official script draws a negative --base_seed's replac
 # 1x1 image becomes a flat colour and the model has no face to animate. The minimum follows the bucket the
 # image is resized to (40x40 for 480p's square bucket, 60x60 at 720p; a tiny test bucket needs a few pixels).
 OUTPUT_PIXELS_PER_TOKEN = 16
+# More pixels than this is refused from the image's header, before decoding: PIL's own default limit, fixed
+# here so no other code's setting of PIL.Image.MAX_IMAGE_PIXELS changes the rule (PIL only warns up to twice it).
+MAX_IMAGE_PIXELS = 89_478_485
+NAME_MAX = 255  # bytes in one file or folder name (Linux and macOS file systems)
+# The longest name made from an output `NAME` is the encoder's temporary file beside it,
+# `.NAME.XXXXXXXX.partial.mp4` (runtime/atomic.py's mkstemp name, video.PARTIAL_SUFFIX): NAME gets the rest.
+OUTPUT_NAME_MAX = NAME_MAX - len(".") - len(".XXXXXXXX") - len(".partial.mp4")
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,7 @@ class Request:
     loras: tuple[tuple[Path, float], ...] = ()  # (file, scale): --lora_dir zipped with --lora_scale
     lora_alpha: str = "ignore"  # --lora_alpha
     gpu_layout: Layout | None = None  # --gpu_layout: how a torchrun launch splits the work (None: chosen there)
+    dub_region: str = "full"  # --dub_region: where a source video's frames are replaced (runtime/dub.py)
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> Request:
@@ -79,24 +96,21 @@ class Request:
         if not f["quant"] and not f["infinitetalk_dir"]:
             raise BadInput("--infinitetalk_dir is required without --quant (the InfiniteTalk adapter file)",
                            "add --infinitetalk_dir, or --quant fp8 with --quant_dir")
-        if (f["frame_num"] - 1) % 4:
-            raise BadInput(f"--frame_num {f['frame_num']}: must be 4n+1 (e.g. 81)", "use --frame_num 81")
-        if f["motion_frame"] >= f["frame_num"]:
-            raise BadInput(f"--motion_frame {f['motion_frame']}: must be between 1 and frame_num - 1",
-                           "use --motion_frame 9")
+        sampling = Sampling.from_flags(f)
+        check_clip_settings(sampling)
         if f["model_config"] and not Path(f["model_config"]).is_file():
             raise BadInput(f"--model_config {f['model_config']}: file not found", "check the path")
-        job = read_job(f["input_json"])
+        job = _read_job(Path(f["input_json"]))
         _check_job(job)
         dit_flag = "--quant_dir" if f["quant"] else "--infinitetalk_dir"
         dit_file = f["quant_dir"] if f["quant"] else f["infinitetalk_dir"]
         variant = choose_variant(job, Path(dit_file), dit_flag)
-        sampling = Sampling.from_flags(f)
         if sampling.seed < 0:  # the official rule: a negative --base_seed draws one
             sampling = dataclasses.replace(sampling, seed=random.randint(0, MAX_SEED))
         stem = f["save_file"] or default_stem(task=f["task"], size=f["size"], ulysses=f["ulysses_size"],
                                               ring=f["ring_size"], prompt=job.prompt)
         output = Path(f"{stem}.mp4")
+        check_output_name(output, "--save_file")
         check_output(output, "--save_file", Path("talk"), inputs=[job.cond_video, *job.audio_files().values()])
         return cls(
             job=job, output=output, size=f["size"], sampling=sampling,
@@ -107,6 +121,7 @@ class Request:
             persistent_params=f["num_persistent_param_in_dit"], variant=variant,
             loras=tuple(pair_loras(f["lora_dir"], f["lora_scale"])),
             lora_alpha=f["lora_alpha"], gpu_layout=_gpu_layout(f.get("gpu_layout")),
+            dub_region=_dub_region(f.get("dub_region") or "full", job),
         )
 
     @property
@@ -115,13 +130,26 @@ class Request:
         return next(iter(self.job.audio_files().values()))
 
 
+def _read_job(path: Path) -> Job:
+    """protocol.read_job, with the file checked first (a name too long, a device) and a JSON nested too deeply
+    for Python's parser refused like any other unreadable job file."""
+    problem = file_problem(path)
+    if problem and problem != MISSING:  # read_job names a missing file itself
+        raise BadInput(f"job file {path} {problem}", "give the path of a .json job file to --input_json")
+    try:
+        return read_job(path)
+    except RecursionError:
+        raise BadInput(f"job file {path}: its JSON is nested too deeply to read", JOB_HELP) from None
+
+
 def _check_job(job: Job) -> None:
     """The job's files exist, and a two-speaker job is complete (both boxes or none, one real track at least)."""
     for what, path in (("cond_video", job.cond_video),
                        *((f"cond_audio.{key}", p) for key, p in job.audio_files().items())):
-        if not path.is_file():
-            raise BadInput(f"{what} {path}: file not found (relative paths: the current folder, then the job "
-                           "file's folder)", "check the path in the job file")
+        problem = file_problem(path)
+        if problem:
+            raise BadInput(f"{what} {path} {problem}" + (" (relative paths: the current folder, then the job "
+                           "file's folder)" if problem == MISSING else ""), "check the path in the job file")
     if job.speakers < 2:
         return
     if not job.audio_files():
@@ -164,6 +192,17 @@ def choose_variant(job: Job, dit_file: Path | None, flag: str) -> str:
     return known or ("multi" if job.speakers > 1 else "single")
 
 
+def _dub_region(region: str, job: Job) -> str:
+    """--dub_region, checked against the job: a region needs a source video, and bbox the job's boxes."""
+    if region != "full" and not job.is_video:
+        raise BadInput(f"--dub_region {region}: dubbing keeps a source video outside the speaker, and "
+                       f"cond_video {job.cond_video} is an image", "leave out --dub_region for an image")
+    if region == "bbox" and not job.bbox:
+        raise BadInput("--dub_region bbox: the job gives no bbox", "add the speaker's box (itk run --bbox1 "
+                       "row_min,col_min,row_max,col_max), or use --dub_region face")
+    return region
+
+
 def _gpu_layout(text: str | None) -> Layout | None:
     if not text:
         return None
@@ -171,6 +210,71 @@ def _gpu_layout(text: str | None) -> Layout | None:
         return parse_layout(text)
     except LayoutError as exc:
         raise BadInput(str(exc), "leave --gpu_layout to `itk run --gpus N`, which writes it") from None
+
+
+MISSING = "does not exist"
+FILE_KINDS = ((stat.S_ISDIR, "is a folder, not a file"),
+              (stat.S_ISCHR, "is a character device, not a file"),
+              (stat.S_ISBLK, "is a block device (a disk), not a file"), (stat.S_ISFIFO, "is a pipe (FIFO), not a file"),
+              (stat.S_ISSOCK, "is a socket, not a file"))
+
+
+def long_name(path: Path) -> str | None:
+    """Why `path` cannot be a name on this file system (a name over NAME_MAX bytes), or None."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            return (f"has a name of {size} bytes ({part[:24]}...); a file or folder name may have at most "
+                    f"{NAME_MAX} bytes")
+    return None
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an input file, said as what it is ("does not exist", "is a folder, not a
+    file", "is a character device ...", a name too long), or None for a regular file (or a link to one). Both
+    `itk run` and the generator ask this; the message reads after the path."""
+    too_long = long_name(path)
+    if too_long:
+        return too_long
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return MISSING
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return f"is a path of {len(os.fsencode(str(path)))} bytes, longer than this system allows"
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    return next((what for test, what in FILE_KINDS if test(mode)), None if stat.S_ISREG(mode) else "is not a file")
+
+
+def check_output_name(path: Path, flag: str) -> None:
+    """Refuse an output whose name (or a folder's on its way) the file system cannot hold, counting the
+    temporary names made beside it (OUTPUT_NAME_MAX): one line naming `flag` instead of Errno 36."""
+    folder_problem = long_name(path.parent)
+    if folder_problem:
+        raise BadInput(f"{flag} {path}: a folder {folder_problem}", f"choose a shorter {flag}")
+    size = len(os.fsencode(path.name))
+    if size > OUTPUT_NAME_MAX:
+        raise BadInput(f"{flag} {path}: the video's name is {size} bytes; with the temporary files made beside it, "
+                       f"at most {OUTPUT_NAME_MAX} fit (a name may have {NAME_MAX} bytes)", f"choose a shorter {flag}")
+
+
+def check_clip_settings(s: Sampling) -> None:
+    """Refuse clip lengths that cannot make the video they describe, each with its reason: frame_num not 4n+1
+    (the VAE packs 4 frames per latent after the first), motion_frame not below frame_num (each clip after
+    the first starts frame_num - motion_frame frames later: at 0 the clips never advance), and in streaming
+    mode a max_frame_num below one clip (the video is made of whole clips, so the first would be cut short and
+    the plan would not say what the video holds)."""
+    if (s.frame_num - 1) % 4:
+        raise BadInput(f"--frame_num {s.frame_num}: must be 4n+1 (e.g. 81)", "use --frame_num 81")
+    if s.motion_frame >= s.frame_num:
+        raise BadInput(f"--motion_frame {s.motion_frame}: must be less than frame_num {s.frame_num} (each clip after "
+                       "the first starts frame_num - motion_frame frames after the one before)",
+                       "use --motion_frame 9 with --frame_num 81 (the official values)")
+    if s.streaming and s.max_frame_num < s.frame_num:
+        raise BadInput(f"--max_frame_num {s.max_frame_num}: shorter than one clip of frame_num {s.frame_num} frames "
+                       f"({s.frame_num / FPS:.2f} s); a streaming video is made of whole clips",
+                       f"use --max_frame_num {s.frame_num} or more, or a smaller --frame_num (4n+1)")
 
 
 def default_stem(*, task: str, size: str, ulysses: int, ring: int, prompt: str) -> str:
@@ -233,24 +337,37 @@ def read_two_speakers(job: Job, reference: ReferenceSource) -> Media:
                  notes=(*speakers.notes, *notes), track_samples=samples)
 
 
-def check_image_size(path: Path, table: dict[str, list[int]]) -> None:
-    """Refuse a decompression bomb (more pixels than PIL's limit, which PIL only warns about up to twice
-    the limit) and an image too small for its bucket, reading only the image's header."""
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image's header, or None when PIL cannot open it as an image (its decoder
+    then says why). BadInput for more than MAX_IMAGE_PIXELS (a decompression bomb, or a photo far larger than
+    any output): the one pixel rule, for `itk run` and the generator alike, found before decoding anything."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
+    def refuse() -> BadInput:
+        return BadInput(f"cond_video {path}: the image has more pixels than the limit of {MAX_IMAGE_PIXELS} "
+                        "(a decompression bomb, or a photo far larger than any output size)",
+                        "give a smaller image (a few megapixels is plenty)")
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                height, width = image.height, image.width
+                width, height = image.size
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-        raise BadInput(f"cond_video {path}: the image has more pixels than the limit of {limit} "
-                       "(a decompression bomb, or a photo far larger than any output size)",
-                       "give a smaller image (a few megapixels is plenty)") from None
+        raise refuse() from None
     except Exception:
-        return  # not an image PIL can open: ReferenceSource reports it with the decoder's words
-    check_reference_size(path, height, width, table)
+        return None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise refuse()
+    return width, height
+
+
+def check_image_size(path: Path, table: dict[str, list[int]]) -> None:
+    """Refuse an image over the pixel limit (`image_size`) or too small for its bucket, reading only the
+    image's header."""
+    size = image_size(path)
+    if size is not None:  # not an image PIL can open: ReferenceSource reports it with the decoder's words
+        check_reference_size(path, size[1], size[0], table)
 
 
 def minimum_size(height: int, width: int, table: dict[str, list[int]]) -> tuple[int, int]:

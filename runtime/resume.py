@@ -9,29 +9,37 @@ A resumed run replays the saved segments into a fresh encoder and continues the 
 same frames reach the encoder in the same order, so its mp4 equals an uninterrupted run's. The state also
 keeps a fingerprint of everything that decides the frames (settings, inputs, weights); a run that differs
 refuses to resume, naming what changed. The folder is removed when the mp4 is complete.
+
+Nothing in the folder is trusted: state.json may name only the files this code writes (so a resume never
+reads or deletes anything outside the folder), and each segment and carry must have the SHA-256 recorded when
+it was saved. A damaged state is refused before any model loads, naming the file and how to start over
+(`itk run ... --restart`, or the folder to delete); starting over removes the folder with `remove_state`.
+Torch-free at import: the toolkit may call `remove_state` and `restart_fix`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from itk.runtime.atomic import atomic_write, atomic_write_text
-from itk.runtime.pipeline import Carry
 from itk.runtime.protocol import FPS, RESUME_STATE, BadInput, resume_folder
 
 if TYPE_CHECKING:
     from itk.runtime.configs import ModelConfig
+    from itk.runtime.pipeline import Carry
     from itk.runtime.request import Request
 
-VERSION = 1
+VERSION = 2  # 2: the SHA-256 of every segment and carry, checked before resuming
+RESUME_SUFFIX = resume_folder(Path("x")).name.removeprefix("x")  # ".itk-resume"
 CARRY_TENSORS = ("motion", "color_ref", "noise")
 
 
@@ -87,7 +95,8 @@ def read_segment(path: Path) -> np.ndarray:
 
 @dataclass
 class ResumeState:
-    """The state folder of one output. `done` clips are saved; `carry` is what the next clip needs."""
+    """The state folder of one output. `done` clips are saved; `carry` is what the next clip needs; `hashes`
+    holds the SHA-256 of every file the state names (the segments and the carry), checked before a resume."""
 
     folder: Path
     facts: dict[str, str]
@@ -95,28 +104,66 @@ class ResumeState:
     done: int = 0
     frames: int = 0
     carry_file: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, output: Path, facts: dict[str, str], resume: bool) -> ResumeState:
-        """The state to continue (resume and a matching folder) or a fresh one (an old folder is removed).
-        Raises BadInput when the folder belongs to a different job, settings or weights."""
+        """The state to continue (resume and a matching folder) or a fresh one (an old folder is removed with
+        `remove_state`). Raises BadInput when the folder belongs to a different job, settings or weights, or
+        when it is damaged (`load`); both name how to start over."""
         folder = resume_folder(output)
-        if resume and (folder / RESUME_STATE).is_file():
-            try:
-                saved = json.loads((folder / RESUME_STATE).read_text(encoding="utf-8"))
-                state = cls(folder, saved["fingerprint"], clips=saved["clips"], done=saved["clips_done"],
-                            frames=saved["frames"], carry_file=saved["carry"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise BadInput(f"cannot resume {output}: {folder / RESUME_STATE} is unreadable ({exc})",
-                               "run without --resume to start over") from None
+        if resume and (folder / RESUME_STATE).is_file() and not folder.is_symlink():
+            state = cls.load(folder)
             changed = changes(state.facts, facts)
             if changed:
                 raise BadInput(f"cannot resume {output}: changed since the interrupted run: {', '.join(changed)}",
-                               "restore what changed, or run without --resume to start over")
+                               f"restore what changed, or {restart_fix(folder)}")
+            state.verify()
             return state
-        if folder.exists():
-            shutil.rmtree(folder)
+        remove_state(folder)
         return cls(folder, facts)
+
+    @classmethod
+    def load(cls, folder: Path) -> ResumeState:
+        """The state `folder/state.json` records, every field checked: the names it gives are the ones this
+        code writes (so nothing outside the folder is ever read or deleted). BadInput names what is wrong."""
+        path = folder / RESUME_STATE
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise damaged(folder, RESUME_STATE, f"is unreadable ({type(exc).__name__}: {str(exc)[:80]})") from None
+        if not isinstance(saved, dict) or saved.get("version") != VERSION:
+            version = saved.get("version") if isinstance(saved, dict) else None
+            raise damaged(folder, RESUME_STATE, f"is not a version-{VERSION} resume state (version {version!r})")
+        fields = {"clips": saved.get("clips"), "clips_done": saved.get("clips_done"), "frames": saved.get("frames")}
+        wrong = [k for k, v in fields.items() if type(v) is not int or v < 1]
+        if wrong:
+            raise damaged(folder, RESUME_STATE, f"has no valid {wrong[0]} (a whole number of at least 1)")
+        clips, done, frames = fields["clips"], fields["clips_done"], fields["frames"]
+        if done >= clips:
+            raise damaged(folder, RESUME_STATE, f"says {done} of {clips} clips are done (a finished run keeps none)")
+        carry = saved.get("carry")
+        if carry != _carry_name(done):
+            raise damaged(folder, RESUME_STATE, f"names the carry {carry!r}, not {_carry_name(done)} in the folder")
+        fingerprint, hashes = saved.get("fingerprint"), saved.get("hashes")
+        expected = {*(_segment_name(clip) for clip in range(done)), carry}
+        if not (isinstance(fingerprint, dict) and all(isinstance(v, str) for v in fingerprint.values())):
+            raise damaged(folder, RESUME_STATE, "has no valid fingerprint")
+        if not (isinstance(hashes, dict) and set(hashes) == expected and all(isinstance(v, str) for v in
+                                                                             hashes.values())):
+            raise damaged(folder, RESUME_STATE, f"does not list the hashes of the {done} saved clips and the carry")
+        return cls(folder, fingerprint, clips=clips, done=done, frames=frames, carry_file=carry, hashes=hashes)
+
+    def verify(self) -> None:
+        """Every file the state names is a plain file in the folder with the hash recorded when it was saved:
+        a swapped, edited, truncated or missing segment or carry is refused (BadInput naming it) instead of
+        resuming into a silently wrong video."""
+        for name, digest in sorted(self.hashes.items()):
+            path = self.folder / name
+            if path.is_symlink() or not path.is_file():
+                raise damaged(self.folder, name, "is missing" if not path.exists() else "is not a plain file")
+            if sha256(path) != digest:
+                raise damaged(self.folder, name, "changed since it was saved (its SHA-256 differs)")
 
     @property
     def video_s(self) -> float:
@@ -126,7 +173,7 @@ class ResumeState:
         """A resumed run must plan as many clips as the interrupted one (the fingerprint makes it so)."""
         if self.done and clips != self.clips:
             raise BadInput(f"cannot resume {self.folder}: the run now has {clips} clips, the saved one {self.clips}",
-                           "run without --resume to start over")
+                           restart_fix(self.folder))
         self.clips = clips
 
     def carry(self) -> Carry | None:
@@ -135,7 +182,12 @@ class ResumeState:
             return None
         from safetensors.torch import load_file
 
+        from itk.runtime.pipeline import Carry
+
         tensors = load_file(str(self.folder / self.carry_file))
+        missing = [k for k in CARRY_TENSORS if k not in tensors]
+        if missing:
+            raise damaged(self.folder, self.carry_file, f"lacks the tensor {missing[0]}")
         return Carry(clip=self.done, frames=self.frames, **{k: tensors[k] for k in CARRY_TENSORS})
 
     def replay(self) -> Iterator[np.ndarray]:
@@ -144,26 +196,69 @@ class ResumeState:
             yield read_segment(self.folder / _segment_name(clip))
 
     def save(self, clip: int, frames: np.ndarray, carry: Carry) -> None:
-        """Commit clip `clip`: its frames, then the carry, then the state naming both (the commit point)."""
+        """Commit clip `clip`: its frames, then the carry, then the state naming both with their hashes (the
+        commit point)."""
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_segment(self.folder / _segment_name(clip), frames)
-        name = f"carry-{carry.clip:05d}.safetensors"
+        segment = _segment_name(clip)
+        write_segment(self.folder / segment, frames)
+        name = _carry_name(carry.clip)
         tensors = {k: getattr(carry, k).detach().cpu().contiguous() for k in CARRY_TENSORS}
         atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp)), suffix=".safetensors")
         old = self.carry_file
+        self.hashes.pop(old, None)
+        self.hashes.update({segment: sha256(self.folder / segment), name: sha256(self.folder / name)})
         self.done, self.frames, self.carry_file = carry.clip, carry.frames, name
         atomic_write_text(self.folder / RESUME_STATE, json.dumps(self._record(), indent=1) + "\n")
         if old and old != name:
-            (self.folder / old).unlink(missing_ok=True)
+            (self.folder / old).unlink(missing_ok=True)  # a name this code made (`load` accepts no other)
 
     def _record(self) -> dict[str, Any]:
         return {"version": VERSION, "clips": self.clips, "clips_done": self.done, "frames": self.frames,
-                "video_s": self.video_s, "carry": self.carry_file, "fingerprint": self.facts}
+                "video_s": self.video_s, "carry": self.carry_file, "hashes": self.hashes,
+                "fingerprint": self.facts}
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_state(self.folder)
+
+
+def _carry_name(clip: int) -> str:
+    return f"carry-{clip:05d}.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def restart_fix(folder: Path) -> str:
+    """How to start over from a state that cannot be resumed: one fix line for both front doors."""
+    return (f"start over with `itk run ... --restart` (the generator: the same command without --resume), "
+            f"or delete {folder}")
+
+
+def damaged(folder: Path, name: str, why: str) -> BadInput:
+    """The refusal of a damaged state: which file, what is wrong with it, and how to start over."""
+    output = folder.with_name(folder.name.removesuffix(RESUME_SUFFIX))
+    return BadInput(f"cannot resume {output}: {folder / name} {why}", restart_fix(folder))
+
+
+def remove_state(folder: Path) -> None:
+    """Delete a state folder, whatever it holds, without ever touching anything outside it: a link standing
+    in its place is unlinked (its target kept), and links inside are removed, not followed (shutil.rmtree on
+    a platform where it avoids symlink attacks, as Linux and macOS are). A file under the folder's name is
+    refused: it is not ours to delete."""
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    elif folder.exists():
+        raise BadInput(f"{folder} is not a folder, but itk keeps the run's resume state under that name",
+                       "move that file away, or choose another output name")
 
 
 def settings_facts(request: Request, model_config: ModelConfig) -> dict[str, Any]:

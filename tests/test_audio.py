@@ -311,3 +311,39 @@ def test_audio_windows_match_the_official_streaming_run():
     for clip in range(5):  # clip 5 runs on the mirror-padded embedding, the pipeline's business
         recorded = tensors[f"intermediate.clip_{clip}.step_0.audio"]
         assert torch.equal(audio_windows(embedding, 4 * clip, 9)[None], recorded), clip
+
+
+# --- long speech in chunks: a Ctrl-C waits for one chunk, not the whole track (issue 31, item 15) --------------
+
+def _chunked(encoder: AudioEncoder, frames: int) -> AudioEncoder:
+    return AudioEncoder(encoder.model, encoder.extractor, encoder.cfg, cnn_chunk_frames=frames)
+
+
+@pytest.mark.parametrize("frames", [7, 10, 33])  # 99 CNN frames in uneven chunks, the group norm over all of them
+def test_cnn_features_computed_a_chunk_at_a_time_match_the_official_whole_track(golden, encoders, frames):
+    tensors = golden[1]
+    encoder = _chunked(encoders[True], frames)
+    with torch.no_grad():
+        conv = encoder.conv_features(tensors["intermediate.input_values.do_normalize_true"])
+    assert conv.shape == (99, 16)
+    assert rel_err(conv, tensors["intermediate.conv_features"]) < TOL
+    embedding = encoder.embed(tensors["output.loudness_normalized"].numpy())
+    assert rel_err(embedding, tensors["output.audio_embedding.do_normalize_true"]) < TOL
+
+
+def test_no_single_cnn_call_of_a_60_s_track_sees_more_than_one_chunk(encoders):
+    from itk.runtime.models.audio import CNN_CHUNK_FRAMES
+
+    encoder = encoders[True]
+    seen: list[int] = []
+    hooks = [layer.conv.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-1]))
+             for layer in encoder.model.feature_extractor.conv_layers]
+    try:
+        t = np.arange(60 * 16000) / 16000
+        encoder.embed((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    hop, window = 320, 400  # chinese-wav2vec2-base's CNN (the golden's too): one frame per 20 ms, 25 ms wide
+    assert max(seen) <= (CNN_CHUNK_FRAMES - 1) * hop + window  # about 5 s of the 60
+    assert len(seen) > 7 * 60 * 50 // CNN_CHUNK_FRAMES

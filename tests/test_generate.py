@@ -65,7 +65,7 @@ def test_a_missing_image_is_a_one_line_error_naming_it(job, capsys):
     tmp_path, data = job
     data["cond_video"] = str(tmp_path / "gone.png")
     (tmp_path / "job.json").write_text(json.dumps(data))
-    _fails(capsys, _run(tmp_path), 2, "gone.png", "not found")
+    _fails(capsys, _run(tmp_path), 2, "gone.png", "does not exist")
     _no_output(tmp_path)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,128 @@ def test_without_resume_an_old_state_folder_is_replaced_and_removed_on_success(w
     assert not any(e["event"] == "stage" and e["stage"] == "resume" for e in events)
     assert [e["clip"] for e in events if e["event"] == "clip"] == [1, 2, 3, 4]
     assert sorted(p.name for p in output.parent.iterdir()) == ["talk.mp4"]
+
+
+# --- a damaged state is named with its fix, never trusted (issue 31, item 5) ------------------------------------
+# One interrupted run (2 of 4 clips saved) is made once; each test restores its state folder and damages it.
+
+@pytest.fixture(scope="module")
+def interrupted(weights, tmp_path_factory):
+    job = _job(tmp_path_factory.mktemp("interrupted") / "job", weights, 32)
+    output, state = job / "out" / "talk.mp4", job / "out" / "talk.mp4.itk-resume"
+    argv = _argv(weights, job, "--max_frame_num", _frames_for(4))
+    _kill_after_clip(argv, 2, output)
+    pristine = job / "pristine-state"
+    shutil.copytree(state, pristine)
+    return argv, output, state, pristine
+
+
+@pytest.fixture
+def saved(interrupted):
+    """(argv, output, state folder): the interrupted run's state as it was saved."""
+    argv, output, state, pristine = interrupted
+    if state.is_symlink() or state.is_file():
+        state.unlink()
+    elif state.exists():
+        shutil.rmtree(state)
+    shutil.copytree(pristine, state)
+    output.unlink(missing_ok=True)
+    return argv, output, state
+
+
+def _refused_resume(argv: list[str], state, *words: str) -> str:
+    """The resumed run stops before any model loads: exit 2, one `error:` line naming the damaged file, and a
+    fix that says how to start over (`itk run ... --restart`, or the folder to delete)."""
+    proc = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    events = [e for e in map(parse_event, proc.stderr.splitlines()) if e]
+    assert not any(e["event"] == "stage" and e["stage"] == "load_models" for e in events)
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error:")][0]
+    for word in ("cannot resume", "--restart", str(state), *words):
+        assert word in line, line
+    return line
+
+
+def test_a_swapped_segment_is_refused_on_resume_naming_it(saved):
+    argv, output, state = saved
+    first, second = state / "clip-00000.mkv", state / "clip-00001.mkv"
+    first_bytes = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(first_bytes)
+    _refused_resume(argv, state, "clip-00000.mkv", "changed since it was saved")
+    assert not output.exists()
+
+
+def test_a_segment_with_its_frames_flipped_is_refused_on_resume_naming_it(saved):
+    from itk.runtime.resume import read_segment, write_segment
+
+    argv, output, state = saved
+    segment = state / "clip-00001.mkv"
+    write_segment(segment, read_segment(segment)[:, ::-1].copy())  # a valid FFV1 file, upside down
+    _refused_resume(argv, state, "clip-00001.mkv", "changed since it was saved")
+
+
+def test_a_truncated_carry_is_refused_on_resume_naming_it(saved):
+    argv, _, state = saved
+    carry = next(state.glob("carry-*.safetensors"))
+    carry.write_bytes(carry.read_bytes()[:100])
+    _refused_resume(argv, state, carry.name)
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "absolute"])
+def test_a_carry_path_outside_the_state_folder_is_neither_loaded_nor_deleted(saved, where):
+    argv, _, state = saved
+    outside = state.parent / "outside.safetensors"
+    shutil.copy(next(state.glob("carry-*.safetensors")), outside)
+    record = json.loads((state / "state.json").read_text())
+    record["carry"] = str(outside) if where == "absolute" else where
+    (state / "state.json").write_text(json.dumps(record))
+    _refused_resume(argv, state, "state.json", "carry")
+    assert outside.is_file()
+    events, _ = _generate(argv)  # starting over (itk run --restart: no --resume) removes only the state folder
+    assert events[-1]["event"] == "done" and outside.is_file() and not state.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "clips_done is text", "a segment is missing"])
+def test_an_edited_or_truncated_state_is_refused_with_how_to_start_over(saved, damage):
+    argv, output, state = saved
+    record = state / "state.json"
+    if damage == "truncated":
+        record.write_text(record.read_text()[:40])
+    elif damage == "clips_done is text":
+        record.write_text(record.read_text().replace('"clips_done": 2', '"clips_done": "2"'))
+    else:
+        (state / "clip-00001.mkv").unlink()
+    _refused_resume(argv, state, "state.json" if damage != "a segment is missing" else "clip-00001.mkv")
+    events, _ = _generate(argv)  # and the way out it names works
+    assert events[-1]["event"] == "done" and output.is_file() and not state.exists()
+
+
+def test_a_state_folder_replaced_by_a_link_is_unlinked_on_a_fresh_start_and_its_target_kept(saved, tmp_path):
+    argv, output, state = saved
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(state, elsewhere)
+    state.symlink_to(elsewhere, target_is_directory=True)
+    events, _ = _generate(argv)
+    assert events[-1]["event"] == "done" and not state.exists() and not state.is_symlink()
+    assert (elsewhere / "state.json").is_file()
+
+
+def test_a_same_size_edit_of_the_speech_is_refused_on_resume_by_its_modification_time(saved):
+    argv, output, state = saved
+    speech = next(p for p in state.parent.parent.iterdir() if p.name == "speech.wav")
+    original, stat = speech.read_bytes(), speech.stat()
+    edited = bytearray(original)
+    edited[1000:2000] = bytes(1000)  # 500 samples of silence: the same size, other words
+    try:
+        speech.write_bytes(bytes(edited))
+        os.utime(speech, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited a second later
+        assert speech.stat().st_size == stat.st_size
+        proc = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        line = [x for x in proc.stderr.splitlines() if x.startswith("error:")][0]
+        assert "changed since the interrupted run: input person1" in line and "--restart" in line
+    finally:
+        speech.write_bytes(original)
+        os.utime(speech, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -315,3 +315,104 @@ def test_a_lora_for_another_model_stops_the_generator_with_exit_2_naming_the_fil
                           timeout=180)
     assert proc.returncode == 2 and "big_lora.safetensors" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "talk.mp4").exists()
+
+
+# --- the diffusers name map, checked against the official conversion (issue 31, item 20) ------------------------
+# diffusers' own Wan2.1 -> diffusers key conversion (scripts/convert_wan_to_diffusers.py, TRANSFORMER_KEYS_RENAME_DICT,
+# the entries of the I2V model), applied the way that script applies it: every rule, in order, as a substring
+# replacement. A LoRA written in diffusers' names is named through exactly this.
+OFFICIAL_DIFFUSERS_RENAMES = (
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.modulation", "scale_shift_table"), ("head.head", "proj_out"), ("modulation", "scale_shift_table"),
+    ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"),
+    ("norm2", "norm__placeholder"), ("norm3", "norm2"), ("norm__placeholder", "norm3"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("self_attn.q", "attn1.to_q"), ("self_attn.k", "attn1.to_k"), ("self_attn.v", "attn1.to_v"),
+    ("self_attn.o", "attn1.to_out.0"), ("self_attn.norm_q", "attn1.norm_q"), ("self_attn.norm_k", "attn1.norm_k"),
+    ("cross_attn.q", "attn2.to_q"), ("cross_attn.k", "attn2.to_k"), ("cross_attn.v", "attn2.to_v"),
+    ("cross_attn.o", "attn2.to_out.0"), ("cross_attn.norm_q", "attn2.norm_q"), ("cross_attn.norm_k", "attn2.norm_k"),
+    ("attn2.to_k_img", "attn2.add_k_proj"), ("attn2.to_v_img", "attn2.add_v_proj"),
+    ("attn2.norm_k_img", "attn2.norm_added_k"),
+)
+INFINITETALK_ONLY = ("audio_proj.", "audio_cross_attn.", "norm_x.")  # not in Wan2.1, so not in diffusers' layout
+
+
+def official_diffusers_name(name: str) -> str:
+    for ours, theirs in OFFICIAL_DIFFUSERS_RENAMES:
+        name = name.replace(ours, theirs)
+    return name
+
+
+def test_every_wan_tensor_named_as_diffusers_names_it_gets_its_own_delta_and_no_other(files, tmp_path):
+    from itk.runtime.lora import BLOCK, DIFFUSERS
+
+    model = plain_model(files)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wan = [k for k in before if not any(part in k for part in INFINITETALK_ONLY) and not k.startswith("patch_")]
+    keys, deltas = {}, {}
+    for name in wan:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "modulation":  # a parameter without a module: diffusers' scale_shift_table
+            module, leaf = name, "weight"
+        deltas[name] = rand(*before[name].shape)
+        keys[f"transformer.{official_diffusers_name(module)}.{'diff' if leaf == 'weight' else 'diff_b'}"] = deltas[name]
+    assert len(keys) == len(wan)  # the official conversion gives every Wan tensor a name of its own
+    used = {BLOCK.sub("", key.removeprefix("transformer.")).rpartition(".")[0] for key in keys}
+    assert {theirs for theirs, _ in DIFFUSERS if theirs != "proj_out"} <= used | {"norm2"}, "a rule left unchecked"
+    apply_loras(model, [(write(tmp_path / "diffusers.safetensors", keys), 1.0)])
+    after = model.state_dict()
+    for name in wan:
+        torch.testing.assert_close(after[name], before[name] + deltas[name], msg=lambda m, n=name: f"{n}: {m}")
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in deltas)
+
+
+# --- a LoRA is applied once per layer on every placement the engine chooses -------------------------------------
+
+def _tiny_engine(layout, job_dir, lora, *extra: str):
+    from itk.runtime.engine import Engine, Placement, model_config, weight_paths
+    from itk.runtime.options import RuntimeOptions
+    from itk.runtime.protocol import Events, build_parser
+    from itk.runtime.request import Request
+    from itk.runtime.warm import WarmModels
+
+    argv = _tiny_args(layout, job_dir, "--lora_dir", str(lora), "--lora_scale", "1", *extra)[3:]
+    request = Request.from_flags(vars(build_parser().parse_args(argv)))
+    return Engine(request=request, cfg=model_config(request), files=weight_paths(request),
+                  place=Placement.choose(False), options=RuntimeOptions.from_env({}), events=Events(enabled=False),
+                  models=WarmModels(keep=False))
+
+
+def _applications(dit, clean) -> dict[str, int]:
+    """Per FP8 layer: how many ways a LoRA reached it (a side path with non-zero factors, a changed weight)."""
+    counts = {}
+    for name, layer in dit.named_modules():
+        if isinstance(layer, FP8Linear):
+            side = layer.lora_down is not None and bool(layer.lora_down.abs().sum() > 0)
+            base = clean.get_submodule(name)
+            merged = not (torch.equal(layer.weight.view(torch.uint8), base.weight.view(torch.uint8))
+                          and torch.equal(layer.scale, base.scale))
+            counts[name] = int(side) + int(merged)
+    return counts
+
+
+@pytest.mark.parametrize("budget", ["0", None], ids=["streamed-mmap", "resident"])
+def test_on_the_fp8_model_each_lora_layer_takes_its_delta_exactly_once(weights, job, budget):  # noqa: F811
+    tmp_path, _ = job
+    lora = tiny_lora(tmp_path / "tiny_lora.safetensors")
+    args = ["--quant", "fp8", "--quant_dir", str(weights.fp8_dit)]
+    args += ["--num_persistent_param_in_dit", budget] if budget is not None else []
+    engine = _tiny_engine(weights, tmp_path, lora, *args)
+    runner = engine.load_dit()
+    assert runner.mode == ("mmap" if budget is not None else "resident")  # on the CPU nothing is pinned
+    clean = load_dit_fp8(engine.files.dit.path, engine.files.dit.map, engine.cfg.dit, dtype=torch.float32,
+                         device="cpu", kernel=FP8Kernel())[0]
+    counts = _applications(runner.dit, clean)
+    targets = {"blocks.0.self_attn.q", "blocks.1.ffn.0"}
+    assert {n: c for n, c in counts.items() if c} == dict.fromkeys(targets, 1), counts

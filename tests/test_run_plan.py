@@ -195,7 +195,7 @@ def test_missing_weights_stop_before_launch_with_the_exact_fetch_command(tmp_pat
                env=fake_env("ok"), cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert "1 weight file(s) not usable: InfiniteTalk/quant_models/t5_fp8.safetensors (missing)" in proc.stderr
-    assert f"fix: itk fetch --preset rtx4090-24g --weights-dir {weights}" in proc.stderr
+    assert f"itk fetch --preset rtx4090-24g --weights-dir {weights}" in proc.stderr  # fix, after the GPU line
 
 
 def test_a_truncated_safetensors_file_counts_as_missing(tmp_path, media):

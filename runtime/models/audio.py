@@ -12,8 +12,9 @@ on its own, then `add` puts the turns one after the other (each track padded wit
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -42,6 +43,10 @@ CHECKPOINT_RENAMES = MappingProxyType({
 })
 # Pre-training heads of Wav2Vec2ForPreTraining (contrastive quantizer and projections): unused for features.
 PRETRAINING_HEADS = ("quantizer.", "project_q.", "project_hid.")
+# The CNN feature encoder runs on at most this many of its 50 Hz output frames per call (5 s of speech; the
+# widest layer then takes ~0.25 s on two CPU cores): a Ctrl-C is seen between calls, and a 60 s track's one
+# call (3 s for its widest layer) no longer holds it up. The result equals the whole-track computation.
+CNN_CHUNK_FRAMES = 250
 
 
 class AudioError(Exception):
@@ -245,10 +250,11 @@ class AudioEncoder:
     same on transformers 4.x and 5.x (their ways of reporting hidden states differ).
     """
 
-    def __init__(self, model, extractor, cfg: AudioConfig = OFFICIAL):
+    def __init__(self, model, extractor, cfg: AudioConfig = OFFICIAL, cnn_chunk_frames: int = CNN_CHUNK_FRAMES):
         self.model = model
         self.extractor = extractor
         self.cfg = cfg
+        self.cnn_chunk_frames = cnn_chunk_frames
 
     @classmethod
     def from_folder(
@@ -303,8 +309,71 @@ class AudioEncoder:
         return torch.from_numpy(np.asarray(values[0], dtype=np.float32))
 
     def conv_features(self, values: torch.Tensor) -> torch.Tensor:
-        """[T_50Hz, conv_dim]: the CNN feature encoder's output for the whole track."""
-        return self.model.feature_extractor(values[None].to(self.device))[0].transpose(0, 1)
+        """[T_50Hz, conv_dim]: the CNN feature encoder's output for the whole track, computed at most
+        `cnn_chunk_frames` output frames per call (`cnn_chunks`)."""
+        import torch
+
+        values = values.to(self.device)
+        layers = list(self.model.feature_extractor.conv_layers)
+        geometry = [(layer.conv.kernel_size[0], layer.conv.stride[0]) for layer in layers]
+        frames = len(values)
+        for kernel, stride in geometry:
+            frames = (frames - kernel) // stride + 1
+        if frames <= self.cnn_chunk_frames:
+            return self.model.feature_extractor(values[None])[0].transpose(0, 1)
+        return torch.cat([chunk[0].transpose(0, 1) for chunk in self.cnn_chunks(values, layers, geometry, frames)])
+
+    def cnn_chunks(self, values: torch.Tensor, layers: list, geometry: list[tuple[int, int]],
+                   frames: int) -> Iterator[torch.Tensor]:
+        """The CNN's output frames [a, b) one chunk after another, each from only the samples it depends on.
+
+        Frames [a, b) of a layer of (kernel, stride) read its input's [a*stride, (b-1)*stride + kernel); walked
+        back through the layers that gives the chunk's slice of the track, and its outputs line up with the
+        whole track's. The one exception is chinese-wav2vec2-base's first layer: a GroupNorm (one group per
+        channel) normalises over the WHOLE track, so its statistics come from a first pass over the track in
+        chunks (`_group_stats`), and each chunk is normalised with them."""
+        import torch
+
+        first = layers[0]
+        norm = getattr(first, "layer_norm", None)
+        stats = self._group_stats(values, first, geometry) if isinstance(norm, torch.nn.GroupNorm) else None
+        for a in range(0, frames, self.cnn_chunk_frames):
+            start, end = a, min(a + self.cnn_chunk_frames, frames)
+            for kernel, stride in reversed(geometry):
+                start, end = start * stride, (end - 1) * stride + kernel
+            h = values[start:end][None, None]
+            for index, layer in enumerate(layers):
+                if index == 0 and stats is not None:
+                    mean, std = stats
+                    h = layer.activation((layer.conv(h) - mean) / std * norm.weight[:, None] + norm.bias[:, None])
+                else:
+                    h = layer(h)
+            yield h
+
+    def _group_stats(self, values: torch.Tensor, layer, geometry: list[tuple[int, int]]):
+        """(mean, std) per channel, [C, 1], of the first layer's GroupNorm over the whole track's conv output:
+        each chunk's own mean and variance, combined in float64 (Chan et al.'s pairwise update)."""
+        import torch
+
+        norm, (kernel, stride) = layer.layer_norm, geometry[0]
+        outputs = (len(values) - kernel) // stride + 1
+        step = self.cnn_chunk_frames * math.prod(s for _, s in geometry[1:])  # one chunk's first-layer frames
+        groups = norm.num_groups
+        count, mean, m2 = 0, None, None
+        for a in range(0, outputs, step):
+            b = min(a + step, outputs)
+            y = layer.conv(values[a * stride:(b - 1) * stride + kernel][None, None])[0]
+            var_b, mean_b = torch.var_mean(y.reshape(groups, -1), dim=1, correction=0)
+            n_b, mean_b, m2_b = y.numel() // groups, mean_b.double(), var_b.double() * (y.numel() // groups)
+            if mean is None:
+                count, mean, m2 = n_b, mean_b, m2_b
+                continue
+            delta, total = mean_b - mean, count + n_b
+            mean, m2, count = mean + delta * n_b / total, m2 + m2_b + delta * delta * count * n_b / total, total
+        per_channel = norm.num_channels // groups
+        std = (m2 / count + norm.eps).sqrt()
+        return (mean.repeat_interleave(per_channel)[:, None].to(values.dtype),
+                std.repeat_interleave(per_channel)[:, None].to(values.dtype))
 
     @staticmethod
     def to_video_rate(features: torch.Tensor, frames: int) -> torch.Tensor:
