@@ -96,10 +96,12 @@ def validate(job: Job, sampling: Sampling) -> MediaFacts:
     what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2)."""
     check_clip_settings(sampling)  # the generator's rule: clip lengths that can make a video
     tracks = job.audio_files()  # the official format's silent speaker ("None") has no file
-    for what, path in [("cond_video", job.cond_video), *((f"audio {k}", p) for k, p in tracks.items())]:
+    picture = "the source video" if job.is_video else "the image"
+    speech = {"person1": "the speech", "person2": "the second speaker's speech"}
+    for what, path in [(picture, job.cond_video), *((speech[k], p) for k, p in tracks.items())]:
         problem = file_problem(path)
         if problem:
-            raise bad_input(f"{what} file {path} {problem}",
+            raise bad_input(f"{what} {path} {problem}",
                             "check the path (relative paths: the current folder, then the job file's folder)"
                             if problem == MISSING else "give the image or speech file itself")
     width, height = (probe_video if job.is_video else probe_image)(job.cond_video)
