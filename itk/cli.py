@@ -313,7 +313,7 @@ def selftest(workdir, two_speakers, as_json, debug) -> None:
 @cli.command()
 @click.option("--port", default=8418, show_default=True, type=click.IntRange(1, 65535), help="Port to serve on.")
 @click.option("--listen", is_flag=True,
-              help="Serve on every network interface (default: 127.0.0.1 only); anyone who reaches it can use the GPU.")
+              help="Serve on every network interface (default: 127.0.0.1 only); needs --auth.")
 @click.option("--auth", default=None, metavar="USER:PASS", help="Ask for this user name and password.")
 @click.option("--output-dir", default="outputs", show_default=True, type=click.Path(file_okay=False),
               help="Where every job's uploads, job file, log and video go.")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itk.runtime.protocol import EXIT_INTERRUPTED, parse_event
+from itk.runtime.protocol import DONE_VIDEO, EXIT_INTERRUPTED, parse_event
 
 GRACE_S = float(os.environ.get("ITK_STOP_GRACE_S", "10"))  # per escalation step
 TAIL_LINES = 200
@@ -61,9 +61,9 @@ class Outcome:
 
     @property
     def output(self) -> str | None:
-        """The video the done event names (`path`, as the runtime writes it; `output` also accepted)."""
+        """The video the done event names (its protocol field, DONE_VIDEO)."""
         done = self.done or {}
-        return done.get("path") or done.get("output")
+        return done.get(DONE_VIDEO)
 
     @property
     def done(self) -> dict[str, Any] | None:

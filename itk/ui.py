@@ -623,6 +623,10 @@ def serve(port: int = DEFAULT_PORT, listen: bool = False, auth: str | None = Non
         if not (sep and user and password):
             raise UserError("--auth expects USER:PASS", "e.g. --auth me:a-long-password", EXIT_BAD_INPUT)
         credentials = (user, password)
+    if listen and credentials is None:  # a GPU open to the network without a password: refused, not warned about
+        raise UserError("--listen without --auth would let anyone who reaches this machine use its GPU",
+                        "add --auth USER:PASS (or leave out --listen: the page then answers on 127.0.0.1 only)",
+                        EXIT_BAD_INPUT)
     queue = Path(queue_dir).expanduser().absolute() if queue_dir is not None else None
     if queue is not None and not queue.is_dir():
         raise UserError(f"--queue {queue_dir}: no such folder", "give the output folder of `itk batch` or "
@@ -639,8 +643,8 @@ def serve(port: int = DEFAULT_PORT, listen: bool = False, auth: str | None = Non
     try:
         demo = build(page)
         if listen:
-            print(f"warning: --listen: anyone who can reach this machine on port {port} can use its GPU"
-                  + ("" if credentials else "; add --auth USER:PASS"), file=sys.stderr)
+            print(f"itk ui: listening on every network interface, port {port}, behind --auth's password",
+                  file=sys.stderr)
         print(f"itk ui: http://{'127.0.0.1' if not listen else host}:{port} (outputs in {out}); Ctrl-C stops it",
               file=sys.stderr)
         from starlette.middleware import Middleware

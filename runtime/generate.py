@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from itk.runtime.lifeline import die_with_parent
 from itk.runtime.options import Launch, RuntimeOptions
 from itk.runtime.protocol import (
+    DONE_VIDEO,
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_MISSING_WEIGHTS,
@@ -137,7 +138,7 @@ def run_flags(argv: list[str] | None, events: Events, *, launch: Launch | None =
             from itk.runtime.parallel import stop
 
             stop(group, wait=finished)
-    events.emit("done", path=str(output), seconds=round(time.monotonic() - started, 2))
+    events.emit("done", **{DONE_VIDEO: str(output)}, seconds=round(time.monotonic() - started, 2))
     if events.enabled and events.job is None:
         print(output)
     return EXIT_OK

@@ -214,6 +214,7 @@ def write_job(job: Job, path: str | Path) -> Path:
 EVENT_PREFIX = "ITK-EVENT "
 # job and ready: the warm worker's (`python -m itk.runtime.worker`): a job starts; the worker waits for the next
 EVENT_KINDS = ("stage", "clip", "step", "done", "error", "job", "ready")
+DONE_VIDEO = "path"  # the done event's field naming the video written: the generator writes it, the toolkit reads it
 
 
 def format_event(event: str, **fields: Any) -> str:

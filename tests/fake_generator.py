@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from itk.runtime.protocol import DONE_VIDEO
+
 
 def event(kind: str, **fields) -> None:
     sys.stderr.write("ITK-EVENT " + json.dumps({"event": kind, **fields}) + "\n")
@@ -123,7 +125,7 @@ def main() -> int:
             return 1
     out = Path(args.save_file + ".mp4")
     write_mp4(out)
-    event("done", path=str(out), seconds=0.5, elapsed_s=0.5, gpu_peak_gb=12.5)
+    event("done", **{DONE_VIDEO: str(out)}, seconds=0.5, elapsed_s=0.5, gpu_peak_gb=12.5)
     return 0
 
 

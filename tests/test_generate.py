@@ -17,6 +17,7 @@ from PIL import Image
 from itk.runtime.generate import main
 from itk.runtime.protocol import EVENT_PREFIX as PREFIX
 from itk.runtime.protocol import parse_event as parse
+from itk.supervisor import Outcome
 
 
 def _wav(path, samples: np.ndarray, sr: int = 16000) -> None:
@@ -203,6 +204,8 @@ def test_a_streaming_run_writes_25_fps_video_as_long_as_the_speech(weights, job)
     assert (fps, frames) == (25.0, 25) and abs(audio - 1.0) < 0.1
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "done" and "clip" in kinds and "step" in kinds
+    # the toolkit finds the video where the generator says it wrote it: both take the field from the protocol
+    assert Outcome(0, False, 1.0, tmp_path / "log", events).output == str(tmp_path / "out" / "talk.mp4")
     clips = [e for e in events if e["event"] == "clip"]
     assert clips[-1]["clip"] == clips[-1]["clips"] == 1 + -(-(25 - 9) // 4)
 

@@ -150,3 +150,13 @@ def test_with_auth_a_stranger_gets_no_api_description_and_refusals_name_no_serve
             assert folder not in error, f"the refusal shows the server's folder {folder}"
     finally:
         srv.stop()
+
+
+def test_the_page_refuses_to_listen_on_the_network_without_a_password_and_says_so_plainly_with_one(tmp_path):
+    import subprocess
+    import sys
+
+    bare = subprocess.run([sys.executable, "-m", "itk", "ui", "--listen", "--port", "18455", "--output-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and "--listen without --auth" in bare.stderr and "fix: add --auth" in bare.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was made
