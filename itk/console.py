@@ -238,6 +238,7 @@ def show_run(plan: Plan, as_json: bool) -> int:
         say(line, out)
     say(f"log: {escape(str(plan.log_path))}", out)
     with ProgressView(out, plan.media.clips, plan.steps, plan.expected_step_s) as view:
+        view.resume_told = plan.resume is not None  # said above, with the plan: once is enough
         result = run_job(plan, on_event=view.handle)
     return show_run_result(result, as_json, out)
 

@@ -94,8 +94,8 @@ class ProgressView:
             self.progress.update(self.clip, total=self.steps, completed=0, visible=True,
                                  description=f"clip {clip} of {self.clips}")
             self.progress.update(self.total, total=self.clips * self.steps, completed=(clip - 1) * self.steps)
-        elif kind == "done":
-            self.done_clips, self.finished = self.clips, True
+        elif kind == "done":  # the whole length is said by the closing line, not a count from the last clip's start
+            self.done_clips, self.finished, self.video_s = self.clips, True, None
             self.progress.update(self.total, completed=self.clips * self.steps, description="[green]done")
         elif kind == "stage" and self.stage == "resume":
             self._tell_resume(event)
