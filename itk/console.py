@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from itk.presets import PresetListing
     from itk.run import Plan, RunResult
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # a user's :name: is printed as it is, never as an emoji
+err_console = Console(stderr=True, emoji=False)
 
 
 def print_json(data: Any) -> None:

@@ -90,3 +90,28 @@ def test_diagnose_reads_the_log_from_standard_input_and_documents_its_exit_codes
     assert itk("diagnose", "-", "--exit-code", "1", input_text="nothing known\n").returncode == 1
     helptext = itk("diagnose", "--help").stdout
     assert "Exit codes:" in helptext and "0  the failure is recognised" in helptext and "2  the log cannot" in helptext
+
+
+@pytest.mark.parametrize("name", ["face[/x].png", "[bold]x.png", ":smile:.png", "[red]wave[/red].wav"])
+def test_a_file_name_that_looks_like_markup_is_printed_as_it_is(tmp_path, name):
+    """rich reads `[...]` as markup and `:smile:` as an emoji; a user's name is printed literally instead."""
+    face = tmp_path / name
+    proc = subprocess.run([sys.executable, "-m", "itk", "run", "--dry-run", "--image", str(face), "--audio",
+                           str(tmp_path / "speech.wav")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FORCE_COLOR": "1"})  # rendered as a terminal would be
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "MarkupError" not in proc.stderr
+    assert str(face) in proc.stderr.replace("\x1b[0m", "").replace("\x1b[1;31m", "").replace("\x1b[1m", "")
+
+
+def test_an_output_that_is_the_source_video_is_refused_before_anything_runs(tmp_path):
+    import numpy as np
+    from run_media import write_wav
+
+    from itk.runtime.video import write_mp4
+
+    source = write_mp4(np.zeros((5, 32, 32, 3), np.uint8), None, 16000, tmp_path / "src.mp4")
+    before = source.read_bytes()
+    proc = itk("run", "--video", str(source), "--audio", str(write_wav(tmp_path / "s.wav", 1.0)), "--output",
+               str(source))
+    assert proc.returncode == 2 and "is the input" in proc.stderr and "would replace it" in proc.stderr
+    assert source.read_bytes() == before and not (tmp_path / "src.run").exists()
