@@ -21,19 +21,10 @@ import soundfile
 from run_media import itk, write_image, write_wav
 
 from itk import selftest
-from itk.runtime.tiny import write_tiny_weights
 from itk.store import JobStore
 
 SETTINGS = {"sample_steps": 2, "frame_num": 9, "motion_frame": 5}  # tiny clips: a job takes a second or two
 SPEECH_S = 0.84  # 21 frames: four 9-frame clips (9 + 4 + 4 + 4) of the tiny model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    weights = tmp_path_factory.mktemp("tiny") / "weights"
-    write_tiny_weights(weights)
-    selftest.record_tiny_verdicts(weights)
-    return weights
 
 
 @pytest.fixture(scope="module")

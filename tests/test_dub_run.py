@@ -14,7 +14,6 @@ from run_media import itk, write_wav
 
 from itk import selftest
 from itk.runtime.dub import fit_frame
-from itk.runtime.tiny import write_tiny_weights
 from itk.runtime.video import write_mp4
 
 TINY_RUN = ("--preset", selftest.PRESET, "--set", "sample_steps=2", "--set", "frame_num=9", "--set", "motion_frame=5")
@@ -22,11 +21,8 @@ BOX = "8,8,40,40"  # rows first, in source pixels (the source is 64x64)
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("dub") / "weights"
-    write_tiny_weights(folder)
-    selftest.record_tiny_verdicts(folder)
-    return folder
+def weights(tiny: Path) -> Path:
+    return tiny
 
 
 @pytest.fixture(scope="module")

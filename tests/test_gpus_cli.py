@@ -16,16 +16,7 @@ from run_media import itk, write_image, write_wav, write_weights
 
 from itk import selftest
 from itk.run import GENERATOR, plan_run, run_job
-from itk.runtime.tiny import write_tiny_weights
 from itk.spec import RunSpec
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    weights = tmp_path_factory.mktemp("tiny") / "weights"
-    write_tiny_weights(weights)
-    selftest.record_tiny_verdicts(weights)
-    return weights
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ import soundfile
 from run_media import itk, write_image, write_wav
 
 from itk import selftest
-from itk.runtime.tiny import write_tiny_weights
 
 SETTINGS = {"sample_steps": 2, "frame_num": 9, "motion_frame": 5}  # tiny clips: a job takes a second or two
 SPEECH_S = 0.84  # 21 frames: four 9-frame clips (9 + 4 + 4 + 4)
@@ -32,14 +31,6 @@ LONG_S = 1.8  # 45 frames: ten clips, time to cancel or stop it mid-way
 # The server as `itk serve --json` starts it (itk.cli wires the same function to click's options).
 LAUNCH = ("import json, sys; from itk.console import run_friendly; from itk.serve import show_serve; "
           "run_friendly(lambda: show_serve(**json.loads(sys.argv[1])), False, True)")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    weights = tmp_path_factory.mktemp("tiny") / "weights"
-    write_tiny_weights(weights)
-    selftest.record_tiny_verdicts(weights)
-    return weights
 
 
 @pytest.fixture(scope="module")
