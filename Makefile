@@ -27,7 +27,7 @@ $(USER_STAMP): $(TORCH_STAMP) pyproject.toml
 
 # The tests cover the optional extras too (speech from text, the Ray cluster): they install with the test tools.
 $(DEV_STAMP): $(TORCH_STAMP) pyproject.toml
-	$(PIP) install -q -e ".[dev,tts]"
+	$(PIP) install -q -e ".[dev,tts,cluster]"
 	touch $@
 
 # The doctor's verdict is shown but never fails setup (a GPU-less box honestly fails its gpu check); the

@@ -12,6 +12,11 @@ The same dispatcher serves `itk serve` (itk.serve): there its workers start at o
 the store as they arrive, until told to stop, and a job can be cancelled (a queued one never runs; a running one
 is stopped by its worker, which stays warm, and keeps its resume state until the job is deleted).
 
+With `--ray` the workers run on the nodes of a Ray cluster instead (itk.cluster: one per GPU of the cluster), and
+this process stays the head: it keeps the store and plans every job. A worker whose node is lost gives its job
+back to the queue; another worker resumes it from its last finished clip when the output folder is on a
+filesystem every node sees (its resume state lives there), else makes it from clip 1; the job's note says which.
+
 Nothing here prints: `run_batch` returns a BatchResult and reports progress through `on_change`; the console
 renders both.
 """
@@ -19,13 +24,13 @@ renders both.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -33,7 +38,6 @@ from typing import Any
 
 from itk.jobfile import BatchJob, read_job_file
 from itk.runtime.protocol import (
-    CANCEL_JOB_SIGNAL,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -43,14 +47,12 @@ from itk.runtime.protocol import (
     job_request,
 )
 from itk.store import JobRecord, JobStore
+from itk.workers import LocalWorker, Worker
 
-WORKER = [sys.executable, "-m", "itk.runtime.worker"]
 LOCK_FILE = ".itk-batch.lock"
 RECOVERED = "its runner stopped before it ended: resumed from its last finished clip"
-
-
-def worker_label(gpu: int | None) -> str:
-    return "CPU" if gpu is None else f"GPU {gpu}"
+LOST = "its node was lost"  # the start of the note of a job given back by a worker whose node left the cluster
+SHARED_FS_WAIT_S = 10.0  # how long a video a worker on another node has written may take to appear here
 
 
 def batch_gpus(value: str | None) -> list[int | None]:
@@ -76,6 +78,40 @@ def batch_gpus(value: str | None) -> list[int | None]:
         raise UserError(f"--gpus {count}: this machine has {present} usable GPU(s)", f"--gpus {present} or --gpus all",
                         EXIT_BAD_INPUT)
     return list(range(count))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a batch's workers run: on this machine's `gpus`, or with `ray` (auto, or the cluster's address) on
+    every GPU of a Ray cluster, one per node on a cluster without GPUs (itk.cluster)."""
+
+    gpus: tuple[int | None, ...] = ()
+    ray: str | None = None
+
+    @classmethod
+    def choose(cls, *, gpus: str | None, ray: str | None) -> Placement:
+        """`--gpus` and `--ray` checked before anything starts (UserError: a count this machine lacks, both at
+        once, Ray not installed, nothing at the cluster's address); joins no cluster yet."""
+        if ray is None:
+            return cls(gpus=tuple(batch_gpus(gpus)))
+        from itk.cluster import check_ray
+
+        if gpus is not None:
+            raise UserError("--gpus counts this machine's GPUs; --ray uses every GPU of the cluster",
+                            "leave out --gpus", EXIT_BAD_INPUT)
+        check_ray(ray)
+        return cls(ray=ray)
+
+    @contextlib.contextmanager
+    def open(self, folder: Path) -> Iterator[list[Worker]]:
+        """The workers, not yet started; on a Ray cluster its actors, which are gone again once this ends."""
+        if self.ray is None:
+            yield [LocalWorker(folder, gpu=gpu) for gpu in self.gpus]
+            return
+        from itk.cluster import cluster_workers
+
+        with cluster_workers(self.ray, folder) as workers:
+            yield workers
 
 
 @dataclass
@@ -141,22 +177,23 @@ class BatchResult:
                 "counts": self.counts, "exit_code": self.exit_code, "jobs": [j.to_json() for j in self.jobs]}
 
 
-POLL_S = 1.0  # a serving worker without a job looks at the store this often (a submission wakes it at once)
+POLL_S = 1.0  # an idle worker looks at the store this often (a submission, or a job given back, wakes it at once)
 
 
 @dataclass
 class Batch:
     """The store of one output folder, the workers that take its jobs and what the display reads: one `itk batch`
-    run (`jobs`: the jobs of its file; it ends once none of them is queued) or one `itk serve` (`polling`: every
-    job of the store, taken as it arrives until `stopping`)."""
+    run (`jobs`: the jobs of its file; it ends once none of them is queued or running) or one `itk serve`
+    (`polling`: every job of the store, taken as it arrives until `stopping`)."""
 
     folder: Path
     store: JobStore
     jobs: dict[str, BatchJob] | None
-    gpus: list[int | None]
+    workers: list[Worker]
     preset: str | None = None
     weights_dir: Path | None = None
     polling: bool = False
+    evaluate: bool = False  # each finished video gets its `itk eval` beside it (VIDEO.eval.json)
     on_change: Callable[[Batch], None] = lambda batch: None
     views: list[WorkerView] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -173,11 +210,33 @@ class Batch:
         return BatchJob.from_json(record.spec_data)
 
     def run_spec(self, name: str, job: BatchJob) -> Any:
-        """The RunSpec of job `name`: its video in this folder, on one GPU, the batch's preset unless its own."""
+        """The RunSpec of job `name`: its video in this folder, on one GPU, the batch's preset unless its own; a
+        job given as text gets its speech made first, beside its video (reused when the job runs again)."""
+        from itk.runtime.paths import weights_dir
         from itk.spec import RunSpec
+        from itk.speech import job_with_speech
 
-        return RunSpec(job=job.job, output=self.folder / f"{name}.mp4", preset=job.preset or self.preset,
-                       settings=job.settings, gpus=1, weights_dir=self.weights_dir)
+        video, run_job = self.folder / f"{name}.mp4", job.job
+        if job.speech is not None:
+            run_job = job_with_speech(run_job, job.speech, video=video,
+                                      weights_dir=weights_dir(self.weights_dir).absolute())
+        return RunSpec(job=run_job, output=video, preset=job.preset or self.preset, settings=job.settings, gpus=1,
+                       weights_dir=self.weights_dir)
+
+    def write_eval(self, name: str, video: Path, plan: Any) -> None:
+        """`itk eval` of a finished video, written beside it as VIDEO.eval.json (against the job's portrait or
+        source video, lip-sync when SyncNet's weights are here); a video it cannot measure gets a note, and the
+        job stays done."""
+        from itk.evaluate import EvalRequest, eval_path, evaluate, syncnet_weights
+        from itk.runtime.atomic import atomic_write_text
+        from itk.runtime.paths import weights_dir
+
+        try:
+            result = evaluate(EvalRequest(video=video, reference=plan.job.cond_video,
+                                          syncnet=syncnet_weights(weights_dir(self.weights_dir).absolute())))
+            atomic_write_text(eval_path(video), json.dumps(result.to_json(), indent=2) + "\n")
+        except UserError as exc:
+            self.store.note(name, f"not measured by itk eval: {exc.message}")
 
     def counts(self) -> dict[str, int]:
         return self.store.counts(names=self.jobs)
@@ -188,21 +247,21 @@ class Batch:
             return None
         counts = self.counts()
         left = counts["queued"] + counts["running"]
-        return mean(self.job_times) * left / max(1, len(self.views))
+        return mean(self.job_times) * left / max(1, sum(1 for slot in self.slots if slot.worker.lost is None))
 
     def changed(self) -> None:
         self.on_change(self)
 
     # --- the workers --------------------------------------------------------------------------------------
     def start(self) -> None:
-        """A slot per GPU, each in its own thread."""
-        self.views = [WorkerView(worker_label(gpu)) for gpu in self.gpus]
-        self.slots = [WorkerSlot(self, gpu, view) for gpu, view in zip(self.gpus, self.views, strict=True)]
+        """A slot per worker, each in its own thread."""
+        self.views = [WorkerView(worker.label) for worker in self.workers]
+        self.slots = [WorkerSlot(self, worker, view) for worker, view in zip(self.workers, self.views, strict=True)]
         for slot in self.slots:
             slot.thread.start()
 
     def wake(self) -> None:
-        """A job was queued (or the run is stopping): idle serving workers look at the store now."""
+        """A job was queued or given back, or ended (or the run is stopping): idle workers look at the store now."""
         for slot in self.slots:
             slot.wake.set()
 
@@ -221,6 +280,10 @@ class Batch:
         """Whether a worker still holds `name` (a cancelled job until its worker has let it go)."""
         return any(slot.current == name for slot in self.slots)
 
+    def all_lost(self) -> bool:
+        """Whether every worker's node has left the cluster (nothing can run any more)."""
+        return bool(self.slots) and all(slot.worker.lost is not None for slot in self.slots)
+
     def stop(self) -> None:
         """Stop every worker as Ctrl-C does: a job in progress goes back to the queue with its resume state."""
         self.stopping.set()
@@ -238,13 +301,12 @@ class Batch:
 
 
 class WorkerSlot:
-    """One GPU's warm worker, and the jobs it takes from the store one after another, in a thread."""
+    """One warm worker (one GPU's, here or on a cluster's node), and the jobs it takes from the store one after
+    another, in a thread."""
 
-    def __init__(self, batch: Batch, gpu: int | None, view: WorkerView) -> None:
-        self.batch, self.gpu, self.view = batch, gpu, view
+    def __init__(self, batch: Batch, worker: Worker, view: WorkerView) -> None:
+        self.batch, self.worker, self.view = batch, worker, view
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self.supervisor: Any = None
-        self.runner: threading.Thread | None = None  # the Supervisor's thread: it lives as long as the worker
         self.current: str | None = None  # the job this slot took, until it has ended here
         self.live: str | None = None  # the job the worker runs: from its "job" event to its end
         self.signalled: str | None = None  # the job a cancel signal was sent for
@@ -255,29 +317,11 @@ class WorkerSlot:
 
     # --- the worker process -------------------------------------------------------------------------------
     def start_worker(self) -> bool:
-        """Start the worker (its Supervisor runs in a thread that lives as long as it: the worker's parent-death
-        signal is tied to that thread) and wait until it is ready; False if it died first."""
-        from itk.run import child_env
-        from itk.supervisor import Supervisor
-
-        env = child_env()
-        if self.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
-        log = self.batch.folder / "workers" / f"{self.view.label.replace(' ', '-').lower()}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        """Start the worker and wait until it is ready; False if it died (or its node was lost) first."""
         self.events = queue.Queue()
-        self.supervisor = Supervisor(list(WORKER), log, env=env, on_event=self.events.put, fed=True,
-                                     job_log=lambda job: self.batch.folder / f"{job}.run" / "generate.log")
         if self.batch.stopping.is_set():
-            self.supervisor.cancel()  # a stop that came before this Supervisor existed: it never starts the worker
-        outcome: list[Any] = []
-
-        def run() -> None:
-            outcome.append(self.supervisor.run())
-            self.events.put(None)
-
-        self.runner = threading.Thread(target=run, name=f"itk-worker-{self.view.label}", daemon=True)
-        self.runner.start()
+            self.worker.stop()  # a stop that came before this start: the worker never starts
+        self.worker.launch(self.events.put)
         self.view.stage = "starting the generator"
         self.batch.changed()
         while True:
@@ -290,10 +334,11 @@ class WorkerSlot:
                 return True
 
     def could_not_start(self) -> None:
-        """The worker died before it was ready: the whole run stops (its log says why), unless it was stopping."""
-        if not self.batch.stopping.is_set():
+        """The worker died before it was ready: the whole run stops (its log says why), unless it was stopping or
+        its node was lost (the other workers carry on)."""
+        if not self.batch.stopping.is_set() and self.worker.lost is None:
             self.view.restarts += 1
-            self.batch.startup_failure = self.supervisor.log_path
+            self.batch.startup_failure = self.worker.log_path
             self.batch.stopping.set()
             self.batch.wake()
 
@@ -301,7 +346,7 @@ class WorkerSlot:
     def work(self) -> None:
         ready = False
         try:
-            while not self.batch.stopping.is_set():
+            while not self.batch.stopping.is_set() and self.worker.lost is None:
                 if self.batch.polling and not ready:  # serving: warm before the first job comes
                     ready = self.start_worker()
                     if not ready:
@@ -316,29 +361,39 @@ class WorkerSlot:
                 if not ready:
                     ready = self.start_worker()
                     if not ready:
-                        self.batch.store.requeue(record.name, "the worker could not start")
+                        self.batch.store.requeue(record.name, self.lost_note(record.name) or "the worker could not "
+                                                 "start")
                         self.could_not_start()
                         break
                 ready = self.run_job(record)
                 self.current = None
+                self.batch.wake()  # a job ended or came back: a worker waiting for one looks at the store
         finally:
             self.current = None
-            self.view.job, self.view.stage = None, "stopped"
-            if self.supervisor is not None:
-                self.supervisor.close_input()  # an idle worker exits at the end of its input
-            if self.runner is not None:
-                self.runner.join()  # the worker has ended (and is reaped) before the loop counts as ended
+            self.view.job = None
+            self.view.stage = f"lost: {self.worker.lost}" if self.worker.lost else "stopped"
+            self.worker.close()  # an idle worker exits at the end of its input; it has ended (and is reaped) here
+            if self.worker.lost is not None and self.batch.all_lost():
+                self.batch.stopping.set()  # nothing can run any more: a server stops too
+            self.batch.wake()
             self.batch.changed()
             self.ended.set()
 
     def next_job(self) -> JobRecord | None:
-        """The next queued job, now running here. A batch's slot gets None once none of its jobs is queued; a
+        """The next queued job, now running here. A batch's slot waits while one of its jobs runs elsewhere (it may
+        come back to the queue when its worker's node is lost) and gets None once none is queued or running; a
         serving slot waits for one (a submission wakes it) and gets None only when the run stops."""
         while not self.batch.stopping.is_set():
             self.wake.clear()  # before the claim: a job queued after it sets the event again
             record = self.batch.store.claim(self.view.label, self.batch.jobs)
-            if record is not None or not self.batch.polling:
+            if record is not None:
                 return record
+            if not self.batch.polling:
+                counts = self.batch.counts()
+                if counts["queued"]:
+                    continue  # given back between the claim and the count
+                if not counts["running"]:
+                    return None
             if self.view.stage != "waiting for jobs":
                 self.view.job, self.view.stage = None, "waiting for jobs"
                 self.batch.changed()
@@ -366,15 +421,12 @@ class WorkerSlot:
             return True
 
     def follow(self, plan: Any, record: JobRecord) -> bool:
-        from itk.checks.ram import read_cgroup
-        from itk.run import video_seconds
-
         store, name = self.batch.store, record.name
         if name in self.batch.cancelled:  # cancelled while it was being planned: the store says so already
             return True
-        kills_before = read_cgroup().oom_kills
-        if not self.supervisor.send(job_request(name, plan.flags)):
-            store.requeue(name, "the worker was gone before the job was sent")
+        kills_before = self.worker.oom_kills()
+        if not self.worker.send(job_request(name, plan.flags)):
+            store.requeue(name, self.lost_note(name, plan) or "the worker was gone before the job was sent")
             return False
         events: list[dict[str, Any]] = []
         started, first_step = time.monotonic(), True
@@ -407,12 +459,14 @@ class WorkerSlot:
                 elif kind == "done":
                     self.ended_live()  # the job is over: a cancel from now on must not signal the worker
                     video = Path(event.get("path") or plan.output)
-                    seconds = video_seconds(video) if video.is_file() else None
+                    seconds = written_seconds(video, 0 if isinstance(self.worker, LocalWorker) else SHARED_FS_WAIT_S)
                     if seconds is None:
                         store.fail(name, f"the generator said done but {video} is not a readable video",
                                    "run the job again; if it repeats, report it with its log", EXIT_FAILED)
-                    elif store.finish(name, video, seconds, note=resume_note(events)):
+                    elif store.finish(name, video, seconds, note=finish_note(record, events)):
                         self.batch.job_times.append(time.monotonic() - started)
+                        if self.batch.evaluate:
+                            self.batch.write_eval(name, video, plan)
                     self.batch.changed()
                     return True
                 elif kind == "error":
@@ -446,15 +500,18 @@ class WorkerSlot:
 
     def worker_died(self, plan: Any, record: JobRecord, events: list[dict[str, Any]],
                     kills_before: int | None) -> bool:
-        """The worker ended during the job: stopped by us or while its job was being cancelled (the job goes back
-        to the queue, or stays cancelled), or crashed (the job fails with the advice rules' verdict; the next job
-        starts a new worker)."""
+        """The worker ended during the job: stopped by us, while its job was being cancelled or with its node (the
+        job goes back to the queue, or stays cancelled), or crashed (the job fails with the advice rules' verdict;
+        the next job starts a new worker)."""
         from itk.run import explain_failure
 
         store, name = self.batch.store, record.name
-        outcome_code = self.supervisor.proc.returncode if self.supervisor.proc is not None else None
+        outcome_code = self.worker.returncode
         if name in self.batch.cancelled:
             store.cancel(name)
+            return False
+        if (note := self.lost_note(name, plan)) is not None:
+            store.requeue(name, note)
             return False
         if self.batch.stopping.is_set() or outcome_code == EXIT_INTERRUPTED:
             store.requeue(name, "interrupted: resumes from its last finished clip")
@@ -467,6 +524,19 @@ class WorkerSlot:
                    EXIT_FAILED)
         self.batch.changed()
         return False
+
+    def lost_note(self, name: str, plan: Any = None) -> str | None:
+        """The note of a job given back because this worker's node was lost (None while it is not): whether the
+        next worker resumes it (its resume state is in the output folder, which every node sees) or makes it
+        from clip 1."""
+        from itk.runtime.protocol import resume_folder
+
+        if self.worker.lost is None:
+            return None
+        output = plan.output if plan is not None else self.batch.folder / f"{name}.mp4"
+        then = ("resumes from its last finished clip" if resume_folder(output).is_dir() else
+                "restarts from clip 1 (no finished clip of it in the output folder)")
+        return f"{LOST} ({self.view.label}): {then}"
 
     # --- stopping -----------------------------------------------------------------------------------------
     def started_live(self, name: str) -> None:
@@ -490,22 +560,42 @@ class WorkerSlot:
         """With the lock held: SIGUSR1 to the worker if its live job is cancelled and not yet signalled."""
         if self.live is not None and self.live in self.batch.cancelled and self.signalled != self.live:
             self.signalled = self.live
-            self.supervisor.signal_child(CANCEL_JOB_SIGNAL)
+            self.worker.cancel_job()
 
     def stop(self) -> None:
         """Stop the job in progress and the worker, as Ctrl-C does (the job keeps its resume state)."""
         self.wake.set()
-        if self.supervisor is not None:
-            self.supervisor.cancel()
+        self.worker.stop()
 
     def kill(self) -> None:
-        if self.supervisor is not None:
-            self.supervisor.kill()
+        self.worker.kill()
 
 
 def resume_note(events: list[dict[str, Any]]) -> str | None:
     resumed = next((e for e in events if e.get("event") == "stage" and e.get("stage") == "resume"), None)
     return f"resumed at clip {resumed.get('from_clip')}" if resumed else None
+
+
+def finish_note(record: JobRecord, events: list[dict[str, Any]]) -> str | None:
+    """A done job's note: where it resumed, after why, when its last attempt was given back by a lost node."""
+    resumed = resume_note(events)
+    if record.note and record.note.startswith(LOST):
+        return f"{record.note}; {resumed or 'made from clip 1'}"
+    return resumed
+
+
+def written_seconds(video: Path, wait_s: float) -> float | None:
+    """The length of a video a worker says it has written; one written on another node may take a moment to
+    appear on a shared filesystem here (NFS caches attributes), so a missing or unreadable file is looked at
+    again for up to `wait_s`. None: it is not a readable video."""
+    from itk.run import video_seconds
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        seconds = video_seconds(video) if video.is_file() else None
+        if seconds is not None or time.monotonic() >= deadline:
+            return seconds
+        time.sleep(0.5)
 
 
 def recover_finished(store: JobStore, folder: Path, names: list[str]) -> None:
@@ -560,28 +650,32 @@ def prepare(jobs_file: Path, *, out: Path, preset: str | None) -> list[BatchJob]
 
 
 def run_batch(jobs_file: Path, *, out: Path, gpus: str | None = None, preset: str | None = None,
-              weights_dir: Path | None = None, on_change: Callable[[Batch], None] | None = None) -> BatchResult:
-    """Run every job of `jobs_file` not yet done into `out`; returns when all have ended, or after a Ctrl-C (a
-    second one stops at once). Prints nothing."""
+              weights_dir: Path | None = None, ray: str | None = None, evaluate: bool = False,
+              on_change: Callable[[Batch], None] | None = None) -> BatchResult:
+    """Run every job of `jobs_file` not yet done into `out`, on this machine's GPUs or (`ray`: auto or an address)
+    on every GPU of a Ray cluster; returns when all have ended, or after a Ctrl-C (a second one stops at once).
+    `evaluate`: each finished video's `itk eval` beside it. Prints nothing."""
     out = out.absolute()
     jobs = prepare(jobs_file, out=out, preset=preset)
-    devices = batch_gpus(gpus)
+    placement = Placement.choose(gpus=gpus, ray=ray)
     with folder_lock(out):
         store = JobStore.open(out)
         try:
             for position, job in enumerate(jobs, 1):
                 store.add(job.name, job.to_json(), job.fingerprint, position)
             recover_finished(store, out, [j.name for j in jobs])
-            batch = Batch(folder=out, store=store, jobs={j.name: j for j in jobs}, gpus=devices, preset=preset,
-                          weights_dir=weights_dir, on_change=on_change or (lambda b: None))
-            interrupted = drive(batch)
+            with placement.open(out) as workers:
+                batch = Batch(folder=out, store=store, jobs={j.name: j for j in jobs}, workers=workers,
+                              preset=preset, weights_dir=weights_dir, evaluate=evaluate,
+                              on_change=on_change or (lambda b: None))
+                interrupted = drive(batch)
             return BatchResult(out, store.jobs(names=batch.jobs), time.monotonic() - batch.started, interrupted)
         finally:
             store.close()
 
 
 def drive(batch: Batch) -> bool:
-    """Start a slot per GPU and wait for them; Ctrl-C (or SIGTERM/SIGHUP) stops cleanly, a second one at once.
+    """Start a slot per worker and wait for them; Ctrl-C (or SIGTERM/SIGHUP) stops cleanly, a second one at once.
     Returns whether it was stopped."""
     previous = trap_stops()
     interrupted = False

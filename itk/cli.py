@@ -21,6 +21,13 @@ WEIGHTS_DIR = click.option(
 PRESET = click.option("--preset", default=None, help="Preset name (default: the one itk picks for this machine).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 DEBUG = click.option("--debug", is_flag=True, help="Show full tracebacks.")
+RAY = click.option(
+    "--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+    help="Run on a Ray cluster: one warm generator per GPU of the cluster (one per node without GPUs); this "
+         "process keeps the job store and plans the jobs. auto: the cluster this machine joined with `ray start`; "
+         "else the head's HOST:PORT. Every node must see the output folder, the inputs and the weights at the same "
+         "paths (a shared filesystem): a job whose node dies then resumes on another node from its last finished "
+         "clip (else from clip 1, said in the job's note). Needs: pip install 'itk[cluster]'.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
@@ -132,16 +139,21 @@ def run(image, video, audio, audio2, audio_mode, bbox1, bbox2, text, text_file, 
 @PRESET
 @click.option("--status", "status_dir", default=None, type=click.Path(file_okay=False),
               help="Show the jobs of the batch in this folder (also while it runs, from another terminal) and exit.")
+@click.option("--eval", "evaluate", is_flag=True,
+              help="Also write each finished video's `itk eval` beside it (VIDEO.eval.json: colour drift, seams, "
+                   "lip-sync when SyncNet's weights are here).")
+@RAY
 @WEIGHTS_DIR
 @JSON
 @DEBUG
-def batch(jobs_file, out_dir, gpus, preset, status_dir, weights_dir, as_json, debug) -> None:
+def batch(jobs_file, out_dir, gpus, preset, status_dir, evaluate, ray_address, weights_dir, as_json, debug) -> None:
     """Make many videos: one job per line of JOBS_FILE, run by one warm generator per GPU that keeps its
     models loaded between jobs. The same command again skips finished jobs and resumes an interrupted one
     from its last finished clip; Ctrl-C stops cleanly (a second one at once).
 
     \b
-    Job file (JSON Lines): the official job format plus optional output, preset, seed, settings:
+    Job file (JSON Lines): the official job format plus optional output, preset, seed, settings (and text, voice,
+    voice2, speed instead of cond_audio: speech from text):
     {"prompt": "A woman is talking.", "cond_video": "anna.png", "cond_audio": {"person1": "anna-01.wav"},
      "output": "anna-01.mp4", "preset": "rtx4090-24g-fast", "seed": 7, "settings": {"sample_steps": 6}}
     Relative paths: the current folder, then the job file's folder. A bad line is reported with its number
@@ -161,7 +173,7 @@ def batch(jobs_file, out_dir, gpus, preset, status_dir, weights_dir, as_json, de
             raise UserError("no job file given", "itk batch JOBS.jsonl (one job per line), or itk batch --status DIR",
                             EXIT_BAD_INPUT)
         return show_batch(jobs_file, out_dir=out_dir, gpus=gpus, preset=preset, weights_dir=weights_dir,
-                          as_json=as_json)
+                          as_json=as_json, ray=ray_address, evaluate=evaluate)
 
     run_friendly(go, debug, as_json)
 
@@ -184,10 +196,11 @@ def batch(jobs_file, out_dir, gpus, preset, status_dir, weights_dir, as_json, de
 @click.option("--gpus", default=None, metavar="all|N",
               help="GPUs to use, one warm generator each (default: all; on a machine without one: one on the CPU).")
 @PRESET
+@RAY
 @WEIGHTS_DIR
 @JSON
 @DEBUG
-def serve_(port, listen, token, out_dir, allow_paths, max_upload_mb, gpus, preset, weights_dir, as_json,
+def serve_(port, listen, token, out_dir, allow_paths, max_upload_mb, gpus, preset, ray_address, weights_dir, as_json,
            debug) -> None:
     """Serve the job queue over HTTP: POST /v1/videos (multipart image or video + speech + job JSON) returns a
     job id at once; GET /v1/videos/ID (state, progress, ETA, error + fix), GET /v1/videos/ID/content (the mp4),
@@ -206,7 +219,7 @@ def serve_(port, listen, token, out_dir, allow_paths, max_upload_mb, gpus, prese
 
     run_friendly(lambda: show_serve(out=out_dir, port=port, listen=listen, token=token, allow_paths=allow_paths,
                                     gpus=gpus, preset=preset, weights_dir=weights_dir, max_upload_mb=max_upload_mb,
-                                    as_json=as_json), debug, as_json)
+                                    as_json=as_json, ray=ray_address), debug, as_json)
 
 
 @cli.command("eval", context_settings={"max_content_width": 110})

@@ -363,7 +363,7 @@ def show_batch_jobs(jobs: list[Any], out: Console) -> None:
 
 
 def show_batch(jobs_file: str, *, out_dir: str | None, gpus: str | None, preset: str | None,
-               weights_dir: str | None, as_json: bool) -> int:
+               weights_dir: str | None, as_json: bool, ray: str | None = None, evaluate: bool = False) -> int:
     """Run a batch with a live board (in a terminal; elsewhere one line per finished job), then the table of
     every job and a summary line; with --json the result alone on stdout."""
     from pathlib import Path
@@ -392,10 +392,12 @@ def show_batch(jobs_file: str, *, out_dir: str | None, gpus: str | None, preset:
 
         with live:
             result = run_batch(Path(jobs_file), out=folder, gpus=gpus, preset=preset,
-                               weights_dir=Path(weights_dir) if weights_dir else None, on_change=on_change)
+                               weights_dir=Path(weights_dir) if weights_dir else None, on_change=on_change, ray=ray,
+                               evaluate=evaluate)
     else:
         result = run_batch(Path(jobs_file), out=folder, gpus=gpus, preset=preset,
-                           weights_dir=Path(weights_dir) if weights_dir else None, on_change=report)
+                           weights_dir=Path(weights_dir) if weights_dir else None, on_change=report, ray=ray,
+                           evaluate=evaluate)
     if as_json:
         print_json(result.to_json())
         return result.exit_code

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from itk import __version__
-from itk.batch import Batch, batch_gpus, folder_lock, recover_finished, restore, trap_stops, wind_down
+from itk.batch import Batch, Placement, folder_lock, recover_finished, restore, trap_stops, wind_down
 from itk.jobfile import OFFICIAL_KEYS, BatchJob, parse_line
 from itk.runtime.protocol import (
     EXIT_BAD_INPUT,
@@ -90,7 +90,7 @@ class ServeOptions:
     """How `itk serve` runs. out: the job folder (store, uploads, videos). port: 0 takes any free one. listen:
     every network interface instead of 127.0.0.1. token: the Bearer token every request must carry (required
     with listen). allow_paths: the folder whose files a job may name by path (None: uploads only). gpus, preset,
-    weights_dir: as `itk batch`. max_upload_mb: the limit per uploaded file."""
+    weights_dir, ray: as `itk batch`. max_upload_mb: the limit per uploaded file."""
 
     out: Path
     port: int = DEFAULT_PORT
@@ -101,6 +101,7 @@ class ServeOptions:
     preset: str | None = None
     weights_dir: Path | None = None
     max_upload_mb: int = MAX_UPLOAD_MB
+    ray: str | None = None
 
     @property
     def host(self) -> str:
@@ -608,7 +609,7 @@ def serve(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None] = la
     `on_ready` gets the server's address once it answers. Prints nothing. UserError for options that must not
     start, a busy port or folder, or a worker that cannot start."""
     options.check()
-    devices = batch_gpus(options.gpus)
+    placement = Placement.choose(gpus=options.gpus, ray=options.ray)
     out = options.out.expanduser().absolute()
     sock = bind(options.host, options.port)
     try:
@@ -617,15 +618,16 @@ def serve(options: ServeOptions, on_ready: Callable[[dict[str, Any]], None] = la
             try:
                 carried = store.counts()
                 recover_finished(store, out, [job.name for job in store.jobs()])
-                batch = Batch(folder=out, store=store, jobs=None, gpus=devices, preset=options.preset,
-                              weights_dir=options.weights_dir, polling=True)
-                port = sock.getsockname()[1]
-                address = f"http://{socket.gethostname() if options.listen else '127.0.0.1'}:{port}"
-                info = {"url": f"{address}/v1/videos", "docs": f"{address}/docs", "port": port,
-                        "listen": options.listen, "folder": str(out), "workers": [],
-                        "queued": carried["queued"] + carried["running"], "recovered": carried["running"]}
-                run_http(batch, app=create_app(Service(batch, options)), sock=sock, announce=lambda: on_ready(
-                    {**info, "workers": [view.label for view in batch.views]}))
+                with placement.open(out) as workers:
+                    batch = Batch(folder=out, store=store, jobs=None, workers=workers, preset=options.preset,
+                                  weights_dir=options.weights_dir, polling=True)
+                    port = sock.getsockname()[1]
+                    address = f"http://{socket.gethostname() if options.listen else '127.0.0.1'}:{port}"
+                    info = {"url": f"{address}/v1/videos", "docs": f"{address}/docs", "port": port,
+                            "listen": options.listen, "folder": str(out), "workers": [],
+                            "queued": carried["queued"] + carried["running"], "recovered": carried["running"]}
+                    run_http(batch, app=create_app(Service(batch, options)), sock=sock, announce=lambda: on_ready(
+                        {**info, "workers": [view.label for view in batch.views]}))
                 return ServeResult(out, store.counts(), time.monotonic() - batch.started)
             finally:
                 store.close()
@@ -673,6 +675,10 @@ def run_http(batch: Batch, *, app: FastAPI, sock: socket.socket, announce: Calla
         raise UserError(f"the generator's worker ended before it was ready (its log: {batch.startup_failure})",
                         f"`itk selftest` shows what is wrong; the queued jobs wait in the store for the next "
                         f"`itk serve --out {batch.folder}`", EXIT_FAILED)
+    if batch.all_lost():
+        raise UserError("every worker's node has left the Ray cluster", "start the nodes again (`ray start --address "
+                        f"HEAD:6379` on each), then the same itk serve: the queued jobs wait in the store of "
+                        f"{batch.folder}", EXIT_FAILED)
     if not (announced or interrupted):
         raise UserError("the HTTP server did not start", "rerun with --debug", EXIT_FAILED)
 
@@ -711,12 +717,12 @@ def render_end(result: ServeResult, as_json: bool) -> None:
 
 def show_serve(*, out: str | None, port: int, listen: bool, token: str | None, allow_paths: str | None,
                gpus: str | None, preset: str | None, weights_dir: str | None, max_upload_mb: int,
-               as_json: bool) -> int:
+               as_json: bool, ray: str | None = None) -> int:
     """`itk serve`: serve until stopped, rendering the ready line and the end; the exit code."""
     options = ServeOptions(out=Path(out or "outputs/serve"), port=port, listen=listen, token=token,
                            allow_paths=Path(allow_paths).expanduser() if allow_paths else None, gpus=gpus,
                            preset=preset, weights_dir=Path(weights_dir).expanduser() if weights_dir else None,
-                           max_upload_mb=max_upload_mb)
+                           max_upload_mb=max_upload_mb, ray=ray)
     result = serve(options, on_ready=lambda info: render_ready(info, as_json))
     render_end(result, as_json)
     return EXIT_OK

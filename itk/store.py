@@ -236,6 +236,12 @@ class JobStore:
         """The job is done: its mp4 (verified by the caller) is in place. False when it was not running."""
         return self._end(name, "done", output=str(output), video_s=video_s, note=note)
 
+    def note(self, name: str, text: str) -> None:
+        """Add `text` to a job's note (what happened besides its state)."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET note = CASE WHEN note IS NULL OR note = '' THEN ? ELSE note || '; ' || ? END "
+                       "WHERE name = ?", (text, text, name))
+
     def fail(self, name: str, error: str, fix: str, exit_code: int) -> bool:
         return self._end(name, "failed", error=error, fix=fix, exit_code=exit_code)
 

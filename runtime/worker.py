@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from typing import Any
 
 from itk.runtime.generate import STOP_SIGNALS, exit_now, run_flags
@@ -36,10 +35,12 @@ class JobCancelled(KeyboardInterrupt):
 
 def main() -> int:
     """Serve jobs from stdin until it ends (0) or a stop signal (130)."""
-    stopping = threading.Event()
+    # A list, not a threading.Event: a handler may interrupt another handler, and Event.set takes a lock the
+    # interrupted one may hold (a worker deadlocked so under a second stop signal).
+    stopping: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
-        stopping.set()
+        stopping.append(signum)
         raise KeyboardInterrupt
 
     def cancel_job(signum: int, frame: Any) -> None:
@@ -54,7 +55,7 @@ def main() -> int:
 
     events, models = Events(), WarmModels()
     events.emit("ready")
-    while not stopping.is_set():
+    while not stopping:
         job_events: Events | None = None
         ended = False
         try:  # a stop or a cancel may land anywhere in here, also between the job's own handlers
@@ -76,7 +77,7 @@ def main() -> int:
         except KeyboardInterrupt:
             if job_events is not None and not ended:  # the job had not started its own handling: end it here
                 job_events.emit("error", message="interrupted before the job started", exit_code=EXIT_INTERRUPTED)
-            if stopping.is_set():
+            if stopping:
                 return EXIT_INTERRUPTED
             if job_events is not None:
                 events.emit("ready")

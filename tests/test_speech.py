@@ -65,3 +65,17 @@ def test_text_without_kokoros_files_names_the_fetch_command(tmp_path):
     face = write_image(tmp_path / "face.png")
     proc = itk("run", "--dry-run", "--image", str(face), "--text", "Hello.", "--weights-dir", str(tmp_path / "w"))
     assert proc.returncode == 3 and "itk fetch --component tts" in proc.stderr
+
+
+def test_a_batch_line_with_text_is_spoken_and_each_video_gets_its_eval_beside_it(tmp_path, weights):
+    face = write_image(tmp_path / "face.png")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "p", "cond_video": str(face), "text": "Hello there, welcome.",
+                                "output": "spoken.mp4", "preset": selftest.PRESET, "seed": 3,
+                                "settings": {"sample_steps": 2, "frame_num": 9, "motion_frame": 5}}) + "\n")
+    proc = itk("batch", str(jobs), "--out", str(tmp_path / "out"), "--weights-dir", str(weights), "--eval", "--json",
+               env={"HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "spoken.speech.wav").is_file()
+    report = json.loads((tmp_path / "out" / "spoken.eval.json").read_text())
+    assert report["clips"][0]["index"] == 1 and "delta_e_vs_first" in report["clips"][0]
