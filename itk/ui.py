@@ -205,6 +205,9 @@ class Page:
             self.dropped.add(session)
             progress = Progress()
             while not job.done.wait(POLL_S):
+                if job.cancelled.is_set():  # the progress stops where it was: only the stopping is left
+                    yield "<p>cancelling: stopping every process of the job</p>", "", None, None, repeat
+                    continue
                 while not job.events.empty():
                     progress.add(job.events.get(), time.monotonic())
                 yield head + progress_html(progress), "", None, None, repeat  # also where a cancel closes us
@@ -518,8 +521,8 @@ def build(page: Page) -> Any:
         def cancel(request: gr.Request) -> str:
             return page.cancel(request)
 
-        def after_job(request: gr.Request) -> tuple[Any, Any, Any]:
-            return page.after_job(request)
+        def after_job(request: gr.Request) -> tuple[Any, Any, Any, str]:
+            return (*page.after_job(request), "")  # and the Cancel note goes: the status now says how it ended
 
         for fn in (generate, cancel, after_job):  # Gradio finds gr.Request by annotation, not by a string
             fn.__annotations__["request"] = gr.Request
@@ -532,7 +535,7 @@ def build(page: Page) -> Any:
                             preset, seed, *fields],
                  [status, error, video, download, repeat], concurrency_limit=1, concurrency_id="gpu",
                  api_name="generate", show_progress_on=[status]) \
-            .then(after_job, None, [face, speech1, speech2], queue=False, api_visibility="private")
+            .then(after_job, None, [face, speech1, speech2, cancel_note], queue=False, api_visibility="private")
         stop.click(cancel, None, cancel_note, queue=False, api_name="cancel")
         refresh.click(page.doctor, None, table, api_name="doctor")
         fetch_preset.change(lambda name: page.weights_plan(name)[0], fetch_preset, plan, queue=False,

@@ -132,8 +132,8 @@ class Request:
 
 def _read_job(path: Path) -> Job:
     """protocol.read_job, with the file checked first (a name too long, a device) and a JSON nested too deeply
-    for Python's parser refused like any other unreadable job file."""
-    problem = file_problem(path)
+    for Python's parser refused like any other unreadable job file. A pipe is read as given (`<(...)`)."""
+    problem = file_problem(path, pipes=True)
     if problem and problem != MISSING:  # read_job names a missing file itself
         raise BadInput(f"job file {path} {problem}", "give the path of a .json job file to --input_json")
     try:
@@ -229,10 +229,11 @@ def long_name(path: Path) -> str | None:
     return None
 
 
-def file_problem(path: Path) -> str | None:
+def file_problem(path: Path, pipes: bool = False) -> str | None:
     """Why `path` cannot be read as an input file, said as what it is ("does not exist", "is a folder, not a
     file", "is a character device ...", a name too long), or None for a regular file (or a link to one). Both
-    `itk run` and the generator ask this; the message reads after the path."""
+    `itk run` and the generator ask this; the message reads after the path. `pipes`: a pipe is fine too (a job
+    file read once, e.g. from a shell's process substitution `<(...)`; media are read more than once)."""
     too_long = long_name(path)
     if too_long:
         return too_long
@@ -244,6 +245,8 @@ def file_problem(path: Path) -> str | None:
         if exc.errno == errno.ENAMETOOLONG:
             return f"is a path of {len(os.fsencode(str(path)))} bytes, longer than this system allows"
         return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if pipes and stat.S_ISFIFO(mode):
+        return None
     return next((what for test, what in FILE_KINDS if test(mode)), None if stat.S_ISREG(mode) else "is not a file")
 
 
