@@ -347,7 +347,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
     from PIL import Image
 
     def refuse() -> BadInput:
-        return BadInput(f"cond_video {path}: the image has more pixels than the limit of {MAX_IMAGE_PIXELS} "
+        return BadInput(f"the image {path} has more pixels than the limit of {MAX_IMAGE_PIXELS} "
                         "(a decompression bomb, or a photo far larger than any output size)",
                         "give a smaller image (a few megapixels is plenty)")
 
@@ -388,7 +388,7 @@ def check_reference_size(path: Path, height: int, width: int, table: dict[str, l
     low_h, low_w = minimum_size(height, width, table)
     if height < low_h or width < low_w:
         th, tw = choose_bucket(height, width, table)
-        raise BadInput(f"cond_video {path}: {width}x{height} pixels is too small; the minimum size is "
+        raise BadInput(f"the picture {path} is {width}x{height} pixels, too small: the minimum size is "
                        f"{low_w}x{low_h} (width x height) for its {tw}x{th} output",
                        f"give an image or video of at least {low_w}x{low_h} pixels")
 
