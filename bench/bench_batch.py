@@ -12,7 +12,8 @@ job's start-up included), jobs_per_hour_cold the mean fresh run; overhead_per_jo
 steps time of the warm jobs after the first. Targets: warm >= 1.3x cold in jobs per hour; overhead <= 5 s.
 
 Run on the device (one call, about 8 minutes with 5-second jobs; see bench/README.md):
-  python bench/bench_batch.py --preset gpu80g-fp8-480p-fast --jobs 4 --cold-jobs 2 --seconds 5 --out $OUT/batch-h100.json
+  python bench/bench_batch.py --preset gpu80g-fp8-480p-fast --jobs 4 --cold-jobs 2 --seconds 5 \
+      --out $OUT/batch-h100.json
 `--tiny` runs the same on itk.runtime.tiny weights on the CPU (a check of the script, not a measurement).
 """
 

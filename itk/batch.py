@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import signal
 import threading
@@ -614,30 +613,13 @@ def recover_finished(store: JobStore, folder: Path, names: list[str]) -> None:
                 store.finish(name, video, seconds, note="its video was written before its runner stopped")
 
 
-@contextlib.contextmanager
-def folder_lock(folder: Path):
-    """One batch per output folder (an OS lock the kernel drops when its holder dies, so a killed batch never
-    blocks the next); the holder's pid is written beside it for the refusal to name."""
-    from filelock import FileLock, Timeout
+def folder_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
+    """One batch or server per output folder: a lock in it naming its holder's pid (itk.locking)."""
+    from itk.locking import held
 
-    folder.mkdir(parents=True, exist_ok=True)
-    lock, owner = FileLock(folder / LOCK_FILE, timeout=0), folder / (LOCK_FILE + ".pid")
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            holder = f"pid {int(owner.read_text().strip())}"
-        except (OSError, ValueError):
-            holder = "pid not yet recorded"
-        raise UserError(f"{folder} is being worked on by another itk batch or itk serve ({holder})",
-                        f"wait for it, look at it with `itk batch --status {folder}`, or use another --out",
-                        EXIT_BAD_INPUT) from None
-    try:
-        owner.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        yield
-    finally:
-        owner.unlink(missing_ok=True)
-        lock.release()
+    return held(folder / LOCK_FILE, lambda holder: UserError(
+        f"{folder} is being worked on by another itk batch or itk serve ({holder})",
+        f"wait for it, look at it with `itk batch --status {folder}`, or use another --out", EXIT_BAD_INPUT))
 
 
 def prepare(jobs_file: Path, *, out: Path, preset: str | None) -> list[BatchJob]:

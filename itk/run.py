@@ -12,8 +12,8 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -229,10 +229,6 @@ class Plan:
     @property
     def lock_path(self) -> Path:
         return self.run_dir / "output.lock"
-
-    @property
-    def owner_path(self) -> Path:
-        return self.run_dir / "output.pid"
 
     @property
     def job_path(self) -> Path:
@@ -470,31 +466,13 @@ class RunResult:
                 "resumable": self.resumable, "log": str(self.log)}
 
 
-@contextmanager
-def output_lock(plan: Plan) -> Iterator[None]:
-    """One run per output: an OS lock in the run folder (released by the kernel when its holder dies, so a
-    killed run never blocks the next) and, beside it, the holder's pid for the refusal to name. The pid file
-    is written after and removed before the lock changes hands, so it always names the holder."""
-    from filelock import FileLock, Timeout
+def output_lock(plan: Plan) -> AbstractContextManager[None]:
+    """One run per output: a lock in the run folder naming its holder's pid (itk.locking)."""
+    from itk.locking import held
 
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(plan.lock_path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            holder = f"pid {int(plan.owner_path.read_text().strip())}"
-        except (OSError, ValueError):
-            holder = "pid not yet recorded"
-        raise UserError(f"{plan.output} is being written by another itk run ({holder})",
-                        "wait for that run to finish (or stop it), or give this one another --output",
-                        EXIT_BAD_INPUT) from None
-    try:
-        plan.owner_path.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        yield
-    finally:
-        plan.owner_path.unlink(missing_ok=True)
-        lock.release()
+    return held(plan.lock_path, lambda holder: UserError(
+        f"{plan.output} is being written by another itk run ({holder})",
+        "wait for that run to finish (or stop it), or give this one another --output", EXIT_BAD_INPUT))
 
 
 def supervisor_for(plan: Plan, on_event: Callable[[dict[str, Any]], None] | None = None) -> Supervisor:

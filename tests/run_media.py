@@ -75,3 +75,17 @@ def wait_for_json(path: Path, seconds: float = 30) -> list[int]:
             return json.loads(path.read_text())
         time.sleep(0.05)
     raise AssertionError(f"{path} never appeared")
+
+
+def decoded(path: Path) -> np.ndarray:
+    """Every video frame of an mp4, [T, H, W, 3] uint8."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 videos in dB (inf when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import soundfile
-from run_media import itk, write_image, write_wav
+from run_media import decoded, itk, psnr, write_image, write_wav
 
 from itk import selftest
 from itk.store import JobStore, StoreError
@@ -226,16 +226,6 @@ def running_jobs(out: Path) -> list:
         return store.jobs(["running"])
     finally:
         store.close()
-
-
-def decoded(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def check_store(out: Path, names: list[str], first_seen: dict[str, tuple[int, int]]) -> None:

@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 import numpy as np
 import psutil
 import pytest
-from run_media import itk, write_image, write_wav
+from run_media import decoded, itk, psnr, write_image, write_wav
 
 from itk import selftest
 from itk.runtime.tiny import write_tiny_weights
@@ -125,16 +124,6 @@ def expected(tmp_path_factory, tiny, media) -> np.ndarray:
 def line(face: Path, speech: Path, **extra: object) -> dict:
     return {"prompt": "A person is talking.", "cond_video": str(face), "cond_audio": {"person1": str(speech)},
             "preset": selftest.PRESET, "settings": SETTINGS, "seed": 3, **extra}
-
-
-def decoded(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def same_frames(video: Path, expected: np.ndarray) -> bool:

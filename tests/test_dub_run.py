@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-from run_media import itk, write_wav
+from run_media import decoded, itk, write_wav
 
 from itk import selftest
 from itk.runtime.dub import fit_frame
@@ -33,11 +32,6 @@ def source(tmp_path_factory) -> Path:
     texture = np.stack([128 + 60 * np.sin(cols / 9), 128 + 60 * np.cos(rows / 11), 100 + cols / 2], axis=-1)
     frames = np.stack([texture[:, i:i + 64] for i in range(25)]).astype(np.uint8)
     return write_mp4(frames, None, 16000, tmp_path_factory.mktemp("src") / "source.mp4")
-
-
-def decoded(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def dub(tmp_path: Path, weights: Path, source: Path, region: str, *extra: str) -> np.ndarray:
