@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 
-from itk.runtime.protocol import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UserError
+from itk.runtime.protocol import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UserError, stage_words
 
 if TYPE_CHECKING:
     from itk.advice import Verdict
@@ -274,7 +274,7 @@ def show_selftest(workdir: str | None, as_json: bool, two_speakers: bool = False
                 clip = f"clip {event.get('clip')}, " if event.get("clip") else ""
                 line = f"selftest: generator {clip}step {event.get('step')} of {event.get('steps')}"
             elif event.get("stage"):
-                line = f"selftest: {event['stage']}"
+                line = f"selftest: {stage_words(event['stage'])}"
             else:
                 return
             if out.is_terminal:
@@ -324,7 +324,7 @@ def batch_board(batch: Any) -> Any:
         table.add_column(column, overflow="fold")
     for view in batch.views:
         where = (f"clip {max(view.clip, 1)} of {view.clips or '?'} · step {view.step} of {view.steps or '?'}"
-                 if view.steps else escape(view.stage))
+                 if view.steps else escape(stage_words(view.stage)))
         restarts = f" (restarted {view.restarts}x)" if view.restarts else ""
         table.add_row(f"[bold]{view.label}[/]{restarts}", escape(view.job or "-"), where)
     eta = batch.eta_s()

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from itk.run import duration
+from itk.runtime.protocol import stage_words
 
 SLOW_FACTOR = 3  # a step this many times slower than the preset's measured time is worth saying early
 SLOW_AFTER = 3  # steps measured before judging
@@ -83,8 +84,8 @@ class ProgressView:
             clip, step = int(event.get("clip") or self.current), int(event.get("step") or 0)
             self._enter_clip(clip)
             self._time_step(step, event.get("elapsed_s"))
-            self.progress.update(self.total, total=self.clips * self.steps,
-                                 completed=(clip - 1) * self.steps + step, description=f"[bold]{self.stage}")
+            self.progress.update(self.total, total=self.clips * self.steps, completed=(clip - 1) * self.steps + step,
+                                 description=f"[bold]{stage_words(self.stage)}")
             self.progress.update(self.clip, total=self.steps, completed=step, visible=True,
                                  description=f"clip {clip} of {self.clips}")
         elif kind == "clip":
@@ -100,7 +101,7 @@ class ProgressView:
         elif kind == "stage" and self.stage == "resume":
             self._tell_resume(event)
         else:
-            self.progress.update(self.total, description=f"[bold]{self.stage}")
+            self.progress.update(self.total, description=f"[bold]{stage_words(self.stage)}")
         self._notes()
 
     def _enter_clip(self, clip: int) -> None:

@@ -25,18 +25,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, VIDEO_EXTENSIONS, BadInput, Flag, UserError
+from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, VIDEO_EXTENSIONS, BadInput, Flag, UserError, stage_words
 
 SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 MULTI_COMPONENTS = ("infinitetalk-multi-fp8", "infinitetalk-multi")  # either variant DiT enables a second speaker
-# The generator's stage names (runtime/engine.py) as the page says them.
-STAGE_WORDS = MappingProxyType({
-    "load": "loading the models", "load_models": "loading the models", "read_inputs": "reading the inputs",
-    "audio_embedding": "reading the speech", "text_encoding": "reading the prompt",
-    "image_encoding": "reading the portrait", "speakers": "placing the two speakers",
-    "dub_region": "finding the speaker in the source video", "generate": "generating",
-    "write_video": "writing the video", "resume": "resuming the interrupted run",
-})
 # `itk run`'s options as the page's controls name them (errors come from the same checks as the command line).
 OPTION_WORDS = MappingProxyType({
     "--image": "the portrait", "--video": "the source video", "--audio2": "the second speaker's speech",
@@ -301,11 +293,6 @@ def drop_uploads(paths: Iterable[str | None], root: Path | None) -> None:
 
 
 # -- progress ----------------------------------------------------------------------------------------------
-def stage_words(name: str) -> str:
-    """A generator stage as the page says it: "audio_embedding" -> "reading the speech"."""
-    return STAGE_WORDS.get(name, name.replace("_", " "))
-
-
 @dataclass
 class Progress:
     """The run's events folded into what the page shows: clip, step, ETA (from this run's own step times)

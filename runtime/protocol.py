@@ -215,6 +215,21 @@ EVENT_PREFIX = "ITK-EVENT "
 # job and ready: the warm worker's (`python -m itk.runtime.worker`): a job starts; the worker waits for the next
 EVENT_KINDS = ("stage", "clip", "step", "done", "error", "job", "ready")
 DONE_VIDEO = "path"  # the done event's field naming the video written: the generator writes it, the toolkit reads it
+# The generator's stages in the words a person reads (the progress bar, the batch board, the page, the selftest's
+# lines); a stage the generator announces must be one of these.
+STAGES = MappingProxyType({
+    "read_inputs": "reading the inputs", "resume": "resuming the interrupted run",
+    "audio_embedding": "reading the speech", "text_encoding": "reading the prompt",
+    "image_encoding": "reading the portrait", "speakers": "placing the two speakers",
+    "dub_region": "finding the speaker in the source video", "load_models": "loading the models",
+    "generate": "generating", "write_video": "writing the video",
+})
+
+
+def stage_words(name: str) -> str:
+    """A generator stage as a person reads it: "audio_embedding" -> "reading the speech"; a name not in STAGES
+    (a toolkit's own stage, already words) with its underscores as spaces."""
+    return STAGES.get(name, name.replace("_", " "))
 
 
 def format_event(event: str, **fields: Any) -> str:
@@ -266,6 +281,8 @@ class Events:
         return {"event": event, **record}
 
     def stage(self, name: str, **fields: Any) -> None:
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}: add its words to STAGES")
         self.emit("stage", stage=name, **fields)
 
 

@@ -3,6 +3,7 @@ says what it does and shows pip's progress instead of a silent minute and a half
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +17,10 @@ def setup_recipe(tmp_path: Path) -> list[str]:
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
     venv = tmp_path / "venv"  # absent: make plans every step of a fresh setup
+    # as a person types it: not as a sub-make of `make test`, which would add "Entering directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     proc = subprocess.run(["make", "-n", "setup", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from itk.runtime.protocol import (
     EVENT_PREFIX,
     FLAG,
     FLAGS,
+    STAGES,
     BadInput,
     Events,
     Job,
@@ -23,6 +25,7 @@ from itk.runtime.protocol import (
     parse_event,
     parse_setting,
     read_job,
+    stage_words,
     to_argv,
     write_job,
 )
@@ -117,6 +120,15 @@ def test_a_line_merely_containing_the_prefix_is_not_an_event():
     assert parse_event("ordinary log line") is None
     with pytest.raises(ValueError):
         format_event("bogus")
+
+
+def test_every_stage_the_generator_announces_has_words_and_an_unnamed_one_is_refused_where_it_is_announced():
+    source = "\n".join(path.read_text() for path in (Path(__file__).parents[1] / "runtime").rglob("*.py"))
+    announced = set(re.findall(r"\.stage\(\"(\w+)\"", source))
+    assert announced and announced <= set(STAGES)
+    assert stage_words("audio_embedding") == "reading the speech" and stage_words("ready") == "ready"
+    with pytest.raises(ValueError, match="add its words"):
+        Events(io.StringIO()).stage("decode_latents")
 
 
 def test_a_disabled_event_writer_writes_nothing_but_still_returns_the_record():
