@@ -13,25 +13,24 @@ placed, streamed and compiled by one `DiTRunner` the engine owns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from itk.runtime.buckets import bucket_table
+from itk.runtime.clip_writer import ClipWriter
 from itk.runtime.configs import ModelConfig, load_model_config
 from itk.runtime.options import RuntimeOptions
 from itk.runtime.parallel import Parallel, writes
-from itk.runtime.pipeline import ClipOutput, SeededNoise, StreamingPipeline
+from itk.runtime.pipeline import SeededNoise, StreamingPipeline
 from itk.runtime.protocol import BadInput, Events, resume_folder
 from itk.runtime.request import Media, Request, read_media
 from itk.runtime.resume import ResumeState, fingerprint, settings_facts
 from itk.runtime.sampler import local_passes
 from itk.runtime.sampling import ClipPlan, plan_clips
-from itk.runtime.video import stale_partials, to_uint8_frames, write_mp4_stream
+from itk.runtime.video import stale_partials
 from itk.runtime.warm import WarmModels, file_key, release
 
 if TYPE_CHECKING:
@@ -174,9 +173,15 @@ class Engine:
             for _ in clips:
                 pass
             return self.request.output
-        dubber = self.dubber(media, plan)
-        path = write_mp4_stream(self.request.output, self._frames(clips, state, dubber), count=plan.length,
-                                audio=media.speech, sample_rate=media.sample_rate)
+        # Each finished clip is written (uint8, dub, resume segment, mp4) on the writer's thread while the next
+        # one samples: between two clips the GPU waits only for the decode and the motion frames' encode.
+        with ClipWriter(output=self.request.output, count=plan.length, audio=media.speech,
+                        sample_rate=media.sample_rate, state=state, dubber=self.dubber(media, plan)) as writer:
+            for out in clips:
+                if out.carry is None:
+                    self.events.stage("write_video", path=str(self.request.output))
+                writer.put(out)
+            path = writer.finish()
         state.remove()
         return path
 
@@ -191,26 +196,6 @@ class Engine:
         boxes = [job.bbox[key] for key in ("person1", "person2") if job.bbox and key in job.bbox]
         return Dubber.open(job.cond_video, target=media.reference.target, length=plan.length,
                            mode=self.request.dub_region, boxes=boxes, speakers=job.speakers)
-
-    def _frames(self, clips: Iterator[ClipOutput], state: ResumeState,
-                dubber: Dubber | None = None) -> Iterator[np.ndarray]:
-        """uint8 frames for the encoder: the saved clips first, then each new clip as it finishes (composited onto
-        the source when dubbing, then saved to the state before it is handed on, so a kill after the hand-off
-        loses nothing and a resumed run replays finished frames)."""
-        written = 0
-        for frames in state.replay():
-            written += len(frames)
-            yield frames
-        for out in clips:
-            frames = to_uint8_frames(out.frames)
-            if dubber is not None:
-                frames = dubber.apply(frames, start=written)
-            written += len(frames)
-            if out.carry is None:
-                self.events.stage("write_video", path=str(self.request.output))
-            else:
-                state.save(out.index, frames, out.carry)
-            yield frames
 
     def embed_speech(self, media: Media) -> torch.Tensor:
         """[F, layers, hidden] for one speaker; [2, F, layers, hidden] for two, F from both (`speaker_layout`)."""

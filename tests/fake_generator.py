@@ -87,7 +87,7 @@ def hang(ignore_term: bool) -> None:
     if starts:
         with open(starts, "a", encoding="utf-8") as f:
             f.write(json.dumps({"pids": [os.getpid(), grandchild.pid], "alive_before": before}) + "\n")
-    event("stage", stage="load")
+    event("stage", stage="load_models")
     while True:
         time.sleep(0.1)
 
@@ -102,7 +102,7 @@ def main() -> int:
         Path(os.environ["FAKE_ARGV"]).write_text(json.dumps(sys.argv[1:]))
     mode = os.environ.get("FAKE_MODE", "ok")
     print("[2025-09-09 14:02:11,006] INFO: Creating infinitetalk pipeline.", flush=True)
-    event("stage", stage="load")
+    event("stage", stage="load_models")
     if mode == "sigkill":
         print("[2025-09-09 14:02:52,330] INFO: Creating WanModel from weights/Wan2.1-I2V-14B-480P", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

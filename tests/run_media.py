@@ -89,3 +89,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 videos in dB (inf when equal)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def saved_clips(video: Path) -> int:
+    """How many clips of the video being made are committed to its resume state (0 before the first): a clip's
+    save runs on the generator's writer thread just after its clip event."""
+    record = Path(f"{video}.itk-resume") / "state.json"
+    try:
+        return int(json.loads(record.read_text())["clips_done"])
+    except (OSError, ValueError, KeyError):
+        return 0

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from run_media import decoded, itk, psnr, write_image, write_wav
+from run_media import decoded, itk, psnr, saved_clips, write_image, write_wav
 
 from itk import selftest
 from itk.runtime.tiny import write_tiny_weights
@@ -255,7 +255,7 @@ def wait_until_second_node_is_mid_job(cluster: TwoNodes, out: Path, names: list[
         finished_one = finished_one or any(j.state == "done" and second in run_label(out, j.name) for j in jobs)
         for job in jobs:
             if finished_one and job.state == "running" and second in (job.worker or "") and (job.clip or 0) >= 2 \
-                    and job.step:
+                    and job.step and saved_clips(out / f"{job.name}.mp4") >= 1:
                 return job.name
         time.sleep(0.02)
     raise AssertionError("the second node never got past the first clip of a second job")

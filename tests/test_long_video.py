@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import wave
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -188,13 +190,19 @@ def test_clip_events_count_clips_done_and_seconds_of_video_written(weights, tmp_
 
 
 def _kill_after_clip(argv: list[str], done: int, output) -> None:
-    """Start the run, SIGKILL it once the state of `done` clips is committed; no mp4 under the final name."""
+    """Start the run, SIGKILL it once the state of `done` clips is committed; no mp4 under the final name. The
+    clip event comes when clip `done` is sampled; its save (on the writer's thread) commits a moment later."""
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    record = Path(f"{output}.itk-resume") / "state.json"
     try:
         for line in proc.stderr:
             event = parse_event(line)
             assert not output.exists()
             if event and event["event"] == "clip" and event["clips_done"] == done:
+                deadline = time.monotonic() + 60
+                while not (record.is_file() and json.loads(record.read_text())["clips_done"] == done):
+                    assert time.monotonic() < deadline, "the state of the finished clips was never committed"
+                    time.sleep(0.01)
                 os.kill(proc.pid, signal.SIGKILL)
                 break
         else:

@@ -54,7 +54,7 @@ def test_a_successful_child_is_followed_event_by_event_and_its_log_kept(tmp_path
 
 def test_a_child_killed_by_sigkill_is_diagnosed_as_host_oom(tmp_path):
     outcome, _ = supervise(tmp_path, "sigkill")
-    assert outcome.returncode == -signal.SIGKILL and outcome.last_stage == "load"
+    assert outcome.returncode == -signal.SIGKILL and outcome.last_stage == "load_models"
     verdict = diagnose("\n".join(outcome.tail), outcome.returncode, {"total_ram_gb": 64.0, "usable_ram_gb": 64.0})
     assert verdict.rule == "host-oom" and "64.0 GB of RAM is usable" in verdict.diagnosis
 
