@@ -80,9 +80,9 @@ def official_config() -> dict[str, Any]:
     return {"_class_name": "WanModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
-def write_inputs(folder: Path) -> Path:
-    """A 640x640 portrait (itk's selftest drawing, scaled onto a square canvas), a speech-like wav of SPEECH_S
-    seconds and the job file naming them; returns the job file."""
+def write_inputs(folder: Path, seconds: float = SPEECH_S) -> Path:
+    """A 640x640 portrait (itk's selftest drawing, scaled onto a square canvas), a speech-like wav of `seconds`
+    and the job file naming them; returns the job file."""
     from PIL import Image
 
     from itk.selftest import write_portrait, write_speech
@@ -92,7 +92,7 @@ def write_inputs(folder: Path) -> Path:
     square = Image.new("RGB", (640, 640), drawing.getpixel((0, 0)))
     square.paste(drawing.resize((480, 640), Image.BICUBIC), (80, 0))
     square.save(folder / "face.png")
-    write_speech(folder / "speech.wav", SPEECH_S)
+    write_speech(folder / "speech.wav", seconds)
     job = folder / "job.json"
     job.write_text(json.dumps({"prompt": "a person talking to the camera", "cond_video": str(folder / "face.png"),
                                "cond_audio": {"person1": str(folder / "speech.wav")}}))

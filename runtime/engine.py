@@ -355,5 +355,6 @@ class Engine:
         pipeline = StreamingPipeline(dit=dit, vae=vae, sampling=sampling, noise=SeededNoise(sampling.seed, p.device),
                                      parallel=self.parallel, events=self.events, device=p.device, dtype=p.dit_dtype,
                                      speaker_masks=speaker_masks)
-        self.events.stage("generate", clips=len(plan.starts), frames=plan.length)
+        self.events.stage("generate", clips=len(plan.starts), frames=plan.length,
+                          attention=runner.dit.blocks[0].self_attn.attention.name)  # the kernel that runs
         return pipeline

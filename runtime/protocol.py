@@ -235,7 +235,8 @@ def stage_words(name: str) -> str:
 def format_event(event: str, **fields: Any) -> str:
     """One protocol line (without the newline). Fields: stage, clip/clips, step/steps, elapsed_s,
     gpu_peak_gb, path (done), message/exit_code (error), and what a stage adds. A clip event also carries
-    clips_done and video_s (seconds of video written so far); the "resume" stage carries from_clip."""
+    clips_done and video_s (seconds of video written so far); the "resume" stage carries from_clip; the "generate"
+    stage clips, frames and the attention kernel the DiT runs."""
     if event not in EVENT_KINDS:
         raise ValueError(f"unknown event {event!r}")
     return EVENT_PREFIX + json.dumps({"event": event, **fields}, ensure_ascii=False)

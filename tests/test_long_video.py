@@ -180,10 +180,13 @@ def test_peak_host_memory_stays_flat_from_4_to_16_clips(weights, tmp_path):
     assert peaks[16] - peaks[4] < one_clip, (peaks, one_clip)
 
 
-def test_clip_events_count_clips_done_and_seconds_of_video_written(weights, tmp_path):
+def test_clip_events_count_clips_done_and_seconds_of_video_written_after_a_start_naming_the_attention(weights,
+                                                                                                      tmp_path):
     job = _job(tmp_path / "job", weights, 32, seconds=1.0)
     events, _ = _generate(_argv(weights, job))
     clips = [e for e in events if e["event"] == "clip"]
+    start = next(e for e in events if e.get("stage") == "generate")
+    assert (start["clips"], start["attention"]) == (len(clips), "sdpa")  # no other kernel runs on a CPU
     assert [e["clips_done"] for e in clips] == list(range(len(clips)))
     assert [e["video_s"] for e in clips] == [0.0] + [(FRAME_NUM + k * (FRAME_NUM - MOTION)) / 25
                                                      for k in range(len(clips) - 1)]
