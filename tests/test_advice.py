@@ -3,8 +3,10 @@ recorded machine facts: each failure names its rule, its numbers and this machin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -251,3 +253,17 @@ def test_the_ram_below_preset_detail_sits_on_the_limit():
         return any("preset rtx4090-24g needs 32 GB" in d for d in verdict.details)
 
     assert not detail(32.0) and detail(31.99)
+
+
+def test_a_real_interpreters_missing_flash_attn_import_names_flash_attn_missing(tmp_path):
+    """The log is what a real Python prints when a script imports flash-attn unconditionally (as MultiTalk-derived
+    scripts do) on a machine without it, not a hand-written imitation of that traceback."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: its missing-module traceback cannot be produced")
+    script = tmp_path / "generate_infinitetalk.py"
+    script.write_text("import sys\nfrom flash_attn import flash_attn_func\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1 and "ModuleNotFoundError" in proc.stderr
+    verdict = diagnose(proc.stderr, proc.returncode, {}, "generate.log")
+    assert verdict.rule == "flash-attn-missing", verdict.to_json()
+    assert any("itk doctor --only flash_attn" in fix for fix in verdict.fixes)
