@@ -66,14 +66,11 @@ def clip_times(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 def frame_difference(video: Path, other: Path) -> dict[str, Any]:
     """Max abs difference (grey levels) and PSNR of two mp4s' decoded frames; inf PSNR when equal."""
-    import av
     import numpy as np
 
-    def frames(path: Path) -> np.ndarray:
-        with av.open(str(path)) as container:
-            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
+    from itk.runtime.video import frames_at_25fps  # both are 25 fps: every frame as it is
 
-    a, b = frames(video), frames(other)
+    a, b = (np.stack(list(frames_at_25fps(path))).astype(np.int16) for path in (video, other))
     if a.shape != b.shape:
         return {"compared_to": str(other), "shapes": [list(a.shape), list(b.shape)]}
     mse = float(np.mean((a - b).astype(np.float64) ** 2))
@@ -137,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ITK_ATTENTION"] = opts.attention
     if opts.generator_path:
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (opts.generator_path, os.environ.get("PYTHONPATH")) if p)
-    (stem.parent).mkdir(parents=True, exist_ok=True)
-    for old in stem.parent.glob("talk*"):
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for old in stem.parent.glob("talk*"):  # a previous run's video and resume state: this run starts afresh
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
     run = whole.run_generator(argv_run, out.with_suffix(".log"))
     events = run["events"]
     start = next((e for e in events if e.get("stage") == "generate"), {})

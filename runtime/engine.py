@@ -32,10 +32,10 @@ from itk.runtime.sampler import local_passes
 from itk.runtime.sampling import ClipPlan, plan_clips
 from itk.runtime.video import stale_partials
 from itk.runtime.warm import WarmModels, file_key, release
+from itk.runtime.weights import QuantFile, WeightPaths, resolve
 
 if TYPE_CHECKING:
     from itk.runtime.dub import Dubber
-from itk.runtime.weights import QuantFile, WeightPaths, resolve
 
 log = logging.getLogger(__name__)
 # The official default negative prompt (wan/configs/wan_multitalk_14B.py): CFG's "null text".
@@ -152,8 +152,7 @@ class Engine:
         """Everything that decides the placed, compiled DiT runner: a warm worker reuses it while this matches."""
         files = [self.files.dit.path, self.files.dit.map] if isinstance(self.files.dit, QuantFile) else self.files.dit
         r = self.request
-        loras = [(f, s) for f, s in r.loras]
-        return ("dit", file_key(files), file_key([f for f, _ in loras]), tuple(s for _, s in loras), r.lora_alpha,
+        return ("dit", file_key(files), file_key([f for f, _ in r.loras]), tuple(s for _, s in r.loras), r.lora_alpha,
                 self.cfg.dit, str(self.place.dit_dtype), str(self.place.device), r.persistent_params, self.options,
                 self.parallel is None)
 
@@ -356,5 +355,5 @@ class Engine:
                                      parallel=self.parallel, events=self.events, device=p.device, dtype=p.dit_dtype,
                                      speaker_masks=speaker_masks)
         self.events.stage("generate", clips=len(plan.starts), frames=plan.length,
-                          attention=runner.dit.blocks[0].self_attn.attention.name)  # the kernel that runs
+                          attention=runner.dit.attention.name)  # the kernel that runs
         return pipeline
