@@ -9,12 +9,9 @@ from itk.checks.base import Context, Result, Status
 
 
 def check(ctx: Context) -> Result:
-    from itk.runtime.manifest import load_manifest
     from itk.runtime.tts import TtsFolders, list_voices, problem
 
-    repos = load_manifest().repos
-    folders = TtsFolders(kokoro=ctx.weights_dir / repos["kokoro"].local_dir,
-                         g2p=ctx.weights_dir / repos["spacy-en"].local_dir)
+    folders = TtsFolders.under(ctx.weights_dir)
     why = problem(folders)
     if why is not None:
         return Result("tts", Status.SKIP, f"speech from text not set up: {why.message} ({why.fix})", [], why.fix)

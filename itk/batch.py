@@ -46,6 +46,7 @@ from itk.runtime.protocol import (
     job_request,
 )
 from itk.store import JobRecord, JobStore
+from itk.supervisor import restore, trap_stops
 from itk.workers import LocalWorker, Worker
 
 LOCK_FILE = ".itk-batch.lock"
@@ -240,11 +241,12 @@ class Batch:
     def counts(self) -> dict[str, int]:
         return self.store.counts(names=self.jobs)
 
-    def eta_s(self) -> float | None:
-        """Seconds until every queued and running job is done, from this batch's own finished jobs."""
+    def eta_s(self, counts: dict[str, int] | None = None) -> float | None:
+        """Seconds until every queued and running job is done, from this batch's own finished jobs (`counts`: the
+        batch's counts when the caller has them)."""
         if not self.job_times:
             return None
-        counts = self.counts()
+        counts = counts or self.counts()
         left = counts["queued"] + counts["running"]
         return mean(self.job_times) * left / max(1, sum(1 for slot in self.slots if slot.worker.lost is None))
 
@@ -622,7 +624,7 @@ def folder_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
         f"wait for it, look at it with `itk batch --status {folder}`, or use another --out", EXIT_BAD_INPUT))
 
 
-def prepare(jobs_file: Path, *, out: Path, preset: str | None) -> list[BatchJob]:
+def prepare(jobs_file: Path, *, preset: str | None) -> list[BatchJob]:
     """The job file read and checked as a whole (UserError listing every bad line), and the preset name."""
     from itk.presets import resolve_preset
 
@@ -638,7 +640,7 @@ def run_batch(jobs_file: Path, *, out: Path, gpus: str | None = None, preset: st
     on every GPU of a Ray cluster; returns when all have ended, or after a Ctrl-C (a second one stops at once).
     `evaluate`: each finished video's `itk eval` beside it. Prints nothing."""
     out = out.absolute()
-    jobs = prepare(jobs_file, out=out, preset=preset)
+    jobs = prepare(jobs_file, preset=preset)
     placement = Placement.choose(gpus=gpus, ray=ray)
     with folder_lock(out):
         store = JobStore.open(out)
@@ -659,7 +661,7 @@ def run_batch(jobs_file: Path, *, out: Path, gpus: str | None = None, preset: st
 def drive(batch: Batch) -> bool:
     """Start a slot per worker and wait for them; Ctrl-C (or SIGTERM/SIGHUP) stops cleanly, a second one at once.
     Returns whether it was stopped."""
-    previous = trap_stops()
+    previous = trap_stops(signal.default_int_handler)  # SIGTERM and SIGHUP unwind like Ctrl-C
     interrupted = False
     try:
         batch.start()
@@ -690,22 +692,6 @@ def wait_for(slots: list[WorkerSlot]) -> None:
     for slot in slots:
         while not slot.ended.wait(0.2):
             pass
-
-
-def trap_stops() -> dict[int, Any]:
-    """SIGTERM and SIGHUP to the batch unwind like Ctrl-C (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    return {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-
-
-def restore(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
 
 
 def batch_status(folder: Path) -> list[JobRecord]:

@@ -7,6 +7,7 @@ Result modules are imported where used, so `itk --help` stays light.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -327,9 +328,10 @@ def batch_board(batch: Any) -> Any:
                  if view.steps else escape(stage_words(view.stage)))
         restarts = f" (restarted {view.restarts}x)" if view.restarts else ""
         table.add_row(f"[bold]{view.label}[/]{restarts}", escape(view.job or "-"), where)
-    eta = batch.eta_s()
-    note = "" if eta is not None or not batch.counts()["queued"] else " · ETA after the first job"
-    return Group(f"[bold]batch[/] {escape(str(batch.folder))}: {batch_headline(batch.counts(), eta)}{note}", table)
+    counts = batch.counts()
+    eta = batch.eta_s(counts)
+    note = "" if eta is not None or not counts["queued"] else " · ETA after the first job"
+    return Group(f"[bold]batch[/] {escape(str(batch.folder))}: {batch_headline(counts, eta)}{note}", table)
 
 
 def job_line(job: Any) -> str:
@@ -377,26 +379,18 @@ def show_batch(jobs_file: str, *, out_dir: str | None, gpus: str | None, preset:
     seen: dict[str, str] = {}
 
     def report(batch: Any) -> None:
+        """Outside a terminal: a line per job as it ends (the jobs already ended when the batch started are not
+        said again)."""
         for job in batch.store.jobs(names=batch.jobs):
-            if seen.get(job.name) != job.state and job.state in ("done", "failed", "cancelled"):
-                if job.name in seen and not out.is_terminal:
-                    say(job_line(job), out)
+            if seen.get(job.name) != job.state and job.state in ("done", "failed", "cancelled") and job.name in seen:
+                say(job_line(job), out)
             seen[job.name] = job.state
 
-    if out.is_terminal:
-        live = Live(console=out, refresh_per_second=4, transient=True)
-
-        def on_change(batch: Any) -> None:
-            live.update(batch_board(batch))
-            report(batch)
-
-        with live:
-            result = run_batch(Path(jobs_file), out=folder, gpus=gpus, preset=preset,
-                               weights_dir=Path(weights_dir) if weights_dir else None, on_change=on_change, ray=ray,
-                               evaluate=evaluate)
-    else:
+    live = Live(console=out, refresh_per_second=4, transient=True) if out.is_terminal else None
+    on_change = (lambda batch: live.update(batch_board(batch))) if live is not None else report
+    with live if live is not None else contextlib.nullcontext():
         result = run_batch(Path(jobs_file), out=folder, gpus=gpus, preset=preset,
-                           weights_dir=Path(weights_dir) if weights_dir else None, on_change=report, ray=ray,
+                           weights_dir=Path(weights_dir) if weights_dir else None, on_change=on_change, ray=ray,
                            evaluate=evaluate)
     if as_json:
         print_json(result.to_json())

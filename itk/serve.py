@@ -26,6 +26,7 @@ import errno
 import json
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -47,8 +48,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from itk import __version__
-from itk.batch import Batch, Placement, folder_lock, recover_finished, restore, trap_stops, wind_down
+from itk.batch import Batch, Placement, folder_lock, recover_finished, wind_down
 from itk.jobfile import OFFICIAL_KEYS, BatchJob, parse_line
+from itk.run import run_folder
 from itk.runtime.protocol import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -57,9 +59,12 @@ from itk.runtime.protocol import (
     VIDEO_EXTENSIONS,
     BadInput,
     UserError,
+    resume_folder,
 )
 from itk.spec import DEFAULT_PROMPT
 from itk.store import STATES, JobRecord, JobStore
+from itk.supervisor import restore, trap_stops
+from itk.ui_jobs import hide_paths
 
 DEFAULT_PORT = 8419
 MAX_UPLOAD_MB = 200  # per uploaded file
@@ -474,19 +479,17 @@ class Service:
         if self.batch.busy_with(name) or not self.store.delete(name):
             raise ApiError(409, f"job {name} is still being stopped", f"DELETE /v1/videos/{name} again in a moment",
                            exit_code=EXIT_FAILED)
-        folder = self.batch.folder
-        for path in (folder / f"{name}.inputs", folder / f"{name}.run", folder / f"{name}.mp4.itk-resume"):
+        video = self.batch.folder / f"{name}.mp4"
+        for path in (self.batch.folder / f"{name}.inputs", run_folder(video), resume_folder(video)):
             shutil.rmtree(path, ignore_errors=True)
-        (folder / f"{name}.mp4").unlink(missing_ok=True)
+        video.unlink(missing_ok=True)
         return {"id": name, "deleted": True}
 
 
 def explained(error: UserError, words: dict[Path, str]) -> UserError:
     """The error naming uploads by their role ("the uploaded image"), not by the server's path of them."""
-    message, fix = error.message, error.fix
-    for path, word in words.items():
-        message, fix = message.replace(str(path), word), fix.replace(str(path), word)
-    return UserError(message, fix, error.exit_code)
+    names = {str(path): word for path, word in words.items()}
+    return UserError(hide_paths(error.message, names, {}), hide_paths(error.fix, names, {}), error.exit_code)
 
 
 # --- the HTTP layer ----------------------------------------------------------------------------------------
@@ -651,7 +654,7 @@ def run_http(batch: Batch, *, app: FastAPI, sock: socket.socket, announce: Calla
         finally:
             served.set()
 
-    previous = trap_stops()
+    previous = trap_stops(signal.default_int_handler)  # SIGTERM and SIGHUP unwind like Ctrl-C
     try:
         batch.start()
         threading.Thread(target=http, name="itk-serve-http", daemon=True).start()

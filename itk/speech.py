@@ -54,15 +54,6 @@ def check_text(speech: SpeechText) -> int:
     return len(parse_script(speech.text).speakers)
 
 
-def tts_folders(weights_dir: Path):
-    """Kokoro's and the G2P pipeline's folders under the weights folder (the manifest's local folders)."""
-    from itk.runtime.manifest import load_manifest
-    from itk.runtime.tts import TtsFolders
-
-    repos = load_manifest().repos
-    return TtsFolders(kokoro=weights_dir / repos["kokoro"].local_dir, g2p=weights_dir / repos["spacy-en"].local_dir)
-
-
 def speech_files(video: Path, speakers: int) -> list[Path]:
     stem = video.with_suffix("")
     if speakers == 1:
@@ -75,7 +66,7 @@ def speak(speech: SpeechText, *, video: Path, weights_dir: Path) -> dict[str, Pa
     text, voices and speed). UserError with the install or fetch command when text-to-speech cannot run here."""
     from itk.runtime.atomic import atomic_write_text
     from itk.runtime.speech_script import parse_script
-    from itk.runtime.tts import DEFAULT_VOICES, load_tts, problem, write_wav
+    from itk.runtime.tts import DEFAULT_VOICES, TtsFolders, load_tts, problem, write_wav
 
     script = parse_script(speech.text)
     files = speech_files(video, len(script.speakers))
@@ -86,7 +77,7 @@ def speak(speech: SpeechText, *, video: Path, weights_dir: Path) -> dict[str, Pa
                 return dict(zip(("person1", "person2"), files, strict=False))
         except (OSError, ValueError):
             pass
-    folders = tts_folders(weights_dir)
+    folders = TtsFolders.under(weights_dir)
     if (why := problem(folders)) is not None:
         raise why
     voices = {1: speech.voice or DEFAULT_VOICES[0], 2: speech.voice2 or DEFAULT_VOICES[1]}

@@ -163,11 +163,13 @@ class JobStore:
         return found[0] if found else None
 
     def counts(self, names: Iterable[str] | None = None) -> dict[str, int]:
-        """Jobs per state (every state present, 0 when none)."""
-        counted = dict.fromkeys(STATES, 0)
-        for job in self.jobs(names=names):
-            counted[job.state] += 1
-        return counted
+        """Jobs per state (every state present, 0 when none), counted by the database."""
+        names = None if names is None else list(names)
+        where = "" if names is None else f"WHERE name IN ({', '.join('?' * len(names))})"
+        with self._lock:
+            rows = self._db.execute(f"SELECT state, COUNT(*) FROM jobs {where} GROUP BY state",
+                                    tuple(names or ())).fetchall()
+        return {**dict.fromkeys(STATES, 0), **dict(rows)}
 
     # --- writing ------------------------------------------------------------------------------------------
     def add(self, name: str, spec: Mapping[str, Any], fingerprint: str, position: int | None = None) -> str:

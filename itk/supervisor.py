@@ -77,6 +77,23 @@ class _Stop(Exception):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stop()
+
+
+def trap_stops(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """SIGTERM and SIGHUP go to `handler`; returns the previous handlers for `restore`. Only the main thread can
+    set signal handlers: elsewhere (a web page's worker thread) the process keeps its own handling."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def restore(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 DESCENDANTS_EVERY_S = 1.0
 
 
@@ -270,7 +287,7 @@ class Supervisor:
         events: list[dict[str, Any]] = []
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         interrupted = False
-        previous = self._trap_stops()
+        previous = trap_stops(_raise_stop)
         leader_gone = 0.0
         try:
             while True:
@@ -300,7 +317,7 @@ class Supervisor:
             interrupted = True
             self.stop_group(signal.SIGINT)
         finally:
-            self._restore(previous)
+            restore(previous)
         self.stop_group(signal.SIGTERM)  # no-op when the group is already gone
         reader.join(timeout=5)
         while not lines.empty():
@@ -312,19 +329,3 @@ class Supervisor:
         returncode = self.proc.wait()
         return Outcome(returncode, interrupted, time.monotonic() - start, self.log_path, events, list(tail))
 
-    @staticmethod
-    def _trap_stops() -> dict[int, Any]:
-        """SIGTERM and SIGHUP raise _Stop in the main thread (signal handlers can only be set there; a web
-        page's worker thread keeps the process's own handling)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def raise_stop(signum: int, frame: Any) -> None:
-            raise _Stop()
-
-        return {sig: signal.signal(sig, raise_stop) for sig in STOP_SIGNALS}
-
-    @staticmethod
-    def _restore(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

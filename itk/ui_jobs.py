@@ -260,10 +260,9 @@ def multi_speaker(weights_dir: Path) -> tuple[bool, str]:
 def speech_from_text(weights_dir: Path) -> tuple[list[str], UserError | None]:
     """The Kokoro voices in the weights folder, and why speech cannot be made from text here (None: it can); the
     reason names files inside the weights folder relative to it."""
-    from itk.runtime.tts import list_voices, problem
-    from itk.speech import tts_folders
+    from itk.runtime.tts import TtsFolders, list_voices, problem
 
-    folders = tts_folders(weights_dir)
+    folders = TtsFolders.under(weights_dir)
     why = problem(folders)
     if why is not None:
         why = UserError(hide_paths(why.message, {}, {weights_dir: "the weights folder"}), why.fix, why.exit_code)

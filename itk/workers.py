@@ -34,7 +34,9 @@ def worker_log(folder: Path, label: str) -> Path:
 
 def job_log(folder: Path, job: str) -> Path:
     """The log of job `job`'s lines: the generator's log in its run folder (as itk.run.Plan.log_path)."""
-    return folder / f"{job}.run" / "generate.log"
+    from itk.run import run_folder
+
+    return run_folder(folder / f"{job}.mp4") / "generate.log"
 
 
 class Worker(Protocol):

@@ -20,7 +20,6 @@ Torch-free at import: the toolkit may call `remove_state` and `restart_fix`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator, Mapping
@@ -32,6 +31,7 @@ import numpy as np
 
 from itk.runtime.atomic import atomic_write, atomic_write_text
 from itk.runtime.protocol import FPS, RESUME_STATE, BadInput, resume_folder
+from itk.runtime.verify import file_digest
 
 if TYPE_CHECKING:
     from itk.runtime.configs import ModelConfig
@@ -162,7 +162,7 @@ class ResumeState:
             path = self.folder / name
             if path.is_symlink() or not path.is_file():
                 raise damaged(self.folder, name, "is missing" if not path.exists() else "is not a plain file")
-            if sha256(path) != digest:
+            if file_digest(path, "sha256") != digest:
                 raise damaged(self.folder, name, "changed since it was saved (its SHA-256 differs)")
 
     @property
@@ -208,7 +208,7 @@ class ResumeState:
         atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp)), suffix=".safetensors")
         old = self.carry_file
         self.hashes.pop(old, None)
-        self.hashes.update({segment: sha256(self.folder / segment), name: sha256(self.folder / name)})
+        self.hashes.update({part: file_digest(self.folder / part, "sha256") for part in (segment, name)})
         self.done, self.frames, self.carry_file = carry.clip, carry.frames, name
         atomic_write_text(self.folder / RESUME_STATE, json.dumps(self._record(), indent=1) + "\n")
         if old and old != name:
@@ -225,14 +225,6 @@ class ResumeState:
 
 def _carry_name(clip: int) -> str:
     return f"carry-{clip:05d}.safetensors"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def restart_fix(folder: Path) -> str:

@@ -66,6 +66,14 @@ class TtsFolders:
     kokoro: Path  # hexgrad/Kokoro-82M's layout
     g2p: Path  # a spaCy English pipeline (spacy/en_core_web_sm's layout)
 
+    @classmethod
+    def under(cls, weights_dir: Path) -> TtsFolders:
+        """Kokoro's and the G2P pipeline's folders under the weights folder (the manifest's local folders)."""
+        from itk.runtime.manifest import load_manifest
+
+        repos = load_manifest().repos
+        return cls(kokoro=weights_dir / repos["kokoro"].local_dir, g2p=weights_dir / repos["spacy-en"].local_dir)
+
     def missing_files(self) -> list[Path]:
         wanted = [self.kokoro / CONFIG_FILE, self.kokoro / model_file(), *(self.g2p / f for f in G2P_FILES)]
         return [p for p in wanted if not p.is_file()]
