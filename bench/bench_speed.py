@@ -15,7 +15,8 @@ Sections, each written to --out as soon as it is measured (a failure later loses
   float32 and bf16 (time, peak memory, bf16 error vs float32), colour correction of 81 frames on the CPU
   (scikit-image) vs the GPU (match_colors_torch), CLIP on one reference frame.
 - rtx4090_model: each measured op scaled by the RTX 4090's published peaks, giving a step time for the
-  rtx4090-24g preset next to the guide's ~70 s, and what the model leaves out.
+  rtx4090-24g preset next to the guide's ~70 s and for the 4-step rtx4090-24g-fast, whether FP8 fast
+  accumulation changes anything on Ada, and what the model leaves out.
 
 Run on the device:  python bench/bench_speed.py --out $OUT/speed-h200.json   (about 5 minutes on an H200)
 """
@@ -39,13 +40,34 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 SHAPES = {"480p": (21, 40, 40), "720p": (21, 60, 60)}  # latent frames x token rows x token columns
 HEADS, HEAD_DIM, DIM = 40, 128, 5120
-PASSES, BLOCKS = 3, 40
+BLOCKS = 40
 FP8_DIT_GB = 19.5  # the official FP8 DiT file: what a budget-0 pass streams over PCIe
-# RTX 4090 (AD102) published peaks: dense tensor throughput with fp32 accumulation, GDDR6X bandwidth, and
-# what a PCIe 4.0 x16 link moves in practice from pinned memory.
+# RTX 4090 (AD102) published peaks: dense tensor throughput with FP32 accumulation, GDDR6X bandwidth, and
+# what a PCIe 4.0 x16 link moves in practice from pinned memory. FP32 accumulation because every matmul here
+# accumulates in FP32 (see FAST_ACCUM_ON_ADA); on GeForce Ada that is half the FP16-accumulate rate (FP8 660.6,
+# FP16 330.3 dense TFLOPS), which nothing here uses.
 RTX4090 = {"bf16_tflops": 165.2, "fp8_tflops": 330.3, "int8_tops": 660.6, "fp32_tflops": 82.6,
            "memory_gbps": 1008.0, "pcie_gbps": 25.0}
+RTX4090_PEAKS_SOURCE = (
+    "NVIDIA Ada GPU architecture whitepaper (images.nvidia.com/aem-dam/Solutions/geforce/ada/"
+    "nvidia-ada-gpu-architecture.pdf), GeForce RTX 4090 column: peak FP8 tensor 330.3 dense TFLOPS with FP32 "
+    "accumulate (660.6 with FP16 accumulate), BF16 165.2 (FP32 accumulate only); NVIDIA forum thread 294400 "
+    "('Fp8/fp16 accumulation on ada RTX 4090'): FP32 accumulation is half rate on GeForce, and cublasLtMatmul's "
+    "FP8 path refuses CUBLAS_COMPUTE_16F (status 15, not supported)")
+FAST_ACCUM_ON_ADA = (
+    "It applies, but not to the tensor-core rate. On Ada, torch._scaled_mm with row-wise scales (the runtime's "
+    "FP8 linears) does not reach cuBLASLt, whose row-wise scaling needs cuBLAS 12.9 and compute capability 9.0+ "
+    "(pytorch aten/src/ATen/native/cuda/ScaledBlas.cpp); it runs torch's CUTLASS kernel "
+    "f8f8bf16_rowwise_impl_sm89 (RowwiseScaledMM.cu), where use_fast_accum picks OpMultiplyAddFastAccum instead "
+    "of OpMultiplyAdd. Both issue mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32, an FP32 accumulator "
+    "(cutlass include/cutlass/arch/mma_sm89.h); OpMultiplyAdd only adds CUTLASS's staged accumulation (each "
+    "main-loop iteration into freshly cleared accumulators, then added to the running ones: is_sm89_staged_policy_v), "
+    "which fast accumulation drops. cuBLASLt's CUBLASLT_MATMUL_DESC_FAST_ACCUM likewise only stops the periodic "
+    "promotion of intermediate results to higher precision (cuBLAS docs). So the 4090's FP8 peak is the "
+    "FP32-accumulate 330.3 TFLOPS with or without it, and what dropping the staged accumulation saves on Ada is "
+    "not measured.")
 GUIDE_4090_STEP_S = 70.0
+ADA_PRESETS = ("rtx4090-24g", "rtx4090-24g-fast")  # the model's step times: the guide's preset, the 4-step one
 SAGE_OVER_FA2_ON_4090 = 2.0  # SageAttention 1's published speed-up over FlashAttention-2 on a 4090
 
 
@@ -426,9 +448,42 @@ def clip_section(result: dict, save) -> None:
     save()
 
 
-def rtx4090_model(result: dict, kernels: dict | None = None, source: str = "compiled block kernels") -> dict:
+def ada_block_kernels(fusion: dict, result: dict, name: str) -> tuple[dict, float | None, str]:
+    """A bench_fusion.py result's 'current' block as the 4090 model takes it: GPU ms by kernel kind, the H200's
+    FP8 matmul ms with fast accumulation where the file also has the block without it (else None), and where
+    each part came from. The FP8 matmuls are the 'without_fast_accum' variant's where there is one: exact
+    accumulation, as peaks() measured the FP8 rate they are scaled by (FAST_ACCUM_ON_ADA says why Hopper's gain
+    is not carried over). A block run with another attention than SDPA (FA4: Hopper and Blackwell only) takes
+    its attention from --out's own compiled SDPA block, the H200 time the model turns into Ada's kernels."""
+    variants = fusion["variants"]
+    kernels = dict(variants["current"]["kernels"]["ms"])
+    parts = [f"compiled block kernels of {name} ('current')"]
+    fast_matmul = None
+    if "without_fast_accum" in variants:
+        fast_matmul = kernels["matmul"]
+        kernels["matmul"] = variants["without_fast_accum"]["kernels"]["ms"]["matmul"]
+        parts.append("its FP8 matmuls from the 'without_fast_accum' variant (exact accumulation, as the FP8 peak "
+                     "they are scaled by was measured)")
+    attention = fusion.get("attention", "sdpa")
+    if attention != "sdpa":
+        sdpa = result["block"].get("compiled_kernels", {}).get("ms", {}).get("attention")
+        if sdpa is None:
+            raise SystemExit(f"{name} ran {attention} attention and --out has no compiled SDPA block to take "
+                             "the attention from: run bench_speed.py --only block first")
+        kernels["attention"] = sdpa
+        parts.append(f"its attention ({attention}, not on Ada) replaced by the compiled SDPA (cuDNN) block's "
+                     f"{sdpa} ms of this file's block section")
+    return kernels, fast_matmul, "; ".join(parts)
+
+
+def rtx4090_model(result: dict, kernels: dict | None = None, source: str = "compiled block kernels",
+                  fast_accum_matmul_ms: float | None = None) -> dict:
     """Scale each measured H200 op by the 4090/H200 ratio of the unit that bounds it (`kernels`: a compiled
-    block's GPU ms by kind, default this run's)."""
+    block's GPU ms by kind, default this run's), for the step of each preset in ADA_PRESETS.
+    `fast_accum_matmul_ms`: the H200's FP8 matmul ms with fast accumulation when kernels' are without it, to say
+    what carrying that gain over to Ada would change."""
+    from itk.presets import get_preset
+
     p = result["peaks"]
     kernels = kernels or result["block"].get("compiled_kernels", {}).get("ms")
     if kernels:  # the compiled block as the runtime runs it, by kernel kind
@@ -439,27 +494,57 @@ def rtx4090_model(result: dict, kernels: dict | None = None, source: str = "comp
         linear_h200 = blk.get("fp8_linears", 0.0)
         attn_h200 = sum(v for k, v in blk.items() if k.startswith("attention."))
         rest_h200 = sum(v for k, v in blk.items() if k == "norms" or k == "rope" or k.startswith("other"))
-    linear = linear_h200 * p["fp8_rowwise_tflops"] / RTX4090["fp8_tflops"]
+    fp8_ratio = p["fp8_rowwise_tflops"] / RTX4090["fp8_tflops"]
+    linear = linear_h200 * fp8_ratio
     attn_bf16 = attn_h200 * p["bf16_tflops"] / RTX4090["bf16_tflops"]
+    attentions = {"bf16_attention": attn_bf16, "sage_attention": attn_bf16 / SAGE_OVER_FA2_ON_4090}
     rest = rest_h200 * p["copy_gbps"] / RTX4090["memory_gbps"]
     stream_s = FP8_DIT_GB / RTX4090["pcie_gbps"]
+
+    def compute_pass_s(linear_ms: float, attn_ms: float) -> float:
+        return BLOCKS * (linear_ms + attn_ms + rest) / 1000
+
+    def step(passes: int, compute_pass: float) -> dict:
+        return {"passes_per_step": passes,
+                "step_s_streaming_overlapped": round(passes * max(compute_pass, stream_s), 1),
+                "step_s_streaming_serial": round(passes * (compute_pass + stream_s), 1)}
+
+    base, fast = (get_preset(name) for name in ADA_PRESETS)
     model = {"source": source if kernels else "eager block ops",
              "per_block_ms": {"fp8_linears": round(linear, 1), "attention_bf16_fa2_class": round(attn_bf16, 1),
-                              "attention_8bit_sage": round(attn_bf16 / SAGE_OVER_FA2_ON_4090, 1),
+                              "attention_8bit_sage": round(attentions["sage_attention"], 1),
                               "memory_bound_rest": round(rest, 1)}}
-    for name, attn in (("bf16_attention", attn_bf16), ("sage_attention", attn_bf16 / SAGE_OVER_FA2_ON_4090)):
-        compute_pass = BLOCKS * (linear + attn + rest) / 1000
+    for name, attn in attentions.items():  # the rtx4090-24g preset's step
+        compute_pass = compute_pass_s(linear, attn)
         model[name] = {"compute_per_pass_s": round(compute_pass, 2), "stream_per_pass_s": round(stream_s, 2),
-                       "step_s_streaming_overlapped": round(PASSES * max(compute_pass, stream_s), 1),
-                       "step_s_streaming_serial": round(PASSES * (compute_pass + stream_s), 1)}
+                       **step(base.passes, compute_pass)}
+    model["fast_preset"] = {
+        "preset": fast.name, "steps": fast.steps,
+        "note": f"the same passes as {base.name}, {fast.passes} per step instead of {base.passes} (text guidance 1 "
+                "drops the text pass); its LoRA is merged into the FP8 weights, so a pass costs the same "
+                "(bench/results/lora-h200.json)",
+        **{name: step(fast.passes, compute_pass_s(linear, attn)) for name, attn in attentions.items()}}
     model["guide_official_step_s"] = GUIDE_4090_STEP_S
+    model["rtx4090_peaks"] = {**RTX4090, "source": RTX4090_PEAKS_SOURCE}
+    fast_accum = FAST_ACCUM_ON_ADA
+    if fast_accum_matmul_ms is not None:
+        carried = fast_accum_matmul_ms * fp8_ratio
+        carried_step = step(base.passes, compute_pass_s(carried, attentions["sage_attention"]))
+        fast_accum += (f" The model takes the H200's FP8 matmuls without it ({linear_h200} ms per block; Hopper's "
+                       f"gain is its skipped promotion, a different cost). Carried over ({fast_accum_matmul_ms} "
+                       f"ms with it), the linears would be {carried:.1f} ms per block instead of {linear:.1f}, and "
+                       f"a {base.name} step {carried_step['step_s_streaming_overlapped']} s with SageAttention "
+                       f"instead of {model['sage_attention']['step_s_streaming_overlapped']}.")
+    model["fast_accum_on_ada"] = fast_accum
     model["leaves_out"] = (
         "the 4090's sustained clocks under its 450 W limit (peaks assume boost; the H200's own ops were measured "
         "at its 700 W cap, ~1575 of 1980 MHz, so its efficiency against peak is understated), kernel efficiency on "
         "Ada (the H200's measured efficiency is carried over unchanged), the smaller L2 and SM count, launch overhead, "
         "host RAM too small to pin 19.5 GB (a pageable ring is slower), torch.compile fusion differences, the "
         "embedding and head outside the blocks (<1%), and everything outside the DiT (VAE, CLIP, colour, T5). "
-        "SageAttention's factor is the published 4090 speed-up, not measured here.")
+        "SageAttention's factor is the published 4090 speed-up, not measured here; what fast accumulation saves "
+        "on Ada is not measured either (fast_accum_on_ada). The FP8 and BF16 peaks are the FP32-accumulate ones "
+        "(rtx4090_peaks).")
     return model
 
 
@@ -476,8 +561,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if opts.rtx4090_from:
         result = json.loads(out.read_text())
-        kernels = json.loads(Path(opts.rtx4090_from).read_text())["variants"]["current"]["kernels"]["ms"]
-        result["rtx4090_model"] = rtx4090_model(result, kernels, f"compiled block kernels of {opts.rtx4090_from}")
+        fusion = json.loads(Path(opts.rtx4090_from).read_text())
+        kernels, fast_matmul, source = ada_block_kernels(fusion, result, opts.rtx4090_from)
+        result["rtx4090_model"] = rtx4090_model(result, kernels, source, fast_matmul)
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["rtx4090_model"], indent=2))
         return
