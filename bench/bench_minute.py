@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", default=None, help="where to keep this run's mp4 (default: the scratch folder)")
     parser.add_argument("--note", default="", help="what this run is (kept in the JSON)")
     parser.add_argument("--tiny", action="store_true", help="tiny weights instead of full-size files (CPU check)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the weights and the preset's LoRA files into --dir, then stop (a device call "
+                             "with time to spare prepares the next one's run)")
     opts = parser.parse_args(argv)
     require_attention(opts.attention)
     from itk.presets import get_preset
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         result["weights_written_s"] = round(time.monotonic() - started, 1)
     if preset.loras and not opts.tiny:
         result["loras_written"] = whole.write_loras(folder / "weights", preset.name)
+    if opts.prepare_only:
+        print(json.dumps(result, indent=2))
+        return 0
     job = whole.write_inputs(folder / "inputs", opts.speech_s)
     stem = folder / "out" / "talk"
     argv_run = whole.preset_command(folder / "weights", job, stem, preset.name, steps)
@@ -140,7 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(old)
         else:
             old.unlink()
-    run = whole.run_generator(argv_run, out.with_suffix(".log"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def so_far(events: list[dict[str, Any]]) -> None:
+        """After each clip, the clips so far (`partial`: a run cut off by a time limit still leaves its numbers)."""
+        if events[-1]["event"] == "clip":
+            atomic_write_text(out, json.dumps({**result, "partial": True, **clip_times(events)}, indent=2) + "\n")
+
+    run = whole.run_generator(argv_run, out.with_suffix(".log"), on_event=so_far)
     events = run["events"]
     start = next((e for e in events if e.get("stage") == "generate"), {})
     peaks = [e["gpu_peak_gb"] for e in events if e.get("gpu_peak_gb") is not None]
@@ -154,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     if opts.compare_to and video.is_file():
         result["frames_against"] = frame_difference(video, Path(opts.compare_to))
     result["events"] = events
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "events"}, indent=2))
     if opts.attention != "auto" and start.get("attention") not in (None, opts.attention):

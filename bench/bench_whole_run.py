@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,10 @@ class Sampler(threading.Thread):
             return None
 
 
-def run_generator(argv: list[str], log: Path) -> dict[str, Any]:
-    """Start the generator, record each event with the bench's own clock, poll memory; the full log is kept."""
+def run_generator(argv: list[str], log: Path,
+                  on_event: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Start the generator, record each event with the bench's own clock, poll memory; the full log is kept.
+    `on_event` sees the events so far after each one (a bench that may be cut off writes as it goes)."""
     from itk.run import child_env
     from itk.runtime.protocol import parse_event
 
@@ -208,6 +211,8 @@ def run_generator(argv: list[str], log: Path) -> dict[str, Any]:
             event = parse_event(line)
             if event:
                 events.append({**event, "t": round(time.monotonic() - started, 3)})
+                if on_event:
+                    on_event(events)
     code = proc.wait()
     sampler.stopped.set()
     sampler.join()
