@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -37,6 +38,7 @@ import bench_whole_run as whole  # noqa: E402 - beside this file
 from kernel_request import require_attention
 
 from itk.runtime.atomic import atomic_write_text
+from itk.runtime.protocol import FPS
 
 PRESET, SPEECH_S = "rtx4090-24g-fast", 60.0
 TARGETS = {"median_clip_s": 17.0, "wall_s": 390.0}  # per clip (clips 2..N) and the whole minute, 6.5 min
@@ -79,8 +81,8 @@ def frame_difference(video: Path, other: Path) -> dict[str, Any]:
 
 
 def verdicts(measured: dict[str, Any]) -> dict[str, Any]:
-    """Each target against the run; the whole-video target only for a run of at least a minute of speech."""
-    judged = {k: v for k, v in TARGETS.items() if k != "wall_s" or measured.get("speech_s", 0) >= SPEECH_S}
+    """Each target against the run; the whole-video target only for a run that made at least a minute of video."""
+    judged = {k: v for k, v in TARGETS.items() if k != "wall_s" or (measured.get("video_s") or 0) >= SPEECH_S}
     return {k: {"target": f"<= {v}", "measured": measured.get(k),
                 "met": None if measured.get(k) is None else measured[k] <= v} for k, v in judged.items()}
 
@@ -135,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     job = whole.write_inputs(folder / "inputs", opts.speech_s)
     stem = folder / "out" / "talk"
-    argv_run = whole.preset_command(folder / "weights", job, stem, preset.name, steps)
+    # The official default max_frame_num (1000 frames) would stop a minute of speech at 40 s (itk run warns
+    # and names this flag): the bench asks for every frame of the speech, as that warning says to.
+    max_frames = math.ceil(opts.speech_s * FPS)
+    argv_run = [*whole.preset_command(folder / "weights", job, stem, preset.name, steps),
+                "--max_frame_num", str(max_frames)]
     result["command"] = " ".join(map(str, argv_run))
     os.environ["ITK_ATTENTION"] = opts.attention
     if opts.generator_path:
