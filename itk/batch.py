@@ -29,7 +29,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -464,7 +464,7 @@ class WorkerSlot:
                     if seconds is None:
                         store.fail(name, f"the generator said done but {video} is not a readable video",
                                    "run the job again; if it repeats, report it with its log", EXIT_FAILED)
-                    elif store.finish(name, video, seconds, note=finish_note(record, events)):
+                    elif store.finish(name, video, seconds, note=finish_note(record, events, plan.media.warnings)):
                         self.batch.job_times.append(time.monotonic() - started)
                         if self.batch.evaluate:
                             self.batch.write_eval(name, video, plan)
@@ -577,12 +577,14 @@ def resume_note(events: list[dict[str, Any]]) -> str | None:
     return f"resumed at clip {resumed.get('from_clip')}" if resumed else None
 
 
-def finish_note(record: JobRecord, events: list[dict[str, Any]]) -> str | None:
-    """A done job's note: where it resumed, after why, when its last attempt was given back by a lost node."""
+def finish_note(record: JobRecord, events: list[dict[str, Any]], warnings: Sequence[str] = ()) -> str | None:
+    """A done job's note: where it resumed, after why, when its last attempt was given back by a lost node; then
+    what `itk run` would have warned about its inputs (a video stopped before its speech ends at max_frame_num,
+    colours that may drift in a long video), which a batch has no terminal to print."""
     resumed = resume_note(events)
     if record.note and record.note.startswith(LOST):
-        return f"{record.note}; {resumed or 'made from clip 1'}"
-    return resumed
+        resumed = f"{record.note}; {resumed or 'made from clip 1'}"
+    return "; ".join(part for part in (resumed, *warnings) if part) or None
 
 
 def written_seconds(video: Path, wait_s: float) -> float | None:

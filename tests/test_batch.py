@@ -68,6 +68,8 @@ def stray_processes(marker: str, since: float = 0.0) -> list[str]:
 
 
 def test_good_jobs_are_made_and_bad_ones_fail_alone_with_their_fix(tmp_path, tiny, media):
+    """...and a job whose video stops before its speech ends (max_frame_num) is made with `itk run`'s warning in
+    its note: a batch has no terminal to print it."""
     face, speech = media
     silent = tmp_path / "silent.wav"
     soundfile.write(silent, np.zeros(16000, dtype=np.float32), 16000)
@@ -76,6 +78,7 @@ def test_good_jobs_are_made_and_bad_ones_fail_alone_with_their_fix(tmp_path, tin
         line(tmp_path / "nobody.png", speech, output="missing.mp4"),
         line(face, silent, output="silent.mp4"),
         line(face, speech, output="two.mp4", seed=4),
+        line(face, speech, output="capped.mp4", settings={**SETTINGS, "max_frame_num": 13}),
     ])
     proc = subprocess.run(batch_argv(jobs, tmp_path / "out", tiny, "--json"), capture_output=True, text=True,
                           timeout=600)
@@ -83,21 +86,24 @@ def test_good_jobs_are_made_and_bad_ones_fail_alone_with_their_fix(tmp_path, tin
     result = json.loads(proc.stdout)
     states = {job["name"]: job for job in result["jobs"]}
     assert {n: j["state"] for n, j in states.items()} == {"one": "done", "missing": "failed", "silent": "failed",
-                                                          "two": "done"}
+                                                          "two": "done", "capped": "done"}
+    assert "stops at max_frame_num 13 frames" in states["capped"]["note"], states["capped"]
+    assert "--set max_frame_num=21" in states["capped"]["note"] and states["one"]["note"] is None
+    assert frames_and_seconds(tmp_path / "out" / "capped.mp4")[0] == 13
     assert "does not exist" in states["missing"]["error"] and states["missing"]["fix"]
     assert "silent" in states["silent"]["error"] and states["silent"]["exit_code"] == 2
     for name in ("one", "two"):
         frames, seconds = frames_and_seconds(tmp_path / "out" / f"{name}.mp4")
         assert frames == round(SPEECH_S * 25) and seconds == pytest.approx(SPEECH_S, abs=0.1)
         assert (tmp_path / "out" / f"{name}.run" / "generate.log").is_file()
-    assert result["counts"] == {"done": 2, "failed": 2, "queued": 0, "running": 0, "cancelled": 0}
+    assert result["counts"] == {"done": 3, "failed": 2, "queued": 0, "running": 0, "cancelled": 0}
     status = itk("batch", "--status", str(tmp_path / "out"), "--json")
     assert status.returncode == 0 and [j["state"] for j in json.loads(status.stdout)["jobs"]] == [
-        "done", "failed", "failed", "done"]
+        "done", "failed", "failed", "done", "done"]
     again = subprocess.run(batch_argv(jobs, tmp_path / "out", tiny, "--json"), capture_output=True, text=True,
                            timeout=600)  # the done jobs are skipped; the failed ones are tried again
     assert {j["name"]: j["attempts"] for j in json.loads(again.stdout)["jobs"]} == {
-        "one": 1, "missing": 2, "silent": 2, "two": 1}
+        "one": 1, "missing": 2, "silent": 2, "two": 1, "capped": 1}
 
 
 def test_a_warm_workers_video_is_bit_identical_to_a_fresh_itk_run_of_the_same_job(tmp_path, tiny, media):
