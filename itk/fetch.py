@@ -20,8 +20,8 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,24 +379,13 @@ class ByteCounter:
         self.on_bytes(n)
 
 
-@contextmanager
-def fetch_lock(weights_dir: Path) -> Iterator[None]:
-    """One `itk fetch` per weights folder: it makes removing a killed run's *.incomplete files safe.
-    filelock is huggingface_hub's own lock library (an OS lock, released when a killed process dies)."""
-    from filelock import FileLock, Timeout
+def fetch_lock(weights_dir: Path) -> AbstractContextManager[None]:
+    """One `itk fetch` per weights folder, naming its holder's pid (itk.locking): it makes removing a killed run's
+    *.incomplete files safe."""
+    from itk.locking import held
 
-    lock_path = weights_dir / ".itk" / "fetch.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UserError(f"another `itk fetch` is writing to {weights_dir}",
-                        "wait for it to finish, or stop it first") from None
-    try:
-        yield
-    finally:
-        lock.release()
+    return held(weights_dir / ".itk" / "fetch.lock", lambda holder: UserError(
+        f"another `itk fetch` is writing to {weights_dir} ({holder})", "wait for it to finish, or stop it first"))
 
 
 def remove_leftovers(plan: FetchPlan) -> None:
