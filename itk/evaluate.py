@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from itk.runtime.protocol import EXIT_BAD_INPUT, FLAG, FPS, SAMPLE_RATE, VIDEO_EXTENSIONS, UserError
+from itk.runtime.protocol import EXIT_BAD_INPUT, FLAG, FPS, SAMPLE_RATE, UserError, is_video
 
 if TYPE_CHECKING:
     from itk.runtime.dub import DubRegion, FaceTracker
@@ -323,12 +323,12 @@ class _Scan:
 def _reference_frames(reference: Path | None, size: tuple[int, int]) -> Iterator[np.ndarray | None]:
     """The reference fitted to the output size, per output frame, endlessly: an image every time, a video
     frame by frame (its last frame held past its end), or None without a reference."""
-    from itk.runtime.dub import fit_frame
+    from itk.runtime.buckets import fit_frame
 
     if reference is None:
         yield from itertools.repeat(None)
         return
-    if reference.suffix.lower() not in VIDEO_EXTENSIONS:
+    if not is_video(reference):
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -361,7 +361,7 @@ def _speaker_region(request: EvalRequest, size: tuple[int, int], notes: list[str
     from itk.runtime.dub import DubRegion
     from itk.runtime.video import VideoError
 
-    if request.reference is None or request.reference.suffix.lower() not in VIDEO_EXTENSIONS:
+    if request.reference is None or not is_video(request.reference):
         return None
     try:
         return DubRegion.for_video(request.reference, target=size, mode="bbox" if request.boxes else "face",

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itk.runtime.protocol import EXIT_BAD_INPUT, FLAG, VIDEO_EXTENSIONS, Flag, UserError, settable, write_job
+from itk.runtime.protocol import EXIT_BAD_INPUT, FLAG, Flag, UserError, is_video, settable, write_job
 from itk.ui_jobs import (
     Fetching,
     GpuSlot,
@@ -279,10 +279,10 @@ class Page:
     def face_preview(self, face: str | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """The uploaded portrait as an image (a source video as a video), and the dub region for a video."""
         suffix = Path(face).suffix.lower() if face else ""
-        is_video = suffix in VIDEO_EXTENSIONS
-        image = {"value": face if face and not is_video else None, "visible": bool(face) and not is_video}
+        video_face = bool(face) and is_video(face)
+        image = {"value": face if face and not video_face else None, "visible": bool(face) and not video_face}
         video = {"value": face if suffix in PREVIEWABLE_VIDEO else None, "visible": suffix in PREVIEWABLE_VIDEO}
-        return image, video, {"visible": is_video}
+        return image, video, {"visible": video_face}
 
     def preset_fields(self, name: str) -> list[dict[str, Any]]:
         """Each Advanced field for preset `name`: its placeholder, the first choice's label, the switch's value."""

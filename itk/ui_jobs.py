@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, VIDEO_EXTENSIONS, BadInput, Flag, UserError, stage_words
+from itk.runtime.protocol import EXIT_BAD_INPUT, EXIT_FAILED, BadInput, Flag, UserError, is_video, stage_words
 
 SAFE_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
 MULTI_COMPONENTS = ("infinitetalk-multi-fp8", "infinitetalk-multi")  # either variant DiT enables a second speaker
@@ -154,7 +154,7 @@ class Staged:
 
     @property
     def is_video(self) -> bool:
-        return self.face.suffix in VIDEO_EXTENSIONS
+        return is_video(self.face)
 
     def explain(self, error: UserError) -> UserError:
         """The error naming the files as the person uploaded them, not by their staged copies."""
@@ -198,8 +198,7 @@ def stage_uploads(output_dir: Path, face: str | None, speech: list[str | None], 
     stem = job_stem()
     folder = (output_dir / stem).absolute()
     folder.mkdir(parents=True, exist_ok=False)
-    is_video = Path(face).suffix.lower() in VIDEO_EXTENSIONS
-    cond = stage_upload(face, folder, "video" if is_video else "image")
+    cond = stage_upload(face, folder, "video" if is_video(face) else "image")
     staged = Staged(folder, folder / f"{stem}.mp4", cond, names={cond: Path(face).name})
     for n, track in enumerate(tracks, 1):
         copy = stage_upload(track, folder, f"speech{n}")

@@ -8,8 +8,8 @@
 Outside the region every pixel is the source frame's, exactly; two speakers get the union of both regions.
 
 Geometry: the generated video is at its bucket size, made from the source by a PIL bilinear resize to cover
-and a centre crop (`pipeline.preprocess_reference`). Compositing happens at that size, onto the source frames
-fitted the same way (`fit_frame`), so generated and source pixels are the same points of the picture and the
+and a centre crop (`buckets.fit_frame`). Compositing happens at that size, onto the source frames
+fitted by the same function, so generated and source pixels are the same points of the picture and the
 output keeps the generated video's size. Boxes given in source pixels are mapped through the same fit.
 
 Face detector: scikit-image's LBP frontal-face cascade (`skimage.feature.Cascade` with the cascade file that
@@ -38,7 +38,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from itk.runtime.buckets import resized_size
+from itk.runtime.buckets import cover_crop, fit_frame
 from itk.runtime.protocol import DUB_REGIONS, BadInput
 
 DUB_REGION_HELP = MappingProxyType({
@@ -111,26 +111,10 @@ def box_shape(box: Box) -> Shape:
     return Shape(r0, c0, r1, c1, min(band, (r1 - r0) / 2, (c1 - c0) / 2), band)
 
 
-def fit_frame(frame: np.ndarray, target: tuple[int, int]) -> np.ndarray:
-    """[H, W, 3] uint8 -> [th, tw, 3] uint8 exactly as the generator frames its reference: PIL bilinear resize
-    to cover (`buckets.resized_size`), then the centre crop at offsets round((size - target) / 2)."""
-    from PIL import Image
-
-    th, tw = target
-    h, w = resized_size(frame.shape[0], frame.shape[1], target)
-    if (h, w) == frame.shape[:2]:
-        resized = frame
-    else:
-        resized = np.asarray(Image.fromarray(frame).resize((w, h), resample=Image.BILINEAR))
-    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-    return np.ascontiguousarray(resized[top:top + th, left:left + tw])
-
-
 def box_to_output(box: Box, source_hw: tuple[int, int], target: tuple[int, int]) -> tuple[float, ...]:
-    """A box in source pixels -> the same box in output pixels, through `fit_frame`'s resize and crop, clipped
-    to the output frame."""
-    h, w = resized_size(source_hw[0], source_hw[1], target)
-    top, left = int(round((h - target[0]) / 2.0)), int(round((w - target[1]) / 2.0))
+    """A box in source pixels -> the same box in output pixels, through `fit_frame`'s resize and crop
+    (`buckets.cover_crop`), clipped to the output frame."""
+    h, w, top, left = cover_crop(source_hw[0], source_hw[1], target)
     sr, sc = h / source_hw[0], w / source_hw[1]
     r0, c0, r1, c1 = (float(v) for v in box)
     return (min(max(r0 * sr - top, 0.0), target[0]), min(max(c0 * sc - left, 0.0), target[1]),

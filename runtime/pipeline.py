@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
-from itk.runtime.buckets import choose_bucket, resized_size
+from itk.runtime.buckets import choose_bucket, fit_frame
 from itk.runtime.color import match_colors
 from itk.runtime.models.audio import audio_windows
-from itk.runtime.protocol import FPS, Events
+from itk.runtime.protocol import FPS, Events, is_video
 from itk.runtime.sampler import Sampler, euler_step, shifted_timesteps
 from itk.runtime.sampling import ClipPlan, Sampling
 
@@ -62,19 +62,9 @@ class SeededNoise:
 
 
 def preprocess_reference(image, target: tuple[int, int]) -> torch.Tensor:
-    """A PIL image -> [1, 3, 1, th, tw] in [-1, 1]: PIL bilinear resize to cover, then centre crop.
-
-    PIL's bilinear filter antialiases when it shrinks, unlike torch's interpolate; the crop offset uses
-    Python's round() as torchvision does, so the framing matches the official code to the pixel.
-    """
-    from PIL import Image
-
-    th, tw = target
-    h, w = resized_size(image.height, image.width, target)
-    pixels = torch.from_numpy(np.array(image.convert("RGB").resize((w, h), resample=Image.BILINEAR)))
-    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-    crop = pixels[top:top + th, left:left + tw].permute(2, 0, 1)[None, :, None]
-    return (crop / 255 - 0.5) * 2
+    """A PIL image -> [1, 3, 1, th, tw] in [-1, 1], framed into the bucket by `buckets.fit_frame`."""
+    pixels = torch.from_numpy(fit_frame(np.asarray(image.convert("RGB")), target))
+    return (pixels.permute(2, 0, 1)[None, :, None] / 255 - 0.5) * 2
 
 
 class ReferenceSource:
@@ -83,7 +73,7 @@ class ReferenceSource:
     def __init__(self, path, table: dict[str, list[int]]) -> None:
         from PIL import Image
 
-        from itk.runtime.video import VideoFrames, is_video
+        from itk.runtime.video import VideoFrames
 
         self.video = VideoFrames(path) if is_video(path) else None
         first = Image.fromarray(self.video[0]) if self.video is not None else Image.open(path)

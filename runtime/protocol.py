@@ -80,6 +80,12 @@ JOB_HELP = (
 )
 
 
+def is_video(path: str | Path) -> bool:
+    """The official rule: a `cond_video` is a video by its extension (`VIDEO_EXTENSIONS`, in any case),
+    anything else is an image."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
 @dataclass(frozen=True)
 class Job:
     """One generation job. Paths are resolved (see `resolve_job_path`); a silent speaker is None."""
@@ -97,7 +103,7 @@ class Job:
 
     @property
     def is_video(self) -> bool:
-        return self.cond_video.suffix.lower() in VIDEO_EXTENSIONS
+        return is_video(self.cond_video)
 
     def audio_files(self) -> dict[str, Path]:
         """The speakers that have a track (the official 'None' placeholder left out)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from itk.runtime.buckets import resized_size
+from itk.runtime.buckets import cover_crop
 
 if TYPE_CHECKING:  # torch only where masks are built: `itk run` checks boxes without it
     import torch
@@ -84,14 +84,12 @@ def source_masks(image_hw: tuple[int, int], boxes: Sequence[Box] | None = None) 
 
 
 def fit_to_target(masks: torch.Tensor, target_hw: tuple[int, int]) -> torch.Tensor:
-    """[C, H, W] -> [C, th, tw]: nearest resize to cover the target, then the centre crop the image gets
-    (offset round((size - target) / 2), as torchvision's centre crop)."""
+    """[C, H, W] -> [C, th, tw]: framed as the image is (`buckets.cover_crop`), with a nearest resize."""
     th, tw = target_hw
-    h, w = resized_size(masks.shape[1], masks.shape[2], target_hw)
+    h, w, top, left = cover_crop(masks.shape[1], masks.shape[2], target_hw)
     import torch.nn.functional as F
 
     resized = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0]
-    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
     return resized[:, top:top + th, left:left + tw]
 
 

@@ -21,18 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from itk.runtime.atomic import atomic_write
-from itk.runtime.protocol import FPS, VIDEO_EXTENSIONS
+from itk.runtime.protocol import FPS
 
 PARTIAL_SUFFIX = ".partial.mp4"  # the temporary name's end: the muxer picks the format from it
 
 
 class VideoError(Exception):
     """A video that cannot be read or written; the message names the file."""
-
-
-def is_video(path: str | Path) -> bool:
-    """The official rule: a `cond_video` is a video by its extension, anything else is an image."""
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def to_uint8_frames(video) -> np.ndarray:

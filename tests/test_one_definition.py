@@ -93,3 +93,49 @@ def test_the_rank_failure_line_the_generator_prints_is_the_one_the_toolkit_reads
                                                            "illegal memory access")
     source = (Path(__file__).parents[1] / "itk" / "supervisor.py").read_text()
     assert "failed: " not in source and "import re\n" not in source  # no second parser in the supervisor
+
+
+def test_a_video_is_told_from_an_image_by_one_rule_on_every_path(monkeypatch, tmp_path):
+    """The generator's job and reference, the page's job and preview and eval's reference all ask
+    protocol.is_video: an extension added there (and given in upper case) is a video on every path."""
+    import numpy as np
+
+    from itk.evaluate import EvalRequest, evaluate
+    from itk.runtime import protocol
+    from itk.runtime.pipeline import ReferenceSource
+    from itk.runtime.video import write_mp4
+    from itk.ui import Page
+    from itk.ui_jobs import stage_uploads
+
+    monkeypatch.setattr(protocol, "VIDEO_EXTENSIONS", protocol.VIDEO_EXTENSIONS | {".clip"})
+    frames = np.random.default_rng(0).integers(0, 255, (25, 48, 64, 3), dtype=np.uint8)
+    sound = (0.2 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 220)).astype(np.float32)
+    talk = write_mp4(frames, sound, 16000, tmp_path / "talk.mp4")
+    source = write_mp4(frames, None, 16000, tmp_path / "source.mp4").rename(tmp_path / "source.CLIP")
+
+    assert protocol.Job("p", source, {"person1": None}).is_video
+    assert ReferenceSource(source, {"0.75": [48, 64]}).video is not None
+    staged = stage_uploads(tmp_path / "page", str(source), [str(write_wav(tmp_path / "s.wav", 1.0))])
+    assert staged.is_video and staged.face.name == "video.clip"
+    assert Page(tmp_path, tmp_path, None, 1.0).face_preview(str(source))[2] == {"visible": True}
+    assert evaluate(EvalRequest(video=talk, reference=source, boxes=((10, 10, 40, 50),))).outside is not None
+
+
+def test_a_picture_is_framed_into_its_bucket_by_one_function_for_the_generator_and_the_dub(monkeypatch):
+    """The generator's reference and the dub's (and eval's) source frames are both `buckets.fit_frame`, framed
+    by `buckets.cover_crop`: crop at the top-left corner there and both follow."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from itk.runtime import buckets, dub
+    from itk.runtime.pipeline import preprocess_reference
+
+    centred = buckets.cover_crop
+    monkeypatch.setattr(buckets, "cover_crop", lambda h, w, target: (*centred(h, w, target)[:2], 0, 0))
+    frame = np.random.default_rng(0).integers(0, 255, (90, 150, 3), dtype=np.uint8)
+    h, w = centred(90, 150, (48, 64))[:2]
+    corner = np.array(Image.fromarray(frame).resize((w, h), resample=Image.BILINEAR))[:48, :64]
+    assert np.array_equal(dub.fit_frame(frame, (48, 64)), corner)
+    reference = preprocess_reference(Image.fromarray(frame), (48, 64))[0, :, 0].permute(1, 2, 0)
+    assert torch.equal(reference, (torch.from_numpy(corner) / 255 - 0.5) * 2)

@@ -22,6 +22,7 @@ from itk.runtime.protocol import (
     build_parser,
     check_values,
     format_event,
+    is_video,
     parse_event,
     parse_setting,
     read_job,
@@ -97,6 +98,11 @@ def test_a_written_job_reads_back_the_same(tmp_path):
     job = Job("hi", tmp_path / "face.png", {"person1": tmp_path / "a.wav", "person2": None}, "para",
               extra={"note": 1})
     assert read_job(write_job(job, tmp_path / "job.json")) == job
+
+
+def test_videos_are_recognised_by_extension_in_any_case():
+    assert is_video("a/clip.MP4") and is_video("x.webm") and not is_video("face.png")
+    assert Job("hi", Path("clip.MOV"), {"person1": None}).is_video
 
 
 # --- events ---

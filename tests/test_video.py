@@ -14,7 +14,6 @@ from itk.runtime.video import (
     VideoError,
     VideoFrames,
     frames_at_25fps,
-    is_video,
     to_uint8_frames,
     write_mp4,
     write_mp4_stream,
@@ -150,7 +149,3 @@ def test_indexing_past_the_end_repeats_the_last_frame_and_going_back_rewinds(tmp
     frames = VideoFrames(tmp_path / "src.mp4")
     assert int(frames[100][0, 0, 0]) == pytest.approx(5 * 8, abs=2)
     assert int(frames[1][0, 0, 0]) == pytest.approx(8, abs=2)
-
-
-def test_videos_are_recognised_by_extension():
-    assert is_video("a/clip.MP4") and is_video("x.webm") and not is_video("face.png")
