@@ -248,7 +248,11 @@ class Batch:
             return None
         counts = counts or self.counts()
         left = counts["queued"] + counts["running"]
-        return mean(self.job_times) * left / max(1, sum(1 for slot in self.slots if slot.worker.lost is None))
+        return mean(self.job_times) * left / max(1, self.live_workers())
+
+    def live_workers(self) -> int:
+        """How many workers can still take jobs: those whose node has not left the cluster."""
+        return sum(1 for slot in self.slots if slot.worker.lost is None)
 
     def changed(self) -> None:
         self.on_change(self)
@@ -283,7 +287,7 @@ class Batch:
 
     def all_lost(self) -> bool:
         """Whether every worker's node has left the cluster (nothing can run any more)."""
-        return bool(self.slots) and all(slot.worker.lost is not None for slot in self.slots)
+        return bool(self.slots) and not self.live_workers()
 
     def stop(self) -> None:
         """Stop every worker as Ctrl-C does: a job in progress goes back to the queue with its resume state."""

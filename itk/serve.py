@@ -62,6 +62,7 @@ from itk.runtime.protocol import (
     resume_folder,
 )
 from itk.spec import DEFAULT_PROMPT
+from itk.speech import speech_files, speech_sidecar
 from itk.store import STATES, JobRecord, JobStore
 from itk.supervisor import restore, trap_stops
 from itk.ui_jobs import hide_paths
@@ -274,22 +275,23 @@ class Service:
             raise ApiError(413, f"the request is larger than {self.body_limit // 2**20} MB",
                            f"each file may have at most {self.limit // 2**20} MB (--max-upload-mb)")
         name = self.new_id()
-        if kind == "multipart/form-data":
-            folder = self.batch.folder / f"{name}.inputs"
-            folder.mkdir()
-            try:
+        try:
+            if kind == "multipart/form-data":
+                folder = self.batch.folder / f"{name}.inputs"
+                folder.mkdir()
                 job, staged = await self.from_upload(request, name, folder)
                 await run_in_threadpool(self.check_job, name, job, staged)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-        elif kind == "application/json":
-            job = await self.from_paths(request, name)
-            await run_in_threadpool(self.check_job, name, job, {})
-        else:
-            await drain(request, self.body_limit)
-            raise ApiError(400, f"a job is sent as multipart/form-data, not {kind or 'a body without a type'}",
-                           "curl -F image=@face.png -F speech=@speech.wav -F 'job={\"seed\": 7}' URL/v1/videos")
+            elif kind == "application/json":
+                job = await self.from_paths(request, name)
+                await run_in_threadpool(self.check_job, name, job, {})
+            else:
+                await drain(request, self.body_limit)
+                raise ApiError(400, f"a job is sent as multipart/form-data, not {kind or 'a body without a type'}",
+                               "curl -F image=@face.png -F speech=@speech.wav -F 'job={\"seed\": 7}' "
+                               "URL/v1/videos")
+        except BaseException:  # the id is new: every file of its name was made by this request
+            remove(job_files(self.batch.folder, name, spoken=True))
+            raise
         self.store.add(name, job.to_json(), job.fingerprint)
         self.batch.wake()
         record = self.store.get(name)
@@ -436,7 +438,7 @@ class Service:
 
     def eta_s(self, record: JobRecord, position: int | None) -> float | None:
         """Seconds until the job is done: a running one from its own step times; a queued one from this server's
-        finished jobs (None before the first)."""
+        finished jobs (None before the first) and its live workers (those whose node is still there)."""
         if record.state == "running":
             view = next((v for v in self.batch.views if v.job == record.name), None)
             eta = view.eta_s() if view is not None else None
@@ -444,7 +446,7 @@ class Service:
         if position is None or not self.batch.job_times:
             return None
         running = self.store.counts()["running"]
-        workers = max(1, len(self.batch.views))
+        workers = max(1, self.batch.live_workers())
         return round(mean(self.batch.job_times) * ((running + position - 1) // workers + 1), 1)
 
     def listing(self, states: list[str]) -> dict[str, Any]:
@@ -472,18 +474,37 @@ class Service:
     # --- cancelling and deleting ----------------------------------------------------------------------------
     def delete(self, name: str) -> dict[str, Any]:
         """A queued or running job is cancelled (a running one's worker stops it and stays warm; its resume state
-        stays). A job that has ended is forgotten with its files: inputs, video, run folder, resume state."""
-        if self.record(name).state in ("queued", "running"):
+        stays). A job that has ended is forgotten with the files it made (`job_files`); the files it names by
+        path stay."""
+        record = self.record(name)
+        if record.state in ("queued", "running"):
             self.batch.cancel(name)  # False when it ended meanwhile: its state says how, and it stays
             return self.describe(self.record(name))
         if self.batch.busy_with(name) or not self.store.delete(name):
             raise ApiError(409, f"job {name} is still being stopped", f"DELETE /v1/videos/{name} again in a moment",
                            exit_code=EXIT_FAILED)
-        video = self.batch.folder / f"{name}.mp4"
-        for path in (self.batch.folder / f"{name}.inputs", run_folder(video), resume_folder(video)):
-            shutil.rmtree(path, ignore_errors=True)
-        video.unlink(missing_ok=True)
+        remove(job_files(self.batch.folder, name, spoken="text" in record.spec_data))
         return {"id": name, "deleted": True}
+
+
+def job_files(folder: Path, name: str, *, spoken: bool) -> list[Path]:
+    """The files and folders job `name` makes in `folder`: its uploads, video, run folder and resume state, and
+    for a job given as text (`spoken`) its speech: the wavs of one or two speakers and their sidecar
+    (itk.speech). The files a job names by path (inside --allow-paths) are not among them."""
+    video = folder / f"{name}.mp4"
+    made = [folder / f"{name}.inputs", run_folder(video), resume_folder(video), video]
+    if spoken:
+        made += [*speech_files(video, 1), *speech_files(video, 2), speech_sidecar(video)]
+    return made
+
+
+def remove(paths: list[Path]) -> None:
+    """Delete each path that exists: a folder with everything in it, a file."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def explained(error: UserError, words: dict[Path, str]) -> UserError:

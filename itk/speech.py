@@ -55,10 +55,17 @@ def check_text(speech: SpeechText) -> int:
 
 
 def speech_files(video: Path, speakers: int) -> list[Path]:
+    """The wavs spoken for `video`'s job: `<video>.speech.wav`, or `.speech1.wav` and `.speech2.wav` for two."""
     stem = video.with_suffix("")
     if speakers == 1:
         return [stem.with_name(stem.name + SPEECH_SUFFIX + ".wav")]
     return [stem.with_name(f"{stem.name}{SPEECH_SUFFIX}{n}.wav") for n in (1, 2)]
+
+
+def speech_sidecar(video: Path) -> Path:
+    """`<video>.speech.json`: what the spoken wavs beside `video` hold (text, voices, speed), so a rerun reuses them."""
+    stem = video.with_suffix("")
+    return stem.with_name(stem.name + SPEECH_SUFFIX + ".json")
 
 
 def speak(speech: SpeechText, *, video: Path, weights_dir: Path) -> dict[str, Path]:
@@ -70,7 +77,7 @@ def speak(speech: SpeechText, *, video: Path, weights_dir: Path) -> dict[str, Pa
 
     script = parse_script(speech.text)
     files = speech_files(video, len(script.speakers))
-    sidecar = video.with_suffix("").with_name(video.with_suffix("").name + SPEECH_SUFFIX + ".json")
+    sidecar = speech_sidecar(video)
     if all(f.is_file() for f in files) and sidecar.is_file():
         try:
             if json.loads(sidecar.read_text(encoding="utf-8")).get("key") == speech.key:

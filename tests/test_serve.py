@@ -1,7 +1,7 @@
 """`itk serve` end to end: the real HTTP server (uvicorn, in a process of its own as the command runs it) on
 127.0.0.1, driven by a real client (httpx), with the real warm worker on tiny weights: submit, poll, download,
-cancel, refused requests, the token with --listen, paths inside --allow-paths only, and a server SIGKILLed and
-started again with every job intact."""
+cancel, refused requests, the token with --listen, paths inside --allow-paths only, a job given as text
+forgotten with its spoken speech, and a server SIGKILLed and started again with every job intact."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import soundfile
 from run_media import itk, saved_clips, write_image, write_wav
 
 from itk import selftest
+from itk.runtime.tiny import write_tiny_weights
 
 SETTINGS = {"sample_steps": 2, "frame_num": 9, "motion_frame": 5}  # tiny clips: a job takes a second or two
 SPEECH_S = 0.84  # 21 frames: four 9-frame clips (9 + 4 + 4 + 4)
@@ -87,6 +88,15 @@ class Server:
             assert self.proc.poll() is None, self.proc.communicate()
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} never got there: {self.get(job_id)}")
+
+    def forget(self, job_id: str, seconds: float = 60) -> dict[str, Any]:
+        """DELETE an ended job, again while it answers 409 (a cancelled job's worker is still letting it go)."""
+        deadline = time.monotonic() + seconds
+        while (reply := self.client.delete(f"/v1/videos/{job_id}")).status_code == 409 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
 
     def worker(self) -> psutil.Process:
         return next(p for p in psutil.Process(self.proc.pid).children(recursive=True)
@@ -251,6 +261,49 @@ def test_a_listening_server_wants_its_token_takes_paths_only_inside_its_folder_a
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def spoken_weights(tmp_path_factory) -> Path:
+    """The tiny generator weights with a tiny Kokoro beside them (tests/test_tts.py), for jobs given as text."""
+    pytest.importorskip("kokoro", reason="speech from text needs the tts extra: pip install 'itk[tts]'")
+    from test_tts import write_tiny_tts
+
+    folder = tmp_path_factory.mktemp("tts") / "weights"
+    write_tiny_weights(folder)
+    selftest.record_tiny_verdicts(folder)
+    write_tiny_tts(folder)
+    return folder
+
+
+def test_a_job_given_as_text_is_forgotten_with_its_spoken_speech_and_never_with_the_files_it_names(tmp_path,
+                                                                                                 spoken_weights,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    face = write_image(out / "face.png")  # the user's own files, in the served folder itself
+    (out / "broken.png").write_bytes(b"hello")
+    server = Server(out, spoken_weights, allow_paths=str(out))
+    try:
+        line = {"prompt": "p", "cond_video": "face.png", "text": "Hello there, welcome.", "seed": 3,
+                "settings": SETTINGS}
+        before = {p.name for p in out.iterdir()}
+        refused = server.client.post("/v1/videos", json={**line, "cond_video": "broken.png"})
+        assert refused.status_code == 422 and "not a readable image" in refused.json()["error"], refused.text
+        assert {p.name for p in out.iterdir()} == before  # the speech made before the image was read is gone
+        accepted = server.client.post("/v1/videos", json=line)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        assert (out / f"{job_id}.speech.wav").is_file() and (out / f"{job_id}.speech.json").is_file()
+        assert server.client.delete(f"/v1/videos/{job_id}").status_code == 200  # cancelled (or already done)
+        server.wait_for(job_id, done)
+        assert server.forget(job_id) == {"id": job_id, "deleted": True}
+        assert not [p.name for p in out.iterdir() if p.name.startswith(job_id)]
+        assert face.read_bytes() == write_image(tmp_path / "same.png").read_bytes()
+        assert (out / "broken.png").read_bytes() == b"hello"
+    finally:
+        server.stop()
+
+
 def test_a_server_stopped_by_ctrl_c_or_killed_with_sigkill_carries_on_with_every_job_when_started_again(tmp_path,
                                                                                                         tiny, media):
     out = tmp_path / "out"
@@ -276,3 +329,25 @@ def test_a_server_stopped_by_ctrl_c_or_killed_with_sigkill_carries_on_with_every
     assert third.wait_for(short_id, done)["state"] == "done"
     assert third.stop(signal.SIGTERM)["counts"]["done"] == 2
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_queued_jobs_eta_counts_only_the_workers_whose_node_is_still_in_the_cluster(tmp_path):
+    from itk.batch import Batch, WorkerSlot, WorkerView
+    from itk.serve import ServeOptions, Service
+    from itk.store import JobStore
+    from itk.workers import LocalWorker
+
+    store = JobStore.open(tmp_path)
+    workers = [LocalWorker(tmp_path, gpu=0), LocalWorker(tmp_path, gpu=1)]
+    workers[1].lost = "its node left the Ray cluster"
+    batch = Batch(folder=tmp_path, store=store, jobs=None, workers=workers, polling=True, job_times=[10.0])
+    batch.views = [WorkerView(worker.label) for worker in workers]  # as Batch.start makes them, no thread started
+    batch.slots = [WorkerSlot(batch, worker, view) for worker, view in zip(workers, batch.views, strict=True)]
+    for name in ("first", "second"):
+        store.add(name, {"prompt": "p"}, name)
+    try:
+        service = Service(batch, ServeOptions(out=tmp_path))
+        etas = [service.describe(record)["eta_s"] for record in store.jobs(["queued"])]
+        assert etas == [10.0, 20.0]  # one worker left: the second job waits for the first
+    finally:
+        store.close()
