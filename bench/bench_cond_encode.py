@@ -43,7 +43,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from itk.runtime.atomic import atomic_write_text
 from itk.runtime.configs import VAEConfig
-from itk.runtime.models.vae import CausalConv3d, ChunkMemory, Encoder, Resample, WanVAE, load_vae
+from itk.runtime.models.vae import (
+    CausalConv3d,
+    ChunkMemory,
+    Encoder,
+    Resample,
+    WanVAE,
+    encode_chunks,
+    load_vae,
+)
 
 TOLERANCE = 1e-4  # tests/test_vae.py TOL: max |ours - ref| / max |ref| (tests/golden.py rel_err)
 FRAMES = 81  # the official clip: the reference frame, then 80 zero frames
@@ -122,7 +130,7 @@ def encode_reusing(vae: WanVAE, video: torch.Tensor, kept: dict[int, torch.Tenso
     first = first_reusable_chunks(segments)
     memories = [ChunkMemory() for _ in segments]
     x = video.unsqueeze(0).to(vae.conv1.weight)
-    chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
+    chunks = encode_chunks(x)
     outs, kept_now = [], {}
     for c, chunk in enumerate(chunks):
         deepest = max((s for s, f in enumerate(first) if c >= f), default=-1)

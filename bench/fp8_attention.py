@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -70,9 +71,9 @@ def quantise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, tor
     batch, seq, heads, dim = q.shape
     padded = -(-seq // BLOCK_M) * BLOCK_M
     pad = (0, 0, 0, 0, 0, padded - seq)
-    qf = F_pad(q.float(), pad)
-    kf = F_pad(k.float() - k.float().mean(dim=1, keepdim=True), pad)
-    vf = F_pad(v.float(), pad)
+    qf = F.pad(q.float(), pad)
+    kf = F.pad(k.float() - k.float().mean(dim=1, keepdim=True), pad)
+    vf = F.pad(v.float(), pad)
     q_amax = qf.view(batch, padded // BLOCK_M, BLOCK_M, heads, dim).abs().amax(dim=(2, 4)).clamp_min(1e-8)
     q_scale = q_amax / 127.0  # [B, blocks, N]
     q8 = (qf.view(batch, padded // BLOCK_M, BLOCK_M, heads, dim) / q_scale[:, :, None, :, None]).round()
@@ -92,10 +93,6 @@ def quantise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, tor
         "v_scale": v_scale.contiguous(),
         "seq": seq, "padded": padded,
     }
-
-
-def F_pad(x: torch.Tensor, pad: tuple[int, ...]) -> torch.Tensor:  # noqa: N802 - torch's name
-    return torch.nn.functional.pad(x, pad)
 
 
 def attend(x: dict[str, torch.Tensor], shape: torch.Size, *, block_n: int = 128, num_warps: int = 8,

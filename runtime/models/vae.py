@@ -397,6 +397,12 @@ def _head(dim: int, cout: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(dim, images=False), nn.SiLU(), CausalConv3d(dim, cout, 3, padding=1))
 
 
+def encode_chunks(x: torch.Tensor) -> list[torch.Tensor]:
+    """[B, C, T, H, W] -> the encoder's chunks along T: frame 0 alone, then whole chunks of 4; frames past the
+    last whole chunk are dropped, as officially."""
+    return [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
+
+
 def _run(stages: nn.Sequential, x: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
     for layer in stages:
         x = layer(x, memory)
@@ -504,10 +510,8 @@ class WanVAE(nn.Module):
         """[3, T, H, W] in [-1, 1] -> normalised latent [z_dim, 1 + (T-1)//4, H/8, W/8] (float32)."""
         x = video.unsqueeze(0).to(self.conv1.weight)
         memory = self._memory(x.device)
-        # Frame 0 alone, then whole chunks of 4; frames past the last whole chunk are dropped, as officially.
-        chunks = [x[:, :, :1]] + [x[:, :, 1 + 4 * i : 5 + 4 * i] for i in range((x.shape[2] - 1) // 4)]
         outs = []
-        for chunk in chunks:
+        for chunk in encode_chunks(x):
             memory.next_chunk()
             outs.append(self.encoder(chunk, memory))
         mu = self.conv1(torch.cat(outs, dim=2))[:, : self.cfg.z_dim]
