@@ -206,13 +206,13 @@ class ResumeState:
         name = _carry_name(carry.clip)
         tensors = {k: getattr(carry, k).detach().cpu().contiguous() for k in CARRY_TENSORS}
         atomic_write(self.folder / name, lambda tmp: save_file(tensors, str(tmp)), suffix=".safetensors")
-        old = self.carry_file
-        self.hashes.pop(old, None)
+        self.hashes.pop(self.carry_file, None)
         self.hashes.update({part: file_digest(self.folder / part, "sha256") for part in (segment, name)})
         self.done, self.frames, self.carry_file = carry.clip, carry.frames, name
         atomic_write_text(self.folder / RESUME_STATE, json.dumps(self._record(), indent=1) + "\n")
-        if old and old != name:
-            (self.folder / old).unlink(missing_ok=True)  # a name this code made (`load` accepts no other)
+        for stale in self.folder.glob(CARRY_GLOB):  # the previous carry, and one a kill left before its unlink
+            if stale.name != name:
+                stale.unlink(missing_ok=True)
 
     def _record(self) -> dict[str, Any]:
         return {"version": VERSION, "clips": self.clips, "clips_done": self.done, "frames": self.frames,
@@ -223,8 +223,11 @@ class ResumeState:
         remove_state(self.folder)
 
 
+CARRY_GLOB = "carry-*.safetensors"
+
+
 def _carry_name(clip: int) -> str:
-    return f"carry-{clip:05d}.safetensors"
+    return CARRY_GLOB.replace("*", f"{clip:05d}")
 
 
 def restart_fix(folder: Path) -> str:

@@ -116,3 +116,16 @@ def test_a_failure_on_the_writer_comes_back_from_the_next_put_with_its_own_type(
     assert not (tmp_path / "talk.mp4").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
+
+
+def test_a_carry_left_by_a_kill_between_the_commit_and_its_removal_goes_at_the_next_save(tmp_path):
+    outs = clip_outputs()
+    state = fresh_state(tmp_path / "talk.mp4")
+    state.save(0, to_uint8_frames(outs[0].frames), outs[0].carry)
+    stale = state.folder / "carry-00000.safetensors"  # as a kill after state.json named carry-00001 leaves it
+    stale.write_bytes((state.folder / state.carry_file).read_bytes())
+    resumed = ResumeState.prepare(tmp_path / "talk.mp4", {"job": "test"}, resume=True)
+    resumed.check_plan(CLIPS)
+    resumed.save(1, to_uint8_frames(outs[1].frames), outs[1].carry)
+    assert sorted(p.name for p in state.folder.glob("carry-*")) == ["carry-00002.safetensors"]
+    assert ResumeState.load(state.folder).done == 2

@@ -324,7 +324,7 @@ def test_a_segment_with_its_frames_flipped_is_refused_on_resume_naming_it(saved)
 
 def test_a_truncated_carry_is_refused_on_resume_naming_it(saved):
     argv, _, state = saved
-    carry = next(state.glob("carry-*.safetensors"))
+    carry = state / json.loads((state / "state.json").read_text())["carry"]
     carry.write_bytes(carry.read_bytes()[:100])
     _refused_resume(argv, state, carry.name)
 
@@ -333,7 +333,7 @@ def test_a_truncated_carry_is_refused_on_resume_naming_it(saved):
 def test_a_carry_path_outside_the_state_folder_is_neither_loaded_nor_deleted(saved, where):
     argv, _, state = saved
     outside = state.parent / "outside.safetensors"
-    shutil.copy(next(state.glob("carry-*.safetensors")), outside)
+    shutil.copy(state / json.loads((state / "state.json").read_text())["carry"], outside)
     record = json.loads((state / "state.json").read_text())
     record["carry"] = str(outside) if where == "absolute" else where
     (state / "state.json").write_text(json.dumps(record))
