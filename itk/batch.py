@@ -51,6 +51,7 @@ from itk.workers import LocalWorker, Worker
 
 LOCK_FILE = ".itk-batch.lock"
 RECOVERED = "its runner stopped before it ended: resumed from its last finished clip"
+INTERRUPTED = "interrupted: resumes from its last finished clip"
 LOST = "its node was lost"  # the start of the note of a job given back by a worker whose node left the cluster
 SHARED_FS_WAIT_S = 10.0  # how long a video a worker on another node has written may take to appear here
 
@@ -211,17 +212,11 @@ class Batch:
 
     def run_spec(self, name: str, job: BatchJob) -> Any:
         """The RunSpec of job `name`: its video in this folder, on one GPU, the batch's preset unless its own; a
-        job given as text gets its speech made first, beside its video (reused when the job runs again)."""
-        from itk.runtime.paths import weights_dir
+        job given as text has its speech made by plan_run, beside its video (reused when the job runs again)."""
         from itk.spec import RunSpec
-        from itk.speech import job_with_speech
 
-        video, run_job = self.folder / f"{name}.mp4", job.job
-        if job.speech is not None:
-            run_job = job_with_speech(run_job, job.speech, video=video,
-                                      weights_dir=weights_dir(self.weights_dir).absolute())
-        return RunSpec(job=run_job, output=video, preset=job.preset or self.preset, settings=job.settings, gpus=1,
-                       weights_dir=self.weights_dir)
+        return RunSpec(job=job.job, speech=job.speech, output=self.folder / f"{name}.mp4",
+                       preset=job.preset or self.preset, settings=job.settings, gpus=1, weights_dir=self.weights_dir)
 
     def write_eval(self, name: str, video: Path, plan: Any) -> None:
         """`itk eval` of a finished video, written beside it as VIDEO.eval.json (against the job's portrait or
@@ -485,50 +480,49 @@ class WorkerSlot:
 
     def job_error(self, plan: Any, name: str, event: dict[str, Any], events: list[dict[str, Any]],
                   kills_before: int | None) -> None:
-        """Record a job's error event: stopped (cancelled, or back to the queue), bad input, or a failure the
-        advice rules explain."""
-        from itk.run import explain_failure
-
-        store, code = self.batch.store, int(event.get("exit_code") or EXIT_FAILED)
-        if code == EXIT_INTERRUPTED:
-            if name in self.batch.cancelled:
-                store.cancel(name)
-            else:
-                store.requeue(name, "interrupted: resumes from its last finished clip")
-        elif code in (EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS):
-            store.fail(name, str(event.get("message") or "bad input"), str(event.get("fix") or ""), code)
+        """Record a job's error event: bad input (failed with its fix), else as `unfinished`."""
+        code = int(event.get("exit_code") or EXIT_FAILED)
+        if code in (EXIT_BAD_INPUT, EXIT_MISSING_WEIGHTS):
+            self.batch.store.fail(name, str(event.get("message") or "bad input"), str(event.get("fix") or ""), code)
         else:
-            log_text = plan.log_path.read_text(encoding="utf-8", errors="replace")
-            verdict = explain_failure(plan, log_text=log_text, returncode=code, events=events,
-                                      oom_kills_before=kills_before)
-            store.fail(name, verdict.diagnosis, verdict.fixes[0] if verdict.fixes else "", EXIT_FAILED)
+            self.unfinished(plan, name, events=events, kills_before=kills_before, code=code,
+                            interrupted=code == EXIT_INTERRUPTED)
 
     def worker_died(self, plan: Any, record: JobRecord, events: list[dict[str, Any]],
                     kills_before: int | None) -> bool:
-        """The worker ended during the job: stopped by us, while its job was being cancelled or with its node (the
-        job goes back to the queue, or stays cancelled), or crashed (the job fails with the advice rules' verdict;
-        the next job starts a new worker)."""
-        from itk.run import explain_failure
-
-        store, name = self.batch.store, record.name
-        outcome_code = self.worker.returncode
-        if name in self.batch.cancelled:
-            store.cancel(name)
+        """The worker ended during the job: with its node (the job goes back to the queue, to resume where the
+        output folder says), stopped by us, or crashed (the next job starts a new worker); then as `unfinished`."""
+        name, code = record.name, self.worker.returncode or EXIT_FAILED
+        note = None if name in self.batch.cancelled else self.lost_note(name, plan)
+        if note is not None:
+            self.batch.store.requeue(name, note)
             return False
-        if (note := self.lost_note(name, plan)) is not None:
-            store.requeue(name, note)
-            return False
-        if self.batch.stopping.is_set() or outcome_code == EXIT_INTERRUPTED:
-            store.requeue(name, "interrupted: resumes from its last finished clip")
-            return False
-        self.view.restarts += 1
-        log_text = plan.log_path.read_text(encoding="utf-8", errors="replace") if plan.log_path.is_file() else ""
-        verdict = explain_failure(plan, log_text=log_text, returncode=outcome_code or EXIT_FAILED, events=events,
-                                  oom_kills_before=kills_before)
-        store.fail(name, f"the worker crashed: {verdict.diagnosis}", verdict.fixes[0] if verdict.fixes else "",
-                   EXIT_FAILED)
+        interrupted = self.batch.stopping.is_set() or code == EXIT_INTERRUPTED
+        if not interrupted and name not in self.batch.cancelled:
+            self.view.restarts += 1
+        self.unfinished(plan, name, events=events, kills_before=kills_before, code=code, interrupted=interrupted,
+                        crashed=not interrupted)
         self.batch.changed()
         return False
+
+    def unfinished(self, plan: Any, name: str, *, events: list[dict[str, Any]], kills_before: int | None, code: int,
+                   interrupted: bool, crashed: bool = False) -> None:
+        """A job that ended without its video: a cancelled one stays cancelled, an interrupted one is queued again
+        (it resumes from its last finished clip), any other fails with the advice rules' verdict on its log and
+        events (`crashed`: the worker died with it)."""
+        from itk.run import explain_failure
+
+        store = self.batch.store
+        if name in self.batch.cancelled:
+            store.cancel(name)
+        elif interrupted:
+            store.requeue(name, INTERRUPTED)
+        else:
+            log_text = plan.log_path.read_text(encoding="utf-8", errors="replace") if plan.log_path.is_file() else ""
+            verdict = explain_failure(plan, log_text=log_text, returncode=code, events=events,
+                                      oom_kills_before=kills_before)
+            store.fail(name, f"{'the worker crashed: ' if crashed else ''}{verdict.diagnosis}",
+                       verdict.fixes[0] if verdict.fixes else "", EXIT_FAILED)
 
     def lost_note(self, name: str, plan: Any = None) -> str | None:
         """The note of a job given back because this worker's node was lost (None while it is not): whether the
@@ -606,19 +600,21 @@ def written_seconds(video: Path, wait_s: float) -> float | None:
 
 
 def recover_finished(store: JobStore, folder: Path, names: list[str]) -> None:
-    """Jobs a dead runner left `running` go back to the queue; one whose video was completely written after it
-    started (the runner died between the file and the record) is done, never made twice."""
+    """The jobs a dead runner left `running` (the caller holds the folder's lock: no runner is alive): one whose
+    video was completely written after it started (the runner died between the file and the record) is done,
+    never made twice and with no attempt added; the others go back to the queue and resume from their last
+    finished clip."""
     from itk.run import video_seconds
 
-    for name in store.recover(RECOVERED):
-        record = store.get(name)
-        video = folder / f"{name}.mp4"
-        if record is None or name not in names or not video.is_file() or record.started is None:
-            continue
-        if video.stat().st_mtime >= record.started - 1 and (seconds := video_seconds(video)) is not None:
-            claimed = store.claim("recovery", [name])
-            if claimed is not None:
-                store.finish(name, video, seconds, note="its video was written before its runner stopped")
+    for record in store.jobs(["running"]):
+        video = folder / f"{record.name}.mp4"
+        written = (record.name in names and record.started is not None and video.is_file()
+                   and video.stat().st_mtime >= record.started - 1)
+        seconds = video_seconds(video) if written else None
+        if seconds is not None:
+            store.finish(record.name, video, seconds, note="its video was written before its runner stopped")
+        else:
+            store.requeue(record.name, RECOVERED)
 
 
 def folder_lock(folder: Path) -> contextlib.AbstractContextManager[None]:

@@ -7,9 +7,9 @@ one transaction made durable before the call returns (synchronous=FULL), so a SI
 the last committed state.
 
 States: queued -> running (on a worker) -> done (its mp4 verified) | failed (error + fix) | cancelled; a
-running job whose runner died is queued again by `recover`, and resumes from its last finished clip. Only a
-running job can end (a job cancelled while its worker finished it stays cancelled); an ended job stays until
-`delete` forgets it.
+running job whose runner died is queued again by `itk.batch.recover_finished` (or found done), and resumes from
+its last finished clip. Only a running job can end (a job cancelled while its worker finished it stays
+cancelled); an ended job stays until `delete` forgets it.
 """
 
 from __future__ import annotations
@@ -267,11 +267,3 @@ class JobStore:
         with self._transaction() as db:
             return bool(db.execute("DELETE FROM jobs WHERE name = ? AND state IN ('done', 'failed', 'cancelled')",
                                    (name,)).rowcount)
-
-    def recover(self, note: str) -> list[str]:
-        """Every job left running by a runner that is gone (the caller holds the folder's lock, so no runner is
-        alive), queued again; their names."""
-        stale = [job.name for job in self.jobs(["running"])]
-        for name in stale:
-            self.requeue(name, note)
-        return stale

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sqlite3
 from pathlib import Path
 
@@ -60,15 +61,31 @@ def test_jobs_are_taken_in_their_position_order_and_only_from_the_names_asked_fo
     assert [store.claim("w").name for _ in range(2)] == ["a", "c"] and store.claim("w") is None
 
 
-def test_running_jobs_left_by_a_dead_runner_are_queued_again_by_recover(tmp_path):
+def test_a_dead_runners_jobs_are_queued_again_but_one_whose_video_it_finished_is_done_without_a_new_attempt(
+        tmp_path):
+    import numpy as np
+
+    from itk.batch import RECOVERED, recover_finished
+    from itk.runtime.video import write_mp4_stream
+
     store = store_in(tmp_path)
-    store.add("a", {}, "f")
-    store.claim("GPU 1")
+    for name in ("written", "unwritten", "old-video", "not-in-the-batch"):
+        store.add(name, {}, name)
+        store.claim("GPU 1")
+    frames = [np.zeros((10, 16, 16, 3), np.uint8)]
+    for name in ("written", "not-in-the-batch"):
+        write_mp4_stream(tmp_path / f"{name}.mp4", frames, count=10, audio=None, sample_rate=16000)
+    write_mp4_stream(tmp_path / "old-video.mp4", frames, count=10, audio=None, sample_rate=16000)
+    os.utime(tmp_path / "old-video.mp4", (0, 0))  # a video from before this attempt started
     store.close()
     again = store_in(tmp_path)  # a new process would open it like this
-    assert again.recover("its runner stopped") == ["a"]
-    job = again.get("a")
-    assert job.state == "queued" and job.worker is None and job.note == "its runner stopped" and job.attempts == 1
+    recover_finished(again, tmp_path, ["written", "unwritten", "old-video"])
+    jobs = {job.name: job for job in again.jobs()}
+    assert jobs["written"].state == "done" and jobs["written"].attempts == 1 and jobs["written"].video_s == 0.4
+    assert "written before its runner stopped" in jobs["written"].note
+    for name in ("unwritten", "old-video", "not-in-the-batch"):
+        job = jobs[name]
+        assert (job.state, job.worker, job.note, job.attempts) == ("queued", None, RECOVERED, 1), name
 
 
 def test_a_job_cancelled_while_running_stays_cancelled_whatever_its_worker_reports_then(tmp_path):
