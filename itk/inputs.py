@@ -91,20 +91,30 @@ def probe_audio(path: Path) -> float:
     return samples / rate
 
 
+def check_file(what: str, path: Path) -> None:
+    """UserError (exit 2) naming `what` when `path` is missing or not a readable file."""
+    problem = file_problem(path)
+    if problem:
+        raise bad_input(f"{what} {path} {problem}",
+                        "check the path (relative paths: the current folder, then the job file's folder)"
+                        if problem == MISSING else "give the image or speech file itself")
+
+
+def check_picture(job: Job) -> tuple[int, int]:
+    """The job's image or source video opened and decoded: its (width, height). UserError (exit 2) otherwise."""
+    check_file("the source video" if job.is_video else "the image", job.cond_video)
+    return (probe_video if job.is_video else probe_image)(job.cond_video)
+
+
 def validate(job: Job, sampling: Sampling) -> MediaFacts:
     """Open and decode every input and work out the video it makes; what the runtime will do differently from
     what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2)."""
     check_clip_settings(sampling)  # the generator's rule: clip lengths that can make a video
     tracks = job.audio_files()  # the official format's silent speaker ("None") has no file
-    picture = "the source video" if job.is_video else "the image"
+    width, height = check_picture(job)
     speech = {"person1": "the speech", "person2": "the second speaker's speech"}
-    for what, path in [(picture, job.cond_video), *((speech[k], p) for k, p in tracks.items())]:
-        problem = file_problem(path)
-        if problem:
-            raise bad_input(f"{what} {path} {problem}",
-                            "check the path (relative paths: the current folder, then the job file's folder)"
-                            if problem == MISSING else "give the image or speech file itself")
-    width, height = (probe_video if job.is_video else probe_image)(job.cond_video)
+    for key, path in tracks.items():
+        check_file(speech[key], path)
     audio_s = {k: probe_audio(p) for k, p in tracks.items()}
     if not audio_s:
         raise bad_input("the job has no speech track", '"cond_audio": {"person1": "speech.wav"}')

@@ -348,7 +348,7 @@ def plan_run(spec: RunSpec) -> Plan:
     launches nothing, prints nothing. The run takes the preset's weights in the variant its speakers need
     (itk.variants); a GPU count the model's heads cannot split is refused here."""
     from itk import machine
-    from itk.inputs import COLOUR_DRIFT_S, check_lora, validate
+    from itk.inputs import COLOUR_DRIFT_S, check_lora, check_picture, validate
     from itk.launch import launch_argv, layout_for, model_heads
     from itk.measured import expected_step_s
     from itk.presets import load_presets, resolve_preset
@@ -364,6 +364,12 @@ def plan_run(spec: RunSpec) -> Plan:
     user_loras = [(f.path, f.scale) for f in (check_lora(path, scale) for path, scale in spec.loras)]
     job, out = spec.job, spec.output
     prepare_output(out, [job.cond_video, *job.audio_files().values()])
+    wdir = resolve_weights_dir(spec.weights_dir).absolute()
+    if spec.speech is not None:  # spoken only once the output and the picture are known to be good
+        from itk.speech import job_with_speech
+
+        check_picture(job)
+        job = job_with_speech(job, spec.speech, video=out, weights_dir=wdir)
     media = validate(job, sampling)
     check_speaker_boxes(job, media)
     if preset.long_video_warning and media.video_s > COLOUR_DRIFT_S:
@@ -372,7 +378,6 @@ def plan_run(spec: RunSpec) -> Plan:
     if spec.preset:  # an automatic choice already fits this GPU
         media.warnings += setting_warnings(settings, facts.vram_gb)
     gpu = spec.gpu_name or facts.gpu_name
-    wdir = resolve_weights_dir(spec.weights_dir).absolute()
     # The doctor's weights check without hashing: presence, recorded size and mtime, header (a truncated
     # download fails here in milliseconds instead of after minutes of loading; a changed file is not trusted).
     variant = variant_for(job.speakers)

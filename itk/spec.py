@@ -123,9 +123,12 @@ class RunSpec:
     the flag table (`--set`). loras: the user's own LoRA files (path, scale), merged after the preset's.
     gpus: GPUs for this one video (None: the preset's). weights_dir: where the weights live (None: $ITK_WEIGHTS,
     else ./weights). generator: the command to run instead of ours (None: ours, or $ITK_GENERATOR). gpu_name:
-    the GPU whose measured step time the estimate uses (None: this machine's)."""
+    the GPU whose measured step time the estimate uses (None: this machine's). speech: the text the job's speech
+    is made from (its cond_audio is empty until then): plan_run speaks it beside the video once the output and
+    the picture are checked."""
 
     job: Job
+    speech: SpeechText | None = None
     output: Path = field(default_factory=lambda: output_path(None))
     preset: str | None = None
     settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -168,13 +171,13 @@ class RunSpec:
             job = read_job(input_json)
             job = replace(job, prompt=prompt) if prompt else job
         elif speech is not None:
-            job = spoken_job(speech, image=image, video=video, audio=audio or audio2, prompt=prompt, out=out,
-                             weights_dir=wdir, boxes=(bbox1, bbox2), audio_mode=audio_mode)
+            job = spoken_job(speech, image=image, video=video, audio=audio or audio2, prompt=prompt,
+                             boxes=(bbox1, bbox2), audio_mode=audio_mode)
         else:
             job = add_second_speaker(job_from_options(image=image, video=video, audio=audio, prompt=prompt),
                                      audio2=audio2, mode=audio_mode, boxes=(bbox1, bbox2),
                                      dub_boxes=settings.get("dub_region") == "bbox")
-        return cls(job=job, output=out, preset=preset, settings=settings,
+        return cls(job=job, speech=speech, output=out, preset=preset, settings=settings,
                    loras=tuple(parse_lora(item) for item in loras),
                    gpus=None if gpus is None else parse_gpus(gpus), weights_dir=wdir, restart=restart)
 
@@ -197,11 +200,10 @@ def speech_of(*, text: str | None, text_file: str | None, voice: str | None, voi
 
 
 def spoken_job(speech: SpeechText, *, image: str | None, video: str | None, audio: str | None,
-               prompt: str | None, out: Path, weights_dir: Path | None, boxes: tuple[str | None, str | None],
-               audio_mode: str | None) -> Job:
-    """The job whose speech is made from text: the script is checked first, then spoken beside the video."""
-    from itk.runtime.paths import weights_dir as resolve_weights_dir
-    from itk.speech import check_text, job_with_speech
+               prompt: str | None, boxes: tuple[str | None, str | None], audio_mode: str | None) -> Job:
+    """The job whose speech will be made from text (plan_run speaks it), its script checked here: the picture,
+    the prompt and the speakers' boxes, with no speech yet."""
+    from itk.speech import check_text
 
     if audio:
         raise bad_input("give --audio or --text, not both", "the speech comes from a recording or from text")
@@ -216,10 +218,10 @@ def spoken_job(speech: SpeechText, *, image: str | None, video: str | None, audi
                         "tag the turns (s1) ... (s2) ..., or leave out the boxes")
     base = Job(prompt=prompt or DEFAULT_PROMPT, cond_video=Path(image or video).expanduser().absolute(),
                cond_audio={})
-    job = job_with_speech(base, speech, video=out, weights_dir=resolve_weights_dir(weights_dir).absolute())
     if boxes[0] or boxes[1]:
         if not (boxes[0] and boxes[1]):
             raise bad_input("give both --bbox1 and --bbox2, or neither (the official left/right split)",
                             "add the other speaker's box: --bbox2 row_min,col_min,row_max,col_max")
-        job = replace(job, bbox={"person1": parse_box(boxes[0], "--bbox1"), "person2": parse_box(boxes[1], "--bbox2")})
-    return job
+        return replace(base, bbox={"person1": parse_box(boxes[0], "--bbox1"),
+                                   "person2": parse_box(boxes[1], "--bbox2")})
+    return base

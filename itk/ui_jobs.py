@@ -212,8 +212,8 @@ def job_spec(staged: Staged, *, prompt: str = "", mode: str | None = None,
              voices: tuple[str | None, str | None] = (None, None), dub_region: str | None = None,
              preset: str | None = None, sets: Iterable[str] = (), weights_dir: Path | None = None) -> Any:
     """The staged job as `itk run` would take it (itk.spec.RunSpec.from_options: the same checks): a second
-    recording with its mode, the boxes, text to speak with its voices (made beside the video now), and for a
-    source video the dub region."""
+    recording with its mode, the boxes, text to speak with its voices (spoken beside the video by plan_run), and
+    for a source video the dub region."""
     from itk.spec import RunSpec
 
     box1, box2 = (b.strip() if b and b.strip() else None for b in boxes)
