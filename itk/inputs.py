@@ -100,18 +100,20 @@ def check_file(what: str, path: Path) -> None:
                         if problem == MISSING else "give the image or speech file itself")
 
 
-def check_picture(job: Job) -> tuple[int, int]:
-    """The job's image or source video opened and decoded: its (width, height). UserError (exit 2) otherwise."""
+def check_picture(job: Job, sampling: Sampling) -> tuple[int, int]:
+    """The clip settings (the generator's rule: clip lengths that can make a video) and the job's image or source
+    video, opened and decoded: its (width, height). UserError (exit 2) otherwise."""
+    check_clip_settings(sampling)
     check_file("the source video" if job.is_video else "the image", job.cond_video)
     return (probe_video if job.is_video else probe_image)(job.cond_video)
 
 
-def validate(job: Job, sampling: Sampling) -> MediaFacts:
+def validate(job: Job, sampling: Sampling, *, picture: tuple[int, int] | None = None) -> MediaFacts:
     """Open and decode every input and work out the video it makes; what the runtime will do differently from
-    what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2)."""
-    check_clip_settings(sampling)  # the generator's rule: clip lengths that can make a video
+    what people expect (short audio, the frame cap) comes back as warnings. Raises UserError (exit 2).
+    `picture`: what `check_picture` returned when the caller checked the settings and the picture already."""
     tracks = job.audio_files()  # the official format's silent speaker ("None") has no file
-    width, height = check_picture(job)
+    width, height = picture or check_picture(job, sampling)
     speech = {"person1": "the speech", "person2": "the second speaker's speech"}
     for key, path in tracks.items():
         check_file(speech[key], path)

@@ -365,12 +365,13 @@ def plan_run(spec: RunSpec) -> Plan:
     job, out = spec.job, spec.output
     prepare_output(out, [job.cond_video, *job.audio_files().values()])
     wdir = resolve_weights_dir(spec.weights_dir).absolute()
-    if spec.speech is not None:  # spoken only once the output and the picture are known to be good
+    picture = None
+    if spec.speech is not None:  # spoken only once the output, the clip settings and the picture are good
         from itk.speech import job_with_speech
 
-        check_picture(job)
+        picture = check_picture(job, sampling)
         job = job_with_speech(job, spec.speech, video=out, weights_dir=wdir)
-    media = validate(job, sampling)
+    media = validate(job, sampling, picture=picture)
     check_speaker_boxes(job, media)
     if preset.long_video_warning and media.video_s > COLOUR_DRIFT_S:
         media.warnings.append(preset.long_video_warning)

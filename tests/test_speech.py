@@ -67,20 +67,25 @@ def test_text_without_kokoros_files_names_the_fetch_command(tmp_path):
     assert proc.returncode == 3 and "itk fetch --component tts" in proc.stderr
 
 
-@pytest.mark.parametrize("broken", ["missing picture", "unreadable picture", "output in a file's place"])
-def test_a_bad_picture_or_output_is_refused_before_any_speech_is_made(tmp_path, weights, broken):
+@pytest.mark.parametrize("broken", ["missing picture", "unreadable picture", "output in a file's place",
+                                    "clip length"])
+def test_a_bad_picture_output_or_clip_setting_is_refused_before_any_speech_is_made(tmp_path, weights, broken):
     face = write_image(tmp_path / "face.png")
     out = tmp_path / "out" / "talk.mp4"
+    extra: tuple[str, ...] = ()
     if broken == "missing picture":
         face = tmp_path / "nobody.png"
     elif broken == "unreadable picture":
         face.write_bytes(b"not a picture")
+    elif broken == "clip length":
+        extra = ("--set", "frame_num=80")
     else:
         (tmp_path / "out").write_text("a file where the output's folder goes")
     proc = itk("run", "--dry-run", "--image", str(face), "--text", "Hello.", "--weights-dir", str(weights),
-               "--output", str(out), env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+               "--output", str(out), *extra, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert str(out.parent if broken.startswith("output") else face) in proc.stderr
+    named = {"output in a file's place": str(out.parent), "clip length": "frame_num 80"}
+    assert named.get(broken, str(face)) in proc.stderr
     assert not list(tmp_path.rglob("*.speech*"))
 
 
